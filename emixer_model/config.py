@@ -1,0 +1,203 @@
+"""Every tunable of EMIXER-FL in one place: dataclasses with defaults, loaded from YAML.
+
+The finding list, vocabulary and pixel normalisation are fixed in code (DESIGN.md invariant 5);
+everything else (network sizes, privacy parameters, training schedule) is a config value so a
+site or the coordinator can change it without touching code. Unknown keys are refused by name,
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+# CheXpert-style findings, in the column order of `studies.csv` and of every label vector.
+FINDINGS: tuple[str, ...] = (
+    "No Finding",
+    "Cardiomegaly",
+    "Pleural Effusion",
+    "Consolidation",
+    "Pneumothorax",
+    "Lung Lesion",
+    "Edema",
+    "Support Devices",
+)
+
+
+class ConfigError(ValueError):
+    """A config file or value is wrong; the message names the key and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    """Shapes of the four EMIXER networks (DESIGN.md section 2)."""
+
+    resolution: int = 64  # image side in pixels: 64 on CPU, 128/256 on GPU
+    latent_dim: int = 64  # generator noise size
+    width: int = 32  # base number of conv channels in G, E and D
+    embed_dim: int = 128  # image embedding size and text model width
+    max_sentences: int = 6  # report length cap: sentences ...
+    max_words: int = 12  # ... x words per sentence (EOS included)
+    sentence_layers: int = 1  # causal attention blocks in the sentence stage
+    word_layers: int = 2  # causal attention blocks in the word stage
+    heads: int = 4  # attention heads in both stages
+    gumbel_tau: float = 1.0  # Gumbel-softmax temperature for differentiable reports
+    groups: int = 8  # GroupNorm groups (never BatchNorm: DESIGN.md section 2)
+
+
+@dataclass
+class PrivacyConfig:
+    """Sample-level DP-SGD parameters of one site (DESIGN.md section 3)."""
+
+    epsilon_budget: float = 10.0  # the site never trains past this epsilon
+    target_epsilon: float | None = None  # epsilon to reach at the end of the horizon
+    #   (None: the budget); ignored when noise_multiplier is given
+    noise_multiplier: float | None = None  # given directly instead of derived from the target
+    max_grad_norm: float = 1.0  # per-sample (per-patient) clipping norm
+    delta: float | None = None  # None: 1 / (10 * number of sampling units)
+    accountant: str = "rdp"  # "rdp" or "prv"
+
+    def __post_init__(self) -> None:
+        if self.accountant not in ("rdp", "prv"):
+            raise ConfigError(f"privacy.accountant must be 'rdp' or 'prv', not {self.accountant!r}")
+        if self.epsilon_budget <= 0:
+            raise ConfigError("privacy.epsilon_budget must be positive")
+        if self.max_grad_norm <= 0:
+            raise ConfigError("privacy.max_grad_norm must be positive")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError("privacy.delta must be between 0 and 1")
+        if self.noise_multiplier is not None and self.noise_multiplier <= 0:
+            raise ConfigError("privacy.noise_multiplier must be positive")
+
+
+@dataclass
+class TrainConfig:
+    """Local training schedule of one site."""
+
+    batch_size: int = 32  # expected rows per step (Poisson sampling: the mean, not a fixed size)
+    epochs: int = 1  # local epochs per round (or in total for `emixer train-local`)
+    lr_d: float = 2e-4  # discriminator (private)
+    lr_text: float = 5e-4  # image encoder + report decoder (private)
+    lr_g: float = 2e-4  # generator (trained on generated samples only)
+    beta1: float = 0.5  # Adam betas of all three optimizers (0.5 is the usual GAN choice)
+    beta2: float = 0.999
+    rotation_weight: float = 1.0  # weight of the self-supervised rotation loss
+    uncertain_as: str = "positive"  # how a -1 (uncertain) finding is trained: positive or negative
+    seed: int = 0
+    device: str = "auto"  # "auto": CUDA when available, else CPU
+
+    def __post_init__(self) -> None:
+        if self.uncertain_as not in ("positive", "negative"):
+            raise ConfigError("train.uncertain_as must be 'positive' or 'negative'")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ConfigError("train.batch_size and train.epochs must be at least 1")
+
+
+STRATEGIES = ("fedavg", "fedadam", "fedmedian", "fedtrimmedavg")
+
+
+@dataclass
+class FederationConfig:
+    """How the server runs the federation (DESIGN.md section 4)."""
+
+    rounds: int = 3  # planned rounds: the privacy horizon is rounds x local steps
+    strategy: str = "fedavg"  # one of STRATEGIES
+    min_sites: int = 2  # fewest sites a round needs
+    on_budget_exhausted: str = "continue"  # "continue" without the site, or "stop" training
+    max_update_norm: float = 1000.0  # L2 norm bound of (site arrays - global arrays)
+    round_timeout: float = 3600.0  # seconds to wait for the sites of one round
+    server_lr: float = 0.01  # FedAdam's server learning rate
+    trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each end
+    # Simulation only: Flower gives simulated nodes just `partition-id`; these map it to a site.
+    site_dirs: str = ""  # comma-separated site folders, one per partition
+    state_root: str = ""  # per-site state directories are created below it
+    checkpoint_dir: str = ""  # where the server writes its checkpoints
+    resume: bool = False  # continue from the newest checkpoint in checkpoint_dir
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"federation.strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}"
+            )
+        if self.on_budget_exhausted not in ("continue", "stop"):
+            raise ConfigError("federation.on_budget_exhausted must be 'continue' or 'stop'")
+        if self.rounds < 1 or self.min_sites < 1:
+            raise ConfigError("federation.rounds and federation.min_sites must be at least 1")
+
+
+@dataclass
+class EmixerConfig:
+    """The whole config: `model`, `privacy`, `train` and `federation` sections of a YAML file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Flatten to Flower's run config ("section.key" -> scalar); None values are left out."""
+        return {
+            f"{section}.{key}": value
+            for section, values in self.to_dict().items()
+            for key, value in values.items()
+            if value is not None
+        }
+
+    @classmethod
+    def from_run_config(cls, flat: dict[str, Any]) -> EmixerConfig:
+        """Inverse of to_run_config; unknown keys are refused by name."""
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in flat.items():
+            section, _, name = key.partition(".")
+            if not name:
+                raise ConfigError(f"run config key {key!r} must look like 'section.key'")
+            nested.setdefault(section, {})[name] = value
+        return from_dict(cls, nested)
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass `cls` from a mapping; unknown keys are refused by name, nested ones too."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping of keys to values")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"unknown key {where + unknown[0]!r}; known keys here: {known}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        sub = fields[name].default_factory  # nested sections use default_factory=SubConfig
+        if dataclasses.is_dataclass(sub):
+            kwargs[name] = from_dict(sub, value, f"{where}{name}.")
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"bad value in {where or 'config'}: {err}") from None
+
+
+def load_config(path: str | Path | None) -> EmixerConfig:
+    """Read an EmixerConfig from YAML; None gives the defaults."""
+    if path is None:
+        return EmixerConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return from_dict(EmixerConfig, data)

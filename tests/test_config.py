@@ -1,0 +1,51 @@
+"""Config files are strict: a typo is an error naming the key, never a silent default."""
+
+import pytest
+
+from emixer_model.config import ConfigError, EmixerConfig, load_config
+
+
+def test_defaults_round_trip_through_flower_run_config():
+    cfg = EmixerConfig()
+    flat = cfg.to_run_config()
+    assert all(isinstance(v, bool | int | float | str) for v in flat.values())
+    assert EmixerConfig.from_run_config(flat) == cfg
+
+
+def test_yaml_sections_override_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  resolution: 32\nprivacy:\n  epsilon_budget: 3.5\n")
+    cfg = load_config(path)
+    assert cfg.model.resolution == 32
+    assert cfg.privacy.epsilon_budget == 3.5
+    assert cfg.train == EmixerConfig().train
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("model:\n  resolutoin: 32\n", "'model.resolutoin'"),
+        ("modle:\n  resolution: 32\n", "'modle'"),
+        ("privacy:\n  accountant: gdp\n", "accountant"),
+        ("federation:\n  strategy: krum\n", "fedavg"),
+        ("model: [1, 2\n", "not valid YAML"),
+        ("- 1\n- 2\n", "mapping"),
+        ("privacy:\n  epsilon_budget: -1\n", "positive"),
+    ],
+)
+def test_bad_config_names_the_problem(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(path)
+    assert needle in str(err.value)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_run_config_key_without_section_is_refused():
+    with pytest.raises(ConfigError, match="section.key"):
+        EmixerConfig.from_run_config({"rounds": 3})
