@@ -1,0 +1,96 @@
+"""Server building blocks: update validation, the privacy ledger and checkpoints."""
+
+import numpy as np
+import pytest
+
+from server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from server.ledger import PrivacyLedger
+from server.validation import update_problem
+
+GLOBAL = {"a.weight": np.zeros((3, 2), np.float32), "b.bias": np.ones(4, np.float32)}
+
+
+def site_update(**changes):
+    update = {k: v.copy() for k, v in GLOBAL.items()}
+    update.update(changes)
+    return update
+
+
+def test_a_good_update_passes():
+    assert update_problem(GLOBAL, site_update(**{"b.bias": np.full(4, 1.5, np.float32)}), 10) is None
+
+
+@pytest.mark.parametrize(
+    ("update", "needle"),
+    [
+        (site_update(**{"a.weight": np.full((3, 2), np.nan, np.float32)}), "NaN"),
+        (site_update(**{"a.weight": np.full((3, 2), np.inf, np.float32)}), "infinite"),
+        (site_update(**{"a.weight": np.zeros((2, 3), np.float32)}), "expected float32[3, 2]"),
+        (site_update(**{"a.weight": np.zeros((3, 2), np.float64)}), "float64"),
+        (site_update(**{"a.weight": np.full((3, 2), 100.0, np.float32)}), "exceeds the bound"),
+        ({"a.weight": GLOBAL["a.weight"]}, "missing ['b.bias']"),
+        (site_update(**{"c": np.zeros(1, np.float32)}), "extra ['c']"),
+    ],
+)
+def test_bad_updates_are_rejected_with_a_reason(update, needle):
+    problem = update_problem(GLOBAL, update, max_norm=10.0)
+    assert problem is not None and needle in problem
+
+
+def metrics(epsilon, steps=5):
+    return {
+        "epsilon": epsilon,
+        "delta": 1e-3,
+        "epsilon-budget": 8.0,
+        "max-grad-norm": 1.0,
+        "noise-multiplier": 1.1,
+        "sample-rate": 0.25,
+        "steps": steps,
+        "per-patient": 1.0,
+        "loss-report": 2.5,
+    }
+
+
+def test_ledger_keeps_history_and_release_epsilon_is_the_max():
+    ledger = PrivacyLedger()
+    ledger.record("site_1", 1, "trained", metrics(1.0), "rdp")
+    ledger.record("site_2", 1, "trained", metrics(2.5), "rdp")
+    ledger.record("site_1", 2, "trained", metrics(1.8), "rdp")
+    ledger.record("site_1", 3, "budget-exhausted", metrics(1.8), "rdp")
+    assert ledger.release_epsilon() == 2.5
+    site_1 = ledger.sites["site_1"]
+    assert [h["round"] for h in site_1.history] == [1, 2]  # the refused round adds no steps
+    assert site_1.status == "budget-exhausted"
+    assert site_1.history[0]["losses"] == {"report": 2.5}
+    assert PrivacyLedger.from_dict(ledger.to_dict()) == ledger
+
+
+def checkpoint(k):
+    return Checkpoint(k, site_update(**{"b.bias": np.full(4, k, np.float32)}), {"sites": {}}, {})
+
+
+def test_checkpoints_round_trip_and_latest_skips_a_damaged_file(tmp_path):
+    save_checkpoint(tmp_path, checkpoint(1))
+    path2 = save_checkpoint(tmp_path, checkpoint(2))
+    assert latest_checkpoint(tmp_path).server_round == 2
+    path2.write_bytes(path2.read_bytes()[:100])  # a crash mid-copy, a disk error
+    latest = latest_checkpoint(tmp_path)
+    assert latest.server_round == 1
+    np.testing.assert_array_equal(latest.arrays["b.bias"], np.full(4, 1, np.float32))
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(path2)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_loading_a_missing_or_foreign_file_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "x.pt").write_text("hello")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "x.pt")
