@@ -23,7 +23,8 @@ def site_update(**changes):
 
 
 def test_a_good_update_passes():
-    assert update_problem(GLOBAL, site_update(**{"b.bias": np.full(4, 1.5, np.float32)}), 10) is None
+    update = site_update(**{"b.bias": np.full(4, 1.5, np.float32)})
+    assert update_problem(GLOBAL, update, max_norm=10) is None
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,173 @@
+"""Our strategy: a Flower strategy (FedAvg, FedAdam, FedMedian or FedTrimmedAvg) whose hooks add
+update validation, the privacy ledger, budget handling and a checkpoint every round. Flower's own
+`Strategy.start` runs the rounds; we never write a round loop of our own (DESIGN.md section 8).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg, Strategy
+
+from emixer_model.config import EmixerConfig
+from emixer_model.records import from_array_record
+from server.checkpoint import Checkpoint, save_checkpoint
+from server.ledger import PrivacyLedger
+from server.validation import update_problem
+
+log = logging.getLogger("emixer.server")
+
+BASES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedadam": FedAdam,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+}
+# Strategy attributes that must survive a restart (FedAdam's moment estimates).
+STATE_ATTRIBUTES = ("m_t", "v_t")
+
+
+class EmixerStrategy:
+    """Mixin placed before a Flower strategy class; see `make_strategy`.
+
+    Parameters
+    ----------
+    cfg : EmixerConfig
+        The run's config; sent to every site with each round and stored in checkpoints.
+    checkpoint_dir : Path
+        Where a checkpoint is written after every round.
+    ledger : PrivacyLedger
+        Every site's privacy history (restored from a checkpoint on resume).
+    round_offset : int (default: 0)
+        Rounds already done before this start (resume), so round numbers continue.
+    """
+
+    def __init__(
+        self,
+        cfg: EmixerConfig,
+        checkpoint_dir: Path,
+        ledger: PrivacyLedger,
+        round_offset: int = 0,
+        **base_kwargs: object,
+    ) -> None:
+        super().__init__(**base_kwargs)
+        self.cfg = cfg
+        self.checkpoint_dir = checkpoint_dir
+        self.ledger = ledger
+        self.round_offset = round_offset
+        self.stopped = False
+        self.exhausted_nodes: set[int] = set()
+        self.global_arrays: dict = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.stopped:
+            return []
+        self.global_arrays = from_array_record(arrays)
+        messages = super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        return [m for m in messages if m.metadata.dst_node_id not in self.exhausted_nodes]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
+        replies = list(replies)
+        accepted = [msg for msg in replies if self._accept(server_round, msg)]
+        arrays, metrics = super().aggregate_train(server_round, accepted)
+        if replies:  # a round that sent nothing (training stopped) leaves no checkpoint
+            self._checkpoint(server_round, arrays)
+        return arrays, metrics
+
+    def _accept(self, server_round: int, msg: Message) -> bool:
+        """Record the site's ledger entry; keep the update only if it may be aggregated."""
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            log.warning("round %d: site node %d failed: %s", server_round, node, msg.error.reason)
+            return False
+        site = msg.content.get("site")
+        metrics = msg.content.get("metrics")
+        if site is None or metrics is None:
+            log.warning("round %d: node %d sent a reply without site status", server_round, node)
+            return False
+        name, status = str(site["name"]), str(site["status"])
+        self.ledger.record(name, server_round, status, dict(metrics), self.cfg.privacy.accountant)
+        if status == "budget-exhausted":
+            self.exhausted_nodes.add(node)
+            if self.cfg.federation.on_budget_exhausted == "stop":
+                self.stopped = True
+                log.warning(
+                    "round %d: site %s %s; stopping training", server_round, name, site["message"]
+                )
+            else:
+                log.warning(
+                    "round %d: site %s %s; continuing without it",
+                    server_round,
+                    name,
+                    site["message"],
+                )
+            return False
+        if "arrays" not in msg.content:
+            log.warning(
+                "round %d: site %s sent no model arrays; update dropped", server_round, name
+            )
+            return False
+        problem = update_problem(
+            self.global_arrays,
+            from_array_record(msg.content["arrays"]),
+            self.cfg.federation.max_update_norm,
+        )
+        if problem:
+            log.warning("round %d: update from site %s dropped: %s", server_round, name, problem)
+            return False
+        return True
+
+    def _checkpoint(self, server_round: int, arrays: ArrayRecord | None) -> None:
+        state = {
+            attr: dict(getattr(self, attr))
+            for attr in STATE_ATTRIBUTES
+            if getattr(self, attr, None)
+        }
+        path = save_checkpoint(
+            self.checkpoint_dir,
+            Checkpoint(
+                server_round=server_round,
+                arrays=from_array_record(arrays) if arrays is not None else self.global_arrays,
+                ledger=self.ledger.to_dict(),
+                config=self.cfg.to_dict(),
+                strategy_state=state,
+            ),
+        )
+        log.info(
+            "round %d: checkpoint %s (release epsilon so far %.3f)",
+            server_round,
+            path,
+            self.ledger.release_epsilon(),
+        )
+
+    def restore_state(self, state: dict) -> None:
+        for attr, value in state.items():
+            setattr(self, attr, value)
+
+
+def make_strategy(
+    cfg: EmixerConfig, checkpoint_dir: Path, ledger: PrivacyLedger, round_offset: int = 0
+) -> Strategy:
+    """The configured Flower strategy with our hooks mixed in."""
+    fed = cfg.federation
+    base = BASES[fed.strategy]
+    kwargs: dict[str, object] = {
+        "fraction_evaluate": 0.0,  # sites evaluate on their own data with `emixer evaluate`
+        "min_train_nodes": fed.min_sites,
+        "min_available_nodes": fed.min_sites,
+    }
+    if base is FedAdam:
+        kwargs["eta"] = fed.server_lr
+    if base is FedTrimmedAvg:
+        kwargs["beta"] = fed.trim_beta
+    cls = type(f"Emixer{base.__name__}", (EmixerStrategy, base), {})
+    return cls(cfg, checkpoint_dir, ledger, round_offset, **kwargs)

@@ -1,0 +1,98 @@
+"""The strategy hooks: bad updates are dropped with a logged reason and the round still finishes
+with the good ones; a site out of budget is recorded and left out; every round is checkpointed."""
+
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from emixer_model.config import EmixerConfig, FederationConfig
+from emixer_model.records import to_array_record
+from server.checkpoint import latest_checkpoint
+from server.ledger import PrivacyLedger
+from server.strategy import make_strategy
+
+GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+
+
+def site_metrics(epsilon=1.0):
+    return {
+        "num-examples": 10.0, "epsilon": epsilon, "delta": 1e-3, "epsilon-budget": 5.0,
+        "noise-multiplier": 1.0, "sample-rate": 0.2, "max-grad-norm": 1.0, "steps": 5.0,
+        "trained": 1.0, "per-patient": 1.0, "loss-report": 3.0,
+    }  # fmt: skip
+
+
+def reply(node, name, arrays=None, status="trained", epsilon=1.0):
+    request = Message(content=RecordDict(), dst_node_id=node, message_type="train")
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(site_metrics(epsilon)),
+            "site": ConfigRecord({"name": name, "status": status, "message": "over budget"}),
+        }
+    )
+    if arrays is not None:
+        content["arrays"] = to_array_record(arrays)
+    return Message(content=content, reply_to=request)
+
+
+def strategy_for(tmp_path, **federation):
+    cfg = EmixerConfig(federation=FederationConfig(max_update_norm=5.0, **federation))
+    strategy = make_strategy(cfg, tmp_path, PrivacyLedger())
+    strategy.global_arrays = GLOBAL
+    return strategy
+
+
+def test_nan_and_oversized_updates_are_dropped_and_the_round_finishes(tmp_path, caplog):
+    strategy = strategy_for(tmp_path)
+    good = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
+    nan = {"w": np.full((2, 3), np.nan, np.float32), "b": np.zeros(3, np.float32)}
+    huge = {"w": np.full((2, 3), 100.0, np.float32), "b": np.zeros(3, np.float32)}
+    with caplog.at_level(logging.WARNING, logger="emixer.server"):
+        arrays, _ = strategy.aggregate_train(
+            1, [reply(1, "good", good), reply(2, "nan", nan), reply(3, "huge", huge)]
+        )
+    np.testing.assert_array_equal(arrays["w"].numpy(), good["w"])  # only the good one counted
+    assert "update from site nan dropped: array 'w' holds NaN" in caplog.text
+    assert "update from site huge dropped: update norm" in caplog.text
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt.server_round == 1
+    np.testing.assert_array_equal(ckpt.arrays["b"], good["b"])
+    assert set(ckpt.ledger["sites"]) == {"good", "nan", "huge"}
+
+
+def test_budget_exhausted_site_is_recorded_and_left_out(tmp_path):
+    strategy = strategy_for(tmp_path)
+    good = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(1, "a", good), reply(2, "b", None, "budget-exhausted", epsilon=4.9)]
+    )
+    assert arrays is not None
+    assert strategy.exhausted_nodes == {2}
+    assert not strategy.stopped
+    site_b = strategy.ledger.sites["b"]
+    assert site_b.status == "budget-exhausted" and site_b.history == []
+
+
+def test_budget_exhausted_site_stops_training_when_configured(tmp_path):
+    strategy = strategy_for(tmp_path, on_budget_exhausted="stop")
+    strategy.aggregate_train(1, [reply(2, "b", None, "budget-exhausted")])
+    assert strategy.stopped
+    assert list(strategy.configure_train(2, to_array_record(GLOBAL), ConfigRecord(), None)) == []
+
+
+def test_resumed_strategy_numbers_rounds_after_the_checkpoint(tmp_path):
+    cfg = EmixerConfig()
+    strategy = make_strategy(cfg, tmp_path, PrivacyLedger(), round_offset=2)
+    strategy.global_arrays = GLOBAL
+    strategy.aggregate_train(1, [reply(1, "a", GLOBAL)])
+    assert latest_checkpoint(tmp_path).server_round == 3
+    assert strategy.ledger.sites["a"].history[0]["round"] == 3
