@@ -28,24 +28,30 @@ class PrivacyLedger:
     def record(
         self, site: str, server_round: int, status: str, metrics: dict[str, float], accountant: str
     ) -> None:
+        """Record a site round; malformed metrics raise KeyError/ValueError and change nothing."""
+        values = {
+            "epsilon": float(metrics["epsilon"]),
+            "delta": float(metrics["delta"]),
+            "budget": float(metrics["epsilon-budget"]),
+            "max_grad_norm": float(metrics["max-grad-norm"]),
+            "privacy_unit": "patient" if metrics.get("per-patient", 1.0) else "image",
+        }
+        history = None
+        if status == "trained":
+            history = {
+                "round": server_round,
+                "noise_multiplier": float(metrics["noise-multiplier"]),
+                "sample_rate": float(metrics["sample-rate"]),
+                "steps": int(metrics["steps"]),
+                "epsilon": values["epsilon"],
+                "losses": {k[5:]: v for k, v in metrics.items() if k.startswith("loss-")},
+            }
         entry = self.sites.setdefault(site, SiteLedger(accountant=accountant))
         entry.status = status
-        entry.epsilon = float(metrics["epsilon"])
-        entry.delta = float(metrics["delta"])
-        entry.budget = float(metrics["epsilon-budget"])
-        entry.max_grad_norm = float(metrics["max-grad-norm"])
-        entry.privacy_unit = "patient" if metrics.get("per-patient", 1.0) else "image"
-        if status == "trained":
-            entry.history.append(
-                {
-                    "round": server_round,
-                    "noise_multiplier": float(metrics["noise-multiplier"]),
-                    "sample_rate": float(metrics["sample-rate"]),
-                    "steps": int(metrics["steps"]),
-                    "epsilon": entry.epsilon,
-                    "losses": {k[5:]: v for k, v in metrics.items() if k.startswith("loss-")},
-                }
-            )
+        for key, value in values.items():
+            setattr(entry, key, value)
+        if history is not None:
+            entry.history.append(history)
 
     def release_epsilon(self) -> float:
         return max((s.epsilon for s in self.sites.values()), default=0.0)

@@ -94,8 +94,22 @@ class EmixerStrategy:
         if site is None or metrics is None:
             log.warning("round %d: node %d sent a reply without site status", server_round, node)
             return False
-        name, status = str(site["name"]), str(site["status"])
-        self.ledger.record(name, server_round, status, dict(metrics), self.cfg.privacy.accountant)
+        name, status = str(site.get("name", node)), str(site.get("status", "unknown"))
+        if status == "error":
+            log.warning("round %d: site %s did not train: %s", server_round, name, site["message"])
+            return False
+        try:
+            self.ledger.record(
+                name, server_round, status, dict(metrics), self.cfg.privacy.accountant
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning(
+                "round %d: site %s sent malformed privacy metrics (%s); update dropped",
+                server_round,
+                name,
+                err,
+            )
+            return False
         if status == "budget-exhausted":
             self.exhausted_nodes.add(node)
             if self.cfg.federation.on_budget_exhausted == "stop":

@@ -96,3 +96,19 @@ def test_resumed_strategy_numbers_rounds_after_the_checkpoint(tmp_path):
     strategy.aggregate_train(1, [reply(1, "a", GLOBAL)])
     assert latest_checkpoint(tmp_path).server_round == 3
     assert strategy.ledger.sites["a"].history[0]["round"] == 3
+
+
+def test_site_error_and_malformed_metrics_are_dropped_without_crashing(tmp_path, caplog):
+    strategy = strategy_for(tmp_path)
+    good = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
+    failed = reply(2, "site_b", status="error")
+    malformed = reply(3, "site_c", arrays=good)
+    del malformed.content["metrics"]["epsilon"]
+    with caplog.at_level(logging.WARNING, logger="emixer.server"):
+        arrays, _ = strategy.aggregate_train(
+            1, [reply(1, "site_a", arrays=good), failed, malformed]
+        )
+    assert arrays is not None
+    assert "site site_b did not train" in caplog.text
+    assert "site site_c sent malformed privacy metrics" in caplog.text
+    assert set(strategy.ledger.sites) == {"site_a"}
