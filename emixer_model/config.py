@@ -89,12 +89,15 @@ class TrainConfig:
     uncertain_as: str = "positive"  # how a -1 (uncertain) finding is trained: positive or negative
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available, else CPU
+    holdout_fraction: float = 0.0  # privacy units kept out of training for `emixer audit`
 
     def __post_init__(self) -> None:
         if self.uncertain_as not in ("positive", "negative"):
             raise ConfigError("train.uncertain_as must be 'positive' or 'negative'")
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("train.batch_size and train.epochs must be at least 1")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError("train.holdout_fraction must be in [0, 1)")
 
 
 STRATEGIES = ("fedavg", "fedadam", "fedmedian", "fedtrimmedavg")
@@ -142,12 +145,12 @@ class EmixerConfig:
         return dataclasses.asdict(self)
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
-        """Flatten to Flower's run config ("section.key" -> scalar); None values are left out."""
+        """Flatten to Flower's run config ("section.key" -> scalar); None becomes "" (TOML has no
+        null), which from_run_config turns back into None."""
         return {
-            f"{section}.{key}": value
+            f"{section}.{key}": "" if value is None else value
             for section, values in self.to_dict().items()
             for key, value in values.items()
-            if value is not None
         }
 
     @classmethod
@@ -159,6 +162,13 @@ class EmixerConfig:
             if not name:
                 raise ConfigError(f"run config key {key!r} must look like 'section.key'")
             nested.setdefault(section, {})[name] = value
+        for section in dataclasses.fields(cls):
+            values = nested.get(section.name)
+            if not isinstance(values, dict):
+                continue
+            for option in dataclasses.fields(section.default_factory):
+                if option.default is None and values.get(option.name) == "":
+                    values[option.name] = None
         return from_dict(cls, nested)
 
 
@@ -182,11 +192,29 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         if dataclasses.is_dataclass(sub):
             kwargs[name] = from_dict(sub, value, f"{where}{name}.")
         else:
-            kwargs[name] = value
+            kwargs[name] = _checked(value, fields[name].default, where + name)
     try:
         return cls(**kwargs)
     except TypeError as err:
         raise ConfigError(f"bad value in {where or 'config'}: {err}") from None
+
+
+def _checked(value: Any, default: Any, key: str) -> Any:
+    """The value if it has the default's type (ints pass as floats; None defaults take numbers)."""
+    if default is None:
+        expected: tuple[type, ...] = (int, float)
+    elif isinstance(default, bool):
+        expected = (bool,)
+    elif isinstance(default, float):
+        expected = (int, float)
+    else:
+        expected = (type(default),)
+    if value is None and default is None:
+        return value
+    if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+        names = " or ".join(t.__name__ for t in expected)
+        raise ConfigError(f"{key} must be {names}, not {value!r}")
+    return float(value) if float in expected and not isinstance(value, bool) else value
 
 
 def load_config(path: str | Path | None) -> EmixerConfig:

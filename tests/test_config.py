@@ -1,8 +1,10 @@
 """Config files are strict: a typo is an error naming the key, never a silent default."""
 
+from pathlib import Path
+
 import pytest
 
-from emixer_model.config import ConfigError, EmixerConfig, load_config
+from emixer_model.config import ConfigError, EmixerConfig, from_dict, load_config
 
 
 def test_defaults_round_trip_through_flower_run_config():
@@ -49,3 +51,28 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 def test_run_config_key_without_section_is_refused():
     with pytest.raises(ConfigError, match="section.key"):
         EmixerConfig.from_run_config({"rounds": 3})
+
+
+def test_pyproject_run_config_is_every_key_at_its_default():
+    """`flwr run` reads pyproject.toml; it must carry every key so --run-config can override any."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    root = Path(__file__).resolve().parent.parent
+    flat = get_fused_config_from_dir(root, {})
+    assert flat == EmixerConfig().to_run_config()
+    assert EmixerConfig.from_run_config(flat) == EmixerConfig()
+    fused = get_fused_config_from_dir(root, {"privacy.noise_multiplier": 1.5})
+    assert EmixerConfig.from_run_config(fused).privacy.noise_multiplier == 1.5
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("train", {"batch_size": "32"}, "train.batch_size must be int, not '32'"),
+        ("federation", {"resume": 1}, "federation.resume must be bool"),
+        ("privacy", {"delta": "small"}, "privacy.delta must be int or float"),
+    ],
+)
+def test_wrongly_typed_values_are_refused_by_key(section, values, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(EmixerConfig, {section: values})
