@@ -1,0 +1,247 @@
+"""Read any grey-scale DICOM into a fixed-size [-1, 1] image; write clean DICOM files.
+
+Sites hold whatever their PACS exported, so decoding never trusts a file: anything that cannot
+serve as one grey-scale X-ray raises `SkipFile` with a reason code, and the caller records it
+instead of crashing. The pixel normalisation is fixed in code (DESIGN.md invariant 5) so every
+site maps intensities the same way and nothing is fitted on a site's data: modality LUT, then the
+file's own VOI LUT / window when it has one (else a robust 0.5-99.5 percentile stretch of that
+image alone), MONOCHROME1 inverted, aspect-preserving resize, black padding, then x * 2 - 1.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+# Bump when the decoding pipeline changes: decoded caches keyed on it are then rebuilt.
+NORMALISATION_VERSION = 1
+
+# Percentiles of the fallback intensity stretch (images without a window): robust to a few hot or
+# dead pixels and burned-in markers, which a plain min-max would let set the contrast.
+LOW_PERCENTILE = 0.5
+HIGH_PERCENTILE = 99.5
+
+SKIP_REASONS: dict[str, str] = {
+    "not-dicom": "not a DICOM file (no DICM header)",
+    "no-pixel-data": "DICOM without an image (e.g. a structured report or presentation state)",
+    "colour": "colour image (RGB/YBR/palette); only grey-scale X-rays are used",
+    "multi-frame": "multi-frame DICOM; only single-frame radiographs are used",
+    "compressed-no-decoder": "compressed transfer syntax with no installed decoder "
+    "(install pylibjpeg and its plugins, or decompress the file)",
+    "unreadable": "the file is damaged or inconsistent (e.g. truncated)",
+    "empty-image": "the image has one constant value",
+    "outside-site-folder": "the studies.csv path points outside the site folder",
+    "missing-file": "the studies.csv path names a file that does not exist",
+}
+
+SOP_CLASSES: dict[str, str] = {
+    "dx": "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+    "cr": "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+    "sc": "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+}
+
+
+class SkipFile(Exception):
+    """A file that cannot serve as a grey-scale X-ray; `reason` is a SKIP_REASONS key."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}")
+        self.reason = reason
+        self.detail = detail or SKIP_REASONS[reason]
+        super().__init__(f"{reason}: {self.detail}")
+
+
+@dataclass
+class Decoded:
+    """One decoded image plus the facts a data check reports about its source."""
+
+    pixels: np.ndarray  # float32 [R, R] in [-1, 1]
+    source_shape: tuple[int, int]
+    bits_stored: int
+    photometric: str
+
+
+def decode_dicom(path: Path, resolution: int) -> Decoded:
+    """Decode one file to a [resolution, resolution] float32 image in [-1, 1]; raises SkipFile."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns on every odd tag; the skip reason suffices
+        try:
+            return _decode(Path(path), resolution)
+        except SkipFile:
+            raise
+        except Exception as err:  # any library failure on a damaged file is a skip, never a crash
+            raise SkipFile("unreadable", f"{type(err).__name__}: {err}") from None
+
+
+def _decode(path: Path, resolution: int) -> Decoded:
+    try:
+        ds = pydicom.dcmread(path, force=False)
+    except InvalidDicomError:
+        raise SkipFile("not-dicom") from None
+    if "PixelData" not in ds:
+        raise SkipFile("no-pixel-data")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples > 1 or not photometric.startswith("MONOCHROME"):
+        raise SkipFile(
+            "colour",
+            f"PhotometricInterpretation {photometric or 'missing'}, SamplesPerPixel {samples}",
+        )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise SkipFile("multi-frame", f"{frames} frames")
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and syntax.is_compressed and not _decoder_available(syntax):
+        raise SkipFile("compressed-no-decoder", f"{syntax.name} has no installed decoder")
+
+    raw = ds.pixel_array
+    if raw.ndim != 2:
+        raise SkipFile("unreadable", f"pixel array has shape {raw.shape}, expected 2-D")
+    image = apply_modality_lut(raw.astype(np.float64), ds).astype(np.float64)
+    if not np.isfinite(image).all():
+        raise SkipFile("unreadable", "pixel values are not finite after the modality LUT")
+    if image.max() == image.min():
+        raise SkipFile("empty-image")
+    image01 = _to_unit_range(image, ds)
+    if photometric == "MONOCHROME1":
+        image01 = 1.0 - image01
+    pixels = _fit_square(image01, resolution) * 2.0 - 1.0
+    return Decoded(
+        pixels=np.clip(pixels, -1.0, 1.0).astype(np.float32),
+        source_shape=(int(raw.shape[0]), int(raw.shape[1])),
+        bits_stored=int(ds.get("BitsStored", 0) or 0),
+        photometric=photometric,
+    )
+
+
+def _decoder_available(syntax: pydicom.uid.UID) -> bool:
+    try:
+        return bool(get_decoder(syntax).is_available)
+    except NotImplementedError:  # a transfer syntax pydicom has no decoder for at all
+        return False
+
+
+def _to_unit_range(image: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Map modality values to [0, 1] with the file's VOI when usable, else a percentile stretch."""
+    if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
+        try:
+            out = apply_voi_lut(image, ds)  # prefers the LUT when a file has both
+            if "VOILUTSequence" in ds:
+                lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
+                lo, hi = float(lut.min()), float(lut.max())
+            else:  # the window's output range: the same transform at the extremes
+                lo, hi = (float(v) for v in apply_voi_lut(np.array([-1e12, 1e12]), ds))
+            if hi > lo and np.isfinite([lo, hi]).all():
+                return np.clip((out - lo) / (hi - lo), 0.0, 1.0)
+        except Exception:  # a malformed window or LUT: fall back to the image's own range
+            pass
+    lo, hi = np.percentile(image, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    if hi <= lo:  # a few bright pixels on a flat field: percentiles collapse, use the full range
+        lo, hi = image.min(), image.max()
+    return np.clip((image - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _fit_square(image01: np.ndarray, resolution: int) -> np.ndarray:
+    """Resize keeping the aspect ratio to fit resolution x resolution, centred on black."""
+    h, w = image01.shape
+    scale = resolution / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    x = torch.from_numpy(np.ascontiguousarray(image01, dtype=np.float32))[None, None]
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(
+            x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=scale < 1
+        )
+    out = np.zeros((resolution, resolution), dtype=np.float32)
+    top, left = (resolution - new_h) // 2, (resolution - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = x[0, 0].clamp(0.0, 1.0).numpy()
+    return out
+
+
+def write_dicom(
+    path: Path,
+    image01: np.ndarray,
+    *,
+    bits_stored: int = 8,
+    photometric: str = "MONOCHROME2",
+    modality: str = "DX",
+    sop_class: str = "dx",
+    patient_id: str | None = None,
+    patient_name: str | None = None,
+    extra: dict[str, object] | None = None,
+) -> None:
+    """Write a grey-scale image as an explicit little-endian DICOM file with fresh UIDs.
+
+    Phantom sites and synthetic releases both go through here, so every file we produce is one
+    pydicom (and any PACS) reads back. Written to a temporary name then renamed, so a crash never
+    leaves a half-written file that a later data check would have to skip.
+    """
+    image = np.asarray(image01, dtype=np.float64)
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise ValueError(f"write_dicom needs a 2-D image, got shape {image.shape}")
+    if not np.isfinite(image).all():
+        raise ValueError("write_dicom: the image contains NaN or infinite values")
+    if image.min() < -1e-6 or image.max() > 1 + 1e-6:
+        raise ValueError("write_dicom: pixel values must lie in [0, 1]; rescale the image first")
+    if not isinstance(bits_stored, int) or not 8 <= bits_stored <= 16:
+        raise ValueError(f"bits_stored must be an integer from 8 to 16, not {bits_stored!r}")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, not {photometric!r}")
+    if sop_class not in SOP_CLASSES:
+        raise ValueError(f"sop_class must be one of {', '.join(SOP_CLASSES)}, not {sop_class!r}")
+    unknown = [k for k in (extra or {}) if tag_for_keyword(k) is None]
+    if unknown:
+        raise ValueError(f"not DICOM keywords: {', '.join(unknown)}")
+
+    top = 2**bits_stored - 1
+    stored = np.rint(np.clip(image, 0.0, 1.0) * top)
+    if photometric == "MONOCHROME1":
+        stored = top - stored
+    allocated = 8 if bits_stored == 8 else 16
+    stored = stored.astype(np.uint8 if allocated == 8 else np.uint16)
+
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SOP_CLASSES[sop_class]
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SOP_CLASSES[sop_class]
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = modality
+    ds.PatientName = patient_name or "ANONYMOUS"
+    ds.PatientID = patient_id or "ANONYMOUS"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = allocated
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = stored.tobytes()
+    ds["PixelData"].VR = "OB" if allocated == 8 else "OW"
+    for keyword, value in (extra or {}).items():
+        setattr(ds, keyword, value)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)

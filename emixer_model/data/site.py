@@ -1,0 +1,352 @@
+"""Load one site folder (DESIGN.md section 6) into tensors, with privacy units and skip reasons.
+
+A site folder is `studies.csv` (dicom, report, one column per finding, optional patient) plus an
+optional `unlabeled/` tree of DICOM scans. Every odd file is skipped with a reason that stays at
+the site; only a folder that cannot serve at all raises SiteDataError. Decoding is the slow part,
+so decoded pixels are cached in the site's state directory, keyed on the resolution, the
+normalisation version and each file's path, size and modification time: any change rebuilds.
+The privacy unit is the patient when every row names one (invariant 6), else the single study.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emixer_model.config import FINDINGS, ModelConfig
+from emixer_model.data.dicom import NORMALISATION_VERSION, SkipFile, decode_dicom
+
+log = logging.getLogger(__name__)
+
+STUDIES_CSV = "studies.csv"
+UNLABELED_DIR = "unlabeled"
+REQUIRED_COLUMNS = ("dicom", "report")
+PATIENT_COLUMN = "patient"
+LABEL_VALUES = {1.0: 1, 0.0: 0, -1.0: -1}
+
+
+class SiteDataError(Exception):
+    """The site folder cannot be used for training; the message says what to fix."""
+
+
+@dataclass
+class Study:
+    """One parsed row of studies.csv (labels: 1, 0, -1 or None for blank, in FINDINGS order)."""
+
+    line: int
+    dicom: str
+    report: str
+    labels: tuple[int | None, ...]
+    patient: str
+
+
+@dataclass
+class StudyTable:
+    """studies.csv parsed and validated; shared by load_site and `emixer data check`."""
+
+    studies: list[Study]
+    patient_column: bool  # the csv has a `patient` column (possibly with blanks)
+    per_patient: bool  # ... and it names a patient on every row: the privacy unit is the patient
+    ignored_columns: list[str]
+    missing_findings: list[str]
+
+
+@dataclass
+class SiteData:
+    """A site's usable data as tensors, ready for private training."""
+
+    images: torch.Tensor  # [N, 1, R, R] float32 in [-1, 1]
+    labels: torch.Tensor  # [N, L] float32 multi-hot over FINDINGS
+    tokens: torch.Tensor  # [N, S, W] int64 report ids
+    unlabeled: torch.Tensor  # [U, 1, R, R] float32 in [-1, 1]
+    units: list[tuple[list[int], list[int]]]  # privacy units: (image indices, unlabeled indices)
+    per_patient: bool
+    skipped: list[tuple[str, str, str]]  # (relative path, reason code, detail); stays at the site
+
+    def without_units(self, held_out: set[int]) -> SiteData:
+        """The same data with some privacy units taken out of training (kept for the audit)."""
+        kept = [unit for index, unit in enumerate(self.units) if index not in held_out]
+        return replace(self, units=kept)
+
+
+def holdout_units(n_units: int, fraction: float, seed: int) -> set[int]:
+    """Units a site keeps out of training so `emixer audit` has non-members to compare with.
+
+    Deterministic in (n_units, fraction, seed): training and the audit draw the same set.
+    """
+    if fraction <= 0:
+        return set()
+    count = min(n_units - 1, round(fraction * n_units))
+    order = np.random.default_rng([seed, 7919]).permutation(n_units)
+    return {int(i) for i in order[:count]}
+
+
+def read_studies(site_dir: Path) -> StudyTable:
+    """Parse and validate studies.csv; raises SiteDataError naming the bad row, column or value."""
+    path = Path(site_dir) / STUDIES_CSV
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except FileNotFoundError:
+        raise SiteDataError(f"{path} does not exist") from None
+    except UnicodeDecodeError:
+        raise SiteDataError(f"{path} is not UTF-8 text: save it as a UTF-8 CSV file") from None
+    except (OSError, csv.Error) as err:
+        raise SiteDataError(f"{path} cannot be read as CSV: {err}") from None
+    if not rows:
+        raise SiteDataError(f"{path} is empty: it needs a header row and one row per study")
+
+    header = [name.strip() for name in rows[0]]
+    index: dict[str, int] = {}
+    for i, name in enumerate(header):
+        key = name.lower()
+        if key in index:
+            raise SiteDataError(f"{path}: column {name!r} appears twice; keep one")
+        index[key] = i
+    missing = [c for c in REQUIRED_COLUMNS if c not in index]
+    if missing:
+        raise SiteDataError(
+            f"{path} lacks the column(s) {', '.join(missing)}; found: {', '.join(header)}; "
+            f"needed: {', '.join(REQUIRED_COLUMNS)}, one column per finding "
+            f"({', '.join(FINDINGS)}) and optionally {PATIENT_COLUMN}"
+        )
+    finding_cols = {f: index.get(f.lower()) for f in FINDINGS}
+    missing_findings = [f for f, i in finding_cols.items() if i is None]
+    if len(missing_findings) == len(FINDINGS):
+        raise SiteDataError(
+            f"{path} has no finding columns; found: {', '.join(header)}; "
+            f"add one column per finding: {', '.join(FINDINGS)}"
+        )
+    known = {*REQUIRED_COLUMNS, PATIENT_COLUMN, *(f.lower() for f in FINDINGS)}
+    ignored = [name for name in header if name.lower() not in known]
+
+    def cell(row: list[str], col: int | None) -> str:
+        return row[col].strip() if col is not None and col < len(row) else ""
+
+    studies: list[Study] = []
+    patient_col = index.get(PATIENT_COLUMN)
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(value.strip() for value in row):
+            continue  # blank line
+        labels: list[int | None] = []
+        for finding, col in finding_cols.items():
+            labels.append(_parse_label(cell(row, col), line, finding, path))
+        studies.append(
+            Study(
+                line=line,
+                dicom=cell(row, index["dicom"]),
+                report=row[index["report"]] if index["report"] < len(row) else "",
+                labels=tuple(labels),
+                patient=cell(row, patient_col),
+            )
+        )
+    per_patient = patient_col is not None and bool(studies) and all(s.patient for s in studies)
+    return StudyTable(studies, patient_col is not None, per_patient, ignored, missing_findings)
+
+
+def _parse_label(text: str, line: int, finding: str, path: Path) -> int | None:
+    if not text:
+        return None
+    try:
+        value = LABEL_VALUES.get(float(text))
+    except ValueError:
+        value = None
+    if value is None:
+        raise SiteDataError(
+            f"{path} line {line}, column {finding!r}: {text!r} is not 1, 0, -1 or blank"
+        )
+    return value
+
+
+def resolve_study_file(site_dir: Path, dicom: str) -> tuple[Path, str]:
+    """The file a studies.csv `dicom` cell or an unlabeled/ entry names, and its relative path.
+
+    Raises SkipFile("outside-site-folder") for absolute paths or paths (or symlinks) escaping the
+    folder, so a csv can never make the loader read other files on the site's machine.
+    """
+    if not dicom:
+        raise SkipFile("missing-file", "the dicom cell is empty")
+    root = Path(site_dir).resolve()
+    rel = Path(dicom)
+    if rel.is_absolute() or rel.drive:
+        raise SkipFile("outside-site-folder", "absolute path; give it relative to the site folder")
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root):
+        raise SkipFile("outside-site-folder", "the path leaves the site folder")
+    if not target.is_file():
+        raise SkipFile("missing-file")
+    return target, target.relative_to(root).as_posix()
+
+
+def unlabeled_files(site_dir: Path) -> list[Path]:
+    """Every file under unlabeled/, recursively and in a stable order, whatever its extension."""
+    folder = Path(site_dir) / UNLABELED_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def load_site(
+    site_dir: Path,
+    state_dir: Path,
+    model_cfg: ModelConfig,
+    uncertain_as: str = "positive",
+    progress: Callable[[int, int], None] | None = None,
+) -> SiteData:
+    """Decode a site folder into tensors (cached under state_dir) with its privacy units."""
+    from emixer_model.text.vocabulary import encode_report  # helper module, imported when used
+
+    if uncertain_as not in ("positive", "negative"):
+        raise ValueError(f"uncertain_as must be 'positive' or 'negative', not {uncertain_as!r}")
+    site_dir, state_dir = Path(site_dir), Path(state_dir)
+    if not (site_dir / STUDIES_CSV).is_file():
+        raise SiteDataError(
+            f"{site_dir} is not a site folder: needs {STUDIES_CSV} (columns dicom, report, one "
+            f"per finding, optional patient) and optionally {UNLABELED_DIR}/ with DICOM scans"
+        )
+    if state_dir.resolve().is_relative_to(site_dir.resolve()):
+        raise SiteDataError(
+            f"state directory {state_dir} is inside the site folder {site_dir}; choose one "
+            "outside it (the data folder stays read-only and holds only data)"
+        )
+    table = read_studies(site_dir)
+    if table.ignored_columns:
+        log.warning(
+            "%s: ignoring unknown column(s): %s", STUDIES_CSV, ", ".join(table.ignored_columns)
+        )
+    if table.missing_findings:
+        log.warning(
+            "%s: no column for %s; read as blank", STUDIES_CSV, ", ".join(table.missing_findings)
+        )
+    if not table.per_patient:
+        log.warning("%s: no patient id on every row; the privacy unit is the image", STUDIES_CSV)
+
+    skipped: list[tuple[str, str, str]] = []
+    rows: list[tuple[Study, str]] = []
+    for study in table.studies:
+        try:
+            _, rel = resolve_study_file(site_dir, study.dicom)
+        except SkipFile as skip:
+            skipped.append(
+                (study.dicom or f"{STUDIES_CSV} line {study.line}", skip.reason, skip.detail)
+            )
+            continue
+        rows.append((study, rel))
+    labeled_rels = {rel for _, rel in rows}
+    unlabeled_rels: list[str] = []
+    for path in unlabeled_files(site_dir):
+        written = path.relative_to(site_dir).as_posix()
+        try:
+            _, rel = resolve_study_file(site_dir, written)
+        except SkipFile as skip:  # a symlink out of the folder
+            skipped.append((written, skip.reason, skip.detail))
+            continue
+        if rel not in labeled_rels:  # one scan is one sample, never labeled and unlabeled too
+            unlabeled_rels.append(rel)
+    root = site_dir.resolve()
+    files = sorted(labeled_rels | set(unlabeled_rels))
+    decoded, failures = _decode_cached(root, state_dir, files, model_cfg.resolution, progress)
+    skipped.extend((rel, *failures[rel]) for rel in files if rel in failures)
+
+    usable = [(study, rel) for study, rel in rows if rel in decoded]
+    if not usable:
+        raise SiteDataError(
+            f"{site_dir} has no usable labeled study ({len(table.studies)} rows in {STUDIES_CSV}, "
+            f"{len(skipped)} files skipped); run `emixer data check {site_dir}` to see why"
+        )
+    uncertain = 1.0 if uncertain_as == "positive" else 0.0
+    label_map = {1: 1.0, 0: 0.0, -1: uncertain, None: 0.0}
+    images = torch.stack([decoded[rel] for _, rel in usable])[:, None]
+    labels = torch.tensor(
+        [[label_map[v] for v in s.labels] for s, _ in usable], dtype=torch.float32
+    )
+    tokens = torch.from_numpy(
+        np.stack(
+            [
+                encode_report(s.report, model_cfg.max_sentences, model_cfg.max_words)
+                for s, _ in usable
+            ]
+        ).astype(np.int64)
+    )
+    unlabeled_ok = [rel for rel in unlabeled_rels if rel in decoded]
+    r = model_cfg.resolution
+    unlabeled = (
+        torch.stack([decoded[rel] for rel in unlabeled_ok])[:, None]
+        if unlabeled_ok
+        else torch.zeros(0, 1, r, r)
+    )
+
+    units: list[tuple[list[int], list[int]]]
+    if table.per_patient:
+        by_patient: dict[str, list[int]] = {}
+        for i, (study, _) in enumerate(usable):
+            by_patient.setdefault(study.patient, []).append(i)
+        units = [(indices, []) for indices in by_patient.values()]
+    else:
+        units = [([i], []) for i in range(len(usable))]
+    units += [([], [j]) for j in range(len(unlabeled_ok))]
+    return SiteData(images, labels, tokens, unlabeled, units, table.per_patient, skipped)
+
+
+def _decode_cached(
+    root: Path,
+    state_dir: Path,
+    files: list[str],
+    resolution: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, str]]]:
+    """Decode `files` (relative to root) or load them from the cache; returns (pixels, failures)."""
+    stats = []
+    for rel in files:
+        st = (root / rel).stat()
+        stats.append([rel, st.st_size, st.st_mtime_ns])
+    key_text = json.dumps([resolution, NORMALISATION_VERSION, stats])
+    key = hashlib.sha256(key_text.encode()).hexdigest()
+    cache_dir = state_dir / "cache"
+    cache_file = cache_dir / f"{key}.pt"
+    if cache_file.is_file():
+        try:
+            cached = torch.load(cache_file, weights_only=True)
+            paths, pixels = cached["paths"], cached["pixels"]
+            failures = {rel: (reason, detail) for rel, reason, detail in cached["skipped"]}
+            if progress is not None:
+                progress(len(files), len(files))
+            return dict(zip(paths, pixels, strict=True)), failures
+        except Exception as err:  # a damaged cache is only lost time: decode again
+            log.warning("decoded-image cache %s is damaged (%s); rebuilding it", cache_file, err)
+
+    decoded: dict[str, torch.Tensor] = {}
+    failures = {}
+    for done, rel in enumerate(files, start=1):
+        try:
+            decoded[rel] = torch.from_numpy(decode_dicom(root / rel, resolution).pixels)
+        except SkipFile as skip:
+            failures[rel] = (skip.reason, skip.detail)
+        if progress is not None:
+            progress(done, len(files))
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    paths = list(decoded)
+    payload = {
+        "paths": paths,
+        "pixels": torch.stack([decoded[p] for p in paths])
+        if paths
+        else torch.zeros(0, resolution, resolution),
+        "skipped": [[rel, reason, detail] for rel, (reason, detail) in failures.items()],
+    }
+    tmp = cache_file.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, cache_file)
+    for old in cache_dir.glob("*.pt"):
+        if old != cache_file:
+            old.unlink(missing_ok=True)  # an older key: its files changed, it can never hit again
+    return decoded, failures
