@@ -1,0 +1,1 @@
+"""Benchmarks of EMIXER-FL: `python -m bench.NAME --help`; figures in bench/README.md."""

@@ -1,0 +1,391 @@
+"""Deterministic phantom hospitals: chest-like DICOM scans with grammar reports and known labels.
+
+No real chest X-ray can ship with the project, yet the demo, the tests and the benchmarks need
+site folders that look like a hospital's: DICOM files of mixed modality, photometry, bit depth
+and size, fake patient tags, free-text reports, CheXpert-style labels and unlabeled scans. Each
+finding is drawn so it is visible and label-specific, which gives a ground truth for checking
+whether synthetic images and reports carry their label (DESIGN.md section 5).
+
+Every patient identifier written (DICOM tags and the `patient` column) contains CANARY, so a
+test can search anything that leaves a site for it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emixer_model.config import FINDINGS
+from emixer_model.data.dicom import write_dicom
+from emixer_model.text.grammar import write_report
+from emixer_model.text.labeler import label_report
+
+CANARY = "ZZCANARY"
+
+# Typical prevalence of each finding (other than "No Finding") before a site's own skew.
+BASE_PREVALENCE: dict[str, float] = {
+    "Cardiomegaly": 0.22,
+    "Pleural Effusion": 0.22,
+    "Consolidation": 0.15,
+    "Pneumothorax": 0.12,
+    "Lung Lesion": 0.14,
+    "Edema": 0.18,
+    "Support Devices": 0.25,
+}
+UNCERTAIN_RATE = 0.3  # share of a finding's draws that come out uncertain (-1) instead of positive
+MIN_POSITIVES = 3  # each finding is positive at least this often per site (when per_site >= 60)
+
+F32 = np.float32
+
+
+@dataclass
+class _Anatomy:
+    """Patient-specific body shape, so one patient's studies look alike (privacy unit = patient)."""
+
+    dx: float
+    dy: float
+    scale: float
+    angle: float
+    lung_w: float
+    lung_h: float
+    heart_w: float
+    dome: float
+    rib_phase: float
+    soft: float
+    lung_dark: float
+
+
+def _anatomy(rng: np.random.Generator) -> _Anatomy:
+    u = rng.uniform
+    return _Anatomy(
+        dx=u(-0.05, 0.05),
+        dy=u(-0.05, 0.05),
+        scale=u(0.92, 1.06),
+        angle=u(-0.06, 0.06),
+        lung_w=u(0.27, 0.32),
+        lung_h=u(0.55, 0.65),
+        heart_w=u(0.26, 0.3),
+        dome=u(0.38, 0.48),
+        rib_phase=u(0.0, 1.0),
+        soft=u(0.45, 0.55),
+        lung_dark=u(0.32, 0.4),
+    )
+
+
+def _ramp(signed: np.ndarray, edge: float) -> np.ndarray:
+    """Soft step: 0 where signed < -edge/2, 1 where signed > edge/2, linear between."""
+    return np.clip(signed / edge + 0.5, 0.0, 1.0)
+
+
+def _ellipse(
+    x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: float
+) -> np.ndarray:
+    """Normalised elliptic radius: < 1 inside."""
+    return np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
+
+
+def _polyline(
+    x: np.ndarray, y: np.ndarray, points: list[tuple[float, float]], width: float
+) -> np.ndarray:
+    """Soft mask of a thick polyline (tubes, lines, leads)."""
+    dist = np.full(x.shape, np.inf, dtype=F32)
+    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:], strict=True):
+        vx, vy = x1 - x0, y1 - y0
+        t = np.clip(((x - x0) * vx + (y - y0) * vy) / (vx * vx + vy * vy + 1e-12), 0.0, 1.0)
+        dist = np.minimum(dist, np.hypot(x - x0 - t * vx, y - y0 - t * vy))
+    return _ramp(width - dist, width * 0.6)
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Bilinearly upsampled coarse Gaussian noise: cheap cloudy texture."""
+    grid = rng.standard_normal((cells + 1, cells + 1)).astype(F32)
+    fy, fx = np.linspace(0, cells, h, dtype=F32), np.linspace(0, cells, w, dtype=F32)
+    iy, ix = np.minimum(fy.astype(int), cells - 1), np.minimum(fx.astype(int), cells - 1)
+    ty, tx = (fy - iy)[:, None], (fx - ix)[None, :]
+    rows = grid[iy] * (1 - ty) + grid[iy + 1] * ty
+    return rows[:, ix] * (1 - tx) + rows[:, ix + 1] * tx
+
+
+def _render(
+    labels: dict[str, int],
+    body: _Anatomy,
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+) -> np.ndarray:
+    """Draw one study: anatomy from `body`, findings and noise from `rng`; float32 [H, W].
+
+    Findings and texture/noise draw from separate child streams, so the same rng state with and
+    without a finding renders the same image apart from the finding (a paired comparison).
+    """
+    rng, texture = rng.spawn(2)
+    yy, xx = np.meshgrid(
+        np.linspace(-1, 1, height, dtype=F32), np.linspace(-1, 1, width, dtype=F32), indexing="ij"
+    )
+    cos, sin = np.cos(body.angle), np.sin(body.angle)
+    x = ((xx - body.dx) * cos + (yy - body.dy) * sin) / body.scale
+    y = (-(xx - body.dx) * sin + (yy - body.dy) * cos) / body.scale
+
+    def strength(finding: str) -> float:
+        """Contrast of a finding: 0 absent, faint when uncertain, jittered when positive."""
+        value = labels.get(finding)
+        if value not in (1, -1):
+            return 0.0
+        return rng.uniform(0.75, 1.0) * (1.0 if value == 1 else 0.45)
+
+    torso = _ramp(1 - _ellipse(x, y, 0, 0.15, 0.95, 1.25), 0.08)
+    lungs = []
+    for side in (-1, 1):
+        cx = side * 0.4
+        inside = _ramp(1 - _ellipse(x, y, cx, -0.12, body.lung_w, body.lung_h), 0.1)
+        dome = body.dome + 0.04 * side - 0.16 * (1 - np.clip(((x - cx) / body.lung_w) ** 2, 0, 1))
+        lungs.append(inside * _ramp(dome - y, 0.05))
+    mediastinum = _ramp(0.12 - np.abs(x - 0.02), 0.04) * _ramp(0.5 - y, 0.1)
+
+    grow = 1.0 + 0.45 * strength("Cardiomegaly")
+    heart = _ramp(1 - _ellipse(x, y, 0.04 + 0.06 * grow, 0.22, body.heart_w * grow, 0.24), 0.12)
+    field = [lung * (1 - mediastinum) * (1 - heart) for lung in lungs]
+    lung_field = field[0] + field[1]
+
+    hilum = np.exp(-(np.minimum(np.abs(x + 0.2), np.abs(x - 0.2)) ** 2 + (y + 0.05) ** 2) / 0.15)
+    markings = (0.5 + 0.5 * _smooth_noise(texture, height, width, 14)) * (0.3 + 0.7 * hilum)
+
+    img = 0.04 + body.soft * torso - body.lung_dark * lung_field
+    img = img + 0.07 * markings * lung_field + 0.12 * heart * torso
+
+    # Bones: ribs as periodic arcs over the lungs, spine with vertebrae, clavicles.
+    arc = (y + 0.45 * (np.abs(x) - 0.05) ** 2 * 2.2) / 0.17 + body.rib_phase
+    thorax = _ramp(
+        1 - _ellipse(np.abs(x), y, 0.4, -0.1, body.lung_w + 0.1, body.lung_h + 0.06), 0.1
+    )
+    img += 0.1 * np.clip((np.cos(2 * np.pi * arc) - 0.35) / 0.65, 0, 1) * thorax
+    spine = _ramp(0.07 - np.abs(x - 0.02), 0.03) * (0.8 + 0.2 * np.cos(y * 40))
+    img += 0.12 * spine * torso
+    clavicle = _ramp(0.035 - np.abs(y + 0.72 - 0.15 * np.abs(x)), 0.02)
+    img += 0.14 * clavicle * (np.abs(x) > 0.08) * (np.abs(x) < 0.62)
+
+    sides = (-1, 1)
+    if s := strength("Pleural Effusion"):
+        chosen = (0, 1) if rng.random() < 0.3 else (int(rng.integers(2)),)
+        for k in chosen:
+            lateral = np.clip((sides[k] * x - 0.1) / 0.6, 0, 1)
+            top = rng.uniform(-0.1, 0.2) - 0.3 * lateral**2  # meniscus: higher laterally
+            img += 0.33 * s * _ramp(y - top, 0.04) * field[k]
+    if s := strength("Consolidation"):
+        k = int(rng.integers(2))
+        cy, r = rng.choice((-0.4, 0.15)), rng.uniform(0.14, 0.22)
+        blob = _ramp(1 - _ellipse(x, y, sides[k] * rng.uniform(0.3, 0.5), cy, r, r * 1.3), 0.4)
+        patches = np.clip(_smooth_noise(rng, height, width, 10) * 0.8 + 0.7, 0, 1)
+        img += 0.4 * s * blob * patches * field[k]
+    if s := strength("Pneumothorax"):
+        k = int(rng.integers(2))
+        shrink = rng.uniform(0.62, 0.78)
+        inner = _ellipse(x, y, sides[k] * 0.34, 0.02, body.lung_w * shrink, body.lung_h * shrink)
+        gap = lungs[k] * _ramp(inner - 1, 0.02) * _ramp(0.15 - y, 0.1)
+        img -= s * gap * (0.07 * markings + 0.12)  # no lung markings, darker
+        img += 0.15 * s * _ramp(0.012 - np.abs(inner - 1), 0.01) * lungs[k] * (y < 0.15)
+    if s := strength("Lung Lesion"):
+        k = int(rng.integers(2))
+        r = rng.uniform(0.045, 0.085)
+        cx, cy = sides[k] * rng.uniform(0.3, 0.5), rng.uniform(-0.45, 0.1)
+        img += 0.32 * s * _ramp(1 - _ellipse(x, y, cx, cy, r, r), 0.3)
+    if s := strength("Edema"):
+        haze = np.exp(-(np.minimum(np.abs(x + 0.22), np.abs(x - 0.22)) ** 2 + y**2) / 0.12)
+        img += 0.3 * s * haze * (0.8 + 0.2 * _smooth_noise(rng, height, width, 20)) * lung_field
+    if s := strength("Support Devices"):
+        for device in rng.permutation(4)[: int(rng.integers(1, 3))]:
+            img += 0.4 * s * _device(int(device), x, y, rng)
+
+    gamma = texture.uniform(0.85, 1.2)
+    img = np.clip(img, 0, 1) ** gamma * texture.uniform(0.9, 1.05) + texture.uniform(-0.03, 0.03)
+    img += texture.normal(0, texture.uniform(0.004, 0.015), img.shape).astype(F32)
+    return np.clip(img, 0, 1).astype(F32)
+
+
+def _device(kind: int, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A bright tube, line or pacemaker: 0 endotracheal, 1 nasogastric, 2 PICC, 3 pacemaker."""
+    j = rng.uniform(-0.03, 0.03)
+    if kind == 0:
+        return _polyline(x, y, [(0.02 + j, -1.1), (0.02 + j, -0.4 + j)], 0.018)
+    if kind == 1:
+        return _polyline(x, y, [(0.04 + j, -1.1), (0.05, 0.55), (0.35, 0.75)], 0.012)
+    side = 1 if rng.random() < 0.5 else -1
+    if kind == 2:
+        pts = [(side * 0.95, -0.55 + j), (side * 0.45, -0.7), (0.05, -0.5), (0.04, -0.15 + j)]
+        return _polyline(x, y, pts, 0.01)
+    box = _ramp(0.07 - np.abs(x - side * 0.55), 0.02) * _ramp(0.05 - np.abs(y + 0.65), 0.02)
+    lead = _polyline(x, y, [(side * 0.55, -0.65), (0.05, -0.45), (0.12, 0.3 + j)], 0.009)
+    return np.maximum(box * 1.3, lead)
+
+
+def render_phantom(labels: dict[str, int], rng: np.random.Generator, size: int) -> np.ndarray:
+    """One chest-like phantom [size, size] in [0, 1] showing the positive (and, faintly, the
+    uncertain) findings of `labels`; anatomy, findings, contrast and noise are drawn from rng."""
+    if size < 16:
+        raise ValueError(f"phantom size must be at least 16 pixels, not {size}")
+    return _render(labels, _anatomy(rng), rng, size, size)
+
+
+def _site_prevalence(rng: np.random.Generator) -> dict[str, float]:
+    """Non-IID label mix: each site scales the base prevalences and favours one specialty."""
+    specialty = list(BASE_PREVALENCE)[rng.integers(len(BASE_PREVALENCE))]
+    out = {}
+    for finding, base in BASE_PREVALENCE.items():
+        factor = np.exp(rng.normal(0, 0.5)) * (2.2 if finding == specialty else 1.0)
+        out[finding] = float(np.clip(base * factor, 0.06, 0.6))
+    return out
+
+
+def _draw_labels(prevalence: dict[str, float], rng: np.random.Generator) -> dict[str, int]:
+    """Ground truth of one study: positives and uncertain ones; "No Finding" when none."""
+    labels = {}
+    for finding, p in prevalence.items():
+        if rng.random() < p:
+            labels[finding] = -1 if rng.random() < UNCERTAIN_RATE else 1
+    if not labels:
+        labels["No Finding"] = 1
+    return labels
+
+
+def _ensure_each_finding(studies: list[dict[str, int]], rng: np.random.Generator) -> None:
+    """Make every finding positive at least MIN_POSITIVES times: each site sees each label."""
+    for finding in BASE_PREVALENCE:
+        have = sum(labels.get(finding) == 1 for labels in studies)
+        candidates = [i for i, labels in enumerate(studies) if labels.get(finding) != 1]
+        for i in rng.permutation(candidates)[: max(0, MIN_POSITIVES - have)]:
+            studies[i][finding] = 1
+            studies[i].pop("No Finding", None)
+
+
+def _csv_row(labels: dict[str, int], report: str) -> list[str]:
+    """Label cells like CheXpert: the truth for 1/-1, 0 where the report denies, else blank."""
+    stated = label_report(report)
+    cells = []
+    for finding in FINDINGS:
+        value = labels.get(finding)
+        if value is None and stated.get(finding) == 0:
+            value = 0
+        cells.append("" if value is None else str(value))
+    return cells
+
+
+def _dicom_style(rng: np.random.Generator, size: int) -> dict[str, object]:
+    """Vendor variety: modality, photometry, bit depth and image shape."""
+    cr = rng.random() < 0.4
+    height, width = [(size, size), (round(1.2 * size), size), (round(0.9 * size), size)][
+        rng.integers(3)
+    ]
+    return {
+        "modality": "CR" if cr else "DX",
+        "sop_class": "cr" if cr else "dx",
+        "photometric": "MONOCHROME1" if rng.random() < 0.35 else "MONOCHROME2",
+        "bits_stored": int(rng.choice((8, 12, 16))),
+        "height": height,
+        "width": width,
+    }
+
+
+def _write_scan(
+    path: Path,
+    labels: dict[str, int],
+    body: _Anatomy,
+    rng: np.random.Generator,
+    size: int,
+    site: int,
+    patient: str,
+) -> None:
+    style = _dicom_style(rng, size)
+    image = _render(labels, body, rng, style.pop("height"), style.pop("width"))
+    write_dicom(
+        path,
+        image,
+        patient_id=patient,
+        patient_name=f"{CANARY}^PATIENT{patient[-5:]}",
+        extra={
+            "InstitutionName": f"{CANARY} GENERAL HOSPITAL {site}",
+            "StudyDescription": f"{CANARY} CHEST",
+            "BodyPartExamined": "CHEST",
+        },
+        **style,
+    )
+
+
+def _write_site(folder: Path, site: int, per_site: int, unlabeled: int, seed: int, size: int):
+    rng = np.random.default_rng([seed, site])
+    prevalence = _site_prevalence(rng)
+    studies = [_draw_labels(prevalence, rng) for _ in range(per_site)]
+    if per_site >= 60:
+        _ensure_each_finding(studies, rng)
+    (folder / "images").mkdir(parents=True)
+    (folder / "unlabeled").mkdir()
+    rows = []
+    patient_no, left, body = 0, 0, _anatomy(rng)
+    for i, labels in enumerate(studies):
+        if left == 0:  # a new patient with 1-3 studies
+            patient_no, left = patient_no + 1, int(rng.integers(1, 4))
+            body = _anatomy(np.random.default_rng([seed, site, 1, patient_no]))
+        left -= 1
+        patient = f"{CANARY}-{site}{patient_no:05d}"
+        study_rng = np.random.default_rng([seed, site, 2, i])
+        report = write_report(labels, study_rng)
+        name = f"images/study_{i + 1:05d}.dcm"
+        _write_scan(folder / name, labels, body, study_rng, size, site, patient)
+        rows.append([name, report, patient, *_csv_row(labels, report)])
+    for j in range(unlabeled):
+        scan_rng = np.random.default_rng([seed, site, 3, j])
+        labels = _draw_labels(prevalence, scan_rng)
+        patient = f"{CANARY}-{site}U{j + 1:04d}"
+        path = folder / f"unlabeled/scan_{j + 1:05d}.dcm"
+        _write_scan(path, labels, _anatomy(scan_rng), scan_rng, size, site, patient)
+    with open(folder / "studies.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["dicom", "report", "patient", *FINDINGS])
+        writer.writerows(rows)
+
+
+def write_phantom_sites(
+    out: Path,
+    sites: int = 3,
+    per_site: int = 160,
+    unlabeled: int = 40,
+    seed: int = 0,
+    size: int = 256,
+) -> list[Path]:
+    """Write phantom hospital folders out/site_1 ... with studies.csv, images/ and unlabeled/.
+
+    Deterministic for a seed (pixel data and text; DICOM UIDs are fresh). Sites differ in their
+    label mix (non-IID). Each site is written to a temporary folder and renamed at the end, so a
+    crash never leaves a half site behind; an existing site folder is replaced.
+    """
+    if sites < 1 or per_site < 1 or unlabeled < 0:
+        raise ValueError(
+            f"need sites >= 1, per_site >= 1 and unlabeled >= 0; got {sites}, {per_site}, "
+            f"{unlabeled}"
+        )
+    if size < 16:
+        raise ValueError(f"phantom size must be at least 16 pixels, not {size}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    folders = []
+    for site in range(1, sites + 1):
+        final = out / f"site_{site}"
+        work = Path(tempfile.mkdtemp(prefix=f".site_{site}.", dir=out))
+        try:
+            _write_site(work / "site", site, per_site, unlabeled, seed, size)
+            if final.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".old_site_{site}.", dir=out))
+                os.replace(final, old / "site")
+                os.replace(work / "site", final)
+                shutil.rmtree(old)
+            else:
+                os.replace(work / "site", final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        folders.append(final)
+    return folders

@@ -1,0 +1,131 @@
+"""Phantom hospitals: deterministic, findings visible, DICOM variety, canary tags, non-IID sites."""
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from emixer_model.config import FINDINGS
+from emixer_model.data.dicom import decode_dicom
+from emixer_model.data.phantoms import CANARY, render_phantom, write_phantom_sites
+from emixer_model.text.labeler import label_report
+
+SIZE = 64
+AXIS = np.linspace(-1, 1, SIZE)
+
+
+def _side(img: np.ndarray, sign: int, x0: float, x1: float, y0: float, y1: float) -> float:
+    """Mean of a box on one side of the chest, in the renderer's [-1, 1] coordinates."""
+    rows = (AXIS >= y0) & (AXIS <= y1)
+    cols = (sign * AXIS >= x0) & (sign * AXIS <= x1)
+    return float(img[np.ix_(rows, cols)].mean())
+
+
+# finding -> effect of the finding's pixel change (sick - normal): positive when visible
+EFFECTS = {
+    "Cardiomegaly": lambda d: _side(d, 1, 0.3, 0.5, 0.1, 0.35) + _side(d, -1, 0.3, 0.5, 0.1, 0.35),
+    "Pleural Effusion": lambda d: max(_side(d, s, 0.3, 0.65, 0.05, 0.35) for s in (-1, 1)),
+    "Consolidation": lambda d: max(_side(d, s, 0.25, 0.6, -0.6, 0.35) for s in (-1, 1)),
+    "Pneumothorax": lambda d: -min(_side(d, s, 0.3, 0.75, -0.75, 0.0) for s in (-1, 1)),
+    "Lung Lesion": lambda d: float(d.max()),
+    "Edema": lambda d: _side(d, 1, 0.1, 0.4, -0.2, 0.2) + _side(d, -1, 0.1, 0.4, -0.2, 0.2),
+    "Support Devices": lambda d: float(d.max()),
+}
+
+
+def test_render_is_deterministic_and_in_range():
+    a = render_phantom({"Edema": 1}, np.random.default_rng(5), SIZE)
+    b = render_phantom({"Edema": 1}, np.random.default_rng(5), SIZE)
+    c = render_phantom({"Edema": 1}, np.random.default_rng(6), SIZE)
+    assert a.shape == (SIZE, SIZE) and a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+    assert 0.0 <= a.min() and a.max() <= 1.0
+    with pytest.raises(ValueError, match="at least 16"):
+        render_phantom({}, np.random.default_rng(0), 8)
+
+
+@pytest.mark.parametrize("finding", list(EFFECTS))
+def test_each_finding_is_visible_where_expected(finding):
+    effects = []
+    for i in range(20):  # the same seed with and without the finding: a paired comparison
+        normal = render_phantom({"No Finding": 1}, np.random.default_rng(100 + i), SIZE)
+        sick = render_phantom({finding: 1}, np.random.default_rng(100 + i), SIZE)
+        faint = render_phantom({finding: -1}, np.random.default_rng(100 + i), SIZE)
+        effects.append((EFFECTS[finding](sick - normal), EFFECTS[finding](faint - normal)))
+    positive, uncertain = np.array(effects).T
+    assert positive.mean() > 0.03 and (positive > 0).mean() >= 0.9
+    assert 0 < uncertain.mean() < positive.mean()  # uncertain findings are drawn fainter
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory) -> list[Path]:
+    out = tmp_path_factory.mktemp("phantoms")
+    return write_phantom_sites(out, sites=2, per_site=60, unlabeled=4, seed=3, size=SIZE)
+
+
+def _rows(site: Path) -> list[dict[str, str]]:
+    with open(site / "studies.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_site_layout_labels_and_reports(sites):
+    assert [s.name for s in sites] == ["site_1", "site_2"]
+    assert not [p for p in sites[0].parent.iterdir() if p.name.startswith(".")]
+    mixes = []
+    for site in sites:
+        rows = _rows(site)
+        assert list(rows[0]) == ["dicom", "report", "patient", *FINDINGS]
+        assert len(rows) == 60 and len(list((site / "unlabeled").glob("*.dcm"))) == 4
+        assert all((site / r["dicom"]).is_file() for r in rows)
+        counts = Counter(f for r in rows for f in FINDINGS if r[f] == "1")
+        assert all(counts[f] >= 3 for f in FINDINGS[1:])
+        cells = [r[f] for r in rows for f in FINDINGS]
+        assert {"1", "0", "-1", ""} <= set(cells)
+        for r in rows:  # the report states exactly the positive and uncertain labels
+            stated = label_report(r["report"])
+            for f in FINDINGS[1:]:
+                if r[f] in ("1", "-1"):
+                    assert stated.get(f) == int(r[f]), (f, r["report"])
+            assert CANARY not in r["report"]
+        per_patient = Counter(r["patient"] for r in rows)
+        assert all(CANARY in p for p in per_patient) and set(per_patient.values()) <= {1, 2, 3}
+        assert max(per_patient.values()) > 1
+        mixes.append(np.array([counts[f] for f in FINDINGS[1:]]))
+    assert np.abs(mixes[0] - mixes[1]).sum() >= 10  # non-IID label mixes
+
+
+def test_dicom_variety_and_canary_tags(sites):
+    files = sorted(sites[0].glob("*/*.dcm"))
+    seen = Counter()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword in ("PatientName", "PatientID", "InstitutionName", "StudyDescription"):
+            assert CANARY in str(ds.data_element(keyword).value)
+        seen.update([ds.PhotometricInterpretation, ds.Modality, f"bits{ds.BitsStored}"])
+        seen.update([f"shape{ds.Rows}x{ds.Columns}"])
+    assert seen["MONOCHROME1"] and seen["MONOCHROME2"] and seen["DX"] and seen["CR"]
+    assert sum(k.startswith("bits") for k in seen) == 3
+    assert sum(k.startswith("shape") for k in seen) >= 2
+    decoded = decode_dicom(files[0], SIZE)
+    assert decoded.pixels.shape == (SIZE, SIZE)
+
+
+def test_sites_are_reproducible_and_replaced_in_place(tmp_path):
+    first = write_phantom_sites(tmp_path, sites=1, per_site=4, unlabeled=1, seed=3, size=SIZE)[0]
+    pixels = [pydicom.dcmread(p).PixelData for p in sorted(first.glob("*/*.dcm"))]
+    text = (first / "studies.csv").read_text()
+    again = write_phantom_sites(tmp_path, sites=1, per_site=4, unlabeled=1, seed=3, size=SIZE)[0]
+    assert again == first and (again / "studies.csv").read_text() == text
+    assert [pydicom.dcmread(p).PixelData for p in sorted(again.glob("*/*.dcm"))] == pixels
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site_1"]
+    other = write_phantom_sites(tmp_path / "b", sites=1, per_site=4, unlabeled=1, seed=4, size=SIZE)
+    assert (other[0] / "studies.csv").read_text() != text
+
+
+def test_bad_arguments_say_what_is_wrong(tmp_path):
+    with pytest.raises(ValueError, match="sites >= 1"):
+        write_phantom_sites(tmp_path, sites=0)
+    with pytest.raises(ValueError, match="at least 16"):
+        write_phantom_sites(tmp_path, size=4)
