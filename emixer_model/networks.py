@@ -1,0 +1,375 @@
+"""The four EMIXER networks (DESIGN.md section 2), readable top to bottom.
+
+    Generator G(z, y)        noise + label -> 1-channel image in [-1, 1]
+    Encoder E(x)             image -> embedding
+    ReportDecoder R(e)       embedding -> sentence topics + stop -> words (hierarchical)
+    Discriminator D(x, t, y) image + report + label -> real/fake score; rotation head
+
+Every layer that can see real data (E, R, D) is one Opacus computes per-sample gradients for
+natively: Conv2d, Linear, GroupNorm, LayerNorm. Hence GroupNorm, never BatchNorm (it mixes
+samples); tokens as one-hot/soft vectors through Linear, never nn.Embedding (dense per-sample
+grads anyway, and soft Gumbel tokens must share the path); our own causal attention built from
+Linear, never nn.MultiheadAttention or an LSTM. Learned positions and sentence queries are a
+bias-free Linear applied to an identity matrix, so they too are plain Linear weights to Opacus.
+Every tensor keeps the batch first (words as [B, S, W, ...]): Opacus assigns per-sample
+gradients by the first dimension, so folding sentences into the batch would split one sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emixer_model.config import ModelConfig
+from emixer_model.text.vocabulary import BOS, EOS, PAD
+
+
+def _check_config(cfg: ModelConfig) -> None:
+    r = cfg.resolution
+    if r < 16 or r & (r - 1):
+        raise ValueError(f"model.resolution must be a power of two >= 16, not {r}")
+    if cfg.embed_dim % cfg.heads:
+        raise ValueError(
+            f"model.embed_dim ({cfg.embed_dim}) must be divisible by model.heads ({cfg.heads})"
+        )
+    if cfg.max_sentences < 1 or cfg.max_words < 2:
+        raise ValueError("model.max_sentences must be >= 1 and model.max_words >= 2")
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= `groups` that divides `channels`."""
+    return nn.GroupNorm(math.gcd(channels, groups), channels)
+
+
+def _conv_stack(cfg: ModelConfig) -> tuple[nn.Sequential, int]:
+    """Stride-2 conv blocks from resolution down to 4x4; returns the stack and its flat size."""
+    layers: list[nn.Module] = []
+    c_in, size, c_out = 1, cfg.resolution, cfg.width
+    while size > 4:
+        layers += [
+            nn.Conv2d(c_in, c_out, 4, stride=2, padding=1),
+            _norm(c_out, cfg.groups),
+            nn.LeakyReLU(0.2),
+        ]
+        c_in, size, c_out = c_out, size // 2, min(c_out * 2, cfg.width * 8)
+    return nn.Sequential(*layers, nn.Flatten()), c_in * 4 * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Generator
+
+
+class Generator(nn.Module):
+    """G(z, y): label-conditioned upsampling conv stack. Trained on generated data only."""
+
+    def __init__(self, cfg: ModelConfig, n_labels: int) -> None:
+        super().__init__()
+        n_up = int(math.log2(cfg.resolution // 4))
+        channels = [min(cfg.width * 2 ** (n_up - 1 - i), cfg.width * 8) for i in range(n_up)]
+        channels.append(cfg.width)
+        self.label = nn.Linear(n_labels, cfg.latent_dim)
+        self.project = nn.Linear(2 * cfg.latent_dim, channels[0] * 16)
+        self.start = nn.Sequential(_norm(channels[0], cfg.groups), nn.LeakyReLU(0.2))
+        self.blocks = nn.Sequential(
+            *(
+                nn.Sequential(
+                    nn.Upsample(scale_factor=2, mode="nearest"),
+                    nn.Conv2d(channels[i], channels[i + 1], 3, padding=1),
+                    _norm(channels[i + 1], cfg.groups),
+                    nn.LeakyReLU(0.2),
+                )
+                for i in range(n_up)
+            )
+        )
+        self.out = nn.Conv2d(cfg.width, 1, 3, padding=1)
+        self.c0 = channels[0]
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.project(torch.cat([z, self.label(y)], dim=1)).view(len(z), self.c0, 4, 4)
+        return torch.tanh(self.out(self.blocks(self.start(h))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder
+
+
+class Encoder(nn.Module):
+    """E(x): image -> embedding that the report decoder writes from."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.convs, flat = _conv_stack(cfg)
+        self.fc = nn.Linear(flat, cfg.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.convs(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Report decoder: causal transformer blocks (nanoGPT), a sentence stage and a word stage
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention over the second-to-last axis; any leading axes."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *lead, t, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=-1)
+        q, k, v = (a.reshape(-1, t, self.heads, d // self.heads).transpose(1, 2) for a in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(*lead, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, heads)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+def _identity(n: int, like: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+    """An identity matrix broadcast to [*lead, n, n]: input of a learned-position Linear."""
+    eye = torch.eye(n, device=like.device, dtype=like.dtype)
+    return eye.expand(*lead, n, n)
+
+
+def _straight_through(soft: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """Forward value `hard`, gradient of `soft`."""
+    return hard + soft - soft.detach()
+
+
+class ReportDecoder(nn.Module):
+    """R(e): hierarchical report decoder (sentence topics + stop, then words per sentence)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        d, self.S, self.W, self.V = cfg.embed_dim, cfg.max_sentences, cfg.max_words, vocab_size
+        # sentence stage: [embedding, slot_1 .. slot_S] -> causal blocks -> topic + stop per slot
+        self.embed_in = nn.Linear(d, d)
+        self.slots = nn.Linear(self.S + 1, d, bias=False)  # learned slot queries (+ position)
+        self.sentence_blocks = nn.Sequential(
+            *(Block(d, cfg.heads) for _ in range(cfg.sentence_layers))
+        )
+        self.sentence_ln = nn.LayerNorm(d)
+        self.topic = nn.Linear(d, d)
+        self.stop = nn.Linear(d, 1)
+        # word stage: one-hot/soft tokens -> Linear, + positions + topic -> causal blocks -> vocab
+        self.tok = nn.Linear(vocab_size, d, bias=False)
+        self.pos = nn.Linear(self.W, d, bias=False)
+        self.word_blocks = nn.Sequential(*(Block(d, cfg.heads) for _ in range(cfg.word_layers)))
+        self.word_ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab_size)
+
+    def sentences(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Topic vectors [B,S,d] and stop logits [B,S] (logit that sentence s is absent)."""
+        b = len(embedding)
+        x = self.slots(_identity(self.S + 1, embedding, (b,)))
+        x = torch.cat([x[:, :1] + self.embed_in(embedding)[:, None], x[:, 1:]], dim=1)
+        h = self.sentence_ln(self.sentence_blocks(x))[:, 1:]
+        return self.topic(h), self.stop(h).squeeze(-1)
+
+    def words(self, tokens: torch.Tensor, topics: torch.Tensor) -> torch.Tensor:
+        """Next-word logits [B,S,T,V] from input token vectors [B,S,T,V] (T <= W)."""
+        b, s, t, _ = tokens.shape
+        pos = self.pos(_identity(self.W, topics, (b, s)))[:, :, :t]
+        x = self.tok(tokens) + pos + topics[:, :, None]
+        return self.head(self.word_ln(self.word_blocks(x)))
+
+    def teacher_forced_loss(self, embedding: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss [B]: mean word cross-entropy over non-PAD targets + stop loss."""
+        topics, stop_logits = self.sentences(embedding)
+        bos = torch.full_like(tokens[..., :1], BOS)
+        inputs = F.one_hot(torch.cat([bos, tokens[..., :-1]], dim=-1), self.V).to(topics.dtype)
+        logits = self.words(inputs, topics)
+        ce = F.cross_entropy(logits.flatten(0, 2), tokens.flatten(), reduction="none")
+        mask = (tokens != PAD).to(ce.dtype)
+        ce = ce.view_as(mask)
+        word_loss = (ce * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp(min=1.0)
+        absent = (tokens[:, :, 0] == PAD).to(stop_logits.dtype)
+        stop_loss = F.binary_cross_entropy_with_logits(stop_logits, absent, reduction="none")
+        return word_loss + stop_loss.mean(dim=1)
+
+    def _decode(
+        self, embedding: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Autoregressive decoding of all sentences in parallel -> token vectors [B,S,W,V].
+
+        `pick(logits [B,S,V]) -> one-hot-like [B,S,V]`. Words after EOS and sentences from the
+        first predicted stop on become PAD, multiplicatively, so gradients still flow.
+        """
+        topics, stop_logits = self.sentences(embedding)
+        b = len(embedding)
+        pad = F.one_hot(torch.tensor(PAD, device=topics.device), self.V).to(topics.dtype)
+        forbidden = torch.zeros(self.V, device=topics.device, dtype=topics.dtype)
+        forbidden[[PAD, BOS]] = float("-inf")
+        inputs = F.one_hot(torch.full((b, self.S, 1), BOS, device=topics.device), self.V)
+        inputs = inputs.to(topics.dtype)
+        alive = torch.ones(b, self.S, 1, device=topics.device, dtype=topics.dtype)
+        out = []
+        for t in range(self.W):
+            token = pick(self.words(inputs, topics)[:, :, -1] + forbidden)
+            out.append(alive * token + (1 - alive) * pad)
+            alive = alive * (1 - token[..., EOS : EOS + 1])
+            if t + 1 < self.W:
+                inputs = torch.cat([inputs, token[:, :, None]], dim=2)
+        words = torch.stack(out, dim=2)
+        p_absent = torch.sigmoid(stop_logits)
+        absent = _straight_through(p_absent, (p_absent > 0.5).to(p_absent.dtype))
+        present = torch.cumprod(1 - absent, dim=1)[..., None, None]
+        return present * words + (1 - present) * pad
+
+    def generate_soft(
+        self, embedding: torch.Tensor, tau: float, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Differentiable report [B,S,W,V]: straight-through Gumbel-softmax tokens."""
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            where = generator.device if generator is not None else logits.device
+            u = torch.rand(logits.shape, generator=generator, device=where).to(logits.device)
+            gumbel = -torch.log(-torch.log(u.clamp(1e-9, 1 - 1e-9)))
+            soft = F.softmax((logits + gumbel) / tau, dim=-1)
+            hard = F.one_hot(soft.argmax(dim=-1), self.V).to(soft.dtype)
+            return _straight_through(soft, hard)
+
+        return self._decode(embedding, pick)
+
+    @torch.no_grad()
+    def sample_ids(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Greedy report ids [B,S,W] (PAD after EOS, all-PAD sentences after stop)."""
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            return F.one_hot(logits.argmax(dim=-1), self.V).to(logits.dtype)
+
+        return self._decode(embedding, pick).argmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Discriminator
+
+
+class Discriminator(nn.Module):
+    """D(x, t, y): joint image-report-label critic (projection) + rotation self-supervision."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, n_labels: int) -> None:
+        super().__init__()
+        d = cfg.embed_dim
+        self.V = vocab_size
+        self.convs, flat = _conv_stack(cfg)
+        self.image_fc = nn.Linear(flat, d)
+        self.tok = nn.Linear(vocab_size, d, bias=False)  # ids (one-hot) and soft tokens alike
+        self.text_fc = nn.Linear(d, d)
+        self.joint = nn.Linear(2 * d, d)
+        self.score = nn.Linear(d, 1)
+        self.label = nn.Linear(n_labels, d, bias=False)  # projection term
+        self.rotation = nn.Linear(d, 4)
+
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(self.image_fc(self.convs(x)), 0.2)
+
+    def text_features(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean over non-PAD words, then over present sentences."""
+        if t.dtype == torch.long:
+            weight = (t != PAD).to(self.tok.weight.dtype)
+            t = F.one_hot(t, self.V).to(self.tok.weight.dtype)
+        else:
+            weight = 1 - t[..., PAD]
+        words = weight.sum(dim=2)  # [B,S]
+        sentence = (self.tok(t) * weight[..., None]).sum(dim=2) / words.clamp(min=1e-6)[..., None]
+        present = words.clamp(max=1.0)
+        report = (sentence * present[..., None]).sum(dim=1)
+        report = report / present.sum(dim=1).clamp(min=1e-6)[:, None]
+        return F.leaky_relu(self.text_fc(report), 0.2)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.joint(torch.cat([self.image_features(x), self.text_features(t)], 1)))
+        return self.score(h).squeeze(1) + (self.label(y) * h).sum(dim=1)
+
+    def rotation_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Which of 0/90/180/270 degrees `x` was rotated by: self-supervision on any scan."""
+        return self.rotation(self.image_features(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The four together, their weights as arrays, and the device
+
+
+class EmixerNets(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, n_labels: int) -> None:
+        super().__init__()
+        _check_config(cfg)
+        self.g = Generator(cfg, n_labels)
+        self.e = Encoder(cfg)
+        self.r = ReportDecoder(cfg, vocab_size)
+        self.d = Discriminator(cfg, vocab_size, n_labels)
+
+
+def build_networks(model_cfg: ModelConfig, vocab_size: int, n_labels: int) -> EmixerNets:
+    """The four networks, freshly initialised, on the CPU."""
+    return EmixerNets(model_cfg, vocab_size, n_labels)
+
+
+def get_weights(nets: nn.Module) -> dict[str, np.ndarray]:
+    """All weights as float32 arrays; keys stable whether or not Opacus wrapped a module."""
+    return {
+        name.replace("_module.", ""): tensor.detach().cpu().numpy().astype(np.float32)
+        for name, tensor in nets.state_dict().items()
+    }
+
+
+def set_weights(nets: nn.Module, weights: dict[str, np.ndarray]) -> None:
+    """Load arrays from get_weights; refuses any missing, extra or mis-shaped key by name."""
+    state = nets.state_dict()
+    names = {name.replace("_module.", ""): name for name in state}
+    missing = sorted(set(names) - set(weights))
+    extra = sorted(set(weights) - set(names))
+    if missing or extra:
+        key = (missing or extra)[0]
+        what = "is missing from the weights" if missing else "is not a weight of these networks"
+        raise ValueError(
+            f"weight {key!r} {what} ({len(missing)} missing, {len(extra)} unexpected); "
+            "were the weights made with the same model config?"
+        )
+    new_state = {}
+    for key, name in names.items():
+        array = np.asarray(weights[key])
+        if tuple(array.shape) != tuple(state[name].shape):
+            raise ValueError(
+                f"weight {key!r} has shape {tuple(array.shape)}, the networks expect "
+                f"{tuple(state[name].shape)}; were the weights made with the same model config?"
+            )
+        new_state[name] = torch.from_numpy(array.copy()).to(state[name].dtype)
+    nets.load_state_dict(new_state)
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"unknown device {name!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available; use 'cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} asked for, but MPS is not available; use 'cpu'")
+    return device

@@ -1,0 +1,286 @@
+"""The private training step: the ONE seam where real data touches parameters (DESIGN.md 2, 3).
+
+The discriminator D, the encoder E and the report decoder R see real data, so they sit behind one
+Opacus GradSampleModule and one DPOptimizer (clipped per-sample gradients plus Gaussian noise).
+The generator G only ever sees D's opinion of generated samples: it is private by
+post-processing and steps on a plain Adam.
+
+One step:
+1. Poisson-sample privacy units (patients where known); take ONE row per sampled unit: a random
+   labeled study of the unit if it has one, else a random unlabeled scan. B rows, B may be 0.
+2. Generated row i is paired with real row i (same batch index, so Opacus sums both into one
+   per-sample gradient that is clipped once). The number of generated rows follows the batch
+   index, never a separate count: concatenating them would double the sensitivity.
+3. Per-row loss = [labeled] BCE(D(x, t, y), real) + [labeled] report loss of R(E(x))
+   + rotation_weight * CE(D.rotation_logits(rot_k(x)), k) + BCE(D(fake, fake report, y'), fake).
+   Every forward runs on all B rows and masks by row, so row i's gradient stays at index i.
+4. One backward, one DPOptimizer step (an empty batch still steps: noise only), one accountant
+   step. Then G steps with the private module's hooks disabled.
+
+Randomness that touches real data (which units are sampled, which of a unit's rows, the DP noise)
+comes from a secret generator seeded from the OS: the sampler seed travels in the run config, and
+whoever knows the noise can subtract it. The rest (latents, rotations, prior labels) is seeded
+from `sampler_seed` for reproducibility.
+"""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from emixer_model.config import FINDINGS, EmixerConfig
+from emixer_model.data.site import SiteData
+from emixer_model.networks import EmixerNets, get_weights, pick_device, set_weights
+from emixer_model.privacy import SiteAccountant, poisson_units
+from emixer_model.text.vocabulary import PAD
+
+__all__ = ["PrivateTrainer", "Row", "get_weights", "pick_device", "set_weights", "sample_prior"]
+
+LOSS_NAMES = ("d_real", "d_fake", "rotation", "report", "g")
+
+# Labels of generated rows that are not paired with a labeled real row: a FIXED public prior
+# (roughly chest X-ray practice), never a site statistic. "No Finding" excludes the others.
+NO_FINDING_PROBABILITY = 0.3
+FINDING_PROBABILITY = {
+    "Cardiomegaly": 0.2,
+    "Pleural Effusion": 0.25,
+    "Consolidation": 0.15,
+    "Pneumothorax": 0.1,
+    "Lung Lesion": 0.1,
+    "Edema": 0.15,
+    "Support Devices": 0.3,
+}
+
+Row = tuple[bool, int]  # (labeled, index into data.images if labeled else into data.unlabeled)
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+
+def sample_prior(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n multi-hot label vectors [n, L] from the fixed public prior."""
+    probs = torch.tensor([FINDING_PROBABILITY.get(name, 0.0) for name in FINDINGS])
+    y = (torch.rand(n, len(FINDINGS), generator=generator) < probs).float()
+    no_finding = torch.rand(n, generator=generator) < NO_FINDING_PROBABILITY
+    no_finding |= y.sum(dim=1) == 0
+    if "No Finding" in FINDINGS:
+        y[no_finding] = 0.0
+        y[no_finding, FINDINGS.index("No Finding")] = 1.0
+    return y
+
+
+def _rotate(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Rotate image i by k[i] * 90 degrees."""
+    rotations = torch.stack([torch.rot90(x, j, dims=(2, 3)) for j in range(4)])
+    return rotations[k, torch.arange(len(x))]
+
+
+def _backward(loss: torch.Tensor) -> None:
+    with warnings.catch_warnings():
+        # Opacus' hooks on the first conv fire although the images need no gradient: harmless
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss.backward()
+
+
+class PrivateTrainer:
+    """DP-SGD training of D, E, R (Opacus) and post-processing training of G at one site.
+
+    Parameters: nets (built by build_networks; moved to `device`), cfg (lr, betas, batch size,
+    rotation weight, clipping norm, Gumbel temperature), n_units (privacy units at the site: the
+    sample rate is q = min(1, batch_size / n_units)), noise_multiplier (planned once for the
+    whole horizon), accountant (stepped once per private step, empty batches included),
+    secret_seed (tests only: makes sampling and noise reproducible, which voids the guarantee).
+    """
+
+    def __init__(
+        self,
+        nets: EmixerNets,
+        cfg: EmixerConfig,
+        n_units: int,
+        noise_multiplier: float,
+        accountant: SiteAccountant,
+        device: torch.device,
+        *,
+        secret_seed: int | None = None,
+    ) -> None:
+        if n_units < 1:
+            raise ValueError(f"a site needs at least one privacy unit to train, got {n_units}")
+        if noise_multiplier <= 0:
+            raise ValueError(f"noise multiplier must be positive, not {noise_multiplier}")
+        self.nets = nets.to(device)
+        self.cfg = cfg
+        self.device = device
+        self.n_units = n_units
+        self.noise_multiplier = noise_multiplier
+        self.accountant = accountant
+        self.sample_rate = min(1.0, cfg.train.batch_size / n_units)
+        seed = secrets.randbits(63) if secret_seed is None else secret_seed
+        self.secret = torch.Generator().manual_seed(seed)
+        noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
+
+        private = nn.ModuleDict({"d": nets.d, "e": nets.e, "r": nets.r})
+        errors = ModuleValidator.validate(private, strict=False)
+        if errors:
+            raise ValueError(f"the private networks are not Opacus-compatible: {errors}")
+        # Per-sample losses are summed (exact per-sample gradients); the optimizer divides the
+        # noisy sum by the expected batch size, as DP-SGD's estimator of the mean gradient.
+        self.private = GradSampleModule(private, loss_reduction="sum")
+        t = cfg.train
+        adam = torch.optim.Adam(
+            [
+                {"params": list(nets.d.parameters()), "lr": t.lr_d},
+                {"params": [*nets.e.parameters(), *nets.r.parameters()], "lr": t.lr_text},
+            ],
+            betas=(t.beta1, t.beta2),
+        )
+        self.optimizer = DPOptimizer(
+            adam,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            expected_batch_size=max(1, round(self.sample_rate * n_units)),
+            loss_reduction="mean",
+            generator=noise_generator,
+        )
+        self.g_optimizer = torch.optim.Adam(
+            nets.g.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2)
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, round(1 / self.sample_rate))
+
+    def sample_rows(self, data: SiteData) -> list[Row]:
+        """One Poisson batch: at most ONE row per sampled unit (invariant 6)."""
+        rows: list[Row] = []
+        for unit in poisson_units(len(data.units), self.sample_rate, self.secret).tolist():
+            labeled, unlabeled = data.units[unit]
+            pool, is_labeled = (labeled, True) if labeled else (unlabeled, False)
+            if pool:
+                pick = int(torch.randint(len(pool), (1,), generator=self.secret))
+                rows.append((is_labeled, pool[pick]))
+        return rows
+
+    def private_step(
+        self, data: SiteData, rows: list[Row], generator: torch.Generator
+    ) -> dict[str, float]:
+        """One clipped-and-noised step of D, E, R on `rows`; returns the batch's mean losses."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if not rows:
+            # Nothing to forward; Opacus clips an empty batch to zero and adds the noise.
+            for p in self.optimizer.params:
+                p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)
+            self._dp_step()
+            return {}
+        losses = self._row_losses(data, rows, generator)
+        weight = self.cfg.train.rotation_weight
+        total = losses["d_real"] + losses["report"] + weight * losses["rotation"] + losses["d_fake"]
+        _backward(total.sum())
+        self._dp_step()
+        means = {
+            "rotation": losses["rotation"].mean().item(),
+            "d_fake": losses["d_fake"].mean().item(),
+        }
+        n_labeled = sum(is_labeled for is_labeled, _ in rows)
+        if n_labeled:  # a batch of unlabeled scans says nothing about the labeled losses
+            means["d_real"] = losses["d_real"].sum().item() / n_labeled
+            means["report"] = losses["report"].sum().item() / n_labeled
+        return means
+
+    def _dp_step(self) -> None:
+        self.optimizer.step()
+        self.accountant.step(self.noise_multiplier, self.sample_rate)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _row_losses(
+        self, data: SiteData, rows: list[Row], generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Per-row losses [B] of the private step; row i's terms all sit at batch index i."""
+        nets, dev, b = self.nets, self.device, len(rows)
+        m = self.cfg.model
+        labeled = torch.tensor([is_labeled for is_labeled, _ in rows])
+        idx = torch.tensor([i for _, i in rows])
+        x = torch.zeros(b, 1, m.resolution, m.resolution)
+        y = torch.zeros(b, len(FINDINGS))
+        tokens = torch.full((b, m.max_sentences, m.max_words), PAD, dtype=torch.long)
+        if labeled.any():
+            x[labeled] = data.images[idx[labeled]]
+            y[labeled] = data.labels[idx[labeled]]
+            tokens[labeled] = data.tokens[idx[labeled]]
+        if (~labeled).any():
+            x[~labeled] = data.unlabeled[idx[~labeled]]
+        y_fake = torch.where(labeled[:, None], y, sample_prior(b, generator))
+        z = torch.randn(b, m.latent_dim, generator=generator)
+        k = torch.randint(4, (b,), generator=generator)
+        x, y, tokens, y_fake, z, k, mask = (
+            a.to(dev) for a in (x, y, tokens, y_fake, z, k, labeled.float())
+        )
+        with torch.no_grad():  # generated rows: no gradient reaches G here
+            fake = nets.g(z, y_fake)
+            fake_text = nets.r.generate_soft(nets.e(fake), m.gumbel_tau, generator)
+        real_score = nets.d(x, tokens, y)
+        fake_score = nets.d(fake, fake_text, y_fake)
+        rotation = F.cross_entropy(nets.d.rotation_logits(_rotate(x, k)), k, reduction="none")
+        report = nets.r.teacher_forced_loss(nets.e(x), tokens)
+        bce = F.binary_cross_entropy_with_logits
+        return {
+            "d_real": mask * bce(real_score, torch.ones_like(real_score), reduction="none"),
+            "report": mask * report,
+            "rotation": rotation,
+            "d_fake": bce(fake_score, torch.zeros_like(fake_score), reduction="none"),
+        }
+
+    def generator_step(self, generator: torch.Generator) -> float:
+        """G learns from D's score of generated image-report pairs; no real data involved."""
+        nets, dev, n = self.nets, self.device, self.cfg.train.batch_size
+        y = sample_prior(n, generator).to(dev)
+        z = torch.randn(n, self.cfg.model.latent_dim, generator=generator).to(dev)
+        self.private.disable_hooks()
+        try:
+            fake = nets.g(z, y)
+            text = nets.r.generate_soft(nets.e(fake), self.cfg.model.gumbel_tau, generator)
+            score = nets.d(fake, text, y)
+            loss = F.binary_cross_entropy_with_logits(score, torch.ones_like(score))
+            self.g_optimizer.zero_grad(set_to_none=True)
+            _backward(loss)
+            self.g_optimizer.step()
+        finally:
+            # G's backward left ordinary grads on D, E, R: clear them (and any grad_sample)
+            # so nothing of this step reaches the next private step.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.private.enable_hooks()
+        return loss.item()
+
+    def train_epochs(
+        self,
+        data: SiteData,
+        epochs: int,
+        sampler_seed: int,
+        progress: ProgressFn | None = None,
+    ) -> dict:
+        """`epochs` x round(1/q) private steps, each followed by a generator step."""
+        if len(data.units) != self.n_units:
+            raise ValueError(
+                f"the data has {len(data.units)} privacy units but the trainer was planned for "
+                f"{self.n_units}; build the trainer from the same SiteData"
+            )
+        generator = torch.Generator().manual_seed(sampler_seed)
+        self.nets.train()
+        total = epochs * self.steps_per_epoch
+        sums = dict.fromkeys(LOSS_NAMES, 0.0)
+        counts = dict.fromkeys(LOSS_NAMES, 0)
+        for step in range(1, total + 1):
+            losses = self.private_step(data, self.sample_rows(data), generator)
+            losses["g"] = self.generator_step(generator)
+            for name, value in losses.items():
+                sums[name] += value
+                counts[name] += 1
+            if progress is not None:
+                progress(step, total, losses)
+        means = {name: sums[name] / counts[name] if counts[name] else 0.0 for name in LOSS_NAMES}
+        return {"steps": total, "losses": means}

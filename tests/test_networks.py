@@ -1,0 +1,162 @@
+"""The four EMIXER networks: shapes, report decoding rules, Opacus compatibility, weight I/O."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from emixer_model.config import ModelConfig
+from emixer_model.networks import build_networks, get_weights, pick_device, set_weights
+from emixer_model.text.vocabulary import EOS, PAD
+
+SMALL = ModelConfig(
+    resolution=16,
+    latent_dim=8,
+    width=8,
+    embed_dim=32,
+    max_sentences=3,
+    max_words=6,
+    heads=2,
+    groups=4,
+)
+V, L, B = 30, 8, 5
+
+
+@pytest.fixture()
+def nets():
+    torch.manual_seed(0)
+    return build_networks(SMALL, V, L)
+
+
+def test_shapes_and_ranges(nets) -> None:
+    z, y = torch.randn(B, SMALL.latent_dim), torch.zeros(B, L)
+    x = nets.g(z, y)
+    assert x.shape == (B, 1, 16, 16)
+    assert x.min() >= -1 and x.max() <= 1
+    e = nets.e(x)
+    assert e.shape == (B, SMALL.embed_dim)
+    ids = nets.r.sample_ids(e)
+    assert ids.shape == (B, 3, 6) and ids.dtype == torch.long
+    assert nets.d(x, ids, y).shape == (B,)
+    assert nets.d.rotation_logits(x).shape == (B, 4)
+
+
+def test_bigger_resolution_builds() -> None:
+    cfg = ModelConfig(resolution=32, width=8, embed_dim=32, heads=2, max_sentences=2, max_words=4)
+    n = build_networks(cfg, V, L)
+    assert n.g(torch.randn(2, cfg.latent_dim), torch.zeros(2, L)).shape == (2, 1, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"resolution": 48}, "power of two"), ({"heads": 3}, "divisible")],
+)
+def test_bad_config_is_refused(change: dict, message: str) -> None:
+    cfg = ModelConfig(**{**SMALL.__dict__, **change})
+    with pytest.raises(ValueError, match=message):
+        build_networks(cfg, V, L)
+
+
+def test_sample_ids_pads_after_eos_and_after_stop(nets) -> None:
+    with torch.no_grad():  # make EOS likely early and some sentences stop
+        nets.r.head.bias[EOS] += 3.0
+        nets.r.stop.bias += 0.5
+    ids = nets.r.sample_ids(torch.randn(64, SMALL.embed_dim) * 3)
+    saw_eos = saw_stop = False
+    for report in ids:
+        stopped = False
+        for sentence in report:
+            if stopped:
+                assert (sentence == PAD).all()
+                continue
+            if (sentence == PAD).all():
+                stopped = saw_stop = True
+                continue
+            assert sentence[0] != PAD
+            eos = (sentence == EOS).nonzero()
+            if len(eos):
+                saw_eos = True
+                assert (sentence[int(eos[0]) + 1 :] == PAD).all()
+            else:
+                assert (sentence != PAD).all()
+    assert saw_eos and saw_stop
+
+
+def test_generate_soft_is_one_hot_and_differentiable(nets) -> None:
+    e = nets.e(torch.randn(B, 1, 16, 16))
+    soft = nets.r.generate_soft(e, tau=1.0, generator=torch.Generator().manual_seed(1))
+    assert soft.shape == (B, 3, 6, V)
+    torch.testing.assert_close(soft.sum(-1), torch.ones(B, 3, 6))
+    hard = soft.detach().round()
+    torch.testing.assert_close(soft.detach(), hard)  # straight-through: one-hot forward values
+    score = nets.d(torch.randn(B, 1, 16, 16), soft, torch.zeros(B, L)).sum()
+    score.backward()
+    assert nets.e.fc.weight.grad.abs().sum() > 0  # the report path reaches the encoder
+
+
+def test_discriminator_reads_ids_and_soft_tokens_through_one_path(nets) -> None:
+    x, y = torch.randn(B, 1, 16, 16), torch.rand(B, L)
+    ids = torch.randint(3, V, (B, 3, 6))
+    ids[:, 2] = PAD  # an absent sentence
+    ids[:, 0, 4:] = PAD  # a short sentence
+    one_hot = F.one_hot(ids, V).float()
+    torch.testing.assert_close(nets.d(x, ids, y), nets.d(x, one_hot, y))
+
+
+def test_teacher_forced_loss_is_per_sample(nets) -> None:
+    tokens = torch.randint(3, V, (B, 3, 6))
+    tokens[:, :, -1] = EOS
+    tokens[1] = PAD  # a row without a report (unlabeled) still gives a finite loss
+    e = torch.randn(B, SMALL.embed_dim)
+    loss = nets.r.teacher_forced_loss(e, tokens)
+    assert loss.shape == (B,) and torch.isfinite(loss).all()
+    other = tokens.clone()
+    other[0] = torch.randint(3, V, (3, 6))
+    changed = nets.r.teacher_forced_loss(e, other)
+    torch.testing.assert_close(loss[1:], changed[1:])  # row 0's tokens touch only row 0
+    assert loss[0] != changed[0]
+
+
+def test_private_networks_are_opacus_compatible(nets) -> None:
+    for name in ("d", "e", "r"):
+        ModuleValidator.validate(getattr(nets, name), strict=True)
+    forbidden = (nn.modules.batchnorm._BatchNorm, nn.Embedding, nn.RNNBase, nn.MultiheadAttention)
+    assert not [m for m in nets.modules() if isinstance(m, forbidden)]
+
+
+def test_weights_round_trip_and_stable_keys(nets) -> None:
+    weights = get_weights(nets)
+    assert all(a.dtype == np.float32 for a in weights.values())
+    other = build_networks(SMALL, V, L)
+    set_weights(other, weights)
+    x = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(other.e(x), nets.e(x))
+    wrapped = GradSampleModule(other.d)
+    assert set(get_weights(wrapped)) == {k[2:] for k in weights if k.startswith("d.")}
+
+
+def test_set_weights_names_the_bad_key(nets) -> None:
+    weights = get_weights(nets)
+    missing = dict(weights)
+    del missing["e.fc.bias"]
+    with pytest.raises(ValueError, match="e.fc.bias"):
+        set_weights(nets, missing)
+    wrong = dict(weights)
+    wrong["g.out.weight"] = np.zeros((2, 2), np.float32)
+    with pytest.raises(ValueError, match="g.out.weight.*shape"):
+        set_weights(nets, wrong)
+
+
+def test_pick_device() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        pick_device("gpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            pick_device("cuda")
