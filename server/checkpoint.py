@@ -28,6 +28,7 @@ class Checkpoint:
     ledger: dict
     config: dict
     strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    path: Path | None = None  # the file it was loaded from (not stored in the file)
 
 
 def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -72,6 +73,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             ledger=json.loads(payload["ledger"]),
             config=json.loads(payload["config"]),
             strategy_state={k: _arrays(v) for k, v in payload["strategy_state"].items()},
+            path=path,
         )
     except CheckpointError:
         raise

@@ -29,6 +29,8 @@ BASES: dict[str, type[FedAvg]] = {
 }
 # Strategy attributes that must survive a restart (FedAdam's moment estimates).
 STATE_ATTRIBUTES = ("m_t", "v_t")
+# Machine-local paths of the coordinator: never stored in checkpoints (they reach releases).
+LOCAL_PATH_KEYS = ("site_dirs", "state_root", "checkpoint_dir")
 
 
 class EmixerStrategy:
@@ -152,7 +154,7 @@ class EmixerStrategy:
                 server_round=server_round,
                 arrays=from_array_record(arrays) if arrays is not None else self.global_arrays,
                 ledger=self.ledger.to_dict(),
-                config=self.cfg.to_dict(),
+                config=self._shareable_config(),
                 strategy_state=state,
             ),
         )
@@ -162,6 +164,11 @@ class EmixerStrategy:
             path,
             self.ledger.release_epsilon(),
         )
+
+    def _shareable_config(self) -> dict:
+        config = self.cfg.to_dict()
+        config["federation"].update(dict.fromkeys(LOCAL_PATH_KEYS, ""))
+        return config
 
     def restore_state(self, state: dict) -> None:
         for attr, value in state.items():

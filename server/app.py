@@ -1,0 +1,70 @@
+"""The Flower ServerApp: thin on purpose. `serve` starts (or resumes) the configured strategy."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from emixer_model.config import FINDINGS, EmixerConfig
+from emixer_model.networks import build_networks
+from emixer_model.records import to_array_record
+from emixer_model.text.vocabulary import VOCAB_SIZE
+from emixer_model.training import get_weights
+from server.checkpoint import latest_checkpoint
+from server.ledger import PrivacyLedger
+from server.strategy import make_strategy
+
+log = logging.getLogger("emixer.server")
+
+DEFAULT_CHECKPOINT_DIR = "emixer-checkpoints"
+
+
+def serve(grid: Grid, cfg: EmixerConfig) -> None:
+    """Run the federation to `federation.rounds`, resuming from the newest checkpoint if asked."""
+    checkpoint_dir = Path(cfg.federation.checkpoint_dir or DEFAULT_CHECKPOINT_DIR)
+    done, ledger, state = 0, PrivacyLedger(), {}
+    ckpt = latest_checkpoint(checkpoint_dir) if cfg.federation.resume else None
+    if ckpt is not None:
+        done, arrays = ckpt.server_round, ckpt.arrays
+        ledger, state = PrivacyLedger.from_dict(ckpt.ledger), ckpt.strategy_state
+        log.info("resuming after round %d from %s", done, checkpoint_dir)
+    else:
+        torch.manual_seed(cfg.train.seed)
+        arrays = get_weights(build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS)))
+    remaining = cfg.federation.rounds - done
+    if remaining <= 0:
+        log.info("all %d rounds are already done; nothing to run", cfg.federation.rounds)
+        return
+    strategy = make_strategy(cfg, checkpoint_dir, ledger, round_offset=done)
+    strategy.restore_state(state)
+    strategy.start(
+        grid=grid,
+        initial_arrays=to_array_record(arrays),
+        num_rounds=remaining,
+        timeout=cfg.federation.round_timeout,
+        train_config=ConfigRecord(cfg.to_run_config()),
+    )
+
+
+def make_server_app(cfg: EmixerConfig) -> ServerApp:
+    """A ServerApp bound to `cfg` (simulation: Flower's Python API passes no run config)."""
+    bound = ServerApp()
+
+    @bound.main()
+    def main(grid: Grid, context: Context) -> None:
+        serve(grid, cfg)
+
+    return bound
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """`flwr run` / deployment: the run config comes from pyproject.toml and --run-config."""
+    serve(grid, EmixerConfig.from_run_config(dict(context.run_config)))
