@@ -1,0 +1,630 @@
+"""`emixer evaluate`: score a synthetic release against a site's real data, at the site.
+
+Questions answered (each a section of release/evaluation.json):
+  label_fidelity          do synthetic images show their conditioning labels? (a classifier
+                          trained on real images scores them)
+  report_consistency      do synthetic reports state their labels? (the rule-based labeler)
+  image_report_agreement  do a pair's image and report tell the same story?
+  tstr                    is the release useful? train on synthetic, test on real; and the gain
+                          of real + synthetic over real alone on the same held-out real images
+  frechet                 how far are synthetic from real images in the classifier's features?
+  text                    BLEU-4 / ROUGE-L against real reports, vocabulary, duplicates, copies
+Only aggregates are written: no real image, report, word or file name leaves the site this way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.table import Table
+
+from emixer_model.config import FINDINGS, ModelConfig, TrainConfig, from_dict
+from emixer_model.evaluation import figures
+from emixer_model.evaluation.classifier import FindingClassifier, score_images, train_classifier
+from emixer_model.evaluation.image_metrics import accuracy, auroc, f1_score, frechet_distance
+from emixer_model.evaluation.text_metrics import (
+    ReferenceReports,
+    copy_rate,
+    distinct_tokens,
+    duplicate_rate,
+)
+
+DEFAULT_EPOCHS = 30
+TEST_FRACTION = 0.2
+MIN_REAL_IMAGES = 10  # fewer cannot give both a training set and a held-out test set
+GRID_IMAGES = 24
+GRID_PER_LABEL_SET = 3
+FRECHET_NOTE = (
+    "FID-style, features of a locally trained classifier, not Inception (no pretrained weights "
+    "can be downloaded here); comparable only between releases evaluated with the same site, "
+    "seed and epochs"
+)
+PAPER_NOTE = (
+    "EMIXER (Biswal et al. 2022) reports +5.94% classification performance from synthetic "
+    "augmentation; augmentation_gain is the same comparison here (mean AUROC, real + synthetic "
+    "minus real, on the same held-out real images)"
+)
+
+
+class EvaluationError(ValueError):
+    """A release or real-data input the evaluation cannot use; the message says what and where."""
+
+
+@dataclass
+class SyntheticRelease:
+    images: torch.Tensor  # [N,1,R,R] in [-1,1]
+    labels: torch.Tensor  # [N,L] conditioning labels, multi-hot in FINDINGS order
+    reports: list[str]
+    manifest: dict
+    model_cfg: ModelConfig
+
+
+@dataclass
+class RealData:
+    """Labeled real studies of one or more site folders, concatenated, with their split."""
+
+    images: torch.Tensor  # [N,1,R,R]
+    labels: torch.Tensor  # [N,L]
+    tokens: torch.Tensor  # [N,S,W] reports in the fixed vocabulary
+    train: np.ndarray  # indices
+    test: np.ndarray  # indices, disjoint from train by privacy unit (patient where known)
+    sites: int
+    skipped: int
+
+
+def _labels_vector(names: Sequence[str], where: str) -> np.ndarray:
+    unknown = [n for n in names if n not in FINDINGS]
+    if unknown:
+        raise EvaluationError(
+            f"{where}: unknown finding {unknown[0]!r}; known: {', '.join(FINDINGS)}"
+        )
+    return np.array([f in names for f in FINDINGS], dtype=np.float32)
+
+
+def _read_manifest(release_dir: Path) -> tuple[dict, ModelConfig]:
+    path = release_dir / "manifest.json"
+    if not path.is_file():
+        raise EvaluationError(
+            f"{release_dir} has no manifest.json: is it a folder written by `emixer release`?"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+        model_section = manifest["config"]["model"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise EvaluationError(
+            f"{path} is not a release manifest (needs config.model.resolution): {err}"
+        ) from None
+    return manifest, from_dict(ModelConfig, model_section, "manifest config.model.")
+
+
+def load_release(release_dir: Path) -> SyntheticRelease:
+    """Read manifest.json, reports.jsonl and every listed DICOM, or say exactly what is wrong."""
+    from emixer_model.data.dicom import SkipFile, decode_dicom
+
+    if not release_dir.is_dir():
+        raise EvaluationError(f"release folder {release_dir} does not exist")
+    manifest, model_cfg = _read_manifest(release_dir)
+    reports_path = release_dir / "reports.jsonl"
+    if not reports_path.is_file():
+        raise EvaluationError(f"{release_dir} has no reports.jsonl (the list of synthetic pairs)")
+    root = release_dir.resolve()
+    images, labels, reports = [], [], []
+    for number, line in enumerate(reports_path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{reports_path.name} line {number}"
+        try:
+            row = json.loads(line)
+            dicom, names, report = row["dicom"], row["labels"], row["report"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise EvaluationError(
+                f"{where} is not a JSON object with dicom, labels and report"
+            ) from None
+        path = (release_dir / dicom).resolve()
+        if not path.is_relative_to(root):
+            raise EvaluationError(f"{where}: {dicom} points outside the release folder")
+        if not path.is_file():
+            raise EvaluationError(f"{where} lists {dicom} but that file is missing")
+        try:
+            images.append(decode_dicom(path, model_cfg.resolution).pixels)
+        except SkipFile as err:
+            raise EvaluationError(f"{where}: {dicom} cannot be read: {err.detail}") from None
+        labels.append(_labels_vector(names, where))
+        reports.append(str(report))
+    if not images:
+        raise EvaluationError(f"{reports_path} lists no synthetic pairs")
+    return SyntheticRelease(
+        images=torch.from_numpy(np.stack(images)).unsqueeze(1),
+        labels=torch.from_numpy(np.stack(labels)),
+        reports=reports,
+        manifest=manifest,
+        model_cfg=model_cfg,
+    )
+
+
+def split_by_unit(
+    units: Sequence[Sequence[int]], test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out whole privacy units (patients where known) until test_fraction of the images.
+
+    Splitting by image would put one patient's other studies in training and flatter the test.
+    """
+    order = np.random.default_rng(seed).permutation(len(units))
+    total = sum(len(u) for u in units)
+    test: list[int] = []
+    train: list[int] = []
+    for index in order:
+        target = test if len(test) < test_fraction * total else train
+        target.extend(units[index])
+    return np.array(sorted(train), dtype=np.int64), np.array(sorted(test), dtype=np.int64)
+
+
+def load_real(
+    site_dirs: Sequence[Path],
+    state_dirs: Sequence[Path],
+    model_cfg: ModelConfig,
+    uncertain_as: str,
+    seed: int,
+) -> RealData:
+    """Load every site folder at the release's resolution and split it 80/20 by privacy unit."""
+    from emixer_model.data.site import load_site
+
+    images, labels, tokens, units = [], [], [], []
+    skipped = offset = 0
+    for site_dir, state_dir in zip(site_dirs, state_dirs, strict=True):
+        site = load_site(site_dir, state_dir, model_cfg, uncertain_as)
+        images.append(site.images)
+        labels.append(site.labels)
+        tokens.append(site.tokens)
+        units += [[offset + i for i in labeled] for labeled, _ in site.units if labeled]
+        skipped += len(site.skipped)
+        offset += len(site.images)
+    if offset < MIN_REAL_IMAGES:
+        raise EvaluationError(
+            f"the real site folder(s) give {offset} usable labeled studies; the evaluation needs "
+            f"at least {MIN_REAL_IMAGES} (80% to train its classifier, 20% to test). "
+            "Run `emixer data check SITE` to see what was skipped and why."
+        )
+    train, test = split_by_unit(units, TEST_FRACTION, seed)
+    if len(train) == 0 or len(test) == 0:
+        raise EvaluationError(
+            "the real studies belong to too few patients to hold 20% of them out for testing"
+        )
+    return RealData(
+        images=torch.cat(images),
+        labels=torch.cat(labels),
+        tokens=torch.cat(tokens),
+        train=train,
+        test=test,
+        sites=len(site_dirs),
+        skipped=skipped,
+    )
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 4)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return _round(np.mean(defined)) if defined else None
+
+
+def _auroc_per_label(
+    probabilities: np.ndarray, targets: np.ndarray, population_has: str
+) -> dict[str, dict]:
+    """AUROC and accuracy (threshold 0.5) per finding; null with the reason where undefined.
+
+    population_has completes "no/every ... <finding>", e.g. "synthetic pair is conditioned on".
+    """
+    result = {}
+    for j, finding in enumerate(FINDINGS):
+        positive = targets[:, j] > 0.5
+        entry = {
+            "auroc": _round(auroc(probabilities[:, j], positive)),
+            "accuracy": _round(accuracy(probabilities[:, j] > 0.5, positive)),
+            "positives": int(positive.sum()),
+            "negatives": int((~positive).sum()),
+        }
+        if entry["auroc"] is None:
+            side = "no" if entry["positives"] == 0 else "every"
+            entry["why"] = f"{side} {population_has} {finding}: AUROC needs both classes"
+        result[finding] = entry
+    return result
+
+
+def _f1_per_label(predicted: np.ndarray, targets: np.ndarray, what: str) -> dict[str, dict]:
+    result = {}
+    for j, finding in enumerate(FINDINGS):
+        entry = {
+            "f1": _round(f1_score(predicted[:, j], targets[:, j])),
+            "agreement": _round(accuracy(predicted[:, j], targets[:, j])),
+        }
+        if entry["f1"] is None:
+            entry["why"] = f"neither {what} has a positive {finding}"
+        result[finding] = entry
+    return result
+
+
+def labeler_positives(reports: Sequence[str]) -> np.ndarray:
+    """[N,L] bool: the labeler finds the finding stated as positive or uncertain."""
+    from emixer_model.text.labeler import label_report
+
+    found = [label_report(text) for text in reports]
+    return np.array([[row.get(f) in (1, -1) for f in FINDINGS] for row in found], dtype=bool)
+
+
+def report_word_ids(tokens: np.ndarray) -> tuple[int, ...]:
+    """Word ids of a report [S,W], flattened, without PAD/BOS/EOS: what text metrics compare."""
+    from emixer_model.text.vocabulary import BOS, EOS, PAD
+
+    return tuple(int(t) for t in np.asarray(tokens).reshape(-1) if t not in (PAD, BOS, EOS))
+
+
+def text_statistics(
+    synthetic_reports: Sequence[str],
+    synthetic_labels: np.ndarray,
+    real_tokens: np.ndarray,
+    real_labels: np.ndarray,
+    model_cfg: ModelConfig,
+) -> dict:
+    """BLEU-4, ROUGE-L, vocabulary, duplicate and copy rates of synthetic vs real reports."""
+    from emixer_model.text.vocabulary import UNK, encode_report
+
+    synthetic = [
+        report_word_ids(encode_report(text, model_cfg.max_sentences, model_cfg.max_words))
+        for text in synthetic_reports
+    ]
+    real = [report_word_ids(t) for t in real_tokens]
+    real_groups: dict[frozenset, list[tuple[int, ...]]] = {}
+    for report, row in zip(real, real_labels > 0.5, strict=True):
+        real_groups.setdefault(frozenset(np.flatnonzero(row)), []).append(report)
+    references = {key: ReferenceReports(group) for key, group in real_groups.items()}
+    bleu, rouge = [], []
+    unmatched = set()
+    for report, row in zip(synthetic, synthetic_labels > 0.5, strict=True):
+        key = frozenset(np.flatnonzero(row))
+        if key not in references:
+            unmatched.add(key)
+            continue
+        bleu.append(references[key].bleu4(report))
+        rouge.append(references[key].rouge_l(report))
+    method = (
+        "each synthetic report is scored against all real reports with exactly the same positive "
+        "label set; synthetic reports whose label set no real report has are left out"
+    )
+    return {
+        "normalisation": "both sides as the model sees text: encoded with the fixed vocabulary "
+        f"({model_cfg.max_sentences} sentences x {model_cfg.max_words} words), compared as word "
+        "ids; unknown words count as one <unk> word",
+        "bleu4": {
+            "mean": _mean(bleu),
+            "method": "sentence-level multi-reference BLEU-4 with BLEU+1 smoothing, averaged "
+            "over synthetic reports; " + method,
+        },
+        "rouge_l": {
+            "mean": _mean(rouge),
+            "method": "ROUGE-L F1 against the best-matching reference, averaged; " + method,
+        },
+        "scored_reports": len(bleu),
+        "label_sets_without_real_reports": len(unmatched),
+        "distinct_words": {
+            "synthetic": distinct_tokens([[t for t in r if t != UNK] for r in synthetic]),
+            "real": distinct_tokens([[t for t in r if t != UNK] for r in real]),
+        },
+        "duplicate_rate": _round(duplicate_rate(synthetic)),
+        "copy_rate": _round(copy_rate(synthetic, real)),
+        "copy_rate_means": "share of synthetic reports identical to a real report of this site: "
+        "a memorisation signal, expected near the rate at which real reports repeat each other",
+        "real_duplicate_rate": _round(duplicate_rate(real)),
+    }
+
+
+def _sample_grid(path: Path, release: SyntheticRelease) -> Path:
+    """Up to GRID_IMAGES synthetic images, a few per label set, titled with their labels."""
+    shown: dict[tuple[str, ...], int] = {}
+    chosen = []
+    for index, row in enumerate(release.labels.numpy() > 0.5):
+        key = tuple(f for f, on in zip(FINDINGS, row, strict=True) if on)
+        if shown.get(key, 0) < GRID_PER_LABEL_SET and len(chosen) < GRID_IMAGES:
+            shown[key] = shown.get(key, 0) + 1
+            chosen.append((index, " + ".join(key) or "(no label)"))
+    indices = [i for i, _ in chosen]
+    return figures.image_grid(
+        path, release.images[indices, 0].numpy(), [caption for _, caption in chosen]
+    )
+
+
+def tstr_section(
+    real: RealData, release: SyntheticRelease, real_model: FindingClassifier, epochs: int, seed: int
+) -> dict:
+    """Train on synthetic, and on real + synthetic; test both and the real-only model on the
+    same held-out real studies."""
+    x_train, y_train = real.images[real.train], real.labels[real.train]
+    models = {
+        "real": real_model,
+        "synthetic": train_classifier(release.images, release.labels, epochs, seed),
+        "real_plus_synthetic": train_classifier(
+            torch.cat([x_train, release.images]), torch.cat([y_train, release.labels]), epochs, seed
+        ),
+    }
+    x_test, y_test = real.images[real.test], real.labels[real.test].numpy()
+    per_label = {
+        name: _auroc_per_label(score_images(model, x_test)[0], y_test, "held-out real study has")
+        for name, model in models.items()
+    }
+    means = {
+        name: _mean([e["auroc"] for e in scores.values()]) for name, scores in per_label.items()
+    }
+    defined = means["real"] is not None and means["real_plus_synthetic"] is not None
+    return {
+        "method": "three classifiers with the same architecture, seed and epochs, trained on "
+        "real (80%), synthetic, and real + synthetic, all tested on the same held-out real "
+        "studies; mean over findings whose AUROC is defined there",
+        "mean_auroc": means,
+        "augmentation_gain": _round(means["real_plus_synthetic"] - means["real"])
+        if defined
+        else None,
+        "per_label": per_label,
+        "paper_reference": PAPER_NOTE,
+    }
+
+
+def frechet_section(
+    real: RealData, synthetic_features: np.ndarray, model: FindingClassifier
+) -> dict:
+    _, train_features = score_images(model, real.images[real.train])
+    _, test_features = score_images(model, real.images[real.test])
+    real_features = np.concatenate([train_features, test_features])
+    return {
+        "value": _round(frechet_distance(real_features, synthetic_features)),
+        "real_train_vs_real_test": _round(frechet_distance(train_features, test_features)),
+        "note": FRECHET_NOTE,
+        "baseline_means": "the distance between two real subsets: a value near it means the "
+        "synthetic images are about as far from real as real images are from each other",
+    }
+
+
+def pair_sections(release: SyntheticRelease, image_probabilities: np.ndarray) -> dict:
+    """Label fidelity of images, label consistency of reports, and their agreement per pair."""
+    conditioned = release.labels.numpy() > 0.5
+    report_positive = labeler_positives(release.reports)
+    image_positive = image_probabilities > 0.5
+    fidelity = _auroc_per_label(
+        image_probabilities, conditioned, "synthetic pair is conditioned on"
+    )
+    consistency = _f1_per_label(report_positive, conditioned, "report nor condition")
+    agreement = _f1_per_label(image_positive, report_positive, "image nor report")
+    return {
+        "label_fidelity": {
+            "method": "a CNN trained on 80% of the real studies scores each synthetic image; "
+            "AUROC and accuracy (probability > 0.5) against the label the image was generated for",
+            "per_label": fidelity,
+            "mean_auroc": _mean([e["auroc"] for e in fidelity.values()]),
+        },
+        "report_consistency": {
+            "method": "rule-based labeler on each synthetic report vs its conditioning labels; "
+            "positive = stated positive or uncertain",
+            "per_label": consistency,
+            "macro_f1": _mean([e["f1"] for e in consistency.values()]),
+        },
+        "image_report_agreement": {
+            "method": "per pair: real-trained classifier on the image (probability > 0.5) vs the "
+            "labeler on the report (positive or uncertain)",
+            "per_label": agreement,
+            "agreement": _round(np.mean(image_positive == report_positive)),
+            "micro_f1": _round(f1_score(image_positive.ravel(), report_positive.ravel())),
+        },
+    }
+
+
+def write_figures(release_dir: Path, release: SyntheticRelease, result: dict) -> list[Path]:
+    figure_dir = release_dir / "figures"
+    tstr = result["tstr"]
+    return [
+        figures.grouped_bars(
+            figure_dir / "label_auroc.png",
+            "Does the real-trained classifier see each label?",
+            FINDINGS,
+            {
+                "held-out real images": [tstr["per_label"]["real"][f]["auroc"] for f in FINDINGS],
+                "synthetic images vs their conditioning": [
+                    result["label_fidelity"]["per_label"][f]["auroc"] for f in FINDINGS
+                ],
+            },
+            "AUROC",
+            reference_line=0.5,
+        ),
+        figures.grouped_bars(
+            figure_dir / "tstr.png",
+            "Mean AUROC on held-out real images, by training data",
+            ["real", "synthetic", "real + synthetic"],
+            {"mean AUROC": list(tstr["mean_auroc"].values())},
+            "mean AUROC",
+            reference_line=0.5,
+        ),
+        figures.training_curves(
+            figure_dir / "training_curves.png",
+            (release.manifest.get("privacy") or {}).get("sites") or {},
+        ),
+        _sample_grid(figure_dir / "synthetic_samples.png", release),
+    ]
+
+
+def summary(result: dict) -> dict:
+    """The headline numbers, flat, for the CLI table and the release's index.html."""
+    inputs, tstr, text = result["inputs"], result["tstr"], result["text"]
+    return {
+        "synthetic pairs": inputs["synthetic_pairs"],
+        "real studies (train / held out)": f"{inputs['real_train']} / {inputs['real_test']}",
+        "label fidelity: mean AUROC of synthetic images": result["label_fidelity"]["mean_auroc"],
+        "real held-out mean AUROC (classifier check)": tstr["mean_auroc"]["real"],
+        "report label F1 (macro)": result["report_consistency"]["macro_f1"],
+        "image-report agreement": result["image_report_agreement"]["agreement"],
+        "TSTR mean AUROC (synthetic only)": tstr["mean_auroc"]["synthetic"],
+        "real + synthetic mean AUROC": tstr["mean_auroc"]["real_plus_synthetic"],
+        "augmentation gain (AUROC)": tstr["augmentation_gain"],
+        "Frechet distance (classifier features)": result["frechet"]["value"],
+        "BLEU-4": text["bleu4"]["mean"],
+        "ROUGE-L": text["rouge_l"]["mean"],
+        "duplicate rate": text["duplicate_rate"],
+        "copy rate": text["copy_rate"],
+    }
+
+
+def evaluate_release(
+    release_dir: Path,
+    real_dirs: Sequence[Path],
+    state_dirs: Sequence[Path],
+    seed: int = 0,
+    epochs: int = DEFAULT_EPOCHS,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """Run every evaluation, write release_dir/evaluation.json and figures/; return the result."""
+    if epochs < 1:
+        raise EvaluationError("--epochs must be at least 1")
+    if len(state_dirs) != len(real_dirs):
+        raise EvaluationError(
+            f"give one --state-dir per --real folder ({len(real_dirs)}), not {len(state_dirs)}"
+        )
+    log("reading the release")
+    release = load_release(release_dir)
+    train_section = release.manifest["config"].get("train") or {}
+    uncertain_as = train_section.get("uncertain_as", TrainConfig().uncertain_as)
+    log("loading the real site data")
+    real = load_real(real_dirs, state_dirs, release.model_cfg, uncertain_as, seed)
+
+    log(f"training the real-data classifier ({epochs} epochs) and scoring the synthetic images")
+    real_model = train_classifier(real.images[real.train], real.labels[real.train], epochs, seed)
+    synthetic_probabilities, synthetic_features = score_images(real_model, release.images)
+    result: dict = {
+        "inputs": {
+            "synthetic_pairs": len(release.reports),
+            "real_sites": real.sites,
+            "real_studies": len(real.images),
+            "real_train": len(real.train),
+            "real_test": len(real.test),
+            "real_files_skipped": real.skipped,
+            "resolution": release.model_cfg.resolution,
+            "uncertain_as": uncertain_as,
+            "seed": seed,
+            "epochs": epochs,
+        },
+    }
+    log("labeling the synthetic reports")
+    result |= pair_sections(release, synthetic_probabilities)
+    log("training on synthetic, and on real + synthetic")
+    result["tstr"] = tstr_section(real, release, real_model, epochs, seed)
+    result["frechet"] = frechet_section(real, synthetic_features, real_model)
+    log("text statistics")
+    result["text"] = text_statistics(
+        release.reports,
+        release.labels.numpy(),
+        real.tokens.numpy(),
+        real.labels.numpy(),
+        release.model_cfg,
+    )
+    log("drawing figures")
+    written = write_figures(release_dir, release, result)
+    result["figures"] = [str(p.relative_to(release_dir)) for p in written]
+    result = {"summary": summary(result), **result}
+    path = release_dir / "evaluation.json"
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=2))
+    os.replace(partial, path)
+    return result
+
+
+def summary_table(result: dict) -> Table:
+    """The summary as a rich table (None shown as n/a)."""
+    table = Table(title="evaluation of the synthetic release")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in result["summary"].items():
+        table.add_row(name, "n/a" if value is None else str(value))
+    return table
+
+
+def run_evaluate_command(args: argparse.Namespace) -> int:
+    """The `emixer evaluate` command: defaults, progress lines, the summary table."""
+    from emixer_model.cli import CommandError, console, default_state_dir
+
+    release_dir = Path(args.release)
+    real_dirs = [Path(p) for p in args.real]
+    state_dirs = (
+        [Path(p) for p in args.state_dir]
+        if args.state_dir
+        else [default_state_dir(p) for p in real_dirs]
+    )
+    try:
+        result = evaluate_release(
+            release_dir,
+            real_dirs,
+            state_dirs,
+            seed=args.seed,
+            epochs=args.epochs,
+            log=lambda message: console.print(f"[dim]{message}...[/dim]"),
+        )
+    except EvaluationError as err:
+        raise CommandError(str(err)) from None
+    if (release_dir / "index.html").is_file():
+        from server.release_sheet import write_index_html
+
+        write_index_html(release_dir)
+    console.print(summary_table(result))
+    console.print(
+        f"wrote {release_dir / 'evaluation.json'} and {len(result['figures'])} figures in "
+        f"{release_dir / 'figures'}"
+    )
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `emixer evaluate`."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="utility of a synthetic release against a site's real data (run at the site)",
+        description="Score a synthetic release (from `emixer release`) against real labeled "
+        "studies of this site: do synthetic images show their labels (a small CNN trained on 80%% "
+        "of the real images), do synthetic reports state them (the rule-based labeler), do image "
+        "and report agree, does training on synthetic data help (train-on-synthetic/test-on-real "
+        "and real + synthetic vs real alone on the same held-out real images), a Frechet distance "
+        "on the classifier's features, and BLEU-4/ROUGE-L, vocabulary, duplicate and copy rates "
+        "of the reports. Writes RELEASE/evaluation.json and PNG figures in RELEASE/figures/. "
+        "Only aggregates are written; real images and reports stay where they are.",
+    )
+    parser.add_argument("--release", required=True, help="release folder from `emixer release`")
+    parser.add_argument(
+        "--real",
+        required=True,
+        nargs="+",
+        metavar="SITE_DIR",
+        help="one or more site folders (studies.csv + DICOM files) to compare against; "
+        "several folders are pooled",
+    )
+    parser.add_argument(
+        "--state-dir",
+        nargs="+",
+        metavar="DIR",
+        help="where each site's decoded-image cache lives, one per --real folder "
+        "(default ~/.emixer/state/<site>-<hash>; never inside the data or release folder)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the split and of every classifier (0)"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=DEFAULT_EPOCHS,
+        help=f"training epochs of each of the three classifiers ({DEFAULT_EPOCHS}); more "
+        "is slower but makes the real-data classifier a sharper judge",
+    )
+    parser.set_defaults(func=run_evaluate_command)
+    return parser

@@ -1,0 +1,332 @@
+"""`emixer evaluate`: metrics checked against hand-computed values, and the whole command on
+phantom releases, where a faithful release must score clearly better than a label-shuffled one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emixer_model.config import FINDINGS
+from emixer_model.evaluation.evaluate import EvaluationError, add_parser, evaluate_release
+from emixer_model.evaluation.image_metrics import (
+    accuracy,
+    auroc,
+    average_ranks,
+    f1_score,
+    frechet_distance,
+)
+from emixer_model.evaluation.text_metrics import (
+    ReferenceReports,
+    copy_rate,
+    distinct_tokens,
+    duplicate_rate,
+)
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def test_auroc_perfect_reversed_and_ties():
+    targets = np.array([0, 0, 1, 1])
+    assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), targets) == 1.0
+    assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), targets) == 0.0
+    assert auroc(np.full(4, 0.5), targets) == 0.5
+    # one tie across classes out of four positive-negative pairs: (3 + 0.5) / 4
+    assert auroc(np.array([0.1, 0.5, 0.5, 0.9]), targets) == 0.875
+
+
+def test_auroc_undefined_with_one_class():
+    assert auroc(np.array([0.1, 0.9]), np.array([1, 1])) is None
+    assert auroc(np.array([0.1, 0.9]), np.array([0, 0])) is None
+
+
+def test_average_ranks_share_ties():
+    assert average_ranks(np.array([3.0, 1.0, 3.0, 2.0, 3.0])).tolist() == [4, 1, 4, 2, 4]
+
+
+def test_f1_and_accuracy_hand_computed():
+    predicted = np.array([1, 1, 0, 0, 1], dtype=bool)
+    targets = np.array([1, 0, 1, 0, 1], dtype=bool)
+    # tp 2, fp 1, fn 1 -> 2*2 / (2*2 + 2)
+    assert f1_score(predicted, targets) == pytest.approx(4 / 6)
+    assert accuracy(predicted, targets) == pytest.approx(3 / 5)
+    assert f1_score(np.zeros(3, bool), np.zeros(3, bool)) is None
+
+
+def test_frechet_zero_for_identical_and_grows_with_shift():
+    features = np.random.default_rng(0).normal(size=(400, 6))
+    assert frechet_distance(features, features) == pytest.approx(0.0, abs=1e-8)
+    # a mean shift of s in every dimension adds exactly D * s^2
+    assert frechet_distance(features, features + 1.0) == pytest.approx(6.0)
+    assert frechet_distance(features, features + 2.0) == pytest.approx(24.0)
+    # doubling: means m and 2m add |m|^2; covariances C and 4C add tr(C) + 4tr(C) - 2*2tr(C)
+    expected = np.trace(np.cov(features, rowvar=False)) + np.sum(features.mean(0) ** 2)
+    assert frechet_distance(features, 2.0 * features) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_refuses_mismatched_features():
+    with pytest.raises(ValueError, match="feature sets"):
+        frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
+
+
+CAT = "the cat sat on the mat".split()
+CAT_REF = "the cat is on the mat".split()
+
+
+def test_bleu4_hand_computed():
+    # unigrams 5/6; bigrams 3/5 -> (3+1)/(5+1); trigrams 1/4 -> 2/5; 4-grams 0/3 -> 1/4; BP 1
+    expected = (5 / 6 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25
+    assert ReferenceReports([CAT_REF]).bleu4(CAT) == pytest.approx(expected)
+    assert ReferenceReports([CAT]).bleu4(CAT) == pytest.approx(1.0)
+    assert ReferenceReports([CAT_REF]).bleu4("dog".split()) == 0.0
+
+
+def test_bleu4_brevity_penalty_and_clipping():
+    # "the the" against "the cat sat on the mat": unigram matches clipped at 2 of 2, BP exp(1-6/2)
+    score = ReferenceReports([CAT]).bleu4(["the", "the"])
+    bigram, trigram, fourgram = 1 / 2, 1 / 1, 1 / 1  # (0+1)/(1+1), (0+1)/(0+1), (0+1)/(0+1)
+    assert score == pytest.approx(math.exp(1 - 6 / 2) * (1.0 * bigram * trigram * fourgram) ** 0.25)
+
+
+def test_rouge_l_hand_computed_and_best_match():
+    # LCS "the cat on the mat" = 5: precision = recall = 5/6
+    assert ReferenceReports([CAT_REF]).rouge_l(CAT) == pytest.approx(5 / 6)
+    refs = ReferenceReports([CAT_REF, "a dog".split(), CAT])
+    assert refs.lcs_lengths(CAT).tolist() == [5, 0, 6]
+    assert refs.rouge_l(CAT) == pytest.approx(1.0)
+    # LCS 2 ("b d") of a 3-word candidate against a 4-word reference: P 2/3, R 2/4
+    assert ReferenceReports([list("abcd")]).rouge_l(list("xbd")) == pytest.approx(4 / 7)
+
+
+def test_duplicate_copy_and_distinct():
+    reports = [("a", "b"), ("a", "b"), ("c",), ("d",)]
+    assert duplicate_rate(reports) == 0.5
+    assert copy_rate(reports, [("c",), ("a", "b", "c")]) == 0.25
+    assert distinct_tokens(reports) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# the command on phantom releases
+
+RESOLUTION = 64
+EPOCHS = 25
+PAIRS_PER_FINDING = 6
+
+
+def write_release(out: Path, rows: list[tuple[np.ndarray, list[str], str]]) -> Path:
+    """A release folder in the `emixer release` format from (image01, labels, report) rows."""
+    from emixer_model.data.dicom import write_dicom
+
+    (out / "images").mkdir(parents=True)
+    lines = []
+    for number, (image, labels, report) in enumerate(rows, start=1):
+        sample_id = f"{number:06d}"
+        dicom = f"images/{sample_id}.dcm"
+        write_dicom(out / dicom, image, bits_stored=8, sop_class="sc")
+        row = {"id": sample_id, "dicom": dicom, "png": None, "labels": labels, "report": report}
+        lines.append(json.dumps(row))
+    (out / "reports.jsonl").write_text("\n".join(lines) + "\n")
+    history = [
+        {
+            "round": r,
+            "noise_multiplier": 1.1,
+            "sample_rate": 0.1,
+            "steps": 10,
+            "epsilon": 0.5 * r,
+            "losses": {"d_real": 0.7, "d_fake": 0.6, "rotation": 1.2, "report": 3.0, "g": 0.9},
+        }
+        for r in (1, 2)
+    ]
+    site = {"epsilon": 1.0, "delta": 1e-3, "budget": 10.0, "accountant": "rdp", "history": history}
+    manifest = {
+        "model": {"sha256": "0" * 64, "round": 2},
+        "config": {"model": {"resolution": RESOLUTION}, "train": {"uncertain_as": "positive"}},
+        "counts": {"total": len(rows)},
+        "privacy": {"release_epsilon": 1.0, "sites": {"site_1": site}},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="module")
+def phantom_world(tmp_path_factory) -> dict[str, Path]:
+    """One real phantom site, a faithful release and the same pairs with labels moved along."""
+    from emixer_model.data.phantoms import render_phantom, write_phantom_sites
+    from emixer_model.text.grammar import write_report
+
+    root = tmp_path_factory.mktemp("evaluation")
+    (site,) = write_phantom_sites(root / "real", sites=1, per_site=150, unlabeled=2, size=64)
+    rng = np.random.default_rng(1)
+    conditions = [[f] for f in FINDINGS] * PAIRS_PER_FINDING
+    pairs = []
+    for condition in conditions:
+        labels = {f: int(f in condition) for f in FINDINGS}
+        pairs.append((render_phantom(labels, rng, RESOLUTION), write_report(labels, rng)))
+    faithful = [(img, cond, rep) for (img, rep), cond in zip(pairs, conditions, strict=True)]
+    # every pair gets the next finding's label: images and reports no longer match their labels
+    moved = conditions[1:] + conditions[:1]
+    shuffled = [(img, cond, rep) for (img, rep), cond in zip(pairs, moved, strict=True)]
+    return {
+        "site": site,
+        "state": root / "state",
+        "faithful": write_release(root / "faithful", faithful),
+        "shuffled": write_release(root / "shuffled", shuffled),
+    }
+
+
+def evaluate(world: dict[str, Path], release: str) -> dict:
+    return evaluate_release(
+        world[release], [world["site"]], [world["state"]], seed=0, epochs=EPOCHS
+    )
+
+
+@pytest.fixture(scope="module")
+def faithful_result(phantom_world) -> dict:
+    return evaluate(phantom_world, "faithful")
+
+
+def test_faithful_release_scores_clearly_higher_than_shuffled(phantom_world, faithful_result):
+    shuffled = evaluate(phantom_world, "shuffled")
+    fidelity = faithful_result["label_fidelity"]["mean_auroc"]
+    assert fidelity > shuffled["label_fidelity"]["mean_auroc"] + 0.1
+    assert faithful_result["report_consistency"]["macro_f1"] > 0.9
+    assert shuffled["report_consistency"]["macro_f1"] < 0.3
+    # image and report of a pair still agree with each other when only the labels were moved
+    assert shuffled["image_report_agreement"]["agreement"] == pytest.approx(
+        faithful_result["image_report_agreement"]["agreement"]
+    )
+
+
+def test_evaluation_json_has_every_section(phantom_world, faithful_result):
+    written = json.loads((phantom_world["faithful"] / "evaluation.json").read_text())
+    assert written == faithful_result
+    for section in (
+        "summary",
+        "inputs",
+        "label_fidelity",
+        "report_consistency",
+        "image_report_agreement",
+        "tstr",
+        "frechet",
+        "text",
+        "figures",
+    ):
+        assert section in written, section
+    assert set(written["label_fidelity"]["per_label"]) == set(FINDINGS)
+    tstr = written["tstr"]
+    assert set(tstr["mean_auroc"]) == {"real", "synthetic", "real_plus_synthetic"}
+    assert tstr["augmentation_gain"] == pytest.approx(
+        tstr["mean_auroc"]["real_plus_synthetic"] - tstr["mean_auroc"]["real"], abs=1e-3
+    )
+    assert "not Inception" in written["frechet"]["note"]
+    assert written["frechet"]["value"] >= 0.0
+    text = written["text"]
+    for key in ("bleu4", "rouge_l"):
+        assert 0.0 < text[key]["mean"] <= 1.0
+        assert "same positive label set" in text[key]["method"]
+    assert text["distinct_words"]["synthetic"] > 5
+    assert 0.0 <= text["duplicate_rate"] <= 1.0 and 0.0 <= text["copy_rate"] <= 1.0
+
+
+def test_figures_are_png_files(phantom_world, faithful_result):
+    assert len(faithful_result["figures"]) == 4
+    for relative in faithful_result["figures"]:
+        data = (phantom_world["faithful"] / relative).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n"), relative
+
+
+def test_same_seed_same_result(phantom_world, faithful_result):
+    again = evaluate(phantom_world, "faithful")
+    assert again["summary"] == faithful_result["summary"]
+
+
+def test_command_prints_the_summary(phantom_world, capsys):
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "evaluate",
+            "--release",
+            str(phantom_world["faithful"]),
+            "--real",
+            str(phantom_world["site"]),
+            "--state-dir",
+            str(phantom_world["state"]),
+            "--epochs",
+            "2",
+        ]
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "augmentation gain" in out and "evaluation.json" in out
+    saved = json.loads((phantom_world["faithful"] / "evaluation.json").read_text())
+    assert saved["inputs"]["epochs"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one clear sentence naming what is missing
+
+
+def copy_release(world: dict[str, Path], tmp_path: Path) -> Path:
+    target = tmp_path / "release"
+    shutil.copytree(world["faithful"], target)
+    return target
+
+
+def test_release_without_manifest(phantom_world, tmp_path):
+    release = copy_release(phantom_world, tmp_path)
+    (release / "manifest.json").unlink()
+    with pytest.raises(EvaluationError, match="no manifest.json"):
+        evaluate_release(release, [phantom_world["site"]], [phantom_world["state"]])
+
+
+def test_release_without_reports(phantom_world, tmp_path):
+    release = copy_release(phantom_world, tmp_path)
+    (release / "reports.jsonl").unlink()
+    with pytest.raises(EvaluationError, match="no reports.jsonl"):
+        evaluate_release(release, [phantom_world["site"]], [phantom_world["state"]])
+
+
+def test_listed_dicom_missing_is_named(phantom_world, tmp_path):
+    release = copy_release(phantom_world, tmp_path)
+    (release / "images" / "000003.dcm").unlink()
+    with pytest.raises(EvaluationError, match=r"line 3 lists images/000003.dcm .* missing"):
+        evaluate_release(release, [phantom_world["site"]], [phantom_world["state"]])
+
+
+def test_unknown_label_in_release_is_named(phantom_world, tmp_path):
+    release = copy_release(phantom_world, tmp_path)
+    path = release / "reports.jsonl"
+    path.write_text(path.read_text().replace('"Edema"', '"Oedema"', 1))
+    with pytest.raises(EvaluationError, match="unknown finding 'Oedema'"):
+        evaluate_release(release, [phantom_world["site"]], [phantom_world["state"]])
+
+
+def test_real_site_missing_or_too_small(phantom_world, tmp_path):
+    from emixer_model.data.phantoms import write_phantom_sites
+    from emixer_model.data.site import SiteDataError
+
+    with pytest.raises(SiteDataError):
+        evaluate_release(phantom_world["faithful"], [tmp_path / "nowhere"], [tmp_path / "s"])
+    (tiny,) = write_phantom_sites(tmp_path / "tiny", sites=1, per_site=4, unlabeled=1, size=64)
+    with pytest.raises(EvaluationError, match="give 4 usable labeled studies"):
+        evaluate_release(phantom_world["faithful"], [tiny], [tmp_path / "s"])
+
+
+def test_command_turns_errors_into_one_line(phantom_world, tmp_path):
+    from emixer_model.cli import CommandError
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        ["evaluate", "--release", str(tmp_path), "--real", str(phantom_world["site"])]
+        + ["--state-dir", str(tmp_path / "a"), str(tmp_path / "b")]
+    )
+    with pytest.raises(CommandError, match="one --state-dir per --real folder"):
+        args.func(args)
