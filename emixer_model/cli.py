@@ -1,0 +1,417 @@
+"""The `emixer` command line: one entry point for site engineers, the coordinator and researchers.
+
+Every command explains itself with --help. Errors a user can fix (bad config, bad folder, a site
+over its budget) print one clear line and exit 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from emixer_model.config import ConfigError, EmixerConfig, load_config
+
+console = Console()
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared by commands
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[..., None]]:
+    """A rich progress bar; yields update(done, total, losses=None)."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(label, total=None, info="")
+
+        def update(done: int, total: int, losses: dict[str, float] | None = None) -> None:
+            info = "  ".join(f"{k} {v:.3f}" for k, v in (losses or {}).items())
+            progress.update(task, completed=done, total=total, info=info)
+
+        yield update
+
+
+def default_state_dir(site_dir: Path) -> Path:
+    """A site's state lives outside its data folder (DESIGN.md section 6)."""
+    resolved = site_dir.resolve()
+    tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+    return Path.home() / ".emixer" / "state" / f"{resolved.name}-{tag}"
+
+
+def site_config(args: argparse.Namespace) -> EmixerConfig:
+    return load_config(getattr(args, "config", None))
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_phantoms(args: argparse.Namespace) -> int:
+    from emixer_model.data.phantoms import write_phantom_sites
+
+    sites = write_phantom_sites(
+        Path(args.out),
+        sites=args.sites,
+        per_site=args.per_site,
+        unlabeled=args.unlabeled,
+        seed=args.seed,
+        size=args.size,
+    )
+    for site in sites:
+        console.print(f"wrote {site}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from emixer_model.data.check import check_folder
+
+    folder = Path(args.dir)
+    if not folder.exists():
+        raise CommandError(f"{folder} does not exist")
+    report = check_folder(folder, resolution=args.resolution)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        report.render(console)
+    return 0 if report.usable else EXIT_USAGE
+
+
+def cmd_train_local(args: argparse.Namespace) -> int:
+    from emixer_model.site_training import train_site_round
+
+    cfg = site_config(args)
+    train = replace(cfg.train, epochs=args.epochs or cfg.train.epochs)
+    privacy = cfg.privacy
+    if args.epsilon_budget is not None:
+        privacy = replace(privacy, epsilon_budget=args.epsilon_budget)
+    cfg = replace(cfg, train=train, privacy=privacy)
+    site = Path(args.site_dir)
+    state = Path(args.state_dir) if args.state_dir else default_state_dir(site)
+    console.print(f"site {site}  state {state}  budget epsilon {cfg.privacy.epsilon_budget}")
+    with progress_bar("decoding") as load_progress, progress_bar("training") as progress:
+        result = train_site_round(
+            site,
+            state,
+            cfg,
+            None,
+            server_round=1,
+            planned_rounds=1,
+            progress=progress,
+            load_progress=load_progress,
+        )
+    if result.status != "trained":
+        raise CommandError(result.message)
+    table = Table(title="train-local")
+    for column in ("steps", "epsilon", "delta", "noise multiplier", *result.losses):
+        table.add_column(column)
+    table.add_row(
+        str(result.steps),
+        f"{result.epsilon:.3f}",
+        f"{result.delta:.2e}",
+        f"{result.plan.noise_multiplier:.3f}",
+        *(f"{v:.4f}" for v in result.losses.values()),
+    )
+    console.print(table)
+    return 0
+
+
+def demo_config(args: argparse.Namespace) -> EmixerConfig:
+    """The demo's config: the user's file (if any) with --rounds applied."""
+    cfg = site_config(args)
+    if args.rounds is not None:
+        cfg = replace(cfg, federation=replace(cfg.federation, rounds=args.rounds))
+    return cfg
+
+
+def ledger_table(ledger: dict) -> Table:
+    table = Table(title="privacy ledger (per site, cumulative)")
+    for column in (
+        "site",
+        "rounds trained",
+        "epsilon",
+        "delta",
+        "budget",
+        "unit",
+        "status",
+        "last losses",
+    ):
+        table.add_column(column)
+    for name, site in sorted(ledger["sites"].items()):
+        last = site["history"][-1]["losses"] if site["history"] else {}
+        table.add_row(
+            name,
+            str(len(site["history"])),
+            f"{site['epsilon']:.3f}",
+            f"{site['delta']:.1e}",
+            f"{site['budget']:.1f}",
+            site["privacy_unit"],
+            site["status"],
+            " ".join(f"{k} {v:.3f}" for k, v in last.items()),
+        )
+    return table
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from emixer_model.data.phantoms import write_phantom_sites
+    from emixer_model.evaluation.evaluate import evaluate_release, summary_table
+    from server.release import parse_conditions, release
+    from server.release_sheet import write_index_html
+    from server.simulation import simulate
+
+    cfg = demo_config(args)
+    out = Path(args.out)
+    data_dir = out / f"phantoms-{args.sites}sites-{args.per_site}x{args.size}px-seed{args.seed}"
+    if not (data_dir / "COMPLETE").is_file():
+        console.rule("1/4 phantom hospitals")
+        write_phantom_sites(
+            data_dir,
+            sites=args.sites,
+            per_site=args.per_site,
+            unlabeled=args.unlabeled,
+            seed=args.seed,
+            size=args.size,
+        )
+        (data_dir / "COMPLETE").write_text("phantom data written completely\n")
+    sites = sorted(p for p in data_dir.iterdir() if p.is_dir())
+    run_dir = out / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    console.rule(f"2/4 federated DP training: {len(sites)} sites, {cfg.federation.rounds} rounds")
+    console.print(f"run folder {run_dir}")
+    ckpt = simulate(cfg, sites, run_dir / "state", run_dir / "checkpoints", verbose=args.verbose)
+    console.print(ledger_table(ckpt.ledger))
+
+    console.rule("3/4 synthetic release")
+    release_dir = run_dir / "release"
+    with progress_bar("synthesizing") as update:
+        summary = release(
+            ckpt.path,
+            release_dir,
+            per_label=args.per_label_release,
+            conditions=parse_conditions(None),
+            seed=args.seed,
+            progress=lambda done, total: update(done, total),
+        )
+    console.print(
+        f"released {summary.count} pairs, release epsilon {summary.release_epsilon:.3f} "
+        "(the maximum over sites)"
+    )
+    console.rule("4/4 evaluation against the phantom sites' real data")
+    result = evaluate_release(
+        release_dir,
+        sites,
+        [run_dir / "state" / site.name for site in sites],
+        seed=args.seed,
+        log=lambda message: console.print(f"[dim]{message}...[/dim]"),
+    )
+    write_index_html(release_dir)
+    console.print(summary_table(result))
+    console.print(f"open {(release_dir / 'index.html').resolve()} in a browser")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from server.release import parse_conditions, release
+
+    out = Path(args.out)
+    with progress_bar("synthesizing") as update:
+        summary = release(
+            Path(args.model),
+            out,
+            per_label=args.per_label,
+            conditions=parse_conditions(args.labels),
+            seed=args.seed,
+            formats=tuple(f.strip() for f in args.format.split(",") if f.strip()),
+            budget=args.epsilon_budget,
+            progress=lambda done, total: update(done, total),
+        )
+    console.print(
+        f"released {summary.count} synthetic image-report pairs to {summary.out} "
+        f"(release epsilon {summary.release_epsilon:.3f}); open {summary.out / 'index.html'}"
+    )
+    return 0
+
+
+def cmd_app_hash(args: argparse.Namespace) -> int:
+    from client.audit import app_hash
+
+    print(app_hash())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emixer",
+        description=(
+            "EMIXER-FL: federated, differentially private chest X-ray image-report generation. "
+            "Start with `emixer demo`; a hospital checks its folder with `emixer data check`."
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo",
+        help="the end-to-end demo: phantom hospitals -> federated DP training -> summary",
+        description="Generate phantom data for several simulated hospital sites, train EMIXER "
+        "across them with Flower's simulation engine and per-site differential privacy (Opacus), "
+        "and print each site's privacy ledger. Re-running reuses the phantom data and writes a new "
+        "run folder; nothing earlier is overwritten.",
+    )
+    p.add_argument("--sites", type=int, default=3, help="simulated hospital sites (3)")
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds (config: 3)")
+    p.add_argument("--per-site", type=int, default=160, help="labeled studies per site (160)")
+    p.add_argument("--unlabeled", type=int, default=40, help="unlabeled scans per site (40)")
+    p.add_argument("--size", type=int, default=128, help="phantom DICOM side in pixels (128)")
+    p.add_argument("--seed", type=int, default=0, help="phantom data seed (0)")
+    p.add_argument("--out", default="emixer-demo", help="output folder (emixer-demo)")
+    p.add_argument(
+        "--per-label-release", type=int, default=20, help="released pairs per condition (20)"
+    )
+    p.add_argument("--config", help="YAML config (model/privacy/train/federation sections)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "phantoms",
+        help="write phantom hospital site folders (fake chest X-ray DICOMs + reports)",
+        description="Write deterministic phantom hospital folders: studies.csv, DICOM images with "
+        "visible label-specific findings, reports, and unlabeled scans. No real patient data.",
+    )
+    p.add_argument("--out", required=True, help="folder to write site_1 ... site_N into")
+    p.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
+    p.add_argument("--per-site", type=int, default=100, help="labeled studies per site (100)")
+    p.add_argument("--unlabeled", type=int, default=20, help="unlabeled scans per site (20)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same files (0)")
+    p.add_argument("--size", type=int, default=256, help="nominal image side in pixels (256)")
+    p.set_defaults(func=cmd_phantoms)
+
+    data = sub.add_parser("data", help="inspect site data").add_subparsers(
+        dest="data_command", required=True, metavar="SUBCOMMAND"
+    )
+    p = data.add_parser(
+        "check",
+        help="what in a folder is usable, what is skipped and why",
+        description="Scan a site folder (studies.csv + unlabeled/) or any folder of DICOM files. "
+        "Prints files accepted and skipped by reason and label counts. Exit 0 when at least one "
+        "file is usable, 2 otherwise. Nothing is written.",
+    )
+    p.add_argument("dir", help="site folder or folder of DICOM files")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--resolution", type=int, default=64, help="decode size to test (64)")
+    p.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser(
+        "train-local",
+        help="train on one site folder, no federation, same private step",
+        description="Differentially private EMIXER training on one site folder: the same private "
+        "step the federated run uses. Refuses to start when the run would pass the budget.",
+    )
+    p.add_argument("site_dir", help="site folder with studies.csv and/or unlabeled/")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (config train.epochs)")
+    p.add_argument(
+        "--epsilon-budget",
+        type=float,
+        default=None,
+        help="the site's total epsilon budget (config privacy.epsilon_budget, default 10)",
+    )
+    p.add_argument("--config", help="YAML config (model/privacy/train/federation sections)")
+    p.add_argument(
+        "--state-dir",
+        help="where the site's cache, accountant and ledger live "
+        "(default ~/.emixer/state/<site>-<hash>; never inside the data folder)",
+    )
+    p.set_defaults(func=cmd_train_local)
+
+    p = sub.add_parser(
+        "release",
+        help="synthetic image-report sets from a trained model, behind the privacy gate",
+        description="Sample image-report pairs conditioned on each finding (and common "
+        "combinations) and write DICOM Secondary Capture images, optional PNGs, reports.jsonl, "
+        "manifest.json (model hash, config, every site's privacy history) and index.html. "
+        "Refuses (exit 2, nothing written) a model whose privacy ledger is missing, over budget "
+        "or inconsistent with its own history.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint file (checkpoints/round-NNNN.pt)")
+    p.add_argument("--out", required=True, help="new folder for the release")
+    p.add_argument("--per-label", type=int, default=50, help="pairs per label condition (50)")
+    p.add_argument(
+        "--labels",
+        help='conditions, comma-separated, + joins findings: "Cardiomegaly,Edema+Pleural '
+        'Effusion" (default: every single finding and common combinations)',
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    p.add_argument("--format", default="dicom,png", help="dicom or dicom,png (dicom,png)")
+    p.add_argument(
+        "--epsilon-budget",
+        type=float,
+        default=None,
+        help="refuse when any site's epsilon is above this (default: each site's own budget)",
+    )
+    p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser(
+        "app-hash",
+        help="print the hash of this app's code, to pin in a site's approved-app-hash",
+        description="Print the sha256 of the installed app's code. A site puts it in site.yaml as "
+        "approved-app-hash; the site daemon then refuses any other version.",
+    )
+    p.set_defaults(func=cmd_app_hash)
+
+    from client.daemon import add_site_parser
+    from emixer_model.evaluation.evaluate import add_parser as add_evaluate_parser
+    from server.launch import add_server_parser
+
+    add_evaluate_parser(sub)
+    add_server_parser(sub)
+    add_site_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    from emixer_model.data.site import SiteDataError
+    from server.checkpoint import CheckpointError
+    from server.release import ReleaseRefused
+
+    try:
+        return args.func(args)
+    except (CommandError, ConfigError, SiteDataError, CheckpointError, ReleaseRefused) as err:
+        console.print(f"[red]error:[/red] {err}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

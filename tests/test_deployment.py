@@ -1,0 +1,300 @@
+"""The deployment path for real: certificates, a TLS SuperLink with SuperNode authentication, and
+authenticated SuperNodes on 127.0.0.1 running one tiny federated round.
+
+Every process is started here by pid and stopped in a finally block; the flwr CLI and the
+SuperNodes use private FLWR_HOME folders under tmp_path, never ~/.flwr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from client.audit import app_hash
+from client.daemon import (
+    SiteSettings,
+    check_site,
+    load_site_settings,
+    supernode_command,
+    supernode_env,
+    write_node_config,
+)
+from emixer_model.config import ConfigError, EmixerConfig, ModelConfig, TrainConfig
+from server.launch import (
+    FlwrCli,
+    ServerSettings,
+    SiteEntry,
+    cmd_server,
+    load_server_settings,
+    run_config,
+    stage_app,
+    start_superlink,
+    stop_process_group,
+    write_flwr_home,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+MAKE_CERTS = ROOT / "deploy" / "make-certs.sh"
+RUN_TIMEOUT = 150.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_certs(out: Path, *sites: str) -> None:
+    subprocess.run(["bash", str(MAKE_CERTS), str(out), *sites], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("certs")
+    make_certs(out, "site-a", "site-b", "site-c", "rogue")
+    return out
+
+
+def test_make_certs_writes_flower_formats_and_never_overwrites(certs: Path) -> None:
+    key = certs / "sites" / "site-a.key"
+    before = {p.name: p.read_bytes() for p in certs.rglob("*") if p.is_file()}
+    make_certs(certs, "site-a", "site-d")  # re-run: keeps everything, adds the new site
+    after = {p.name: p.read_bytes() for p in certs.rglob("*") if p.is_file()}
+    assert all(after[name] == data for name, data in before.items())
+    assert "site-d.key" in after
+    assert key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert (certs / "sites" / "site-a.pub").read_text().startswith("ecdsa-sha2-nistp256 ")
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(certs / "ca.crt"), str(certs / "server.crt")],
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0, verify.stderr
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(certs / "server.crt"), "-noout", "-text"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "IP Address:127.0.0.1" in text and "DNS:localhost" in text
+    bad = subprocess.run(["bash", str(MAKE_CERTS), str(certs), "bad/name"], capture_output=True)
+    assert bad.returncode == 2
+
+
+def write_server_yaml(path: Path, certs: Path, extra: str = "") -> Path:
+    path.write_text(
+        f"listen: {{host: 127.0.0.1, port: 19092}}\n"
+        f"certificates: {{ca: {certs}/ca.crt, cert: {certs}/server.crt, key: {certs}/server.key}}\n"
+        f"sites:\n  - {{name: site-a, public_key: {certs}/sites/site-a.pub}}\n"
+        f"state_dir: state\n"
+        f"run: {{federation: {{rounds: 2}}, model: {{resolution: 16}}}}\n" + extra
+    )
+    return path
+
+
+def test_server_yaml_is_strict(tmp_path: Path, certs: Path) -> None:
+    settings = load_server_settings(write_server_yaml(tmp_path / "server.yaml", certs))
+    assert settings.state_dir == tmp_path / "state"
+    assert settings.run.federation.rounds == 2 and settings.run.model.resolution == 16
+    cfg = run_config(settings)
+    assert Path(cfg.federation.checkpoint_dir) == tmp_path / "state" / "checkpoints"
+    with pytest.raises(ConfigError, match="resumee"):
+        load_server_settings(write_server_yaml(tmp_path / "s2.yaml", certs, "resumee: true\n"))
+    bad_run = tmp_path / "s3.yaml"
+    bad_run.write_text(
+        write_server_yaml(bad_run, certs).read_text().replace("rounds: 2", "roundz: 2")
+    )
+    with pytest.raises(ConfigError, match="run.federation.roundz"):
+        load_server_settings(bad_run)
+    missing = tmp_path / "s4.yaml"
+    missing.write_text(
+        write_server_yaml(missing, certs).read_text().replace("site-a.pub", "nobody.pub")
+    )
+    with pytest.raises(ConfigError, match="nobody.pub"):
+        load_server_settings(missing)
+
+
+def test_site_yaml_is_strict_and_checks_paths(tmp_path: Path, certs: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    base = (
+        f"superlink: 127.0.0.1:9092\nroot_certificate: {certs}/ca.crt\n"
+        f"private_key: {certs}/sites/site-a.key\ndata_path: data\nsite_name: a\n"
+    )
+    good = tmp_path / "site.yaml"
+    good.write_text(base + "state_dir: state\nepsilon_budget: 4\n")
+    settings = load_site_settings(good)
+    assert settings.node_config() == {
+        "data-path": str(data),
+        "state-dir": str(tmp_path / "state"),
+        "site-name": "a",
+        "epsilon-budget": 4.0,
+    }
+    cases = {
+        "state_dir: state\nbudget: 4\n": "'budget'",
+        "state_dir: data/state\n": "outside the data folder",
+        "state_dir: state\napproved_app_hash: abc\n": "64-character",
+    }
+    for extra, message in cases.items():
+        good.write_text(base + extra)
+        with pytest.raises(ConfigError, match=message):
+            load_site_settings(good)
+    good.write_text(base.replace("data_path: data", "data_path: nowhere") + "state_dir: s\n")
+    with pytest.raises(ConfigError, match="data_path: .*nowhere"):
+        load_site_settings(good)
+
+
+def test_staged_app_declares_every_run_config_key(tmp_path: Path) -> None:
+    cfg = EmixerConfig(model=ModelConfig(resolution=16, width=8))
+    app = stage_app(tmp_path / "app", cfg)
+    pyproject = tomllib.loads((app / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == cfg.to_run_config()
+    assert (app / "client" / "app.py").is_file() and (app / "server" / "app.py").is_file()
+
+
+def test_site_check_compares_the_app_hash(tmp_path: Path, certs: Path) -> None:
+    from emixer_model.data.phantoms import write_phantom_sites
+
+    [data] = write_phantom_sites(tmp_path / "data", sites=1, size=32, per_site=4, unlabeled=1)
+    settings = SiteSettings(
+        superlink="127.0.0.1:9092",
+        root_certificate=certs / "ca.crt",
+        private_key=certs / "sites" / "site-a.key",
+        data_path=data,
+        state_dir=tmp_path / "state",
+        site_name="a",
+        approved_app_hash=app_hash(),
+    )
+    assert check_site(settings) == 0
+    assert check_site(replace(settings, approved_app_hash="0" * 64)) == 2
+
+
+def test_server_reports_a_superlink_that_cannot_start(
+    tmp_path: Path, certs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_server_yaml(tmp_path / "server.yaml", certs)
+    # the CA certificate is no private key: flower-superlink exits at once
+    config.write_text(config.read_text().replace("key: " + str(certs / "server.key"), "key: x"))
+    (tmp_path / "x").write_text("not a key\n")
+    code = cmd_server(argparse.Namespace(config=str(config), resume=False))
+    assert code == 2
+    assert "flower-superlink exited" in capsys.readouterr().err
+
+
+def node_status(cli: FlwrCli) -> dict[str, str]:
+    return {n["node-id"]: n["status"] for n in cli.json("supernode", "ls", "emixer")["nodes"]}
+
+
+def wait_for(predicate, what: str, timeout: float = 60.0, every: float = 1.0) -> None:
+    """Poll `predicate`; each poll is a flwr CLI call, so the run is polled sparsely."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_tls_superlink_authenticated_supernodes_run_one_round(tmp_path: Path, certs: Path) -> None:
+    from emixer_model.data.phantoms import write_phantom_sites
+
+    site_dirs = write_phantom_sites(tmp_path / "data", sites=3, size=32, per_site=16, unlabeled=4)
+    cfg = EmixerConfig(
+        model=ModelConfig(resolution=16, width=8, embed_dim=32),
+        train=TrainConfig(batch_size=8),
+    )
+    cfg.federation.rounds, cfg.federation.min_sites = 1, 2
+    server = ServerSettings(
+        host="127.0.0.1",
+        port=free_port(),
+        ca_cert=certs / "ca.crt",
+        cert=certs / "server.crt",
+        key=certs / "server.key",
+        sites=[SiteEntry(n, certs / "sites" / f"{n}.pub") for n in ("site-a", "site-b", "site-c")],
+        state_dir=tmp_path / "server",
+        run=cfg,
+    )
+    cfg = run_config(server)
+    app_dir = stage_app(server.state_dir / "app", cfg)
+    write_flwr_home(server.state_dir / "flwr-home", server)
+    cli = FlwrCli(server.state_dir / "flwr-home")
+
+    def site(name: str, data: Path, approved: str | None = None) -> SiteSettings:
+        return SiteSettings(
+            superlink=server.control_address,
+            root_certificate=certs / "ca.crt",
+            private_key=certs / "sites" / f"{name}.key",
+            data_path=data,
+            state_dir=tmp_path / "sites" / name,
+            site_name=name,
+            approved_app_hash=approved,
+            runtime_port=free_port(),
+        )
+
+    sites = [
+        site("site-a", site_dirs[0], approved=app_hash()),  # pinned as `emixer app-hash` prints
+        site("site-b", site_dirs[1]),
+        site("site-c", site_dirs[2], approved="0" * 64),  # pinned to another app version
+    ]
+    rogue = site("rogue", site_dirs[0])
+    procs: list[subprocess.Popen] = []
+    superlink = start_superlink(server)
+    try:
+        for entry in server.sites:
+            assert "enrolled" in cli.enrol(entry)
+        assert "earlier" in cli.enrol(server.sites[0])  # idempotent across restarts
+
+        def start(settings: SiteSettings) -> subprocess.Popen:
+            command = supernode_command(settings, write_node_config(settings))
+            with (tmp_path / f"{settings.site_name}.log").open("w") as log:
+                proc = subprocess.Popen(
+                    [*command, "--max-retries", "3"],
+                    env=supernode_env(settings),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            procs.append(proc)
+            return proc
+
+        refused = start(rogue)
+        for settings in sites:
+            start(settings)
+        assert refused.wait(timeout=60) != 0, "a SuperNode with an unenrolled key was admitted"
+        wait_for(lambda: list(node_status(cli).values()).count("online") == 3, "three sites online")
+
+        run_id = cli.submit(app_dir)
+        wait_for(
+            lambda: cli.run_status(run_id)[0].startswith("finished"),
+            "the run",
+            RUN_TIMEOUT,
+            every=5.0,
+        )
+        status, details = cli.run_status(run_id)
+        assert status == "finished:completed", details
+        assert list((server.state_dir / "checkpoints").glob("round-*.pt"))
+        for settings in sites[:2]:
+            assert (settings.state_dir / "privacy" / "ledger.jsonl").is_file()
+        audit = (sites[2].state_dir / "audit.log").read_text().splitlines()
+        assert any(json.loads(line)["event"] == "refused-app" for line in audit)
+        assert not (sites[2].state_dir / "privacy" / "ledger.jsonl").exists()
+    finally:
+        for proc in procs:  # signal all first: each SuperNode takes a moment to deregister
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            stop_process_group(proc)
+        stop_process_group(superlink)
+        for proc in [*procs, superlink]:
+            assert proc.poll() is not None
