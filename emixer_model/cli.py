@@ -385,10 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_app_hash)
 
     from client.daemon import add_site_parser
+    from emixer_model.audit import add_parser as add_audit_parser
     from emixer_model.evaluation.evaluate import add_parser as add_evaluate_parser
     from server.launch import add_server_parser
 
     add_evaluate_parser(sub)
+    add_audit_parser(sub)
     add_server_parser(sub)
     add_site_parser(sub)
     return parser

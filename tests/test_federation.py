@@ -106,3 +106,14 @@ def test_site_over_budget_refuses_and_the_server_stops(tmp_path, tiny_sites, cap
     assert ckpt.server_round == 2
     assert not (run / "checkpoints" / "round-0003.pt").exists()
     assert load_checkpoint(run / "checkpoints" / "round-0002.pt").arrays
+
+
+def test_a_failing_site_is_left_out_and_the_round_finishes(tmp_path, tiny_sites, caplog):
+    run = tmp_path / "run"
+    broken = tmp_path / "site_broken"  # a site whose data folder vanished mid-run
+    broken.mkdir()
+    cfg = tiny_config(federation={"rounds": 1, "min_sites": 3})
+    ckpt = simulate(cfg, [*tiny_sites, broken], run / "state", run / "checkpoints")
+    assert ckpt.server_round == 1
+    assert set(ckpt.ledger["sites"]) == {"site_1", "site_2"}
+    assert "site site_broken did not train: SiteDataError" in caplog.text

@@ -1,0 +1,576 @@
+"""`emixer audit`: membership-inference and memorisation audit of a trained model, at one site.
+
+A differential-privacy guarantee is a bound; this audit is the empirical check a site's privacy
+officer can run on their own data. The model must have been trained with
+`train.holdout_fraction > 0`: a deterministic set of privacy units (`holdout_units`) never took
+part in training, so the site knows which of its studies are members (trained on) and which are
+non-members (held out). Three attacks each score every labeled study, higher meaning "member":
+
+- discriminator: D(x, report, labels); a discriminator that memorised its training pairs scores
+  them higher than unseen pairs;
+- report loss: -teacher-forced report loss of R(E(x)); the classic loss-threshold attack on the
+  image encoder + report decoder;
+- nearest neighbour: -distance from the real image to the closest of M images the generator makes
+  for the same labels; it tests what a synthetic release could leak.
+
+Each attack is summarised by ROC AUC (0.5 = no better than chance) and TPR at 1% and 0.1% FPR,
+with seeded bootstrap 95% intervals. Memorisation compares each synthetic image's distance to its
+nearest member image with the real-to-real nearest-neighbour distances among members, and saves
+the closest synthetic/real pairs as a PNG for a person to look at. audit.json and the PNG hold
+real images and per-site details: they stay at the site.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.table import Table
+
+from emixer_model.config import FINDINGS
+from emixer_model.data.site import SiteData, holdout_units
+from emixer_model.networks import EmixerNets
+
+TARGET_FPRS = (0.01, 0.001)
+PNG_NAME = "closest_pairs.png"
+STAYS_AT_SITE = (
+    "audit.json and the PNG contain this site's real images and study details: keep them at "
+    "the site, never send them to the coordinator"
+)
+
+
+class AuditError(ValueError):
+    """The audit cannot run on this model or data; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Members and non-members
+
+
+@dataclass
+class HoldoutSplit:
+    """A site split by privacy unit: what training saw, and which labeled rows are (non-)members."""
+
+    train: SiteData  # the site without its held-out units (what site training trains on)
+    members: np.ndarray  # rows of the SiteData's labeled studies that were trained on
+    nonmembers: np.ndarray  # rows of labeled studies of held-out units
+
+
+def split_site(data: SiteData, fraction: float, seed: int) -> HoldoutSplit:
+    """The split site training makes (same holdout_units, same seed); whole units on each side."""
+    held = holdout_units(len(data.units), fraction, seed)
+    members = [i for u, (rows, _) in enumerate(data.units) if u not in held for i in rows]
+    nonmembers = [i for u, (rows, _) in enumerate(data.units) if u in held for i in rows]
+    return HoldoutSplit(data.without_units(held), np.array(members, int), np.array(nonmembers, int))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (pure numpy)
+
+
+def _scores(members: np.ndarray, nonmembers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    m = np.asarray(members, dtype=np.float64).ravel()
+    n = np.asarray(nonmembers, dtype=np.float64).ravel()
+    if m.size == 0 or n.size == 0:
+        raise AuditError("an attack needs at least one member and one non-member score")
+    if not (np.isfinite(m).all() and np.isfinite(n).all()):
+        raise AuditError("attack scores contain NaN or infinity; the model weights may be broken")
+    return m, n
+
+
+def roc_curve(members: np.ndarray, nonmembers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) over every threshold, from (0, 0) to (1, 1); score >= threshold means member."""
+    m, n = _scores(members, nonmembers)
+    thresholds = np.unique(np.concatenate([m, n]))[::-1]
+    tp = m.size - np.searchsorted(np.sort(m), thresholds, side="left")
+    fp = n.size - np.searchsorted(np.sort(n), thresholds, side="left")
+    return np.concatenate([[0.0], fp / n.size]), np.concatenate([[0.0], tp / m.size])
+
+
+def roc_auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
+    """P(member score > non-member score) + half the ties: 0.5 means the attack learns nothing."""
+    fpr, tpr = roc_curve(members, nonmembers)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def tpr_at_fpr(members: np.ndarray, nonmembers: np.ndarray, fpr: float) -> float:
+    """TPR at a false-positive rate, linearly interpolated on the ROC curve's upper envelope.
+
+    Low-FPR TPR is what matters for privacy: an attack that confidently finds a few members is a
+    leak even when its AUC is near 0.5.
+    """
+    curve_fpr, curve_tpr = roc_curve(members, nonmembers)
+    last = np.append(np.diff(curve_fpr) > 0, True)  # best TPR at each distinct FPR
+    return float(np.interp(fpr, curve_fpr[last], curve_tpr[last]))
+
+
+def attack_metrics(
+    members: np.ndarray,
+    nonmembers: np.ndarray,
+    resamples: int = 200,
+    seed: int = 0,
+    fprs: tuple[float, ...] = TARGET_FPRS,
+) -> dict[str, Any]:
+    """AUC and TPR at each FPR with percentile bootstrap 95% CIs (members and non-members resampled
+    separately, so every resample keeps both groups' sizes).
+
+    A TPR at an FPR below 1/(non-members) cannot be measured, only interpolated; such entries say
+    `resolved: false` and how many non-members would be needed. Scores are resampled per study:
+    where patients have several studies the intervals come out somewhat too narrow.
+    """
+    m, n = _scores(members, nonmembers)
+    rng = np.random.default_rng(seed)
+    boot_auc = np.empty(resamples)
+    boot_tpr = np.empty((resamples, len(fprs)))
+    for i in range(resamples):
+        bm = m[rng.integers(0, m.size, m.size)]
+        bn = n[rng.integers(0, n.size, n.size)]
+        boot_auc[i] = roc_auc(bm, bn)
+        boot_tpr[i] = [tpr_at_fpr(bm, bn, f) for f in fprs]
+
+    def ci(values: np.ndarray) -> list[float]:
+        return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+    tprs = {}
+    for j, f in enumerate(fprs):
+        needed = math.ceil(1 / f - 1e-9)
+        tprs[f"{f:g}"] = {
+            "value": tpr_at_fpr(m, n, f),
+            "ci95": ci(boot_tpr[:, j]),
+            "resolved": n.size >= needed,
+            "nonmembers_needed": needed,
+        }
+    return {
+        "auc": roc_auc(m, n),
+        "auc_ci95": ci(boot_auc),
+        "tpr_at_fpr": tprs,
+        "members": int(m.size),
+        "nonmembers": int(n.size),
+        "bootstrap_resamples": resamples,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks: one score per labeled study, higher = "member"
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def discriminator_scores(
+    nets: EmixerNets,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """D(x, report, labels) for each real pair."""
+    device = next(nets.parameters()).device
+    out = [
+        nets.d(images[s].to(device), tokens[s].to(device), labels[s].to(device)).cpu()
+        for s in _batches(len(images), batch_size)
+    ]
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+@torch.no_grad()
+def report_loss_scores(
+    nets: EmixerNets, images: torch.Tensor, tokens: torch.Tensor, batch_size: int = 64
+) -> np.ndarray:
+    """Minus the teacher-forced report loss: trained-on reports are predicted better."""
+    device = next(nets.parameters()).device
+    out = [
+        -nets.r.teacher_forced_loss(nets.e(images[s].to(device)), tokens[s].to(device)).cpu()
+        for s in _batches(len(images), batch_size)
+    ]
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+@torch.no_grad()
+def generate_per_label_set(
+    nets: EmixerNets,
+    label_sets: torch.Tensor,
+    per_label: int,
+    latent_dim: int,
+    seed: int,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """`per_label` generated images for each row of `label_sets` -> [K, per_label, 1, R, R]."""
+    device = next(nets.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    y = label_sets.repeat_interleave(per_label, dim=0)
+    z = torch.randn(len(y), latent_dim, generator=generator)
+    images = torch.cat(
+        [nets.g(z[s].to(device), y[s].to(device)).cpu() for s in _batches(len(y), batch_size)]
+    )
+    return images.view(len(label_sets), per_label, *images.shape[1:])
+
+
+def nearest_distances(
+    queries: torch.Tensor, references: torch.Tensor, exclude_self: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: L2 distance to (and index of) the nearest reference image.
+
+    exclude_self: queries and references are the same images; an image is not its own neighbour.
+    Blocks of queries bound memory to block x references distances.
+    """
+    r = references.reshape(len(references), -1).double()
+    best, index = [], []
+    for s in _batches(len(queries), 512):
+        dist = torch.cdist(queries[s].reshape(s.stop - s.start, -1).double(), r)
+        if exclude_self:
+            rows = torch.arange(s.stop - s.start)
+            dist[rows, rows + s.start] = math.inf
+        d, i = dist.min(dim=1)
+        best.append(d)
+        index.append(i)
+    return torch.cat(best).numpy(), torch.cat(index).numpy()
+
+
+def nearest_neighbour_scores(
+    nets: EmixerNets,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    per_label: int,
+    latent_dim: int,
+    seed: int,
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """Minus the distance from each real image to the closest generated image with its labels.
+
+    Returns (scores, generated images [K*M,1,R,R], their label sets [K*M, L]); the generated
+    images serve the memorisation check too.
+    """
+    label_sets, group = np.unique(labels.numpy(), axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    label_sets = torch.from_numpy(label_sets)
+    generated = generate_per_label_set(nets, label_sets, per_label, latent_dim, seed)
+    scores = np.empty(len(images))
+    for k in range(len(label_sets)):
+        rows = np.flatnonzero(group == k)
+        scores[rows] = -nearest_distances(images[rows], generated[k])[0]
+    flat = generated.reshape(-1, *generated.shape[2:])
+    return scores, flat, label_sets.repeat_interleave(per_label, dim=0)
+
+
+def membership_attacks(
+    nets: EmixerNets,
+    data: SiteData,
+    split: HoldoutSplit,
+    latent_dim: int,
+    per_label: int = 64,
+    resamples: int = 200,
+    seed: int = 0,
+) -> tuple[dict[str, dict[str, Any]], torch.Tensor, torch.Tensor]:
+    """Run the three attacks on the labeled studies of `data` and score them against the split.
+
+    Returns (metrics per attack, generated images, their label sets).
+    """
+    if split.members.size == 0 or split.nonmembers.size == 0:
+        raise AuditError(
+            f"the split has {split.members.size} member and {split.nonmembers.size} non-member "
+            "labeled studies; an audit needs both (use a site with more labeled studies or a "
+            "holdout fraction that leaves some units on each side)"
+        )
+    nets.eval()
+    rows = np.concatenate([split.members, split.nonmembers])
+    images, tokens, labels = data.images[rows], data.tokens[rows], data.labels[rows]
+    nn_scores, generated, generated_labels = nearest_neighbour_scores(
+        nets, images, labels, per_label, latent_dim, seed
+    )
+    scores = {
+        "discriminator": discriminator_scores(nets, images, tokens, labels),
+        "report-loss": report_loss_scores(nets, images, tokens),
+        "nearest-neighbour": nn_scores,
+    }
+    cut = split.members.size
+    metrics = {
+        name: attack_metrics(s[:cut], s[cut:], resamples=resamples, seed=seed)
+        for name, s in scores.items()
+    }
+    return metrics, generated, generated_labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Memorisation
+
+
+def memorisation(
+    synthetic: torch.Tensor,
+    synthetic_labels: torch.Tensor,
+    member_images: torch.Tensor,
+    member_rows: np.ndarray,
+    png_path: Path | None = None,
+    pairs: int = 8,
+) -> dict[str, Any]:
+    """How close do synthetic images come to real member images, measured against how close real
+    images come to each other? A synthetic image nearer a member than 99% of members are to their
+    own nearest neighbour is a likely copy; the closest pairs go to a PNG for a person to judge.
+    """
+    if len(member_images) < 2:
+        raise AuditError("the memorisation check needs at least two member images")
+    real_nn, _ = nearest_distances(member_images, member_images, exclude_self=True)
+    synth_nn, nearest = nearest_distances(synthetic, member_images)
+    threshold = float(np.percentile(real_nn, 1))
+    order = np.argsort(synth_nn, kind="stable")[:pairs]
+    closest = [
+        {
+            "synthetic_index": int(i),
+            "synthetic_labels": [
+                f for f, v in zip(FINDINGS, synthetic_labels[i].tolist(), strict=True) if v > 0.5
+            ],
+            "member_row": int(member_rows[nearest[i]]),
+            "distance": float(synth_nn[i]),
+        }
+        for i in order
+    ]
+    result = {
+        "synthetic_images": int(len(synthetic)),
+        "member_images": int(len(member_images)),
+        "real_to_real_p1": threshold,
+        "real_to_real_median": float(np.median(real_nn)),
+        "synthetic_to_real_median": float(np.median(synth_nn)),
+        "fraction_closer_than_real_p1": float(np.mean(synth_nn < threshold)),
+        "closest_pairs": closest,
+    }
+    if png_path is not None:
+        _save_pairs_png(png_path, synthetic[order], member_images[nearest[order]], synth_nn[order])
+        result["png"] = str(png_path)
+    return result
+
+
+def _save_pairs_png(
+    path: Path, synthetic: torch.Tensor, real: torch.Tensor, distances: np.ndarray
+) -> None:
+    from matplotlib.figure import Figure  # no pyplot: Agg rendering without global state
+
+    n = len(synthetic)
+    fig = Figure(figsize=(2 * n, 5), layout="constrained")
+    axes = fig.subplots(2, n, squeeze=False)
+    for k in range(n):
+        for row, (image, title) in enumerate(
+            ((synthetic[k], f"synthetic\nd={distances[k]:.2f}"), (real[k], "nearest member"))
+        ):
+            ax = axes[row][k]
+            ax.imshow(image[0].numpy(), cmap="gray", vmin=-1, vmax=1)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.suptitle("Closest synthetic/real pairs (contains real images: keep at the site)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole audit and the command
+
+
+def run_audit(
+    nets: EmixerNets,
+    data: SiteData,
+    fraction: float,
+    holdout_seed: int,
+    latent_dim: int,
+    out_dir: Path,
+    seed: int = 0,
+    per_label: int = 64,
+    resamples: int = 200,
+) -> dict[str, Any]:
+    """Split, attack, check memorisation; write out_dir/audit.json and the PNG; return the dict."""
+    split = split_site(data, fraction, holdout_seed)
+    metrics, generated, generated_labels = membership_attacks(
+        nets, data, split, latent_dim, per_label=per_label, resamples=resamples, seed=seed
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    memo = memorisation(
+        generated,
+        generated_labels,
+        data.images[split.members],
+        split.members,
+        png_path=out_dir / PNG_NAME,
+    )
+    result = {
+        "holdout_fraction": fraction,
+        "holdout_seed": holdout_seed,
+        "seed": seed,
+        "units": len(data.units),
+        "held_out_units": len(data.units) - len(split.train.units),
+        "privacy_unit": "patient" if data.per_patient else "image",
+        "generated_per_label_set": per_label,
+        "attacks": metrics,
+        "memorisation": memo,
+        "note": STAYS_AT_SITE,
+    }
+    tmp = out_dir / "audit.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out_dir / "audit.json")
+    return result
+
+
+def _fmt(value: float, ci: list[float]) -> str:
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def format_tpr(entry: dict[str, Any]) -> str:
+    """A TPR cell; a '*' marks an FPR below what the number of non-members can resolve."""
+    return _fmt(entry["value"], entry["ci95"]) + ("" if entry["resolved"] else " *")
+
+
+def audit_table(result: dict[str, Any]) -> Table:
+    """One row per attack: AUC and TPR at each target FPR with 95% CIs."""
+    table = Table(title="Membership-inference audit (0.5 AUC = chance)")
+    table.add_column("attack")
+    table.add_column("AUC [95% CI]", justify="right")
+    for f in TARGET_FPRS:
+        table.add_column(f"TPR @ {f:.1%} FPR", justify="right")
+    for name, m in result["attacks"].items():
+        table.add_row(
+            name,
+            _fmt(m["auc"], m["auc_ci95"]),
+            *(format_tpr(m["tpr_at_fpr"][f"{f:g}"]) for f in TARGET_FPRS),
+        )
+    return table
+
+
+def unresolved_note(metrics: dict[str, Any]) -> str | None:
+    """The footnote for '*' cells, or None when every TPR is resolved."""
+    needs = sorted(
+        {
+            e["nonmembers_needed"]
+            for m in metrics.values()
+            for e in m["tpr_at_fpr"].values()
+            if not e["resolved"]
+        }
+    )
+    if not needs:
+        return None
+    n = next(iter(metrics.values()))["nonmembers"]
+    return (
+        f"* only {n} non-members: that FPR needs at least {', '.join(map(str, needs))} "
+        "non-members to be measured; the value is interpolated from the ROC curve"
+    )
+
+
+def run_audit_command(args: argparse.Namespace) -> int:
+    """`emixer audit`: load checkpoint and site, refuse models trained without a holdout."""
+    from emixer_model.cli import CommandError, console, default_state_dir
+    from emixer_model.config import ConfigError, EmixerConfig, from_dict
+    from emixer_model.data.site import load_site
+    from emixer_model.networks import build_networks, pick_device, set_weights
+    from emixer_model.text.vocabulary import VOCAB_SIZE
+    from server.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(Path(args.model))
+    try:
+        cfg = from_dict(EmixerConfig, ckpt.config)
+    except ConfigError as err:
+        raise CommandError(f"the config stored in {args.model} is not usable: {err}") from None
+    trained = cfg.train.holdout_fraction
+    fraction = trained if args.holdout is None else args.holdout
+    if trained <= 0 and args.holdout is None:
+        raise CommandError(
+            f"{args.model} was trained without held-out data (train.holdout_fraction = 0), so no "
+            "study is known to be a non-member; a membership audit needs a model trained with "
+            "train.holdout_fraction > 0 (e.g. 0.2), or --holdout FRACTION if it was trained "
+            "with held-out units some other way"
+        )
+    if not 0 < fraction < 1:
+        raise CommandError(f"--holdout must be between 0 and 1 (exclusive), not {fraction}")
+    if trained > 0 and args.holdout is not None and not math.isclose(fraction, trained):
+        raise CommandError(
+            f"--holdout {fraction} differs from the {trained} the model was trained with; "
+            "members would be mislabeled. Leave --holdout out to use the trained fraction"
+        )
+
+    if trained <= 0:
+        console.print(
+            f"[yellow]warning:[/yellow] {args.model} records no holdout; this audit is valid only "
+            f"if training left out exactly the units "
+            f"emixer_model.data.site.holdout_units(n, {fraction}, seed={cfg.train.seed}) picks"
+        )
+    nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
+    try:
+        set_weights(nets, ckpt.arrays)
+        device = pick_device(cfg.train.device)
+    except ValueError as err:
+        raise CommandError(f"{args.model}: {err}") from None
+    nets.to(device)
+    site_dir = Path(args.site)
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(site_dir)
+    out_dir = Path(args.out) if args.out else state_dir / "audit"
+    console.print(f"[dim]loading {site_dir} ...[/dim]")
+    data = load_site(site_dir, state_dir, cfg.model, uncertain_as=cfg.train.uncertain_as)
+    console.print(f"[dim]attacking {len(data.images)} labeled studies ...[/dim]")
+    try:
+        result = run_audit(
+            nets,
+            data,
+            fraction,
+            cfg.train.seed,
+            cfg.model.latent_dim,
+            out_dir,
+            seed=args.seed,
+            per_label=args.per_label,
+        )
+    except AuditError as err:
+        raise CommandError(str(err)) from None
+    console.print(audit_table(result))
+    note = unresolved_note(result["attacks"])
+    if note:
+        console.print(note)
+    memo = result["memorisation"]
+    console.print(
+        f"memorisation: {memo['fraction_closer_than_real_p1']:.1%} of "
+        f"{memo['synthetic_images']} synthetic images are closer to a member image than the 1st "
+        f"percentile of member-to-member distances ({memo['real_to_real_p1']:.3f})"
+    )
+    console.print(f"wrote {out_dir / 'audit.json'} and {out_dir / PNG_NAME}")
+    console.print(f"[yellow]{STAYS_AT_SITE}[/yellow]")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `emixer audit`."""
+    parser = subparsers.add_parser(
+        "audit",
+        help="membership-inference and memorisation audit of a model on this site's data",
+        description="Attack a trained model with this site's own studies: does the "
+        "discriminator, the report loss, or the distance to generated images tell the studies it "
+        "was trained on from the held-out ones (ROC AUC, TPR at 1% and 0.1% FPR, bootstrap 95% "
+        "CIs)? And are synthetic images closer to real ones than real images are to each other? "
+        "The model must be trained with train.holdout_fraction > 0. Writes OUT/audit.json and "
+        f"OUT/{PNG_NAME}; they contain real images and study details, so they stay at the site.",
+    )
+    parser.add_argument(
+        "--model", required=True, help="checkpoint file (checkpoints/round-NNNN.pt)"
+    )
+    parser.add_argument("--site", required=True, help="this site's folder (studies.csv + DICOM)")
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=None,
+        help="fraction of privacy units held out of training (default: the checkpoint config's "
+        "train.holdout_fraction; must match what training used)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        help="where the site's decoded-image cache lives (default ~/.emixer/state/<site>-<hash>)",
+    )
+    parser.add_argument(
+        "--out", help="folder for audit.json and the PNG (default STATE_DIR/audit; keep at site)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="generation and bootstrap seed (0)")
+    parser.add_argument(
+        "--per-label",
+        type=int,
+        default=64,
+        help="generated images per label set for the nearest-neighbour attack (64)",
+    )
+    parser.set_defaults(func=run_audit_command)
+    return parser

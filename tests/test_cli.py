@@ -1,0 +1,69 @@
+"""The `emixer` command line as users run it: phantoms -> data check -> train-local, and clear
+one-line errors with exit 2 for input a user can fix."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import yaml
+
+from emixer_model.cli import main
+from tests.conftest import TINY
+
+
+def emixer(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "emixer_model.cli", *args], capture_output=True, text=True
+    )
+
+
+def test_phantoms_then_data_check_counts_every_file(tmp_path):
+    done = emixer("phantoms", "--out", str(tmp_path), "--sites", "2", "--per-site", "12",
+                  "--unlabeled", "3", "--size", "32")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    site = tmp_path / "site_2"
+    done = emixer("data", "check", str(site), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    rows = list(csv.DictReader((site / "studies.csv").open()))
+    assert report["studies"] == len(rows) == 12
+    assert report["accepted_labeled"] == 12
+    assert report["accepted"] == 15  # 12 labeled + 3 unlabeled
+    assert report["skipped"] == {}
+    assert report["patients"] == len({r["patient"] for r in rows})
+    positives = sum(r["Cardiomegaly"] == "1" for r in rows)
+    assert report["label_counts"]["Cardiomegaly"]["positive"] == positives
+
+
+def test_data_check_of_a_folder_with_nothing_usable_exits_2(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    done = emixer("data", "check", str(tmp_path))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+
+
+def test_train_local_prints_losses_and_epsilon(tmp_path, tiny_sites, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    code = main(["train-local", str(tiny_sites[0]), "--config", str(config), "--epochs", "1",
+                 "--epsilon-budget", "8", "--state-dir", str(tmp_path / "state")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "epsilon" in out and "report" in out
+    ledger = (tmp_path / "state" / "privacy" / "ledger.jsonl").read_text().splitlines()
+    assert 0 < json.loads(ledger[-1])["epsilon"] <= 8
+
+
+def test_user_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch_sise: 8\n")
+    assert main(["train-local", str(tmp_path), "--config", str(bad)]) == 2
+    assert "unknown key 'train.batch_sise'" in capsys.readouterr().out
+    assert main(["train-local", str(tmp_path / "missing"), "--state-dir", str(tmp_path)]) == 2
+    assert "error" in capsys.readouterr().out
+    bad.write_text("train: [1, 2\n")
+    assert main(["demo", "--config", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().out
