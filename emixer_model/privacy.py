@@ -19,7 +19,7 @@ import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("emixer.privacy")
 
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
 # The plan searches sigma in [0.3, 100]: below 0.3 DP-SGD's epsilon is meaningless (hundreds)

@@ -25,7 +25,7 @@ import torch
 from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.data.dicom import NORMALISATION_VERSION, SkipFile, decode_dicom
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("emixer.data")
 
 STUDIES_CSV = "studies.csv"
 UNLABELED_DIR = "unlabeled"
