@@ -1,0 +1,162 @@
+"""Synthetic pairs per second of `emixer release` (server.release.release), and where time goes.
+
+The checkpoint is a freshly initialised default model (same shapes and cost as a trained one) with
+a small but valid privacy ledger, so the release passes the privacy gate exactly as a real one.
+The time inside the release is split by wrapping write_dicom and png_bytes: generation (G, E, R
+sampling and report decoding) is what remains of the per-sample loop.
+
+    python -m bench.synthesis_rate [--pairs 2000] [--resolution 64]
+Target: >= 200 pairs/s. With fewer than 10,000 pairs the 10,000-pair time is extrapolated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import server.release as release_module
+from bench.common import machine, print_table, verdict
+from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig
+from emixer_model.networks import build_networks
+from emixer_model.privacy import epsilon_from_history
+from emixer_model.text.vocabulary import VOCAB_SIZE
+from emixer_model.training import get_weights
+from server.checkpoint import Checkpoint, save_checkpoint
+
+TARGET_RATE = 200.0
+FULL_RELEASE = 10_000
+
+
+def fresh_checkpoint(directory: Path, model_cfg: ModelConfig) -> Path:
+    """A round-1 checkpoint of an untrained model whose ledger the release gate accepts."""
+    torch.manual_seed(0)
+    cfg = EmixerConfig(model=model_cfg)
+    history = [{"round": 1, "noise_multiplier": 1.0, "sample_rate": 0.2, "steps": 5}]
+    delta = 1e-4
+    rows = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in history]
+    site = {
+        "delta": delta,
+        "accountant": "rdp",
+        "epsilon": epsilon_from_history(rows, delta, "rdp"),
+        "budget": cfg.privacy.epsilon_budget,
+        "max_grad_norm": cfg.privacy.max_grad_norm,
+        "privacy_unit": "patient",
+        "status": "trained",
+        "history": history,
+    }
+    nets = build_networks(model_cfg, VOCAB_SIZE, len(FINDINGS))
+    ckpt = Checkpoint(1, get_weights(nets), {"sites": {"site_1": site}}, cfg.to_dict())
+    return save_checkpoint(directory, ckpt)
+
+
+class Stopwatch:
+    """Accumulates the time spent in wrapped functions, by name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+        return timed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.synthesis_rate", description=__doc__)
+    parser.add_argument("--pairs", type=int, default=2000, help="pairs to release (about)")
+    parser.add_argument("--resolution", type=int, default=64, help="model resolution")
+    parser.add_argument("--batch-size", type=int, default=256, help="generation batch size")
+    parser.add_argument("--no-png", action="store_true", help="DICOM only")
+    args = parser.parse_args(argv)
+
+    conditions = release_module.parse_conditions(None)
+    per_label = max(1, args.pairs // len(conditions))
+    formats = ("dicom",) if args.no_png else ("dicom", "png")
+    watch = Stopwatch()
+    build = release_module.build_networks
+
+    def timed_networks(*a: Any, **k: Any) -> torch.nn.Module:
+        nets = build(*a, **k)
+        nets.g.forward = watch.wrap("g", nets.g.forward)
+        nets.e.forward = watch.wrap("e", nets.e.forward)
+        nets.r.sample_ids = watch.wrap("r", nets.r.sample_ids)
+        return nets
+
+    patches = {
+        "write_dicom": release_module.write_dicom,
+        "png_bytes": release_module.png_bytes,
+        "decode_report": release_module.decode_report,
+        "_generate": release_module._generate,
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-release-") as tmp:
+        root = Path(tmp)
+        checkpoint = fresh_checkpoint(root / "ckpt", ModelConfig(resolution=args.resolution))
+        for name, fn in patches.items():
+            setattr(release_module, name, watch.wrap(name, fn))
+        release_module.build_networks = timed_networks
+        try:
+            start = time.perf_counter()
+            summary = release_module.release(
+                checkpoint,
+                root / "release",
+                per_label,
+                conditions,
+                formats=formats,
+                batch_size=args.batch_size,
+            )
+            total = time.perf_counter() - start
+        finally:
+            for name, fn in patches.items():
+                setattr(release_module, name, fn)
+            release_module.build_networks = build
+
+    n = summary.count
+    dicom = watch.seconds.get("write_dicom", 0.0)
+    png = watch.seconds.get("png_bytes", 0.0)
+    loop = watch.seconds["_generate"]
+    generation = loop - dicom - png
+    parts = {name: watch.seconds.get(name, 0.0) for name in ("g", "e", "r", "decode_report")}
+    rest = total - loop
+    rows = [
+        [part, seconds, seconds / total, n / seconds if seconds > 0 else "-"]
+        for part, seconds in (
+            ("generation (G + E + R sample + decode)", generation),
+            ("  of which G (image)", parts["g"]),
+            ("  of which E (image -> embedding)", parts["e"]),
+            ("  of which R.sample_ids (report)", parts["r"]),
+            ("  of which decode_report (ids -> text)", parts["decode_report"]),
+            ("DICOM writing", dicom),
+            ("PNG encoding + writing", png),
+            ("gate, checkpoint, manifest, rename", rest),
+            ("total", total),
+        )
+    ]
+    rate = n / total
+    scale = "measured" if n >= FULL_RELEASE else f"extrapolated from {n}"
+    print_table(
+        f"synthesis_rate: release of {n} pairs ({len(conditions)} conditions x {per_label}), "
+        f"{args.resolution}px, formats {'+'.join(formats)}",
+        ["part", "seconds", "share", "pairs/s if alone"],
+        rows,
+        [
+            f"rate {rate:.1f} pairs/s; target >= {TARGET_RATE:.0f}/s: "
+            f"{verdict(rate, TARGET_RATE, higher_is_better=True)}",
+            f"10,000 pairs: {FULL_RELEASE / rate:.1f} s ({scale})",
+            f"batch size {args.batch_size}; {machine()}",
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
