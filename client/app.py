@@ -98,5 +98,5 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     if result.weights is not None:
-        content["arrays"] = to_array_record(result.weights)
+        content["arrays"] = to_array_record(result.weights, cfg.federation.update_dtype)
     return Message(content=content, reply_to=msg)

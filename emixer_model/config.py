@@ -115,6 +115,7 @@ class FederationConfig:
     round_timeout: float = 3600.0  # seconds to wait for the sites of one round
     server_lr: float = 0.01  # FedAdam's server learning rate
     trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each end
+    update_dtype: str = "float32"  # how sites send updates: "float16" halves the upload
     # Simulation only: Flower gives simulated nodes just `partition-id`; these map it to a site.
     site_dirs: str = ""  # comma-separated site folders, one per partition
     state_root: str = ""  # per-site state directories are created below it
@@ -126,6 +127,8 @@ class FederationConfig:
             raise ConfigError(
                 f"federation.strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}"
             )
+        if self.update_dtype not in ("float32", "float16"):
+            raise ConfigError("federation.update_dtype must be 'float32' or 'float16'")
         if self.on_budget_exhausted not in ("continue", "stop"):
             raise ConfigError("federation.on_budget_exhausted must be 'continue' or 'stop'")
         if self.rounds < 1 or self.min_sites < 1:

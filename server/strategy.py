@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg, Strategy
 
 from emixer_model.config import EmixerConfig
-from emixer_model.records import from_array_record
+from emixer_model.records import from_array_record, to_array_record
 from server.checkpoint import Checkpoint, save_checkpoint
 from server.ledger import PrivacyLedger
 from server.validation import update_problem
@@ -132,14 +132,12 @@ class EmixerStrategy:
                 "round %d: site %s sent no model arrays; update dropped", server_round, name
             )
             return False
-        problem = update_problem(
-            self.global_arrays,
-            from_array_record(msg.content["arrays"]),
-            self.cfg.federation.max_update_norm,
-        )
+        update = from_array_record(msg.content["arrays"])
+        problem = update_problem(self.global_arrays, update, self.cfg.federation.max_update_norm)
         if problem:
             log.warning("round %d: update from site %s dropped: %s", server_round, name, problem)
             return False
+        msg.content["arrays"] = to_array_record(update)  # aggregate in float32
         return True
 
     def _checkpoint(self, server_round: int, arrays: ArrayRecord | None) -> None:

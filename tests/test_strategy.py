@@ -112,3 +112,15 @@ def test_site_error_and_malformed_metrics_are_dropped_without_crashing(tmp_path,
     assert "site site_b did not train" in caplog.text
     assert "site site_c sent malformed privacy metrics" in caplog.text
     assert set(strategy.ledger.sites) == {"site_a"}
+
+
+def test_float16_updates_are_widened_before_aggregation_and_other_dtypes_dropped(tmp_path):
+    strategy = strategy_for(tmp_path)
+    half = {"w": np.full((2, 3), 0.5, np.float32), "b": np.full(3, 0.5, np.float32)}
+    wrong = {"w": np.ones((2, 3), np.float64), "b": np.ones(3, np.float64)}
+    small = reply(1, "site_a")
+    small.content["arrays"] = to_array_record(half, "float16")
+    assert small.content["arrays"]["w"].numpy().dtype == np.float16
+    arrays, _ = strategy.aggregate_train(1, [small, reply(2, "site_b", arrays=wrong)])
+    assert arrays["w"].numpy().dtype == np.float32
+    np.testing.assert_allclose(arrays["w"].numpy(), 0.5)
