@@ -90,6 +90,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available, else CPU
     holdout_fraction: float = 0.0  # privacy units kept out of training for `emixer audit`
+    public_warm_start_steps: int = 0  # coordinator: steps of the report decoder on the public
+    #   report grammar before round 1 (no site data, no privacy cost); 0 turns it off
 
     def __post_init__(self) -> None:
         if self.uncertain_as not in ("positive", "negative"):
@@ -98,6 +100,8 @@ class TrainConfig:
             raise ConfigError("train.batch_size and train.epochs must be at least 1")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ConfigError("train.holdout_fraction must be in [0, 1)")
+        if self.public_warm_start_steps < 0:
+            raise ConfigError("train.public_warm_start_steps must be >= 0 (0 turns it off)")
 
 
 STRATEGIES = ("fedavg", "fedadam", "fedmedian", "fedtrimmedavg")

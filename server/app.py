@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from emixer_model.config import FINDINGS, EmixerConfig
 from emixer_model.networks import build_networks
+from emixer_model.public_pretrain import warm_start_report_decoder
 from emixer_model.records import to_array_record
 from emixer_model.text.vocabulary import VOCAB_SIZE
 from emixer_model.training import get_weights
@@ -34,7 +35,19 @@ def serve(grid: Grid, cfg: EmixerConfig) -> None:
         log.info("resuming after round %d from %s", done, checkpoint_dir)
     else:
         torch.manual_seed(cfg.train.seed)
-        arrays = get_weights(build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS)))
+        nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
+        steps = cfg.train.public_warm_start_steps
+        if steps > 0:  # public data only: costs no site any privacy
+            warm = warm_start_report_decoder(nets, cfg.model, steps, cfg.train.seed)
+            log.info(
+                "public warm start of the report decoder: %d steps in %.1f s, "
+                "report loss %.3f -> %.3f",
+                steps,
+                warm["seconds"],
+                warm["first_loss"],
+                warm["last_loss"],
+            )
+        arrays = get_weights(nets)
     remaining = cfg.federation.rounds - done
     if remaining <= 0:
         log.info("all %d rounds are already done; nothing to run", cfg.federation.rounds)

@@ -1,0 +1,124 @@
+"""Public warm start of the report decoder R, run by the coordinator before round 1.
+
+Under DP-SGD (noise ~1.5, clip 1, ~100 steps per site) R barely moves from its random start: the
+report language itself (which words follow which, where a sentence ends, when a report stops) is
+most of what it has to learn, and the noise drowns it. That language needs no private data: the
+report grammar shipped with the package (emixer_model.text.grammar) is public and fixed in code
+(DESIGN.md invariant 5), so R can learn it beforehand without noise and without spending any
+site's privacy budget, the standard DP practice of pretraining on public data.
+
+R is trained as a language model of grammar reports: labels from the fixed public prior of
+emixer_model.training (never a site statistic), reports from `write_report`, and a constant zero
+conditioning embedding, so R learns the marginal report language and the private rounds only
+have to teach it how the image embedding changes the report. Only R's parameters move; G, E and
+D are not touched (not even run).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from emixer_model.config import FINDINGS, ModelConfig
+from emixer_model.networks import EmixerNets
+from emixer_model.text.grammar import write_report
+from emixer_model.text.vocabulary import encode_report
+from emixer_model.training import sample_prior
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+# The public prior has no uncertain labels; hedged sentences ("possible ...", "cannot exclude
+# ...") are part of the report language too, so a fixed share of positives is written hedged.
+UNCERTAIN_PROBABILITY = 0.15
+LAST_LOSS_WINDOW = 20  # last_loss averages this many final steps: one batch is noisy
+
+
+def public_reports(
+    n: int, model_cfg: ModelConfig, rng: np.random.Generator, generator: torch.Generator
+) -> torch.Tensor:
+    """Token ids [n, S, W] of n grammar reports written for labels from the public prior."""
+    labels = sample_prior(n, generator)
+    hedged = torch.rand(labels.shape, generator=generator) < UNCERTAIN_PROBABILITY
+    hedged[:, FINDINGS.index("No Finding")] = False  # "No Finding" is never hedged
+    values = torch.where(hedged & (labels > 0), -1, labels.long())
+    ids = [
+        encode_report(
+            write_report(dict(zip(FINDINGS, map(int, row), strict=True)), rng),
+            model_cfg.max_sentences,
+            model_cfg.max_words,
+        )
+        for row in values.tolist()
+    ]
+    return torch.from_numpy(np.stack(ids))
+
+
+def public_report_loss(
+    nets: EmixerNets, model_cfg: ModelConfig, tokens: torch.Tensor
+) -> torch.Tensor:
+    """R's mean teacher-forced loss on `tokens` [B,S,W] with the zero conditioning embedding."""
+    device = next(nets.r.parameters()).device
+    zero = torch.zeros(len(tokens), model_cfg.embed_dim, device=device)
+    return nets.r.teacher_forced_loss(zero, tokens.to(device)).mean()
+
+
+def _check(
+    nets: EmixerNets, model_cfg: ModelConfig, steps: int, batch_size: int, lr: float
+) -> None:
+    if steps < 0:
+        raise ValueError(f"warm start steps must be >= 0, not {steps}")
+    if batch_size < 1:
+        raise ValueError(f"warm start batch_size must be >= 1, not {batch_size}")
+    if not lr > 0:
+        raise ValueError(f"warm start lr must be positive, not {lr}")
+    r = nets.r
+    shape = (model_cfg.max_sentences, model_cfg.max_words, model_cfg.embed_dim)
+    if (r.S, r.W, r.embed_in.in_features) != shape:
+        raise ValueError(
+            f"the report decoder was built for {r.S} sentences x {r.W} words, embedding "
+            f"{r.embed_in.in_features}, but model_cfg says {shape[0]} x {shape[1]}, embedding "
+            f"{shape[2]}; pass the ModelConfig the networks were built from"
+        )
+
+
+def warm_start_report_decoder(
+    nets: EmixerNets,
+    model_cfg: ModelConfig,
+    steps: int,
+    seed: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Train R alone for `steps` Adam steps on fresh public grammar reports (no noise needed).
+
+    Returns {"first_loss": loss of the first batch, "last_loss": mean loss of the last
+    LAST_LOSS_WINDOW steps, "steps", "seconds"}. Deterministic for a seed (same initial weights,
+    same thread count). `progress(step, steps, {"report": loss})` is called after every step.
+    """
+    _check(nets, model_cfg, steps, batch_size, lr)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(nets.r.parameters(), lr=lr)
+    started = time.perf_counter()
+    losses: list[float] = []
+    for step in range(1, steps + 1):
+        tokens = public_reports(batch_size, model_cfg, rng, generator)
+        loss = public_report_loss(nets, model_cfg, tokens)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step, steps, {"report": losses[-1]})
+    # Adam's state and R's .grad must not follow R into the private optimizer.
+    optimizer.zero_grad(set_to_none=True)
+    tail = losses[-LAST_LOSS_WINDOW:]
+    return {
+        "first_loss": losses[0] if losses else float("nan"),
+        "last_loss": sum(tail) / len(tail) if tail else float("nan"),
+        "steps": steps,
+        "seconds": time.perf_counter() - started,
+    }

@@ -1,0 +1,129 @@
+"""The public warm start teaches R the grammar's report language and touches nothing else."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from emixer_model.config import FINDINGS, ConfigError, ModelConfig, TrainConfig
+from emixer_model.networks import build_networks, get_weights, set_weights
+from emixer_model.public_pretrain import (
+    public_report_loss,
+    public_reports,
+    warm_start_report_decoder,
+)
+from emixer_model.text.vocabulary import EOS, PAD, VOCAB_SIZE
+
+CFG = ModelConfig(
+    resolution=16, width=8, embed_dim=32, max_sentences=3, max_words=8, heads=2, groups=4
+)
+STEPS = 60
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: on a shared 2-core machine a second torch thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fresh(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_networks(CFG, VOCAB_SIZE, len(FINDINGS))
+
+
+def held_out() -> torch.Tensor:
+    return public_reports(128, CFG, np.random.default_rng(999), torch.Generator().manual_seed(999))
+
+
+@pytest.fixture(scope="module")
+def warmed():
+    nets = fresh()
+    before = {k: v.copy() for k, v in get_weights(nets).items()}
+    with torch.no_grad():
+        loss_before = public_report_loss(nets, CFG, held_out()).item()
+    result = warm_start_report_decoder(nets, CFG, STEPS, seed=0, batch_size=32, lr=3e-3)
+    return nets, before, loss_before, result
+
+
+def test_public_reports_are_encoded_grammar_reports():
+    tokens = public_reports(16, CFG, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    assert tokens.shape == (16, CFG.max_sentences, CFG.max_words)
+    assert (tokens[:, 0, 0] != PAD).all()  # every report has a first sentence
+    assert ((tokens == EOS).sum(dim=2) <= 1).all()  # at most one EOS per sentence
+
+
+def test_warm_start_clearly_lowers_held_out_loss(warmed):
+    nets, _, loss_before, result = warmed
+    with torch.no_grad():
+        loss_after = public_report_loss(nets, CFG, held_out()).item()
+    assert loss_after < loss_before - 2.0
+    assert loss_after < math.log(VOCAB_SIZE)  # better than uniform over the vocabulary
+    assert result["steps"] == STEPS and result["last_loss"] < result["first_loss"] - 2.0
+
+
+def test_warm_start_changes_only_the_report_decoder(warmed):
+    nets, before, _, _ = warmed
+    after = get_weights(nets)
+    for key, value in before.items():
+        same = np.array_equal(value, after[key])
+        if key.startswith("r."):
+            continue
+        assert same, f"{key} changed although only R may train"
+    changed = [k for k in before if k.startswith("r.") and not np.array_equal(before[k], after[k])]
+    assert len(changed) > 10
+    assert all(p.grad is None for p in nets.parameters())  # nothing left for the DP optimizer
+
+
+def test_warm_start_is_deterministic_for_a_seed():
+    runs = []
+    for seed in (0, 0, 1):
+        nets = fresh()
+        warm_start_report_decoder(nets, CFG, 8, seed=seed, batch_size=32, lr=3e-3)
+        runs.append({k: v for k, v in get_weights(nets).items() if k.startswith("r.")})
+    a, b, c = runs
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not all(np.array_equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_warm_started_model_still_trains_privately(warmed):
+    """Nothing structural changed: Opacus still validates R and gives it per-sample grads."""
+    nets, *_ = warmed
+    copy = fresh(seed=5)
+    set_weights(copy, get_weights(nets))  # the weights travel to sites like any global model
+    private = nn.ModuleDict({"d": copy.d, "e": copy.e, "r": copy.r})
+    assert ModuleValidator.validate(private, strict=False) == []
+    GradSampleModule(copy.r, loss_reduction="sum")
+    tokens = held_out()[:4]
+    embedding = torch.randn(4, CFG.embed_dim)
+    copy.r.teacher_forced_loss(embedding, tokens).sum().backward()  # hooks sit on R
+    for name, p in copy.r.named_parameters():
+        assert p.grad_sample is not None and p.grad_sample.shape[0] == 4, name
+
+
+def test_zero_steps_changes_nothing():
+    nets = fresh()
+    before = get_weights(nets)
+    result = warm_start_report_decoder(nets, CFG, 0, seed=0)
+    assert math.isnan(result["first_loss"]) and result["steps"] == 0
+    after = get_weights(nets)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_bad_arguments_say_what_is_wrong():
+    nets = fresh()
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        warm_start_report_decoder(nets, CFG, -1, seed=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        warm_start_report_decoder(nets, CFG, 1, seed=0, batch_size=0)
+    with pytest.raises(ValueError, match="ModelConfig the networks were built from"):
+        warm_start_report_decoder(nets, ModelConfig(), 1, seed=0)
+    with pytest.raises(ConfigError, match="public_warm_start_steps"):
+        TrainConfig(public_warm_start_steps=-1)
