@@ -35,8 +35,9 @@ class CommandError(Exception):
 
 
 @contextmanager
-def progress_bar(label: str) -> Iterator[Callable[..., None]]:
-    """A rich progress bar; yields update(done, total, losses=None)."""
+def progress_bars(*labels: str) -> Iterator[list[Callable[..., None]]]:
+    """One rich live display with a bar per label; yields update(done, total, losses=None) per
+    bar (rich shows one live display at a time, so stages share it)."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -45,12 +46,24 @@ def progress_bar(label: str) -> Iterator[Callable[..., None]]:
         TextColumn("{task.fields[info]}"),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(label, total=None, info="")
 
-        def update(done: int, total: int, losses: dict[str, float] | None = None) -> None:
-            info = "  ".join(f"{k} {v:.3f}" for k, v in (losses or {}).items())
-            progress.update(task, completed=done, total=total, info=info)
+        def updater(label: str) -> Callable[..., None]:
+            task = progress.add_task(label, total=None, info="", start=False)
 
+            def update(done: int, total: int, losses: dict[str, float] | None = None) -> None:
+                info = "  ".join(f"{k} {v:.3f}" for k, v in (losses or {}).items())
+                progress.start_task(task)
+                progress.update(task, completed=done, total=total, info=info)
+
+            return update
+
+        yield [updater(label) for label in labels]
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[..., None]]:
+    """A single rich progress bar; yields update(done, total, losses=None)."""
+    with progress_bars(label) as (update,):
         yield update
 
 
@@ -111,7 +124,7 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     site = Path(args.site_dir)
     state = Path(args.state_dir) if args.state_dir else default_state_dir(site)
     console.print(f"site {site}  state {state}  budget epsilon {cfg.privacy.epsilon_budget}")
-    with progress_bar("decoding") as load_progress, progress_bar("training") as progress:
+    with progress_bars("decoding", "training") as (load_progress, progress):
         result = train_site_round(
             site,
             state,
@@ -124,16 +137,16 @@ def cmd_train_local(args: argparse.Namespace) -> int:
         )
     if result.status != "trained":
         raise CommandError(result.message)
-    table = Table(title="train-local")
-    for column in ("steps", "epsilon", "delta", "noise multiplier", *result.losses):
-        table.add_column(column)
-    table.add_row(
-        str(result.steps),
-        f"{result.epsilon:.3f}",
-        f"{result.delta:.2e}",
-        f"{result.plan.noise_multiplier:.3f}",
-        *(f"{v:.4f}" for v in result.losses.values()),
-    )
+    table = Table(title="train-local", show_header=False)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("private steps", str(result.steps))
+    table.add_row("epsilon (cumulative)", f"{result.epsilon:.3f} of budget {result.budget:.1f}")
+    table.add_row("delta", f"{result.delta:.2e}")
+    table.add_row("noise multiplier", f"{result.plan.noise_multiplier:.3f}")
+    table.add_row("privacy unit", result.plan.privacy_unit)
+    for name, value in result.losses.items():
+        table.add_row(f"loss {name}", f"{value:.4f}")
     console.print(table)
     return 0
 
