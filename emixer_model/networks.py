@@ -114,8 +114,15 @@ class Encoder(nn.Module):
 # Report decoder: causal transformer blocks (nanoGPT), a sentence stage and a word stage
 
 
+KVCache = dict[str, torch.Tensor]  # one attention layer's keys "k" and values "v" so far
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention over the second-to-last axis; any leading axes."""
+    """Multi-head causal self-attention over the second-to-last axis; any leading axes.
+
+    With `cache` (inference only) the keys and values of earlier calls are kept in it, so
+    decoding feeds one new position per call instead of re-running the whole prefix.
+    """
 
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
@@ -123,11 +130,17 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(d, 3 * d)
         self.c_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         *lead, t, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=-1)
         q, k, v = (a.reshape(-1, t, self.heads, d // self.heads).transpose(1, 2) for a in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is not None:
+            if "k" in cache:  # a single new position may see every cached one: no mask needed
+                if t != 1:
+                    raise ValueError("with a filled kv-cache, feed one new position at a time")
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] == k.shape[2])
         return self.c_proj(y.transpose(1, 2).reshape(*lead, t, d))
 
 
@@ -139,8 +152,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -252,12 +265,31 @@ class ReportDecoder(nn.Module):
 
     @torch.no_grad()
     def sample_ids(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Greedy report ids [B,S,W] (PAD after EOS, all-PAD sentences after stop)."""
+        """Greedy report ids [B,S,W] (PAD after EOS, all-PAD sentences after stop).
 
-        def pick(logits: torch.Tensor) -> torch.Tensor:
-            return F.one_hot(logits.argmax(dim=-1), self.V).to(logits.dtype)
-
-        return self._decode(embedding, pick).argmax(dim=-1)
+        The same ids as greedy `_decode`, computed for releases without its training-time
+        costs: token vectors are rows of the token Linear's weight instead of one-hot matmuls,
+        and each word step feeds only the newest word through the blocks (kv-cache).
+        """
+        topics, stop_logits = self.sentences(embedding)
+        b, device = len(embedding), topics.device
+        tok, pos = self.tok.weight.T.contiguous(), self.pos.weight.T  # [V,d], [W,d]
+        forbidden = torch.zeros(self.V, device=device, dtype=topics.dtype)
+        forbidden[[PAD, BOS]] = float("-inf")
+        caches: list[KVCache] = [{} for _ in self.word_blocks]
+        token = torch.full((b, self.S), BOS, device=device)
+        alive = torch.ones(b, self.S, device=device, dtype=torch.bool)
+        out = []
+        for t in range(self.W):
+            x = (tok[token] + pos[t] + topics)[:, :, None]  # [B,S,1,d]
+            for block, cache in zip(self.word_blocks, caches, strict=True):
+                x = block(x, cache)
+            token = (self.head(self.word_ln(x))[:, :, 0] + forbidden).argmax(dim=-1)
+            out.append(torch.where(alive, token, PAD))
+            alive &= token != EOS
+        words = torch.stack(out, dim=2)
+        present = (torch.sigmoid(stop_logits) <= 0.5).int().cumprod(dim=1).bool()
+        return torch.where(present[..., None], words, PAD)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,7 +133,8 @@ def release(
     cfg = from_dict(EmixerConfig, ckpt.config)
     nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
     set_weights(nets, ckpt.arrays)
-    nets.eval()
+    # oneDNN runs the conv stacks of G and E about twice as fast in channels-last layout on CPU
+    nets.eval().to(memory_format=torch.channels_last)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

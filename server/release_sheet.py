@@ -8,6 +8,7 @@ figures are linked only when their files exist.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -20,15 +21,25 @@ from emixer_model.data.dicom import decode_dicom
 SAMPLES_PER_CONDITION = 6
 
 
-def png_bytes(image01: np.ndarray) -> bytes:
-    """A grey PNG of an image in [0, 1]."""
+@functools.cache
+def _gray_rgba() -> np.ndarray:
+    """matplotlib's "gray" colormap as a [256, 4] uint8 table (the release PNGs' grey levels)."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    from matplotlib import image as mpimg
+    return matplotlib.colormaps["gray"](np.arange(256), bytes=True)
 
+
+def png_bytes(image01: np.ndarray) -> bytes:
+    """A grey PNG of an image in [0, 1]: the pixels matplotlib's imsave(cmap="gray") writes.
+
+    Encoded with Pillow (a matplotlib dependency), about twice as fast as imsave; it matters
+    for a release writing one PNG per pair.
+    """
+    from PIL import Image
+
+    index = np.clip((np.asarray(image01) * 256).astype(np.int64), 0, 255)
     buf = io.BytesIO()
-    mpimg.imsave(buf, image01, cmap="gray", vmin=0.0, vmax=1.0, format="png")
+    Image.fromarray(_gray_rgba()[index]).save(buf, format="png")
     return buf.getvalue()
 
 

@@ -11,7 +11,13 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from emixer_model.config import ModelConfig
-from emixer_model.networks import build_networks, get_weights, pick_device, set_weights
+from emixer_model.networks import (
+    CausalSelfAttention,
+    build_networks,
+    get_weights,
+    pick_device,
+    set_weights,
+)
 from emixer_model.text.vocabulary import EOS, PAD
 
 SMALL = ModelConfig(
@@ -85,6 +91,45 @@ def test_sample_ids_pads_after_eos_and_after_stop(nets) -> None:
             else:
                 assert (sentence != PAD).all()
     assert saw_eos and saw_stop
+
+
+def _greedy_reference(r: nn.Module, e: torch.Tensor) -> torch.Tensor:
+    """The slow greedy decoder sample_ids replaced: whole prefix re-run through `words` per step."""
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(logits.argmax(dim=-1), r.V).to(logits.dtype)
+
+    with torch.no_grad():
+        return r._decode(e, pick).argmax(dim=-1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_sample_ids_fast_path_matches_full_prefix_decoding(seed: int) -> None:
+    cfg = ModelConfig(**{**SMALL.__dict__, "max_sentences": 3, "max_words": 8})
+    torch.manual_seed(seed)
+    r = build_networks(cfg, V, L).r.eval()
+    with torch.no_grad():  # early EOS and some stops, so both masking rules are exercised
+        r.head.bias[EOS] += 1.0
+        r.stop.bias += 0.3
+    e = torch.randn(48, cfg.embed_dim) * 3
+    ids = r.sample_ids(e)
+    torch.testing.assert_close(ids, _greedy_reference(r, e), rtol=0, atol=0)
+    stopped = (ids == PAD).all(dim=2)
+    assert (ids == EOS).any() and stopped.any() and not stopped.all()
+    assert (ids[..., -1] != PAD).any()  # some sentence reached the last word
+
+
+def test_kv_cache_attention_equals_full_causal_attention() -> None:
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(16, 2)
+    x = torch.randn(3, 2, 5, 16)
+    with torch.no_grad():
+        full = attn(x)
+        cache: dict[str, torch.Tensor] = {}
+        steps = [attn(x[:, :, :2], cache)] + [attn(x[:, :, t : t + 1], cache) for t in range(2, 5)]
+        torch.testing.assert_close(torch.cat(steps, dim=2), full)
+        with pytest.raises(ValueError, match="one new position"):
+            attn(x[:, :, :2], cache)
 
 
 def test_generate_soft_is_one_hot_and_differentiable(nets) -> None:
