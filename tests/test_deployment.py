@@ -206,95 +206,173 @@ def wait_for(predicate, what: str, timeout: float = 60.0, every: float = 1.0) ->
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_tls_superlink_authenticated_supernodes_run_one_round(tmp_path: Path, certs: Path) -> None:
-    from emixer_model.data.phantoms import write_phantom_sites
+class Deployment:
+    """A TLS SuperLink with node auth and our staged app, plus SuperNodes started on demand; every
+    process is tracked by pid and stopped by close()."""
 
-    site_dirs = write_phantom_sites(tmp_path / "data", sites=3, size=32, per_site=16, unlabeled=4)
-    cfg = EmixerConfig(
-        model=ModelConfig(resolution=16, width=8, embed_dim=32),
-        train=TrainConfig(batch_size=8),
-    )
-    cfg.federation.rounds, cfg.federation.min_sites = 1, 2
-    server = ServerSettings(
-        host="127.0.0.1",
-        port=free_port(),
-        ca_cert=certs / "ca.crt",
-        cert=certs / "server.crt",
-        key=certs / "server.key",
-        sites=[SiteEntry(n, certs / "sites" / f"{n}.pub") for n in ("site-a", "site-b", "site-c")],
-        state_dir=tmp_path / "server",
-        run=cfg,
-    )
-    cfg = run_config(server)
-    app_dir = stage_app(server.state_dir / "app", cfg)
-    write_flwr_home(server.state_dir / "flwr-home", server)
-    cli = FlwrCli(server.state_dir / "flwr-home")
+    def __init__(self, tmp_path: Path, certs: Path, cfg: EmixerConfig, names: list[str]) -> None:
+        self.tmp_path, self.certs = tmp_path, certs
+        self.server = ServerSettings(
+            host="127.0.0.1",
+            port=free_port(),
+            ca_cert=certs / "ca.crt",
+            cert=certs / "server.crt",
+            key=certs / "server.key",
+            sites=[SiteEntry(n, certs / "sites" / f"{n}.pub") for n in names],
+            state_dir=tmp_path / "server",
+            run=cfg,
+        )
+        self.app_dir = stage_app(self.server.state_dir / "app", run_config(self.server))
+        write_flwr_home(self.server.state_dir / "flwr-home", self.server)
+        self.cli = FlwrCli(self.server.state_dir / "flwr-home")
+        self.procs: list[subprocess.Popen] = []
+        self.superlink = start_superlink(self.server)
 
-    def site(name: str, data: Path, approved: str | None = None) -> SiteSettings:
+    def site(self, name: str, data: Path, approved: str | None = None) -> SiteSettings:
         return SiteSettings(
-            superlink=server.control_address,
-            root_certificate=certs / "ca.crt",
-            private_key=certs / "sites" / f"{name}.key",
+            superlink=self.server.control_address,
+            root_certificate=self.certs / "ca.crt",
+            private_key=self.certs / "sites" / f"{name}.key",
             data_path=data,
-            state_dir=tmp_path / "sites" / name,
+            state_dir=self.tmp_path / "sites" / name,
             site_name=name,
             approved_app_hash=approved,
             runtime_port=free_port(),
         )
 
-    sites = [
-        site("site-a", site_dirs[0], approved=app_hash()),  # pinned as `emixer app-hash` prints
-        site("site-b", site_dirs[1]),
-        site("site-c", site_dirs[2], approved="0" * 64),  # pinned to another app version
-    ]
-    rogue = site("rogue", site_dirs[0])
-    procs: list[subprocess.Popen] = []
-    superlink = start_superlink(server)
+    def start(self, settings: SiteSettings) -> subprocess.Popen:
+        command = supernode_command(settings, write_node_config(settings))
+        with (self.tmp_path / f"{settings.site_name}.log").open("a") as log:
+            proc = subprocess.Popen(
+                [*command, "--max-retries", "3"],
+                env=supernode_env(settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def online(self) -> int:
+        return list(node_status(self.cli).values()).count("online")
+
+    def logs(self, run_id: int) -> str:
+        """The run's ServerApp log, for failure messages."""
+        command = ["flwr", "log", str(run_id), "emixer", "--show"]
+        done = subprocess.run(command, env=self.cli.env, capture_output=True, text=True)
+        return done.stdout[-4000:] + done.stderr[-1000:]
+
+    def wait_for_run(self, run_id: int, timeout: float = RUN_TIMEOUT) -> None:
+        finished = lambda: self.cli.run_status(run_id)[0].startswith("finished")  # noqa: E731
+        try:
+            wait_for(finished, "the run", timeout, every=5.0)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{self.logs(run_id)}") from None
+        status, details = self.cli.run_status(run_id)
+        assert status == "finished:completed", f"{details}\n{self.logs(run_id)}"
+
+    def close(self) -> None:
+        for proc in self.procs:  # signal all first: each SuperNode takes a moment to deregister
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            stop_process_group(proc)
+        stop_process_group(self.superlink)
+        for proc in [*self.procs, self.superlink]:
+            assert proc.poll() is not None
+
+
+def still_running(proc: subprocess.Popen, grace: float = 30.0) -> bool:
+    """True when a just-started SuperNode is still up after `grace` seconds (it connected)."""
     try:
-        for entry in server.sites:
-            assert "enrolled" in cli.enrol(entry)
-        assert "earlier" in cli.enrol(server.sites[0])  # idempotent across restarts
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        return True
+    return False
 
-        def start(settings: SiteSettings) -> subprocess.Popen:
-            command = supernode_command(settings, write_node_config(settings))
-            with (tmp_path / f"{settings.site_name}.log").open("w") as log:
-                proc = subprocess.Popen(
-                    [*command, "--max-retries", "3"],
-                    env=supernode_env(settings),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            procs.append(proc)
-            return proc
 
-        refused = start(rogue)
+def tiny_deployment_config(rounds: int, min_sites: int, round_timeout: float) -> EmixerConfig:
+    cfg = EmixerConfig(
+        model=ModelConfig(resolution=16, width=8, embed_dim=32),
+        train=TrainConfig(batch_size=8),
+    )
+    cfg.federation.rounds, cfg.federation.min_sites = rounds, min_sites
+    cfg.federation.round_timeout = round_timeout
+    return cfg
+
+
+def test_tls_superlink_authenticated_supernodes_run_one_round(tmp_path: Path, certs: Path) -> None:
+    from emixer_model.data.phantoms import write_phantom_sites
+
+    site_dirs = write_phantom_sites(tmp_path / "data", sites=3, size=32, per_site=16, unlabeled=4)
+    cfg = tiny_deployment_config(rounds=1, min_sites=2, round_timeout=3600.0)
+    deployment = Deployment(tmp_path, certs, cfg, ["site-a", "site-b", "site-c"])
+    sites = [
+        deployment.site("site-a", site_dirs[0], approved=app_hash()),  # as `emixer app-hash` prints
+        deployment.site("site-b", site_dirs[1]),
+        deployment.site("site-c", site_dirs[2], approved="0" * 64),  # pinned to another version
+    ]
+    try:
+        for entry in deployment.server.sites:
+            assert "enrolled" in deployment.cli.enrol(entry)
+        assert "earlier" in deployment.cli.enrol(deployment.server.sites[0])  # idempotent
+
+        refused = deployment.start(deployment.site("rogue", site_dirs[0]))
         for settings in sites:
-            start(settings)
+            deployment.start(settings)
         assert refused.wait(timeout=60) != 0, "a SuperNode with an unenrolled key was admitted"
-        wait_for(lambda: list(node_status(cli).values()).count("online") == 3, "three sites online")
+        wait_for(lambda: deployment.online() == 3, "three sites online")
 
-        run_id = cli.submit(app_dir)
-        wait_for(
-            lambda: cli.run_status(run_id)[0].startswith("finished"),
-            "the run",
-            RUN_TIMEOUT,
-            every=5.0,
-        )
-        status, details = cli.run_status(run_id)
-        assert status == "finished:completed", details
-        assert list((server.state_dir / "checkpoints").glob("round-*.pt"))
+        deployment.wait_for_run(deployment.cli.submit(deployment.app_dir))
+        assert list((deployment.server.state_dir / "checkpoints").glob("round-*.pt"))
         for settings in sites[:2]:
             assert (settings.state_dir / "privacy" / "ledger.jsonl").is_file()
         audit = (sites[2].state_dir / "audit.log").read_text().splitlines()
         assert any(json.loads(line)["event"] == "refused-app" for line in audit)
         assert not (sites[2].state_dir / "privacy" / "ledger.jsonl").exists()
     finally:
-        for proc in procs:  # signal all first: each SuperNode takes a moment to deregister
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            stop_process_group(proc)
-        stop_process_group(superlink)
-        for proc in [*procs, superlink]:
-            assert proc.poll() is not None
+        deployment.close()
+
+
+def test_a_site_lost_mid_round_is_waited_for_then_rejoins_with_its_ledger(
+    tmp_path: Path, certs: Path
+) -> None:
+    """site-b dies after it is online: round 1 ends at the round timeout with site-a alone; the
+    hospital restarts site-b, which rejoins a later round with its own ledger carrying on."""
+    from emixer_model.data.phantoms import write_phantom_sites
+    from server.checkpoint import latest_checkpoint
+
+    site_dirs = write_phantom_sites(tmp_path / "data", sites=2, size=32, per_site=16, unlabeled=4)
+    cfg = tiny_deployment_config(rounds=3, min_sites=2, round_timeout=90.0)
+    deployment = Deployment(tmp_path, certs, cfg, ["site-a", "site-b"])
+    site_a = deployment.site("site-a", site_dirs[0])
+    site_b = deployment.site("site-b", site_dirs[1])
+    try:
+        for entry in deployment.server.sites:
+            deployment.cli.enrol(entry)
+        deployment.start(site_a)
+        b_process = deployment.start(site_b)
+        wait_for(lambda: deployment.online() == 2, "two sites online")
+        os.killpg(b_process.pid, signal.SIGKILL)  # gone without a word: no deregistration
+        b_process.wait(timeout=30)
+        run_id = deployment.cli.submit(deployment.app_dir)
+        checkpoints = deployment.server.state_dir / "checkpoints"
+        try:
+            wait_for(lambda: (checkpoints / "round-0001.pt").exists(), "round 1", RUN_TIMEOUT)
+        except AssertionError:
+            raise AssertionError(deployment.logs(run_id)) from None
+        # the hospital restarts its daemon; like systemd's Restart=on-failure, start it again while
+        # the SuperLink still holds the dead session (it refuses a second activation of a key)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not still_running(deployment.start(site_b)) and time.monotonic() < deadline:
+            time.sleep(5)
+        deployment.wait_for_run(run_id, timeout=2 * RUN_TIMEOUT)
+        ledger = latest_checkpoint(checkpoints).ledger["sites"]
+        assert [h["round"] for h in ledger["site-a"]["history"]] == [1, 2, 3]
+        b_rounds = [h["round"] for h in ledger["site-b"]["history"]]
+        assert 1 not in b_rounds and 3 in b_rounds, deployment.logs(run_id)
+        local = (site_b.state_dir / "privacy" / "ledger.jsonl").read_text().splitlines()
+        assert [json.loads(line)["round"] for line in local] == b_rounds
+        assert json.loads(local[-1])["epsilon"] == pytest.approx(ledger["site-b"]["epsilon"])
+    finally:
+        deployment.close()
