@@ -20,10 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from client.audit import app_hash, log_event
-from emixer_model.config import ConfigError
+from emixer_model.config import ConfigError, read_yaml
 
 DEFAULT_RUNTIME_PORT = 9094
 EXIT_USAGE = 2
@@ -74,14 +72,7 @@ class SiteSettings:
 def load_site_settings(path: str | Path) -> SiteSettings:
     """Read site.yaml strictly and check that every file and folder it names exists."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a mapping of keys to values")
+    data = read_yaml(path)
     unknown = sorted(set(data) - set(SITE_KEYS))
     if unknown:
         raise ConfigError(

@@ -224,10 +224,8 @@ def _checked(value: Any, default: Any, key: str) -> Any:
     return float(value) if float in expected and not isinstance(value, bool) else value
 
 
-def load_config(path: str | Path | None) -> EmixerConfig:
-    """Read an EmixerConfig from YAML; None gives the defaults."""
-    if path is None:
-        return EmixerConfig()
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML mapping (an empty file is an empty mapping) with errors naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -235,4 +233,15 @@ def load_config(path: str | Path | None) -> EmixerConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    return from_dict(EmixerConfig, data)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of keys to values")
+    return data
+
+
+def load_config(path: str | Path | None) -> EmixerConfig:
+    """Read an EmixerConfig from YAML; None gives the defaults."""
+    if path is None:
+        return EmixerConfig()
+    return from_dict(EmixerConfig, read_yaml(path))

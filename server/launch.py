@@ -28,10 +28,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from client.daemon import sigterm_as_interrupt
-from emixer_model.config import ConfigError, EmixerConfig, from_dict
+from emixer_model.config import ConfigError, EmixerConfig, from_dict, read_yaml
 
 APP_PACKAGES = ("client", "emixer_model", "server")
 CONNECTION = "emixer"  # the flwr CLI's name for our SuperLink in FLWR_HOME/config.toml
@@ -94,19 +92,6 @@ def check_keys(data: Any, allowed: set[str], where: str) -> dict[str, Any]:
         raise ConfigError(
             f"unknown key {where}.{unknown[0]!r}; known keys here: {', '.join(sorted(allowed))}"
         )
-    return data
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Parse a YAML mapping with errors that name the file."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a mapping of keys to values")
     return data
 
 
