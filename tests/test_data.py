@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -368,3 +369,17 @@ def test_holdout_units_are_deterministic_and_sized():
     assert held != holdout_units(50, 0.3, seed=5)
     assert holdout_units(50, 0.0, seed=4) == set()
     assert len(holdout_units(2, 0.9, seed=0)) == 1  # at least one unit is always left to train
+
+
+def test_reports_over_the_length_cap_are_truncated_with_a_logged_count(tmp_path, caplog) -> None:
+    site = _make_site(tmp_path)
+    long_report = "The heart is enlarged with a small left pleural effusion today. " * 4
+    rows = [_row("images/s0.dcm", "p1"), _row("images/s1.dcm", "p2")]
+    rows[0][1] = long_report
+    _write_csv(site, HEADER, rows)
+    with caplog.at_level(logging.WARNING, logger="emixer.data"):
+        data = load_site(site, tmp_path / "state", CFG)
+    assert "1 of 2 reports exceed the report length cap (3 sentences of at most 5 words)" in (
+        caplog.text
+    )
+    assert (data.tokens[0] != 0).sum(dim=1).tolist() == [6, 6, 6]  # 5 words + EOS, 3 sentences

@@ -203,7 +203,7 @@ def load_site(
     progress: Callable[[int, int], None] | None = None,
 ) -> SiteData:
     """Decode a site folder into tensors (cached under state_dir) with its privacy units."""
-    from emixer_model.text.vocabulary import encode_report  # helper module, imported when used
+    from emixer_model.text.vocabulary import encode_report, fits_caps  # imported when used
 
     if uncertain_as not in ("positive", "negative"):
         raise ValueError(f"uncertain_as must be 'positive' or 'negative', not {uncertain_as!r}")
@@ -277,6 +277,17 @@ def load_site(
             ]
         ).astype(np.int64)
     )
+    S, W = model_cfg.max_sentences, model_cfg.max_words
+    cut = sum(not fits_caps(s.report, S, W) for s, _ in usable)
+    if cut:
+        log.warning(
+            "%d of %d reports exceed the report length cap (%d sentences of at most %d words) "
+            "and were truncated for training; raise model.max_sentences/max_words to keep more",
+            cut,
+            len(usable),
+            S,
+            W - 1,
+        )
     unlabeled_ok = [rel for rel in unlabeled_rels if rel in decoded]
     r = model_cfg.resolution
     unlabeled = (

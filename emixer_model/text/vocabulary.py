@@ -61,6 +61,12 @@ def encode_report(text: str, max_sentences: int, max_words: int) -> np.ndarray:
     return ids
 
 
+def fits_caps(text: str, max_sentences: int, max_words: int) -> bool:
+    """Whether encode_report keeps the whole report (the loader logs how many it had to cut)."""
+    sentences = tokenize(text)
+    return len(sentences) <= max_sentences and all(len(w) < max_words for w in sentences)
+
+
 def decode_report(ids: np.ndarray | torch.Tensor) -> str:
     """Readable text of an id grid [S, W]: "Word word. Word word." (UNK shown as <unk>).
 
