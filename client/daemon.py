@@ -229,13 +229,9 @@ def check_site(settings: SiteSettings, resolution: int = 64) -> int:
 
 
 def cmd_site(args: argparse.Namespace) -> int:
-    """`emixer site`: the handler add_site_parser registers."""
-    try:
-        settings = load_site_settings(args.config)
-        return check_site(settings) if args.check else run_site(settings)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    """`emixer site`: the handler add_site_parser registers (config errors reach the CLI's main)."""
+    settings = load_site_settings(args.config)
+    return check_site(settings) if args.check else run_site(settings)
 
 
 def add_site_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -439,11 +439,19 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     from emixer_model.data.site import SiteDataError
     from server.checkpoint import CheckpointError
+    from server.launch import LaunchError
     from server.release import ReleaseRefused
 
     try:
         return args.func(args)
-    except (CommandError, ConfigError, SiteDataError, CheckpointError, ReleaseRefused) as err:
+    except (
+        CommandError,
+        ConfigError,
+        SiteDataError,
+        CheckpointError,
+        ReleaseRefused,
+        LaunchError,
+    ) as err:
         console.print(f"[red]error:[/red] {err}")
         return EXIT_USAGE
     except KeyboardInterrupt:

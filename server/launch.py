@@ -20,7 +20,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -385,18 +384,12 @@ def run_server(settings: ServerSettings, echo: Callable[[str], None] = print) ->
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    """`emixer server`: the handler add_server_parser registers."""
-    try:
-        settings = load_server_settings(args.config)
-        if args.resume:
-            settings = replace(settings, resume=True)
-        return run_server(settings)
-    except (ConfigError, LaunchError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted: SuperLink stopped", file=sys.stderr)
-        return 130
+    """`emixer server`: the handler add_server_parser registers. Config and launch errors reach
+    the CLI's main, which prints them as one line with exit code 2 like every other command."""
+    settings = load_server_settings(args.config)
+    if args.resume:
+        settings = replace(settings, resume=True)
+    return run_server(settings)
 
 
 def add_server_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -7,7 +7,6 @@ SuperNodes use private FLWR_HOME folders under tmp_path, never ~/.flwr.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -30,12 +29,12 @@ from client.daemon import (
     supernode_env,
     write_node_config,
 )
+from emixer_model.cli import main
 from emixer_model.config import ConfigError, EmixerConfig, ModelConfig, TrainConfig
 from server.launch import (
     FlwrCli,
     ServerSettings,
     SiteEntry,
-    cmd_server,
     load_server_settings,
     run_config,
     stage_app,
@@ -187,9 +186,9 @@ def test_server_reports_a_superlink_that_cannot_start(
     # the CA certificate is no private key: flower-superlink exits at once
     config.write_text(config.read_text().replace("key: " + str(certs / "server.key"), "key: x"))
     (tmp_path / "x").write_text("not a key\n")
-    code = cmd_server(argparse.Namespace(config=str(config), resume=False))
+    code = main(["server", "--config", str(config)])
     assert code == 2
-    assert "flower-superlink exited" in capsys.readouterr().err
+    assert "flower-superlink exited" in capsys.readouterr().out
 
 
 def node_status(cli: FlwrCli) -> dict[str, str]:
