@@ -6,7 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from emixer_model.config import EmixerConfig, from_dict
+from emixer_model.config import EmixerConfig, ModelConfig, from_dict
+
+# The smallest model that still has every part: unit tests of the networks and the private step.
+SMALL_MODEL = ModelConfig(
+    resolution=16,
+    latent_dim=8,
+    width=8,
+    embed_dim=32,
+    max_sentences=3,
+    max_words=6,
+    heads=2,
+    groups=4,
+)
 
 TINY = {
     "model": {

@@ -19,33 +19,24 @@ from emixer_model.networks import (
     set_weights,
 )
 from emixer_model.text.vocabulary import EOS, PAD
+from tests.conftest import SMALL_MODEL
 
-SMALL = ModelConfig(
-    resolution=16,
-    latent_dim=8,
-    width=8,
-    embed_dim=32,
-    max_sentences=3,
-    max_words=6,
-    heads=2,
-    groups=4,
-)
 V, L, B = 30, 8, 5
 
 
 @pytest.fixture()
 def nets():
     torch.manual_seed(0)
-    return build_networks(SMALL, V, L)
+    return build_networks(SMALL_MODEL, V, L)
 
 
 def test_shapes_and_ranges(nets) -> None:
-    z, y = torch.randn(B, SMALL.latent_dim), torch.zeros(B, L)
+    z, y = torch.randn(B, SMALL_MODEL.latent_dim), torch.zeros(B, L)
     x = nets.g(z, y)
     assert x.shape == (B, 1, 16, 16)
     assert x.min() >= -1 and x.max() <= 1
     e = nets.e(x)
-    assert e.shape == (B, SMALL.embed_dim)
+    assert e.shape == (B, SMALL_MODEL.embed_dim)
     ids = nets.r.sample_ids(e)
     assert ids.shape == (B, 3, 6) and ids.dtype == torch.long
     assert nets.d(x, ids, y).shape == (B,)
@@ -63,7 +54,7 @@ def test_bigger_resolution_builds() -> None:
     [({"resolution": 48}, "power of two"), ({"heads": 3}, "divisible")],
 )
 def test_bad_config_is_refused(change: dict, message: str) -> None:
-    cfg = ModelConfig(**{**SMALL.__dict__, **change})
+    cfg = ModelConfig(**{**SMALL_MODEL.__dict__, **change})
     with pytest.raises(ValueError, match=message):
         build_networks(cfg, V, L)
 
@@ -72,7 +63,7 @@ def test_sample_ids_pads_after_eos_and_after_stop(nets) -> None:
     with torch.no_grad():  # make EOS likely early and some sentences stop
         nets.r.head.bias[EOS] += 3.0
         nets.r.stop.bias += 0.5
-    ids = nets.r.sample_ids(torch.randn(64, SMALL.embed_dim) * 3)
+    ids = nets.r.sample_ids(torch.randn(64, SMALL_MODEL.embed_dim) * 3)
     saw_eos = saw_stop = False
     for report in ids:
         stopped = False
@@ -105,7 +96,7 @@ def _greedy_reference(r: nn.Module, e: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_sample_ids_fast_path_matches_full_prefix_decoding(seed: int) -> None:
-    cfg = ModelConfig(**{**SMALL.__dict__, "max_sentences": 3, "max_words": 8})
+    cfg = ModelConfig(**{**SMALL_MODEL.__dict__, "max_sentences": 3, "max_words": 8})
     torch.manual_seed(seed)
     r = build_networks(cfg, V, L).r.eval()
     with torch.no_grad():  # early EOS and some stops, so both masking rules are exercised
@@ -157,7 +148,7 @@ def test_teacher_forced_loss_is_per_sample(nets) -> None:
     tokens = torch.randint(3, V, (B, 3, 6))
     tokens[:, :, -1] = EOS
     tokens[1] = PAD  # a row without a report (unlabeled) still gives a finite loss
-    e = torch.randn(B, SMALL.embed_dim)
+    e = torch.randn(B, SMALL_MODEL.embed_dim)
     loss = nets.r.teacher_forced_loss(e, tokens)
     assert loss.shape == (B,) and torch.isfinite(loss).all()
     other = tokens.clone()
@@ -177,7 +168,7 @@ def test_private_networks_are_opacus_compatible(nets) -> None:
 def test_weights_round_trip_and_stable_keys(nets) -> None:
     weights = get_weights(nets)
     assert all(a.dtype == np.float32 for a in weights.values())
-    other = build_networks(SMALL, V, L)
+    other = build_networks(SMALL_MODEL, V, L)
     set_weights(other, weights)
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(other.e(x), nets.e(x))

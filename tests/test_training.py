@@ -5,23 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, PrivacyConfig, TrainConfig
+from emixer_model.config import FINDINGS, EmixerConfig, PrivacyConfig, TrainConfig
 from emixer_model.data.site import SiteData
 from emixer_model.networks import build_networks
 from emixer_model.privacy import SiteAccountant
 from emixer_model.text.vocabulary import EOS, PAD
 from emixer_model.training import PrivateTrainer, sample_prior
+from tests.conftest import SMALL_MODEL
 
-MODEL = ModelConfig(
-    resolution=16,
-    latent_dim=8,
-    width=8,
-    embed_dim=32,
-    max_sentences=3,
-    max_words=6,
-    heads=2,
-    groups=4,
-)
 V, L = 24, len(FINDINGS)
 
 
@@ -52,12 +43,12 @@ def make_trainer(
 ) -> tuple[PrivateTrainer, SiteAccountant]:
     torch.manual_seed(0)
     cfg = EmixerConfig(
-        model=MODEL,
+        model=SMALL_MODEL,
         privacy=PrivacyConfig(max_grad_norm=clip),
         train=TrainConfig(batch_size=batch_size, lr_text=lr),
     )
     accountant = SiteAccountant("rdp")
-    nets = build_networks(MODEL, V, L)
+    nets = build_networks(SMALL_MODEL, V, L)
     trainer = PrivateTrainer(
         nets, cfg, len(data.units), sigma, accountant, torch.device("cpu"), secret_seed=1
     )
