@@ -126,7 +126,7 @@ def load_site_settings(path: str | Path) -> SiteSettings:
 
 def write_node_config(settings: SiteSettings) -> Path:
     """The node config as a TOML file (flower-supernode accepts one); paths need no quoting."""
-    import tomli_w  # a dependency of flwr
+    import tomli_w
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     path = settings.state_dir / "node-config.toml"

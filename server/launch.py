@@ -166,7 +166,7 @@ def app_source_root() -> Path:
 
 def stage_app(dest: Path, cfg: EmixerConfig) -> Path:
     """Write a Flower app folder: the app packages and a pyproject.toml declaring the run config."""
-    import tomli_w  # a dependency of flwr
+    import tomli_w
 
     if dest.exists():
         shutil.rmtree(dest)
