@@ -23,10 +23,9 @@ import torch
 import server.release as release_module
 from bench.common import machine, print_table, verdict
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig
-from emixer_model.networks import build_networks
+from emixer_model.networks import build_networks, get_weights
 from emixer_model.privacy import epsilon_from_history
 from emixer_model.text.vocabulary import VOCAB_SIZE
-from emixer_model.training import get_weights
 from server.checkpoint import Checkpoint, save_checkpoint
 
 TARGET_RATE = 200.0

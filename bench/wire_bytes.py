@@ -29,10 +29,9 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 import emixer_model.site_training as site_training
 from bench.common import machine, print_table, ratio, write_phantoms
 from emixer_model.config import FINDINGS, EmixerConfig
-from emixer_model.networks import build_networks
+from emixer_model.networks import build_networks, get_weights
 from emixer_model.records import to_array_record
 from emixer_model.text.vocabulary import VOCAB_SIZE
-from emixer_model.training import get_weights
 
 
 def _metadata(message_type: str, src: int, dst: int) -> Metadata:

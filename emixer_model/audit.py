@@ -183,12 +183,18 @@ def discriminator_scores(
 
 @torch.no_grad()
 def report_loss_scores(
-    nets: EmixerNets, images: torch.Tensor, tokens: torch.Tensor, batch_size: int = 64
+    nets: EmixerNets,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    tokens: torch.Tensor,
+    batch_size: int = 64,
 ) -> np.ndarray:
     """Minus the teacher-forced report loss: trained-on reports are predicted better."""
     device = next(nets.parameters()).device
     out = [
-        -nets.r.teacher_forced_loss(nets.e(images[s].to(device)), tokens[s].to(device)).cpu()
+        -nets.r.teacher_forced_loss(
+            nets.e(images[s].to(device)), labels[s].to(device), tokens[s].to(device)
+        ).cpu()
         for s in _batches(len(images), batch_size)
     ]
     return torch.cat(out).numpy() if out else np.zeros(0)
@@ -209,7 +215,7 @@ def generate_per_label_set(
     y = label_sets.repeat_interleave(per_label, dim=0)
     z = torch.randn(len(y), latent_dim, generator=generator)
     images = torch.cat(
-        [nets.g(z[s].to(device), y[s].to(device)).cpu() for s in _batches(len(y), batch_size)]
+        [nets.g_ema(z[s].to(device), y[s].to(device)).cpu() for s in _batches(len(y), batch_size)]
     )
     return images.view(len(label_sets), per_label, *images.shape[1:])
 
@@ -287,7 +293,7 @@ def membership_attacks(
     )
     scores = {
         "discriminator": discriminator_scores(nets, images, tokens, labels),
-        "report-loss": report_loss_scores(nets, images, tokens),
+        "report-loss": report_loss_scores(nets, images, labels, tokens),
         "nearest-neighbour": nn_scores,
     }
     cut = split.members.size

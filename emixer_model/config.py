@@ -45,7 +45,9 @@ class ModelConfig:
     sentence_layers: int = 1  # causal attention blocks in the sentence stage
     word_layers: int = 2  # causal attention blocks in the word stage
     heads: int = 4  # attention heads in both stages
-    gumbel_tau: float = 1.0  # Gumbel-softmax temperature for differentiable reports
+    gumbel_tau: float = 1.0  # Gumbel-softmax temperature (train.text_gradient_to_g only)
+    report_temperature: float = 1.0  # sampling temperature of generated reports (D's fake
+    #   rows and releases); 0 is greedy: one report per label set and image
     groups: int = 8  # GroupNorm groups (never BatchNorm: DESIGN.md section 2)
 
 
@@ -92,6 +94,13 @@ class TrainConfig:
     holdout_fraction: float = 0.0  # privacy units kept out of training for `emixer audit`
     public_warm_start_steps: int = 0  # coordinator: steps of the report decoder on the public
     #   report grammar before round 1 (no site data, no privacy cost); 0 turns it off
+    d_steps: int = 1  # private D/E/R steps per generator step (each one is accounted)
+    ema_decay: float = 0.99  # EMA of G's weights, which releases sample from; 0: EMA = G
+    private_optimizer: str = "adam"  # "adam" or "sgd" (momentum beta1) for D, E, R
+    dp_trainable: str = "all"  # private parameters that move: "all", or "top" (norm affines,
+    #   label projections and the output layers of D, E, R: less noise for a pretrained model)
+    text_gradient_to_g: bool = False  # G also learns through differentiable (Gumbel) reports;
+    #   off: D scores sampled reports and G learns through the image, at a fraction of the cost
 
     def __post_init__(self) -> None:
         if self.uncertain_as not in ("positive", "negative"):
@@ -102,6 +111,14 @@ class TrainConfig:
             raise ConfigError("train.holdout_fraction must be in [0, 1)")
         if self.public_warm_start_steps < 0:
             raise ConfigError("train.public_warm_start_steps must be >= 0 (0 turns it off)")
+        if self.d_steps < 1:
+            raise ConfigError("train.d_steps must be at least 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("train.ema_decay must be in [0, 1)")
+        if self.private_optimizer not in ("adam", "sgd"):
+            raise ConfigError("train.private_optimizer must be 'adam' or 'sgd'")
+        if self.dp_trainable not in ("all", "top"):
+            raise ConfigError("train.dp_trainable must be 'all' or 'top'")
 
 
 STRATEGIES = ("fedavg", "fedadam", "fedmedian", "fedtrimmedavg")
@@ -124,6 +141,7 @@ class FederationConfig:
     site_dirs: str = ""  # comma-separated site folders, one per partition
     state_root: str = ""  # per-site state directories are created below it
     checkpoint_dir: str = ""  # where the server writes its checkpoints
+    initial_model: str = ""  # a checkpoint (e.g. from `emixer pretrain`) round 1 starts from
     resume: bool = False  # continue from the newest checkpoint in checkpoint_dir
 
     def __post_init__(self) -> None:

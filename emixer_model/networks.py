@@ -2,7 +2,7 @@
 
     Generator G(z, y)        noise + label -> 1-channel image in [-1, 1]
     Encoder E(x)             image -> embedding
-    ReportDecoder R(e)       embedding -> sentence topics + stop -> words (hierarchical)
+    ReportDecoder R(e, y)    embedding + label -> sentence topics + stop -> words (hierarchical)
     Discriminator D(x, t, y) image + report + label -> real/fake score; rotation head
 
 Every layer that can see real data (E, R, D) is one Opacus computes per-sample gradients for
@@ -37,6 +37,8 @@ def _check_config(cfg: ModelConfig) -> None:
         raise ValueError(
             f"model.embed_dim ({cfg.embed_dim}) must be divisible by model.heads ({cfg.heads})"
         )
+    if cfg.report_temperature < 0:
+        raise ValueError(f"model.report_temperature must be >= 0, not {cfg.report_temperature}")
     if cfg.max_sentences < 1 or cfg.max_words < 2:
         raise ValueError("model.max_sentences must be >= 1 and model.max_words >= 2")
 
@@ -169,13 +171,19 @@ def _straight_through(soft: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
 
 
 class ReportDecoder(nn.Module):
-    """R(e): hierarchical report decoder (sentence topics + stop, then words per sentence)."""
+    """R(e, y): hierarchical report decoder (sentence topics + stop, then words per sentence).
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+    Conditioned on the image embedding and the label vector (known at synthesis), so a report
+    states its labels; the label enters through a Linear layer, per-sample to Opacus.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, n_labels: int) -> None:
         super().__init__()
         d, self.S, self.W, self.V = cfg.embed_dim, cfg.max_sentences, cfg.max_words, vocab_size
-        # sentence stage: [embedding, slot_1 .. slot_S] -> causal blocks -> topic + stop per slot
+        # sentence stage: [embedding, slot_1 .. slot_S] -> causal blocks -> topic + stop per slot;
+        # the label projection is added to every slot, so each sentence can read it directly
         self.embed_in = nn.Linear(d, d)
+        self.label_in = nn.Linear(n_labels, d, bias=False)
         self.slots = nn.Linear(self.S + 1, d, bias=False)  # learned slot queries (+ position)
         self.sentence_blocks = nn.Sequential(
             *(Block(d, cfg.heads) for _ in range(cfg.sentence_layers))
@@ -190,10 +198,12 @@ class ReportDecoder(nn.Module):
         self.word_ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab_size)
 
-    def sentences(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sentences(
+        self, embedding: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Topic vectors [B,S,d] and stop logits [B,S] (logit that sentence s is absent)."""
         b = len(embedding)
-        x = self.slots(_identity(self.S + 1, embedding, (b,)))
+        x = self.slots(_identity(self.S + 1, embedding, (b,))) + self.label_in(labels)[:, None]
         x = torch.cat([x[:, :1] + self.embed_in(embedding)[:, None], x[:, 1:]], dim=1)
         h = self.sentence_ln(self.sentence_blocks(x))[:, 1:]
         return self.topic(h), self.stop(h).squeeze(-1)
@@ -205,9 +215,11 @@ class ReportDecoder(nn.Module):
         x = self.tok(tokens) + pos + topics[:, :, None]
         return self.head(self.word_ln(self.word_blocks(x)))
 
-    def teacher_forced_loss(self, embedding: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def teacher_forced_loss(
+        self, embedding: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor
+    ) -> torch.Tensor:
         """Per-sample loss [B]: mean word cross-entropy over non-PAD targets + stop loss."""
-        topics, stop_logits = self.sentences(embedding)
+        topics, stop_logits = self.sentences(embedding, labels)
         bos = torch.full_like(tokens[..., :1], BOS)
         inputs = F.one_hot(torch.cat([bos, tokens[..., :-1]], dim=-1), self.V).to(topics.dtype)
         logits = self.words(inputs, topics)
@@ -220,14 +232,17 @@ class ReportDecoder(nn.Module):
         return word_loss + stop_loss.mean(dim=1)
 
     def _decode(
-        self, embedding: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        embedding: torch.Tensor,
+        labels: torch.Tensor,
+        pick: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """Autoregressive decoding of all sentences in parallel -> token vectors [B,S,W,V].
 
         `pick(logits [B,S,V]) -> one-hot-like [B,S,V]`. Words after EOS and sentences from the
         first predicted stop on become PAD, multiplicatively, so gradients still flow.
         """
-        topics, stop_logits = self.sentences(embedding)
+        topics, stop_logits = self.sentences(embedding, labels)
         b = len(embedding)
         pad = F.one_hot(torch.tensor(PAD, device=topics.device), self.V).to(topics.dtype)
         forbidden = torch.zeros(self.V, device=topics.device, dtype=topics.dtype)
@@ -249,7 +264,11 @@ class ReportDecoder(nn.Module):
         return present * words + (1 - present) * pad
 
     def generate_soft(
-        self, embedding: torch.Tensor, tau: float, generator: torch.Generator | None = None
+        self,
+        embedding: torch.Tensor,
+        labels: torch.Tensor,
+        tau: float,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Differentiable report [B,S,W,V]: straight-through Gumbel-softmax tokens."""
 
@@ -261,17 +280,27 @@ class ReportDecoder(nn.Module):
             hard = F.one_hot(soft.argmax(dim=-1), self.V).to(soft.dtype)
             return _straight_through(soft, hard)
 
-        return self._decode(embedding, pick)
+        return self._decode(embedding, labels, pick)
 
     @torch.no_grad()
-    def sample_ids(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Greedy report ids [B,S,W] (PAD after EOS, all-PAD sentences after stop).
+    def sample_ids(
+        self,
+        embedding: torch.Tensor,
+        labels: torch.Tensor,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Report ids [B,S,W] (PAD after EOS, all-PAD sentences after stop), no gradient.
 
-        The same ids as greedy `_decode`, computed for releases without its training-time
-        costs: token vectors are rows of the token Linear's weight instead of one-hot matmuls,
-        and each word step feeds only the newest word through the blocks (kv-cache).
+        temperature 0 is greedy (the same ids as greedy `_decode`); above 0 each word is drawn
+        from softmax(logits / temperature) with `generator`, so reports of one label set differ.
+        Computed without the training-time costs: token vectors are rows of the token Linear's
+        weight instead of one-hot matmuls, and each word step feeds only the newest word
+        through the blocks (kv-cache).
         """
-        topics, stop_logits = self.sentences(embedding)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, not {temperature}")
+        topics, stop_logits = self.sentences(embedding, labels)
         b, device = len(embedding), topics.device
         tok, pos = self.tok.weight.T.contiguous(), self.pos.weight.T  # [V,d], [W,d]
         forbidden = torch.zeros(self.V, device=device, dtype=topics.dtype)
@@ -284,7 +313,14 @@ class ReportDecoder(nn.Module):
             x = (tok[token] + pos[t] + topics)[:, :, None]  # [B,S,1,d]
             for block, cache in zip(self.word_blocks, caches, strict=True):
                 x = block(x, cache)
-            token = (self.head(self.word_ln(x))[:, :, 0] + forbidden).argmax(dim=-1)
+            logits = self.head(self.word_ln(x))[:, :, 0] + forbidden
+            if temperature > 0:
+                probs = F.softmax(logits.flatten(0, 1).float() / temperature, dim=-1)
+                where = generator.device if generator is not None else probs.device
+                drawn = torch.multinomial(probs.to(where), 1, generator=generator)
+                token = drawn.view(b, self.S).to(device)
+            else:
+                token = logits.argmax(dim=-1)
             out.append(torch.where(alive, token, PAD))
             alive &= token != EOS
         words = torch.stack(out, dim=2)
@@ -347,8 +383,12 @@ class EmixerNets(nn.Module):
         super().__init__()
         _check_config(cfg)
         self.g = Generator(cfg, n_labels)
+        # exponential moving average of G's weights: what a release samples from (trained on
+        # nothing, only averaged, so it needs no privacy of its own)
+        self.g_ema = Generator(cfg, n_labels).requires_grad_(False)
+        self.g_ema.load_state_dict(self.g.state_dict())
         self.e = Encoder(cfg)
-        self.r = ReportDecoder(cfg, vocab_size)
+        self.r = ReportDecoder(cfg, vocab_size, n_labels)
         self.d = Discriminator(cfg, vocab_size, n_labels)
 
 

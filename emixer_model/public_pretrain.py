@@ -38,8 +38,9 @@ LAST_LOSS_WINDOW = 20  # last_loss averages this many final steps: one batch is 
 
 def public_reports(
     n: int, model_cfg: ModelConfig, rng: np.random.Generator, generator: torch.Generator
-) -> torch.Tensor:
-    """Token ids [n, S, W] of n grammar reports written for labels from the public prior."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """n grammar reports written for labels from the public prior: (labels [n, L], the
+    reports' token ids [n, S, W]). Hedged findings are trained as positive, as at the sites."""
     labels = sample_prior(n, generator)
     hedged = torch.rand(labels.shape, generator=generator) < UNCERTAIN_PROBABILITY
     hedged[:, FINDINGS.index("No Finding")] = False  # "No Finding" is never hedged
@@ -52,16 +53,16 @@ def public_reports(
         )
         for row in values.tolist()
     ]
-    return torch.from_numpy(np.stack(ids))
+    return labels, torch.from_numpy(np.stack(ids))
 
 
 def public_report_loss(
-    nets: EmixerNets, model_cfg: ModelConfig, tokens: torch.Tensor
+    nets: EmixerNets, model_cfg: ModelConfig, labels: torch.Tensor, tokens: torch.Tensor
 ) -> torch.Tensor:
-    """R's mean teacher-forced loss on `tokens` [B,S,W] with the zero conditioning embedding."""
+    """R's mean teacher-forced loss on `tokens` [B,S,W] given `labels`, zero image embedding."""
     device = next(nets.r.parameters()).device
     zero = torch.zeros(len(tokens), model_cfg.embed_dim, device=device)
-    return nets.r.teacher_forced_loss(zero, tokens.to(device)).mean()
+    return nets.r.teacher_forced_loss(zero, labels.to(device), tokens.to(device)).mean()
 
 
 def _check(
@@ -105,8 +106,8 @@ def warm_start_report_decoder(
     started = time.perf_counter()
     losses: list[float] = []
     for step in range(1, steps + 1):
-        tokens = public_reports(batch_size, model_cfg, rng, generator)
-        loss = public_report_loss(nets, model_cfg, tokens)
+        labels, tokens = public_reports(batch_size, model_cfg, rng, generator)
+        loss = public_report_loss(nets, model_cfg, labels, tokens)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

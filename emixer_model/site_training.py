@@ -19,10 +19,10 @@ import numpy as np
 
 from emixer_model.config import FINDINGS, EmixerConfig
 from emixer_model.data.site import SiteData, holdout_units, load_site
-from emixer_model.networks import build_networks
+from emixer_model.networks import build_networks, get_weights, pick_device, set_weights
 from emixer_model.privacy import SiteAccountant, default_delta, plan_noise_multiplier
 from emixer_model.text.vocabulary import VOCAB_SIZE
-from emixer_model.training import PrivateTrainer, get_weights, pick_device, set_weights
+from emixer_model.training import PrivateTrainer, steps_per_epoch
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 
@@ -128,7 +128,7 @@ def _make_plan(
     """Fix the noise multiplier once for rounds x local steps, counting epsilon already spent."""
     n_units = len(data.units)
     sample_rate = min(1.0, cfg.train.batch_size / n_units)
-    steps_per_round = cfg.train.epochs * max(1, round(1 / sample_rate))
+    steps_per_round = cfg.train.epochs * steps_per_epoch(sample_rate)
     delta = cfg.privacy.delta or default_delta(n_units)
     target = cfg.privacy.target_epsilon or cfg.privacy.epsilon_budget
     target = min(target, cfg.privacy.epsilon_budget)
@@ -210,12 +210,13 @@ def train_site_round(
         cfg,
         n_units=len(data.units),
         noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
         accountant=accountant,
         device=device,
     )
-    summary = trainer.train_epochs(
+    summary = trainer.train_steps(
         data,
-        cfg.train.epochs,
+        plan.steps_per_round,
         sampler_seed=cfg.train.seed * 100_003 + server_round,
         progress=progress,
     )

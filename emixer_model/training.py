@@ -15,20 +15,24 @@ One step:
    + rotation_weight * CE(D.rotation_logits(rot_k(x)), k) + BCE(D(fake, fake report, y'), fake).
    Every forward runs on all B rows and masks by row, so row i's gradient stays at index i.
 4. One backward, one DPOptimizer step (an empty batch still steps: noise only), one accountant
-   step. Then G steps with the private module's hooks disabled.
+   step. After every `train.d_steps` private steps G steps once with the private module's hooks
+   disabled, and the EMA copy of G follows it.
 
 Randomness that touches real data (which units are sampled, which of a unit's rows, the DP noise)
 comes from a secret generator seeded from the OS: the sampler seed travels in the run config, and
-whoever knows the noise can subtract it. The rest (latents, rotations, prior labels) is seeded
-from `sampler_seed` for reproducibility.
+whoever knows the noise can subtract it. The rest is seeded from `sampler_seed` for
+reproducibility, in two separate streams: the private step's (fake rows' latents, rotations,
+report draws: their count is the secret batch size) and G's own, whose draws have a fixed size
+per step, so nothing G consumes depends on the Poisson batch (G stays post-processing).
 """
 
 from __future__ import annotations
 
 import secrets
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
@@ -38,11 +42,9 @@ from torch import nn
 
 from emixer_model.config import FINDINGS, EmixerConfig
 from emixer_model.data.site import SiteData
-from emixer_model.networks import EmixerNets, get_weights, pick_device, set_weights
+from emixer_model.networks import EmixerNets
 from emixer_model.privacy import SiteAccountant, poisson_units
 from emixer_model.text.vocabulary import PAD
-
-__all__ = ["PrivateTrainer", "Row", "get_weights", "pick_device", "set_weights", "sample_prior"]
 
 LOSS_NAMES = ("d_real", "d_fake", "rotation", "report", "g")
 
@@ -88,14 +90,48 @@ def _backward(loss: torch.Tensor) -> None:
         loss.backward()
 
 
+# The private parameters that move under train.dp_trainable = "top": every norm affine plus
+# these layers (label projections and output layers); the conv and attention bodies stay as
+# pretrained. Fewer noised coordinates: the same noise multiplier hurts far less.
+TOP_LAYERS = {
+    "d": ("image_fc", "joint", "score", "label", "rotation", "text_fc"),
+    "e": ("fc",),
+    "r": ("embed_in", "label_in", "topic", "stop", "head"),
+}
+
+
+def _freeze_below_top(private: nn.ModuleDict) -> None:
+    """Freeze (before Opacus wraps them) every private parameter outside TOP_LAYERS and norms."""
+    for net_name, net in private.items():
+        net.requires_grad_(False)
+        for name, module in net.named_modules():
+            if name in TOP_LAYERS[net_name] or isinstance(module, nn.GroupNorm | nn.LayerNorm):
+                module.requires_grad_(True)
+
+
+def trainable_count(nets: EmixerNets) -> dict[str, int]:
+    """Parameters that move per network (D, E, R private; G on generated data only)."""
+    return {
+        name: sum(p.numel() for p in getattr(nets, name).parameters() if p.requires_grad)
+        for name in ("d", "e", "r", "g")
+    }
+
+
+def _streams(seed: int) -> Iterator[torch.Generator]:
+    """Independent generators from one seed: one per consumer, so no stream's use shifts another."""
+    for child in np.random.SeedSequence(seed).spawn(2):
+        yield torch.Generator().manual_seed(int(child.generate_state(1, np.uint64)[0] >> 1))
+
+
 class PrivateTrainer:
     """DP-SGD training of D, E, R (Opacus) and post-processing training of G at one site.
 
     Parameters: nets (built by build_networks; moved to `device`), cfg (lr, betas, batch size,
-    rotation weight, clipping norm, Gumbel temperature), n_units (privacy units at the site: the
-    sample rate is q = min(1, batch_size / n_units)), noise_multiplier (planned once for the
-    whole horizon), accountant (stepped once per private step, empty batches included),
-    secret_seed (tests only: makes sampling and noise reproducible, which voids the guarantee).
+    rotation weight, clipping norm, report temperature, d_steps, EMA, dp_trainable), n_units
+    (privacy units at the site), noise_multiplier and sample_rate (from the site's privacy plan:
+    the trainer never derives them itself), accountant (stepped once per private step, empty
+    batches included), secret_seed (tests only: makes sampling and noise reproducible, which
+    voids the guarantee).
     """
 
     def __init__(
@@ -104,6 +140,7 @@ class PrivateTrainer:
         cfg: EmixerConfig,
         n_units: int,
         noise_multiplier: float,
+        sample_rate: float,
         accountant: SiteAccountant,
         device: torch.device,
         *,
@@ -113,18 +150,22 @@ class PrivateTrainer:
             raise ValueError(f"a site needs at least one privacy unit to train, got {n_units}")
         if noise_multiplier <= 0:
             raise ValueError(f"noise multiplier must be positive, not {noise_multiplier}")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample rate must be in (0, 1], not {sample_rate}")
         self.nets = nets.to(device)
         self.cfg = cfg
         self.device = device
         self.n_units = n_units
         self.noise_multiplier = noise_multiplier
         self.accountant = accountant
-        self.sample_rate = min(1.0, cfg.train.batch_size / n_units)
+        self.sample_rate = sample_rate
         seed = secrets.randbits(63) if secret_seed is None else secret_seed
         self.secret = torch.Generator().manual_seed(seed)
         noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
 
         private = nn.ModuleDict({"d": nets.d, "e": nets.e, "r": nets.r})
+        if cfg.train.dp_trainable == "top":
+            _freeze_below_top(private)
         errors = ModuleValidator.validate(private, strict=False)
         if errors:
             raise ValueError(f"the private networks are not Opacus-compatible: {errors}")
@@ -132,15 +173,20 @@ class PrivateTrainer:
         # noisy sum by the expected batch size, as DP-SGD's estimator of the mean gradient.
         self.private = GradSampleModule(private, loss_reduction="sum")
         t = cfg.train
-        adam = torch.optim.Adam(
-            [
-                {"params": list(nets.d.parameters()), "lr": t.lr_d},
-                {"params": [*nets.e.parameters(), *nets.r.parameters()], "lr": t.lr_text},
-            ],
-            betas=(t.beta1, t.beta2),
-        )
+
+        def moving(module: nn.Module) -> list[nn.Parameter]:
+            return [p for p in module.parameters() if p.requires_grad]
+
+        groups = [
+            {"params": moving(nets.d), "lr": t.lr_d},
+            {"params": [*moving(nets.e), *moving(nets.r)], "lr": t.lr_text},
+        ]
+        if t.private_optimizer == "adam":
+            inner: torch.optim.Optimizer = torch.optim.Adam(groups, betas=(t.beta1, t.beta2))
+        else:
+            inner = torch.optim.SGD(groups, momentum=t.beta1)
         self.optimizer = DPOptimizer(
-            adam,
+            inner,
             noise_multiplier=noise_multiplier,
             max_grad_norm=cfg.privacy.max_grad_norm,
             expected_batch_size=max(1, round(self.sample_rate * n_units)),
@@ -150,10 +196,6 @@ class PrivateTrainer:
         self.g_optimizer = torch.optim.Adam(
             nets.g.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2)
         )
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, round(1 / self.sample_rate))
 
     def sample_rows(self, data: SiteData) -> list[Row]:
         """One Poisson batch: at most ONE row per sampled unit (invariant 6)."""
@@ -197,6 +239,17 @@ class PrivateTrainer:
         self.accountant.step(self.noise_multiplier, self.sample_rate)
         self.optimizer.zero_grad(set_to_none=True)
 
+    def fake_reports(
+        self, fake: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Reports R writes for generated images: sampled ids (no gradient), or differentiable
+        Gumbel tokens [B,S,W,V] when G should learn through the text as well."""
+        nets, m = self.nets, self.cfg.model
+        if self.cfg.train.text_gradient_to_g and torch.is_grad_enabled():
+            return nets.r.generate_soft(nets.e(fake), y, m.gumbel_tau, generator)
+        with torch.no_grad():
+            return nets.r.sample_ids(nets.e(fake), y, m.report_temperature, generator)
+
     def _row_losses(
         self, data: SiteData, rows: list[Row], generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
@@ -222,11 +275,11 @@ class PrivateTrainer:
         )
         with torch.no_grad():  # generated rows: no gradient reaches G here
             fake = nets.g(z, y_fake)
-            fake_text = nets.r.generate_soft(nets.e(fake), m.gumbel_tau, generator)
+            fake_text = self.fake_reports(fake, y_fake, generator)
         real_score = nets.d(x, tokens, y)
         fake_score = nets.d(fake, fake_text, y_fake)
         rotation = F.cross_entropy(nets.d.rotation_logits(_rotate(x, k)), k, reduction="none")
-        report = nets.r.teacher_forced_loss(nets.e(x), tokens)
+        report = nets.r.teacher_forced_loss(nets.e(x), y, tokens)
         bce = F.binary_cross_entropy_with_logits
         return {
             "d_real": mask * bce(real_score, torch.ones_like(real_score), reduction="none"),
@@ -236,14 +289,18 @@ class PrivateTrainer:
         }
 
     def generator_step(self, generator: torch.Generator) -> float:
-        """G learns from D's score of generated image-report pairs; no real data involved."""
+        """G learns from D's score of generated image-report pairs; no real data involved.
+
+        Every draw from `generator` has a fixed size (batch_size rows), so G's stream never
+        depends on a Poisson batch size.
+        """
         nets, dev, n = self.nets, self.device, self.cfg.train.batch_size
         y = sample_prior(n, generator).to(dev)
         z = torch.randn(n, self.cfg.model.latent_dim, generator=generator).to(dev)
         self.private.disable_hooks()
         try:
             fake = nets.g(z, y)
-            text = nets.r.generate_soft(nets.e(fake), self.cfg.model.gumbel_tau, generator)
+            text = self.fake_reports(fake, y, generator)
             score = nets.d(fake, text, y)
             loss = F.binary_cross_entropy_with_logits(score, torch.ones_like(score))
             self.g_optimizer.zero_grad(set_to_none=True)
@@ -254,33 +311,51 @@ class PrivateTrainer:
             # so nothing of this step reaches the next private step.
             self.optimizer.zero_grad(set_to_none=True)
             self.private.enable_hooks()
+        self.update_ema()
         return loss.item()
 
-    def train_epochs(
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """g_ema <- decay * g_ema + (1 - decay) * g (decay 0: a copy of G)."""
+        decay = self.cfg.train.ema_decay
+        for ema, live in zip(
+            self.nets.g_ema.state_dict().values(), self.nets.g.state_dict().values(), strict=True
+        ):
+            ema.lerp_(live, 1.0 - decay) if ema.is_floating_point() else ema.copy_(live)
+
+    def train_steps(
         self,
         data: SiteData,
-        epochs: int,
+        steps: int,
         sampler_seed: int,
         progress: ProgressFn | None = None,
     ) -> dict:
-        """`epochs` x round(1/q) private steps, each followed by a generator step."""
+        """`steps` private steps (the number the site's plan accounted for); G steps after every
+        `train.d_steps` of them. Returns {"steps", "losses": batch-mean losses}."""
         if len(data.units) != self.n_units:
             raise ValueError(
                 f"the data has {len(data.units)} privacy units but the trainer was planned for "
                 f"{self.n_units}; build the trainer from the same SiteData"
             )
-        generator = torch.Generator().manual_seed(sampler_seed)
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, not {steps}")
+        private_stream, g_stream = _streams(sampler_seed)
         self.nets.train()
-        total = epochs * self.steps_per_epoch
         sums = dict.fromkeys(LOSS_NAMES, 0.0)
         counts = dict.fromkeys(LOSS_NAMES, 0)
-        for step in range(1, total + 1):
-            losses = self.private_step(data, self.sample_rows(data), generator)
-            losses["g"] = self.generator_step(generator)
+        for step in range(1, steps + 1):
+            losses = self.private_step(data, self.sample_rows(data), private_stream)
+            if step % self.cfg.train.d_steps == 0 or step == steps:
+                losses["g"] = self.generator_step(g_stream)
             for name, value in losses.items():
                 sums[name] += value
                 counts[name] += 1
             if progress is not None:
-                progress(step, total, losses)
+                progress(step, steps, losses)
         means = {name: sums[name] / counts[name] if counts[name] else 0.0 for name in LOSS_NAMES}
-        return {"steps": total, "losses": means}
+        return {"steps": steps, "losses": means}
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """Private steps in one expected pass over the units: round(1 / q)."""
+    return max(1, round(1 / sample_rate))

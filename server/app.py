@@ -10,11 +10,10 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from emixer_model.config import FINDINGS, EmixerConfig
-from emixer_model.networks import build_networks
+from emixer_model.networks import build_networks, get_weights
 from emixer_model.public_pretrain import warm_start_report_decoder
 from emixer_model.records import to_array_record
 from emixer_model.text.vocabulary import VOCAB_SIZE
-from emixer_model.training import get_weights
 from server.checkpoint import latest_checkpoint
 from server.ledger import PrivacyLedger
 from server.strategy import make_strategy

