@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -148,6 +149,77 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     for name, value in result.losses.items():
         table.add_row(f"loss {name}", f"{value:.4f}")
     console.print(table)
+    return 0
+
+
+def public_pretrained_model(
+    public_dir: Path, cfg: EmixerConfig, steps: int, warm_start: int, seed: int, out: Path
+) -> Path:
+    """Pretrain all four networks on a public collection WITHOUT privacy and save a round-0
+    checkpoint that records the public source (name, content hash, steps). No site data."""
+    import torch
+
+    from emixer_model.config import FINDINGS
+    from emixer_model.data.public import load_public
+    from emixer_model.networks import build_networks, get_weights
+    from emixer_model.public_pretrain import (
+        fill_missing_reports,
+        pretrain_public,
+        warm_start_report_decoder,
+    )
+    from emixer_model.text.vocabulary import VOCAB_SIZE
+    from server.checkpoint import Checkpoint, save_checkpoint
+
+    with progress_bars("decoding", "report warm start", "pretraining") as (load, warm, train):
+        public = load_public(public_dir, cfg.model, progress=load)
+        torch.manual_seed(seed)
+        nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
+        warm_start_report_decoder(nets, cfg.model, warm, seed, progress=warm)
+        tokens = fill_missing_reports(
+            public.labels, public.tokens, public.has_report, cfg.model, seed
+        )
+        result = pretrain_public(
+            nets, cfg, public.images, public.labels, tokens, steps, seed, progress=train
+        )
+    source = {
+        "name": public.name,
+        "content_hash": public.content_hash,
+        "studies": len(public.images),
+        "with_report": int(public.has_report.sum()),
+        "steps": steps,
+        "report_warm_start_steps": warm,
+        "privacy": "none: public data, no site data involved",
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".pretrain-") as work:
+        checkpoint = Checkpoint(
+            server_round=0,
+            arrays=get_weights(nets),
+            ledger={"sites": {}},
+            config=cfg.to_dict(),
+            public_source=source,
+        )
+        save_checkpoint(Path(work), checkpoint).replace(out)
+    console.print(
+        f"pretrained on {public.name} ({len(public.images)} studies, {steps} steps, "
+        f"{result['seconds']:.0f} s); skipped {len(public.skipped)} files"
+    )
+    return out
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from emixer_model.data.site import SiteDataError
+
+    out = Path(args.out)
+    if out.exists():
+        raise CommandError(f"{out} exists; a pretrained model is never overwritten")
+    try:
+        public_pretrained_model(
+            Path(args.public), site_config(args), args.steps, args.warm_start, args.seed, out
+        )
+    except SiteDataError as err:
+        raise CommandError(str(err)) from None
+    console.print(f"wrote {out}; start a federation from it with federation.initial_model")
     return 0
 
 
@@ -402,6 +474,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse when any site's epsilon is above this (default: each site's own budget)",
     )
     p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="coordinator: pretrain all four networks on a PUBLIC collection, no privacy",
+        description="Train G, E, R and D without privacy on a public labeled chest X-ray "
+        "collection in the site folder format (studies.csv; DICOM or PNG images; reports "
+        "optional: missing ones are written from the labels by the public report grammar), "
+        "after a warm start of the report decoder on the grammar. Writes a checkpoint that "
+        "records the collection's name and content hash; start a federated run from it with "
+        "federation.initial_model. Never point it at site data: nothing here is private.",
+    )
+    p.add_argument("--public", required=True, help="public collection folder (studies.csv)")
+    p.add_argument("--out", required=True, help="checkpoint file to write (must not exist)")
+    p.add_argument("--steps", type=int, default=600, help="pretraining steps (600)")
+    p.add_argument(
+        "--warm-start", type=int, default=150, help="report-grammar warm-start steps (150)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed (0)")
+    p.add_argument("--config", help="YAML config (its model and train sections apply)")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser(
         "app-hash",

@@ -123,6 +123,79 @@ def _streams(seed: int) -> Iterator[torch.Generator]:
         yield torch.Generator().manual_seed(int(child.generate_state(1, np.uint64)[0] >> 1))
 
 
+def fake_reports(
+    nets: EmixerNets,
+    cfg: EmixerConfig,
+    fake: torch.Tensor,
+    y: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Reports R writes for generated images: sampled ids (no gradient), or differentiable
+    Gumbel tokens [B,S,W,V] when G should learn through the text as well."""
+    m = cfg.model
+    if cfg.train.text_gradient_to_g and torch.is_grad_enabled():
+        return nets.r.generate_soft(nets.e(fake), y, m.gumbel_tau, generator)
+    with torch.no_grad():
+        return nets.r.sample_ids(nets.e(fake), y, m.report_temperature, generator)
+
+
+def real_row_losses(
+    nets: EmixerNets,
+    cfg: EmixerConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    tokens: torch.Tensor,
+    labeled: torch.Tensor,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Per-row losses [B] of D, E, R on real rows x (labels y, reports `tokens` where `labeled`),
+    each row paired with one generated row at the same index. The private step and public
+    pretraining both call it, so both train the same objective."""
+    m, b = cfg.model, len(x)
+    dev = next(nets.parameters()).device
+    y_fake = torch.where(labeled[:, None], y, sample_prior(b, generator))
+    z = torch.randn(b, m.latent_dim, generator=generator)
+    k = torch.randint(4, (b,), generator=generator)
+    x, y, tokens, y_fake, z, k, mask = (
+        a.to(dev) for a in (x, y, tokens, y_fake, z, k, labeled.float())
+    )
+    with torch.no_grad():  # generated rows: no gradient reaches G here
+        fake = nets.g(z, y_fake)
+        fake_text = fake_reports(nets, cfg, fake, y_fake, generator)
+    real_score = nets.d(x, tokens, y)
+    fake_score = nets.d(fake, fake_text, y_fake)
+    rotation = F.cross_entropy(nets.d.rotation_logits(_rotate(x, k)), k, reduction="none")
+    report = nets.r.teacher_forced_loss(nets.e(x), y, tokens)
+    bce = F.binary_cross_entropy_with_logits
+    return {
+        "d_real": mask * bce(real_score, torch.ones_like(real_score), reduction="none"),
+        "report": mask * report,
+        "rotation": rotation,
+        "d_fake": bce(fake_score, torch.zeros_like(fake_score), reduction="none"),
+    }
+
+
+def generator_loss(
+    nets: EmixerNets, cfg: EmixerConfig, n: int, generator: torch.Generator
+) -> torch.Tensor:
+    """G's non-saturating loss on n generated pairs from the public prior (fixed-size draws)."""
+    dev = next(nets.parameters()).device
+    y = sample_prior(n, generator).to(dev)
+    z = torch.randn(n, cfg.model.latent_dim, generator=generator).to(dev)
+    fake = nets.g(z, y)
+    score = nets.d(fake, fake_reports(nets, cfg, fake, y, generator), y)
+    return F.binary_cross_entropy_with_logits(score, torch.ones_like(score))
+
+
+@torch.no_grad()
+def update_ema(nets: EmixerNets, decay: float) -> None:
+    """g_ema <- decay * g_ema + (1 - decay) * g (decay 0: a copy of G)."""
+    for ema, live in zip(
+        nets.g_ema.state_dict().values(), nets.g.state_dict().values(), strict=True
+    ):
+        ema.lerp_(live, 1.0 - decay) if ema.is_floating_point() else ema.copy_(live)
+
+
 class PrivateTrainer:
     """DP-SGD training of D, E, R (Opacus) and post-processing training of G at one site.
 
@@ -239,23 +312,11 @@ class PrivateTrainer:
         self.accountant.step(self.noise_multiplier, self.sample_rate)
         self.optimizer.zero_grad(set_to_none=True)
 
-    def fake_reports(
-        self, fake: torch.Tensor, y: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
-        """Reports R writes for generated images: sampled ids (no gradient), or differentiable
-        Gumbel tokens [B,S,W,V] when G should learn through the text as well."""
-        nets, m = self.nets, self.cfg.model
-        if self.cfg.train.text_gradient_to_g and torch.is_grad_enabled():
-            return nets.r.generate_soft(nets.e(fake), y, m.gumbel_tau, generator)
-        with torch.no_grad():
-            return nets.r.sample_ids(nets.e(fake), y, m.report_temperature, generator)
-
     def _row_losses(
         self, data: SiteData, rows: list[Row], generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
         """Per-row losses [B] of the private step; row i's terms all sit at batch index i."""
-        nets, dev, b = self.nets, self.device, len(rows)
-        m = self.cfg.model
+        m, b = self.cfg.model, len(rows)
         labeled = torch.tensor([is_labeled for is_labeled, _ in rows])
         idx = torch.tensor([i for _, i in rows])
         x = torch.zeros(b, 1, m.resolution, m.resolution)
@@ -267,26 +328,7 @@ class PrivateTrainer:
             tokens[labeled] = data.tokens[idx[labeled]]
         if (~labeled).any():
             x[~labeled] = data.unlabeled[idx[~labeled]]
-        y_fake = torch.where(labeled[:, None], y, sample_prior(b, generator))
-        z = torch.randn(b, m.latent_dim, generator=generator)
-        k = torch.randint(4, (b,), generator=generator)
-        x, y, tokens, y_fake, z, k, mask = (
-            a.to(dev) for a in (x, y, tokens, y_fake, z, k, labeled.float())
-        )
-        with torch.no_grad():  # generated rows: no gradient reaches G here
-            fake = nets.g(z, y_fake)
-            fake_text = self.fake_reports(fake, y_fake, generator)
-        real_score = nets.d(x, tokens, y)
-        fake_score = nets.d(fake, fake_text, y_fake)
-        rotation = F.cross_entropy(nets.d.rotation_logits(_rotate(x, k)), k, reduction="none")
-        report = nets.r.teacher_forced_loss(nets.e(x), y, tokens)
-        bce = F.binary_cross_entropy_with_logits
-        return {
-            "d_real": mask * bce(real_score, torch.ones_like(real_score), reduction="none"),
-            "report": mask * report,
-            "rotation": rotation,
-            "d_fake": bce(fake_score, torch.zeros_like(fake_score), reduction="none"),
-        }
+        return real_row_losses(self.nets, self.cfg, x, y, tokens, labeled, generator)
 
     def generator_step(self, generator: torch.Generator) -> float:
         """G learns from D's score of generated image-report pairs; no real data involved.
@@ -294,15 +336,9 @@ class PrivateTrainer:
         Every draw from `generator` has a fixed size (batch_size rows), so G's stream never
         depends on a Poisson batch size.
         """
-        nets, dev, n = self.nets, self.device, self.cfg.train.batch_size
-        y = sample_prior(n, generator).to(dev)
-        z = torch.randn(n, self.cfg.model.latent_dim, generator=generator).to(dev)
         self.private.disable_hooks()
         try:
-            fake = nets.g(z, y)
-            text = self.fake_reports(fake, y, generator)
-            score = nets.d(fake, text, y)
-            loss = F.binary_cross_entropy_with_logits(score, torch.ones_like(score))
+            loss = generator_loss(self.nets, self.cfg, self.cfg.train.batch_size, generator)
             self.g_optimizer.zero_grad(set_to_none=True)
             _backward(loss)
             self.g_optimizer.step()
@@ -311,17 +347,8 @@ class PrivateTrainer:
             # so nothing of this step reaches the next private step.
             self.optimizer.zero_grad(set_to_none=True)
             self.private.enable_hooks()
-        self.update_ema()
+        update_ema(self.nets, self.cfg.train.ema_decay)
         return loss.item()
-
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        """g_ema <- decay * g_ema + (1 - decay) * g (decay 0: a copy of G)."""
-        decay = self.cfg.train.ema_decay
-        for ema, live in zip(
-            self.nets.g_ema.state_dict().values(), self.nets.g.state_dict().values(), strict=True
-        ):
-            ema.lerp_(live, 1.0 - decay) if ema.is_floating_point() else ema.copy_(live)
 
     def train_steps(
         self,

@@ -10,11 +10,11 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from emixer_model.config import FINDINGS, EmixerConfig
-from emixer_model.networks import build_networks, get_weights
+from emixer_model.networks import build_networks, get_weights, set_weights
 from emixer_model.public_pretrain import warm_start_report_decoder
 from emixer_model.records import to_array_record
 from emixer_model.text.vocabulary import VOCAB_SIZE
-from server.checkpoint import latest_checkpoint
+from server.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from server.ledger import PrivacyLedger
 from server.strategy import make_strategy
 
@@ -26,12 +26,15 @@ DEFAULT_CHECKPOINT_DIR = "emixer-checkpoints"
 def serve(grid: Grid, cfg: EmixerConfig) -> None:
     """Run the federation to `federation.rounds`, resuming from the newest checkpoint if asked."""
     checkpoint_dir = Path(cfg.federation.checkpoint_dir or DEFAULT_CHECKPOINT_DIR)
-    done, ledger, state = 0, PrivacyLedger(), {}
+    done, ledger, state, public_source = 0, PrivacyLedger(), {}, {}
     ckpt = latest_checkpoint(checkpoint_dir) if cfg.federation.resume else None
     if ckpt is not None:
         done, arrays = ckpt.server_round, ckpt.arrays
         ledger, state = PrivacyLedger.from_dict(ckpt.ledger), ckpt.strategy_state
+        public_source = ckpt.public_source
         log.info("resuming after round %d from %s", done, checkpoint_dir)
+    elif cfg.federation.initial_model:
+        arrays, public_source = initial_model(cfg)
     else:
         torch.manual_seed(cfg.train.seed)
         nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
@@ -51,7 +54,7 @@ def serve(grid: Grid, cfg: EmixerConfig) -> None:
     if remaining <= 0:
         log.info("all %d rounds are already done; nothing to run", cfg.federation.rounds)
         return
-    strategy = make_strategy(cfg, checkpoint_dir, ledger, round_offset=done)
+    strategy = make_strategy(cfg, checkpoint_dir, ledger, done, public_source)
     strategy.restore_state(state)
     strategy.start(
         grid=grid,
@@ -60,6 +63,31 @@ def serve(grid: Grid, cfg: EmixerConfig) -> None:
         timeout=cfg.federation.round_timeout,
         train_config=ConfigRecord(cfg.to_run_config()),
     )
+
+
+def initial_model(cfg: EmixerConfig) -> tuple[dict, dict]:
+    """The arrays and public source of `federation.initial_model` (a pretrained checkpoint).
+
+    Refused with a ValueError naming the file when it cannot be read, has already been trained
+    on site data (a ledger: its privacy cost would go unrecorded in this run), or does not fit
+    the run's model config.
+    """
+    path = Path(cfg.federation.initial_model)
+    try:
+        start = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ValueError(f"federation.initial_model: {err}") from None
+    if start.ledger.get("sites"):
+        raise ValueError(
+            f"federation.initial_model {path} was trained on site data (it has a privacy "
+            "ledger); start from a public checkpoint (`emixer pretrain`) or resume its own run"
+        )
+    try:
+        set_weights(build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS)), start.arrays)
+    except ValueError as err:
+        raise ValueError(f"federation.initial_model {path} does not fit model: {err}") from None
+    log.info("starting from %s (public source %s)", path, start.public_source or "none")
+    return start.arrays, start.public_source
 
 
 def make_server_app(cfg: EmixerConfig) -> ServerApp:

@@ -28,6 +28,9 @@ class Checkpoint:
     ledger: dict
     config: dict
     strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    # what the model learned without privacy before round 1 (`emixer pretrain`): the public
+    # collection's name, content hash and steps; {} when training started from scratch
+    public_source: dict = field(default_factory=dict)
     path: Path | None = None  # the file it was loaded from (not stored in the file)
 
 
@@ -49,6 +52,7 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint) -> Path:
         "strategy_state": {k: _tensors(v) for k, v in ckpt.strategy_state.items()},
         "ledger": json.dumps(ckpt.ledger),
         "config": json.dumps(ckpt.config),
+        "public_source": json.dumps(ckpt.public_source),
     }
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
@@ -73,6 +77,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             ledger=json.loads(payload["ledger"]),
             config=json.loads(payload["config"]),
             strategy_state={k: _arrays(v) for k, v in payload["strategy_state"].items()},
+            public_source=json.loads(payload.get("public_source", "{}")),
             path=path,
         )
     except CheckpointError:

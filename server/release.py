@@ -161,6 +161,8 @@ def release(
                 "round": ckpt.server_round,
             },
             "config": ckpt.config,
+            # what the model learned WITHOUT privacy before the sites' DP rounds
+            "public_pretraining": ckpt.public_source or None,
             "seed": seed,
             "counts": {
                 "total": len(rows),

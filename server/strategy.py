@@ -30,7 +30,7 @@ BASES: dict[str, type[FedAvg]] = {
 # Strategy attributes that must survive a restart (FedAdam's moment estimates).
 STATE_ATTRIBUTES = ("m_t", "v_t")
 # Machine-local paths of the coordinator: never stored in checkpoints (they reach releases).
-LOCAL_PATH_KEYS = ("site_dirs", "state_root", "checkpoint_dir")
+LOCAL_PATH_KEYS = ("site_dirs", "state_root", "checkpoint_dir", "initial_model")
 
 
 class EmixerStrategy:
@@ -46,6 +46,8 @@ class EmixerStrategy:
         Every site's privacy history (restored from a checkpoint on resume).
     round_offset : int (default: 0)
         Rounds already done before this start (resume), so round numbers continue.
+    public_source : dict (default: {})
+        The public pretraining the initial model came from; carried into every checkpoint.
     """
 
     def __init__(
@@ -54,9 +56,11 @@ class EmixerStrategy:
         checkpoint_dir: Path,
         ledger: PrivacyLedger,
         round_offset: int = 0,
+        public_source: dict | None = None,
         **base_kwargs: object,
     ) -> None:
         super().__init__(**base_kwargs)
+        self.public_source = public_source or {}
         self.cfg = cfg
         self.checkpoint_dir = checkpoint_dir
         self.ledger = ledger
@@ -154,6 +158,7 @@ class EmixerStrategy:
                 ledger=self.ledger.to_dict(),
                 config=self._shareable_config(),
                 strategy_state=state,
+                public_source=self.public_source,
             ),
         )
         log.info(
@@ -174,7 +179,11 @@ class EmixerStrategy:
 
 
 def make_strategy(
-    cfg: EmixerConfig, checkpoint_dir: Path, ledger: PrivacyLedger, round_offset: int = 0
+    cfg: EmixerConfig,
+    checkpoint_dir: Path,
+    ledger: PrivacyLedger,
+    round_offset: int = 0,
+    public_source: dict | None = None,
 ) -> Strategy:
     """The configured Flower strategy with our hooks mixed in."""
     fed = cfg.federation
@@ -189,4 +198,4 @@ def make_strategy(
     if base is FedTrimmedAvg:
         kwargs["beta"] = fed.trim_beta
     cls = type(f"Emixer{base.__name__}", (EmixerStrategy, base), {})
-    return cls(cfg, checkpoint_dir, ledger, round_offset, **kwargs)
+    return cls(cfg, checkpoint_dir, ledger, round_offset, public_source, **kwargs)

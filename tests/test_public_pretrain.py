@@ -9,9 +9,11 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from emixer_model.config import FINDINGS, ConfigError, ModelConfig, TrainConfig
+from emixer_model.config import FINDINGS, ConfigError, EmixerConfig, ModelConfig, TrainConfig
 from emixer_model.networks import build_networks, get_weights, set_weights
 from emixer_model.public_pretrain import (
+    fill_missing_reports,
+    pretrain_public,
     public_report_loss,
     public_reports,
     warm_start_report_decoder,
@@ -130,3 +132,43 @@ def test_bad_arguments_say_what_is_wrong():
         warm_start_report_decoder(nets, ModelConfig(), 1, seed=0)
     with pytest.raises(ConfigError, match="public_warm_start_steps"):
         TrainConfig(public_warm_start_steps=-1)
+
+
+def tiny_public(n: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A public collection stand-in: images, labels from the prior, grammar reports."""
+    g = torch.Generator().manual_seed(seed)
+    labels, tokens = public_reports(n, CFG, np.random.default_rng(seed), g)
+    images = torch.rand(n, 1, CFG.resolution, CFG.resolution, generator=g) * 2 - 1
+    return images, labels, tokens
+
+
+def test_pretrain_public_trains_all_four_networks_without_leftover_gradients():
+    nets = fresh()
+    before = get_weights(nets)
+    images, labels, tokens = tiny_public()
+    cfg = EmixerConfig(model=CFG, train=TrainConfig(batch_size=8))
+    result = pretrain_public(nets, cfg, images, labels, tokens, steps=3, seed=0)
+    after = get_weights(nets)
+    for prefix in ("g.", "g_ema.", "e.", "r.", "d."):
+        assert any(
+            not np.array_equal(before[k], after[k]) for k in before if k.startswith(prefix)
+        ), f"{prefix} did not move"
+    assert result["steps"] == 3 and set(result["losses"]) >= {"d_real", "report", "g"}
+    assert all(p.grad is None for p in nets.parameters())
+
+
+def test_pretrain_public_refuses_an_empty_collection():
+    nets = fresh()
+    empty = torch.zeros(0, 1, CFG.resolution, CFG.resolution)
+    with pytest.raises(ValueError, match="no usable"):
+        pretrain_public(nets, EmixerConfig(model=CFG), empty, empty, empty, 1, 0)
+
+
+def test_fill_missing_reports_writes_grammar_text_only_where_missing():
+    _, labels, tokens = tiny_public(6)
+    has_report = torch.tensor([True, False, True, False, True, True])
+    blank = tokens.clone()
+    blank[~has_report] = PAD
+    filled = fill_missing_reports(labels, blank, has_report, CFG, seed=0)
+    assert torch.equal(filled[has_report], blank[has_report])
+    assert (filled[~has_report][:, 0, 0] != PAD).all()  # a first sentence was written
