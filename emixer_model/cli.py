@@ -83,8 +83,17 @@ def site_config(args: argparse.Namespace) -> EmixerConfig:
 
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
-    from emixer_model.data.phantoms import write_phantom_sites
+    from emixer_model.data.phantoms import write_phantom_sites, write_public_collection
 
+    if args.public:
+        try:
+            out = write_public_collection(
+                Path(args.out), n=args.per_site, seed=args.seed, size=args.size
+            )
+        except ValueError as err:
+            raise CommandError(str(err)) from None
+        console.print(f"wrote {out}")
+        return 0
     sites = write_phantom_sites(
         Path(args.out),
         sites=args.sites,
@@ -337,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", type=int, default=20, help="unlabeled scans per site (20)")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same files (0)")
     p.add_argument("--size", type=int, default=256, help="nominal image side in pixels (256)")
+    p.add_argument(
+        "--public",
+        action="store_true",
+        help="write one public phantom collection into --out instead (another look and label "
+        "mix, PNG and DICOM, some reports missing; --per-site studies; for `emixer pretrain`)",
+    )
     p.set_defaults(func=cmd_phantoms)
 
     data = sub.add_parser("data", help="inspect site data").add_subparsers(
