@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -27,12 +28,18 @@ from emixer_model.data.phantoms import (
     write_public_collection,
 )
 from emixer_model.data.public import PublicDataError, decode_image, load_public
+from emixer_model.data.public_convert import convert_nih, nih_labels
 from emixer_model.data.site import load_site
 from emixer_model.text.labeler import label_report
 from emixer_model.text.vocabulary import PAD, UNK, encode_report, fits_caps
 
 SIZE = 64
 CFG = ModelConfig(resolution=32)
+
+
+def _printed(capsys) -> str:
+    """What the CLI printed, with rich's line wrapping undone."""
+    return " ".join(capsys.readouterr().out.split())
 
 
 def _rows(folder: Path) -> list[dict[str, str]]:
@@ -254,4 +261,124 @@ def test_cli_writes_a_public_collection_and_refuses_other_folders(tmp_path, caps
     assert main(args) == 0  # rewriting its own collection is fine
     (tmp_path / "data").mkdir()
     assert main([*args[:3], str(tmp_path / "data"), *args[4:]]) == 2
-    assert "not a public phantom collection" in capsys.readouterr().out
+    assert "not a public phantom collection" in _printed(capsys)
+
+
+# --- NIH ChestX-ray14 converter ----------------------------------------------------------------
+
+NIH_HEADER = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],\n"
+)
+NIH_ROWS = [  # (image, labels, patient); the real file's extra columns are filled in below
+    ("00000001_000.png", "Cardiomegaly|Effusion", "1"),
+    ("00000001_001.png", "Nodule|Atelectasis", "1"),
+    ("00000002_000.png", "No Finding", "2"),
+    ("00000003_000.png", "", "3"),  # empty labels
+    ("99999999_000.png", "Mass", "4"),  # no such image
+    ("00000004_000.png", "Edema|Pneumothorax|Consolidation|Hernia|Mass", "5"),
+    ("00000005_000.png", "Pnemonia", "6"),  # misspelt: not an NIH label
+]
+
+
+@pytest.fixture
+def nih(tmp_path) -> tuple[Path, Path]:
+    """A fake Data_Entry_2017.csv and 5 tiny PNGs split over two images_00N folders."""
+    lines = [
+        f"{name},{labels},0,{patient},58,M,PA,64,64,0.143,0.143,\n"
+        for name, labels, patient in NIH_ROWS
+    ]
+    csv_path = tmp_path / "Data_Entry_2017.csv"
+    csv_path.write_text(NIH_HEADER + "".join(lines))
+    rng = np.random.default_rng(0)
+    pngs = [name for name, _, _ in NIH_ROWS if not name.startswith("9")]
+    for k, name in enumerate(pngs):
+        folder = tmp_path / "nih" / f"images_00{1 + k // 3}" / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (24, 24), dtype=np.uint8)).save(folder / name)
+    return csv_path, tmp_path / "nih"
+
+
+def test_nih_labels_map_to_our_findings():
+    assert nih_labels("Cardiomegaly|Effusion") == {
+        "No Finding": 0,
+        "Cardiomegaly": 1,
+        "Pleural Effusion": 1,
+        "Consolidation": 0,
+        "Pneumothorax": 0,
+        "Lung Lesion": 0,
+        "Edema": 0,
+    }  # Support Devices is not an NIH label: left out (blank), never a negative
+    assert nih_labels("Nodule")["Lung Lesion"] == nih_labels("Mass")["Lung Lesion"] == 1
+    assert set(nih_labels("Atelectasis|Hernia").values()) == {0}  # unmapped findings ignored
+    assert nih_labels("No Finding")["No Finding"] == 1
+    for bad, message in [
+        ("", "empty"),
+        ("Pnemonia", "unknown NIH label"),
+        ("No Finding|Mass", "together"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            nih_labels(bad)
+
+
+def test_convert_nih_writes_a_loadable_collection_and_skips_bad_rows(nih, tmp_path):
+    csv_path, images = nih
+    result = convert_nih(csv_path, images, tmp_path / "out")
+    assert result.written == 4 and result.linked == 4
+    assert [(line, reason) for line, reason, _ in result.skipped] == [
+        (5, "bad-labels"),
+        (6, "missing-image"),
+        (8, "bad-labels"),
+    ]
+    assert "99999999_000.png not found" in result.skipped[1][2]
+    rows = _rows(result.out)
+    assert [r["dicom"] for r in rows] == [
+        "images/00000001_000.png",
+        "images/00000001_001.png",
+        "images/00000002_000.png",
+        "images/00000004_000.png",
+    ]
+    assert [r["patient"] for r in rows] == ["NIH-1", "NIH-1", "NIH-2", "NIH-5"]
+    assert all(r["report"] == "" and r["Support Devices"] == "" for r in rows)
+    table = [[r[f] for f in FINDINGS[:-1]] for r in rows]
+    assert table == [
+        ["0", "1", "1", "0", "0", "0", "0"],
+        ["0", "0", "0", "0", "0", "1", "0"],
+        ["1", "0", "0", "0", "0", "0", "0"],
+        ["0", "0", "0", "1", "1", "1", "1"],
+    ]
+    data = load_public(result.out, CFG)
+    assert data.name == "NIH ChestX-ray14" and not data.has_report.any() and not data.skipped
+    assert data.labels[:, :-1].tolist() == [[float(c) for c in row] for row in table]
+    assert data.images.shape == (4, 1, CFG.resolution, CFG.resolution)
+    assert json.loads((result.out / "source.json").read_text())["label_mapping"]["Mass"] == (
+        "Lung Lesion"
+    )
+
+
+def test_convert_nih_limit_and_clear_errors(nih, tmp_path):
+    csv_path, images = nih
+    assert convert_nih(csv_path, images, tmp_path / "two", limit=2).written == 2
+    with pytest.raises(PublicDataError, match="not empty"):
+        convert_nih(csv_path, images, tmp_path / "two")
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("Image,Labels\na.png,Mass\n")
+    with pytest.raises(PublicDataError, match="lacks the column.*Image Index"):
+        convert_nih(wrong, images, tmp_path / "x")
+    bad_only = tmp_path / "bad.csv"
+    bad_only.write_text(NIH_HEADER + "00000003_000.png,,0,3,58,M,PA,64,64,0.1,0.1,\n")
+    with pytest.raises(PublicDataError, match="no usable row .*line 2: empty Finding Labels"):
+        convert_nih(bad_only, images, tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    with pytest.raises(PublicDataError, match="does not exist"):
+        convert_nih(tmp_path / "none.csv", images, tmp_path / "z")
+
+
+def test_cli_convert_nih(nih, tmp_path, capsys):
+    csv_path, images = nih
+    args = ["public", "convert-nih", "--csv", str(csv_path), "--images", str(images)]
+    assert main([*args, "--out", str(tmp_path / "out"), "--limit", "4"]) == 0
+    printed = _printed(capsys)
+    assert "wrote 4 studies" in printed and "line 5: bad-labels" in printed
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert "not empty" in _printed(capsys)

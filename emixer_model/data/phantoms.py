@@ -453,7 +453,7 @@ def _write_studies_csv(folder: Path, rows: list[list[str]]) -> None:
         writer.writerows(rows)
 
 
-def _write_replacing(final: Path, write: Callable[[Path], None]) -> None:
+def write_replacing(final: Path, write: Callable[[Path], None]) -> None:
     """Run write(folder) on a temporary sibling of `final`, then rename it into place: a crash
     never leaves a half-written folder behind; an existing `final` is replaced."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -498,7 +498,7 @@ def write_phantom_sites(
         write = partial(
             _write_site, site=site, per_site=per_site, unlabeled=unlabeled, seed=seed, size=size
         )
-        _write_replacing(final, write)
+        write_replacing(final, write)
         folders.append(final)
     return folders
 
@@ -582,5 +582,5 @@ def write_public_collection(out: Path, n: int = 300, seed: int = 0, size: int = 
         raise ValueError(
             f"{out} exists and is not a public phantom collection; give a new folder to write to"
         )
-    _write_replacing(out, lambda folder: _write_public(folder, n, seed, size))
+    write_replacing(out, lambda folder: _write_public(folder, n, seed, size))
     return out
