@@ -130,7 +130,7 @@ def test_public_look_and_label_mix_differ_from_the_sites(public, site, tmp_path)
     pub = load_public(public, cfg)
     real = load_site(site, tmp_path / "state", cfg)
     assert pub.images.mean() - real.images.mean() > 0.15  # brighter mid-tones (gamma < 1)
-    assert _high_frequency(pub.images) > 1.5 * _high_frequency(real.images)  # noisier
+    assert _high_frequency(pub.images) > 1.3 * _high_frequency(real.images)  # noisier
     dark = [(x < -0.9).float().mean().item() for x in (pub.images, real.images)]
     assert dark[0] < 0.7 * dark[1]  # cropped closer: less black background
     prevalence = pub.labels.mean(0) - real.labels.mean(0)
