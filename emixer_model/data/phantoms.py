@@ -196,7 +196,8 @@ def _render(
 
     Findings, texture/noise and field of view draw from separate child streams, so the same rng
     state with and without a finding renders the same image apart from the finding (a paired
-    comparison), and the site look (fixed field of view) renders what it always rendered.
+    comparison), and the field of view's draws never move the others (the site look's fixed
+    field of view renders the pixels it rendered before the look was a parameter).
     """
     rng, texture, view = rng.spawn(3)
     zoom = view.uniform(*look.zoom)

@@ -100,8 +100,11 @@ def decode_png(path: Path, resolution: int) -> Decoded:
 
 def decode_image(path: Path, resolution: int) -> Decoded:
     """Decode a PNG (by its signature, whatever the extension) or a DICOM; raises SkipFile."""
-    with open(path, "rb") as handle:
-        png = handle.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    try:
+        with open(path, "rb") as handle:
+            png = handle.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError as err:
+        raise SkipFile("unreadable", f"{type(err).__name__}: {err}") from None
     if png:
         return decode_png(path, resolution)
     try:
@@ -124,7 +127,10 @@ def source_name(folder: Path) -> str:
             raise PublicDataError(f'{folder / SOURCE_JSON} needs a non-empty "name" string')
         return name.strip()
     if (folder / SOURCE_TEXT).is_file():
-        lines = (folder / SOURCE_TEXT).read_text(encoding="utf-8").splitlines()
+        try:
+            lines = (folder / SOURCE_TEXT).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise PublicDataError(f"{folder / SOURCE_TEXT} is not UTF-8 text") from None
         name = next((line.strip() for line in lines if line.strip()), "")
         if name:
             return name
