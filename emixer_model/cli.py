@@ -84,8 +84,17 @@ def site_config(args: argparse.Namespace) -> EmixerConfig:
 
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
-    from emixer_model.data.phantoms import write_phantom_sites
+    from emixer_model.data.phantoms import write_phantom_sites, write_public_collection
 
+    if args.public:
+        try:
+            out = write_public_collection(
+                Path(args.out), n=args.per_site, seed=args.seed, size=args.size
+            )
+        except ValueError as err:
+            raise CommandError(str(err)) from None
+        console.print(f"wrote {out}")
+        return 0
     sites = write_phantom_sites(
         Path(args.out),
         sites=args.sites,
@@ -96,6 +105,21 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     )
     for site in sites:
         console.print(f"wrote {site}")
+    return 0
+
+
+def cmd_public_convert_nih(args: argparse.Namespace) -> int:
+    from emixer_model.data.public_convert import convert_nih
+
+    result = convert_nih(Path(args.csv), Path(args.images), Path(args.out), limit=args.limit)
+    for line, reason, detail in result.skipped[:10]:
+        console.print(f"skipped line {line}: {reason}: {detail}")
+    if len(result.skipped) > 10:
+        console.print(f"... and {len(result.skipped) - 10} more skipped rows")
+    console.print(
+        f"wrote {result.written} studies to {result.out} ({result.linked} images hard-linked, "
+        f"{result.written - result.linked} copied; {len(result.skipped)} rows skipped)"
+    )
     return 0
 
 
@@ -409,7 +433,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", type=int, default=20, help="unlabeled scans per site (20)")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same files (0)")
     p.add_argument("--size", type=int, default=256, help="nominal image side in pixels (256)")
+    p.add_argument(
+        "--public",
+        action="store_true",
+        help="write one public phantom collection into --out instead (another look and label "
+        "mix, PNG and DICOM, some reports missing; --per-site studies; for `emixer pretrain`)",
+    )
     p.set_defaults(func=cmd_phantoms)
+
+    public = sub.add_parser("public", help="build public pretraining collections").add_subparsers(
+        dest="public_command", required=True, metavar="SUBCOMMAND"
+    )
+    p = public.add_parser(
+        "convert-nih",
+        help="NIH ChestX-ray14 (Data_Entry_2017.csv + PNGs) -> a public collection folder",
+        description="Write a public collection (studies.csv with our finding columns, images/, "
+        "source.json) from NIH ChestX-ray14. Labels only: reports are left empty. Effusion -> "
+        "Pleural Effusion, Nodule/Mass -> Lung Lesion; Cardiomegaly, Consolidation, Pneumothorax, "
+        "Edema, No Finding as named; other NIH findings are ignored. Images are hard-linked when "
+        "possible, else copied. See docs/PUBLIC_DATA.md.",
+    )
+    p.add_argument("--csv", required=True, help="Data_Entry_2017.csv")
+    p.add_argument("--images", required=True, help="folder holding the PNGs (searched below)")
+    p.add_argument("--out", required=True, help="new folder to write the collection into")
+    p.add_argument("--limit", type=int, default=None, help="convert at most N rows (all)")
+    p.set_defaults(func=cmd_public_convert_nih)
 
     data = sub.add_parser("data", help="inspect site data").add_subparsers(
         dest="data_command", required=True, metavar="SUBCOMMAND"

@@ -245,3 +245,14 @@ def write_dicom(
     tmp = path.with_suffix(".tmp")
     ds.save_as(tmp, enforce_file_format=True)
     os.replace(tmp, path)
+
+
+def normalise_grey(image: np.ndarray, resolution: int) -> np.ndarray:
+    """[-1, 1] pixels [R, R] of a grey image with no window of its own (a PNG, say): the same
+    percentile stretch, resize and scaling a DICOM without VOI gets, so every format a loader
+    accepts maps intensities one way. Raises SkipFile("empty-image") for a constant image."""
+    values = np.asarray(image, dtype=np.float64)
+    if values.max() == values.min():
+        raise SkipFile("empty-image")
+    pixels = _fit_square(_to_unit_range(values, Dataset()), resolution) * 2.0 - 1.0
+    return np.clip(pixels, -1.0, 1.0).astype(np.float32)

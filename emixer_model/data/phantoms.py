@@ -8,18 +8,27 @@ whether synthetic images and reports carry their label (DESIGN.md section 5).
 
 Every patient identifier written (DICOM tags and the `patient` column) contains CANARY, so a
 test can search anything that leaves a site for it.
+
+`write_public_collection` writes the stand-in for a public chest X-ray collection that the
+coordinator pretrains on (issue 11): the same anatomy and findings, but another scanner look
+(PUBLIC_LOOK), other label prevalences, PNG beside DICOM, and reports phrased in another style or
+missing, so site training still has something to add. It carries no CANARY: it is not site data.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from emixer_model.config import FINDINGS
 from emixer_model.data.dicom import write_dicom
@@ -41,7 +50,70 @@ BASE_PREVALENCE: dict[str, float] = {
 UNCERTAIN_RATE = 0.3  # share of a finding's draws that come out uncertain (-1) instead of positive
 MIN_POSITIVES = 3  # each finding is positive at least this often per site (when per_site >= 60)
 
+# The public collection: an archive-like mix (effusions and nodules common, devices and edema
+# rare), few hedged labels, 40% of studies without a report, 60% of images as PNG.
+PUBLIC_PREVALENCE: dict[str, float] = {
+    "Cardiomegaly": 0.1,
+    "Pleural Effusion": 0.35,
+    "Consolidation": 0.08,
+    "Pneumothorax": 0.06,
+    "Lung Lesion": 0.28,
+    "Edema": 0.06,
+    "Support Devices": 0.08,
+}
+PUBLIC_UNCERTAIN_RATE = 0.1
+PUBLIC_REPORT_SHARE = 0.6
+PUBLIC_PNG_SHARE = 0.6
+PUBLIC_STREAM = 0  # the public collection's seed words are [seed, 0]: sites count from 1
+PUBLIC_PATIENT = "PUBLIC"  # patient ids PUBLIC-00001...; no CANARY, this is not site data
+# Its reporting style: terser wording, no "impression:" header and the impression first.
+# Every replacement uses words of the fixed vocabulary and keeps what the labeler reads
+# (tests/test_public_data.py checks both).
+PUBLIC_PHRASES: tuple[tuple[str, str], ...] = (
+    ("there is no ", "no "),
+    ("there are no ", "no "),
+    ("there is a ", ""),
+    ("there is ", ""),
+    (" is present", " is noted"),
+    (" are present", " are noted"),
+    (" is seen", " is identified"),
+    ("no evidence of ", "no definite "),
+    ("terminates", "ends"),
+    ("the lungs are clear", "clear lungs"),
+    ("heart size is normal", "normal heart size"),
+)
+
 F32 = np.float32
+
+
+@dataclass(frozen=True)
+class Look:
+    """How a collection's scanners and protocol render the same chest: ranges drawn per image.
+
+    gamma, gain, offset and noise (Gaussian std) shape the intensities; zoom and shift set the
+    field of view in the renderer's [-1, 1] coordinates (zoom < 1 crops closer to the chest, a
+    shift moves the chest off centre). Gamma, noise and field of view survive the fixed
+    normalisation of the loaders; gain and offset alone would be undone by its stretch.
+    """
+
+    gamma: tuple[float, float] = (0.85, 1.2)
+    gain: tuple[float, float] = (0.9, 1.05)
+    offset: tuple[float, float] = (-0.03, 0.03)
+    noise: tuple[float, float] = (0.004, 0.015)
+    zoom: tuple[float, float] = (1.0, 1.0)
+    shift: float = 0.0
+
+
+SITE_LOOK = Look()
+# A washed-out, noisier, tighter-cropped look: roughly a screen-film archive digitised to PNG.
+PUBLIC_LOOK = Look(
+    gamma=(0.5, 0.7),
+    gain=(0.8, 0.95),
+    offset=(0.02, 0.08),
+    noise=(0.03, 0.05),
+    zoom=(0.8, 0.9),
+    shift=0.06,
+)
 
 
 @dataclass
@@ -118,15 +190,22 @@ def _render(
     rng: np.random.Generator,
     height: int,
     width: int,
+    look: Look = SITE_LOOK,
 ) -> np.ndarray:
     """Draw one study: anatomy from `body`, findings and noise from `rng`; float32 [H, W].
 
-    Findings and texture/noise draw from separate child streams, so the same rng state with and
-    without a finding renders the same image apart from the finding (a paired comparison).
+    Findings, texture/noise and field of view draw from separate child streams, so the same rng
+    state with and without a finding renders the same image apart from the finding (a paired
+    comparison), and the field of view's draws never move the others (the site look's fixed
+    field of view renders the pixels it rendered before the look was a parameter).
     """
-    rng, texture = rng.spawn(2)
+    rng, texture, view = rng.spawn(3)
+    zoom = view.uniform(*look.zoom)
+    sx, sy = view.uniform(-look.shift, look.shift, 2)
     yy, xx = np.meshgrid(
-        np.linspace(-1, 1, height, dtype=F32), np.linspace(-1, 1, width, dtype=F32), indexing="ij"
+        np.linspace(-zoom, zoom, height, dtype=F32) + F32(sy),
+        np.linspace(-zoom, zoom, width, dtype=F32) + F32(sx),
+        indexing="ij",
     )
     cos, sin = np.cos(body.angle), np.sin(body.angle)
     x = ((xx - body.dx) * cos + (yy - body.dy) * sin) / body.scale
@@ -202,9 +281,9 @@ def _render(
         for device in rng.permutation(4)[: int(rng.integers(1, 3))]:
             img += 0.4 * s * _device(int(device), x, y, rng)
 
-    gamma = texture.uniform(0.85, 1.2)
-    img = np.clip(img, 0, 1) ** gamma * texture.uniform(0.9, 1.05) + texture.uniform(-0.03, 0.03)
-    img += texture.normal(0, texture.uniform(0.004, 0.015), img.shape).astype(F32)
+    gamma = texture.uniform(*look.gamma)
+    img = np.clip(img, 0, 1) ** gamma * texture.uniform(*look.gain) + texture.uniform(*look.offset)
+    img += texture.normal(0, texture.uniform(*look.noise), img.shape).astype(F32)
     return np.clip(img, 0, 1).astype(F32)
 
 
@@ -224,12 +303,14 @@ def _device(kind: int, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -
     return np.maximum(box * 1.3, lead)
 
 
-def render_phantom(labels: dict[str, int], rng: np.random.Generator, size: int) -> np.ndarray:
+def render_phantom(
+    labels: dict[str, int], rng: np.random.Generator, size: int, look: Look = SITE_LOOK
+) -> np.ndarray:
     """One chest-like phantom [size, size] in [0, 1] showing the positive (and, faintly, the
     uncertain) findings of `labels`; anatomy, findings, contrast and noise are drawn from rng."""
     if size < 16:
         raise ValueError(f"phantom size must be at least 16 pixels, not {size}")
-    return _render(labels, _anatomy(rng), rng, size, size)
+    return _render(labels, _anatomy(rng), rng, size, size, look)
 
 
 def _site_prevalence(rng: np.random.Generator) -> dict[str, float]:
@@ -242,12 +323,14 @@ def _site_prevalence(rng: np.random.Generator) -> dict[str, float]:
     return out
 
 
-def _draw_labels(prevalence: dict[str, float], rng: np.random.Generator) -> dict[str, int]:
+def _draw_labels(
+    prevalence: dict[str, float], rng: np.random.Generator, uncertain_rate: float = UNCERTAIN_RATE
+) -> dict[str, int]:
     """Ground truth of one study: positives and uncertain ones; "No Finding" when none."""
     labels = {}
     for finding, p in prevalence.items():
         if rng.random() < p:
-            labels[finding] = -1 if rng.random() < UNCERTAIN_RATE else 1
+            labels[finding] = -1 if rng.random() < uncertain_rate else 1
     if not labels:
         labels["No Finding"] = 1
     return labels
@@ -291,6 +374,15 @@ def _dicom_style(rng: np.random.Generator, size: int) -> dict[str, object]:
     }
 
 
+def _draw_scan(
+    labels: dict[str, int], body: _Anatomy, rng: np.random.Generator, size: int, look: Look
+) -> tuple[np.ndarray, dict[str, object]]:
+    """One study's image in [0, 1] and the DICOM style (modality, photometry, bits) it came in."""
+    style = _dicom_style(rng, size)
+    image = _render(labels, body, rng, style.pop("height"), style.pop("width"), look)
+    return image, style
+
+
 def _write_scan(
     path: Path,
     labels: dict[str, int],
@@ -300,8 +392,7 @@ def _write_scan(
     site: int,
     patient: str,
 ) -> None:
-    style = _dicom_style(rng, size)
-    image = _render(labels, body, rng, style.pop("height"), style.pop("width"))
+    image, style = _draw_scan(labels, body, rng, size, SITE_LOOK)
     write_dicom(
         path,
         image,
@@ -316,6 +407,17 @@ def _write_scan(
     )
 
 
+def _patient_numbers(n: int, rng: np.random.Generator) -> list[int]:
+    """Patient number (from 1) of each of n studies: consecutive runs of 1-3 studies."""
+    numbers, patient_no, left = [], 0, 0
+    for _ in range(n):
+        if left == 0:
+            patient_no, left = patient_no + 1, int(rng.integers(1, 4))
+        left -= 1
+        numbers.append(patient_no)
+    return numbers
+
+
 def _write_site(folder: Path, site: int, per_site: int, unlabeled: int, seed: int, size: int):
     rng = np.random.default_rng([seed, site])
     prevalence = _site_prevalence(rng)
@@ -325,12 +427,11 @@ def _write_site(folder: Path, site: int, per_site: int, unlabeled: int, seed: in
     (folder / "images").mkdir(parents=True)
     (folder / "unlabeled").mkdir()
     rows = []
-    patient_no, left, body = 0, 0, _anatomy(rng)
-    for i, labels in enumerate(studies):
-        if left == 0:  # a new patient with 1-3 studies
-            patient_no, left = patient_no + 1, int(rng.integers(1, 4))
-            body = _anatomy(np.random.default_rng([seed, site, 1, patient_no]))
-        left -= 1
+    _anatomy(rng)  # an unused draw, kept so the site phantoms stay byte-identical to earlier ones
+    for i, (labels, patient_no) in enumerate(
+        zip(studies, _patient_numbers(per_site, rng), strict=True)
+    ):
+        body = _anatomy(np.random.default_rng([seed, site, 1, patient_no]))
         patient = f"{CANARY}-{site}{patient_no:05d}"
         study_rng = np.random.default_rng([seed, site, 2, i])
         report = write_report(labels, study_rng)
@@ -343,10 +444,32 @@ def _write_site(folder: Path, site: int, per_site: int, unlabeled: int, seed: in
         patient = f"{CANARY}-{site}U{j + 1:04d}"
         path = folder / f"unlabeled/scan_{j + 1:05d}.dcm"
         _write_scan(path, labels, _anatomy(scan_rng), scan_rng, size, site, patient)
+    _write_studies_csv(folder, rows)
+
+
+def _write_studies_csv(folder: Path, rows: list[list[str]]) -> None:
     with open(folder / "studies.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["dicom", "report", "patient", *FINDINGS])
         writer.writerows(rows)
+
+
+def write_replacing(final: Path, write: Callable[[Path], None]) -> None:
+    """Run write(folder) on a temporary sibling of `final`, then rename it into place: a crash
+    never leaves a half-written folder behind; an existing `final` is replaced."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write(work / "new")
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old_{final.name}.", dir=final.parent))
+            os.replace(final, old / final.name)
+            os.replace(work / "new", final)
+            shutil.rmtree(old)
+        else:
+            os.replace(work / "new", final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def write_phantom_sites(
@@ -370,22 +493,95 @@ def write_phantom_sites(
         )
     if size < 16:
         raise ValueError(f"phantom size must be at least 16 pixels, not {size}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     folders = []
     for site in range(1, sites + 1):
-        final = out / f"site_{site}"
-        work = Path(tempfile.mkdtemp(prefix=f".site_{site}.", dir=out))
-        try:
-            _write_site(work / "site", site, per_site, unlabeled, seed, size)
-            if final.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".old_site_{site}.", dir=out))
-                os.replace(final, old / "site")
-                os.replace(work / "site", final)
-                shutil.rmtree(old)
-            else:
-                os.replace(work / "site", final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        final = Path(out) / f"site_{site}"
+        write = partial(
+            _write_site, site=site, per_site=per_site, unlabeled=unlabeled, seed=seed, size=size
+        )
+        write_replacing(final, write)
         folders.append(final)
     return folders
+
+
+def public_phrasing(report: str) -> str:
+    """A grammar report in the public collection's style: PUBLIC_PHRASES applied, no
+    "impression:" header and the impression moved to the front."""
+    sentences = [part.strip().lower() for part in report.split(".") if part.strip()]
+    impressions = [s.removeprefix("impression: ") for s in sentences if s.startswith("impression")]
+    findings = [s for s in sentences if not s.startswith("impression")]
+    out = []
+    for sentence in impressions + findings:
+        for old, new in PUBLIC_PHRASES:
+            sentence = sentence.replace(old, new)
+        out.append(sentence[0].upper() + sentence[1:] + ".")
+    return " ".join(out)
+
+
+def _write_png(path: Path, image01: np.ndarray, bits: int) -> None:
+    """A grey-scale PNG of an image in [0, 1], 8-bit (mode L) or 16-bit (mode I;16)."""
+    stored = np.rint(np.clip(image01, 0.0, 1.0) * (2**bits - 1))
+    Image.fromarray(stored.astype(np.uint8 if bits == 8 else np.uint16)).save(path)
+
+
+def _write_public(folder: Path, n: int, seed: int, size: int) -> None:
+    rng = np.random.default_rng([seed, PUBLIC_STREAM])
+    studies = [_draw_labels(PUBLIC_PREVALENCE, rng, PUBLIC_UNCERTAIN_RATE) for _ in range(n)]
+    if n >= 60:
+        _ensure_each_finding(studies, rng)
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for i, (labels, patient_no) in enumerate(zip(studies, _patient_numbers(n, rng), strict=True)):
+        body = _anatomy(np.random.default_rng([seed, PUBLIC_STREAM, 1, patient_no]))
+        study_rng = np.random.default_rng([seed, PUBLIC_STREAM, 2, i])
+        report = ""
+        if study_rng.random() < PUBLIC_REPORT_SHARE:
+            report = public_phrasing(write_report(labels, study_rng))
+        image, style = _draw_scan(labels, body, study_rng, size, PUBLIC_LOOK)
+        patient = f"{PUBLIC_PATIENT}-{patient_no:05d}"
+        if study_rng.random() < PUBLIC_PNG_SHARE:
+            name = f"images/{i + 1:05d}.png"
+            _write_png(folder / name, image, 8 if style["bits_stored"] == 8 else 16)
+        else:
+            name = f"images/{i + 1:05d}.dcm"
+            write_dicom(
+                folder / name,
+                image,
+                patient_id=patient,
+                patient_name=f"{PUBLIC_PATIENT}^{patient_no:05d}",
+                extra={"InstitutionName": "PUBLIC PHANTOM COLLECTION", "BodyPartExamined": "CHEST"},
+                **style,
+            )
+        rows.append([name, report, patient, *_csv_row(labels, report)])
+    _write_studies_csv(folder, rows)
+    source = {
+        "name": f"public phantoms (seed {seed}, {n} studies, {size} px)",
+        "kind": "phantom",
+        "look": asdict(PUBLIC_LOOK),
+        "prevalence": PUBLIC_PREVALENCE,
+        "report_share": PUBLIC_REPORT_SHARE,
+        "png_share": PUBLIC_PNG_SHARE,
+    }
+    (folder / "source.json").write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+
+
+def write_public_collection(out: Path, n: int = 300, seed: int = 0, size: int = 128) -> Path:
+    """Write a public phantom collection into the folder `out` and return it.
+
+    The site folder format (studies.csv with dicom, report, patient and finding columns, images
+    under images/) plus source.json naming it, in the public look described in the module
+    docstring. Deterministic for a seed (pixels and text; DICOM UIDs are fresh) and disjoint from
+    every site of write_phantom_sites with the same seed. Written to a temporary folder and
+    renamed at the end; an existing `out` is replaced only when it is a collection written here.
+    """
+    if n < 1:
+        raise ValueError(f"a public collection needs n >= 1 studies, not {n}")
+    if size < 16:
+        raise ValueError(f"phantom size must be at least 16 pixels, not {size}")
+    out = Path(out)
+    if out.exists() and not (out / "source.json").is_file():
+        raise ValueError(
+            f"{out} exists and is not a public phantom collection; give a new folder to write to"
+        )
+    write_replacing(out, lambda folder: _write_public(folder, n, seed, size))
+    return out

@@ -187,7 +187,8 @@ _FIELDS = string.Formatter()
 
 def _fill(template: str, rng: np.random.Generator) -> str:
     """Fill every {slot} of a template with a random choice of its options."""
-    names = {field for _, field, _, _ in _FIELDS.parse(template) if field}
+    # In order of appearance: iterating a set would make the draws depend on PYTHONHASHSEED.
+    names = dict.fromkeys(field for _, field, _, _ in _FIELDS.parse(template) if field)
     return template.format(**{name: SLOTS[name][rng.integers(len(SLOTS[name]))] for name in names})
 
 
