@@ -194,24 +194,22 @@ def public_pretrained_model(
     from emixer_model.text.vocabulary import VOCAB_SIZE
     from server.checkpoint import Checkpoint, save_checkpoint
 
-    with progress_bars("decoding", "report warm start", "pretraining") as (load, warm, train):
-        public = load_public(public_dir, cfg.model, progress=load)
+    bars = ("decoding", "report warm start", "pretraining")
+    with progress_bars(*bars) as (load_bar, warm_bar, train_bar):
+        public = load_public(public_dir, cfg.model, progress=load_bar)
         torch.manual_seed(seed)
         nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
-        warm_start_report_decoder(nets, cfg.model, warm, seed, progress=warm)
+        warm_start_report_decoder(nets, cfg.model, warm_start, seed, progress=warm_bar)
         tokens = fill_missing_reports(
             public.labels, public.tokens, public.has_report, cfg.model, seed
         )
         result = pretrain_public(
-            nets, cfg, public.images, public.labels, tokens, steps, seed, progress=train
+            nets, cfg, public.images, public.labels, tokens, steps, seed, progress=train_bar
         )
     source = {
-        "name": public.name,
-        "content_hash": public.content_hash,
-        "studies": len(public.images),
-        "with_report": int(public.has_report.sum()),
+        **public.source(),
         "steps": steps,
-        "report_warm_start_steps": warm,
+        "report_warm_start_steps": warm_start,
         "privacy": "none: public data, no site data involved",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -247,22 +245,52 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_ROUNDS, DEMO_EPOCHS = 5, 4  # sized to finish in under 10 minutes on 2 CPU cores
-DEMO_WARM_START = 150  # public report-decoder steps: loss ~7.4 -> ~1.1 in under a minute on CPU
+# The demo's own settings (a --config file replaces all of them): sized so the whole demo, public
+# pretraining included, finishes in about 10 minutes on 2 CPU cores; the values come from
+# bench/utility.py (see bench/README.md).
+DEMO_ROUNDS, DEMO_EPOCHS = 5, 4
+DEMO_MODEL = {"resolution": 32, "latent_dim": 32, "width": 16, "embed_dim": 64}
+DEMO_TRAIN = {"dp_trainable": "top", "lr_g": 5e-5}
+DEMO_PUBLIC_STUDIES, DEMO_PRETRAIN_STEPS, DEMO_WARM_START = 600, 600, 300
 
 
 def demo_config(args: argparse.Namespace) -> EmixerConfig:
-    """The demo's config: the user's file (if any, else the demo's rounds, local epochs and
-    public warm start) with --rounds and --epochs applied on top."""
+    """The demo's config: the user's file (if any, else the demo's model, training choices and
+    rounds) with --rounds and --epochs applied on top."""
     cfg = site_config(args)
+    if not args.config:
+        cfg = replace(
+            cfg,
+            model=replace(cfg.model, **DEMO_MODEL),
+            train=replace(cfg.train, **DEMO_TRAIN),
+        )
     rounds = args.rounds or (cfg.federation.rounds if args.config else DEMO_ROUNDS)
     epochs = args.epochs or (cfg.train.epochs if args.config else DEMO_EPOCHS)
-    warm = cfg.train.public_warm_start_steps if args.config else DEMO_WARM_START
     return replace(
         cfg,
         federation=replace(cfg.federation, rounds=rounds),
-        train=replace(cfg.train, epochs=epochs, public_warm_start_steps=warm),
+        train=replace(cfg.train, epochs=epochs),
     )
+
+
+def cached_pretrained_model(out: Path, cfg: EmixerConfig, args: argparse.Namespace) -> Path:
+    """The demo's public collection and its pretrained model, made once and reused: the key is
+    everything the model depends on (collection seed and size, model and train config, steps)."""
+    from emixer_model.data.phantoms import write_public_collection
+
+    public = out / f"public-{DEMO_PUBLIC_STUDIES}x{args.size}px-seed{args.seed}"
+    if not (public / "studies.csv").is_file():
+        write_public_collection(public, n=DEMO_PUBLIC_STUDIES, seed=args.seed, size=args.size)
+    key = json.dumps(
+        [public.name, cfg.model.__dict__, cfg.train.__dict__, DEMO_PRETRAIN_STEPS, DEMO_WARM_START],
+        sort_keys=True,
+    )
+    path = out / f"pretrained-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    if not path.is_file():
+        public_pretrained_model(
+            public, cfg, DEMO_PRETRAIN_STEPS, DEMO_WARM_START, cfg.train.seed, path
+        )
+    return path
 
 
 LOSS_COLUMNS = ("report", "d_real", "d_fake", "g")  # the losses a person watches
@@ -304,7 +332,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     data_dir = out / f"phantoms-{args.sites}sites-{args.per_site}x{args.size}px-seed{args.seed}"
     if not (data_dir / "COMPLETE").is_file():
-        console.rule("1/4 phantom hospitals")
+        console.rule("1/5 phantom hospitals")
         write_phantom_sites(
             data_dir,
             sites=args.sites,
@@ -315,13 +343,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         (data_dir / "COMPLETE").write_text("phantom data written completely\n")
     sites = sorted(p for p in data_dir.iterdir() if p.is_dir())
+    console.rule("2/5 public pretraining at the coordinator (no site data, no privacy cost)")
+    pretrained = cached_pretrained_model(out, cfg, args)
+    console.print(f"initial model {pretrained}")
+    cfg = replace(cfg, federation=replace(cfg.federation, initial_model=str(pretrained.resolve())))
     run_dir = out / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    console.rule(f"2/4 federated DP training: {len(sites)} sites, {cfg.federation.rounds} rounds")
+    console.rule(f"3/5 federated DP training: {len(sites)} sites, {cfg.federation.rounds} rounds")
     console.print(f"run folder {run_dir}")
     ckpt = simulate(cfg, sites, run_dir / "state", run_dir / "checkpoints", verbose=args.verbose)
     console.print(ledger_table(ckpt.ledger))
 
-    console.rule("3/4 synthetic release")
+    console.rule("4/5 synthetic release")
     release_dir = run_dir / "release"
     with progress_bar("synthesizing") as update:
         summary = release(
@@ -336,7 +368,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"released {summary.count} pairs, release epsilon {summary.release_epsilon:.3f} "
         "(the maximum over sites)"
     )
-    console.rule("4/4 evaluation against the phantom sites' real data")
+    console.rule("5/5 evaluation against the phantom sites' real data")
     result = evaluate_release(
         release_dir,
         sites,
