@@ -2,15 +2,20 @@
 
 Sites hold whatever their PACS exported, so decoding never trusts a file: anything that cannot
 serve as one grey-scale X-ray raises `SkipFile` with a reason code, and the caller records it
-instead of crashing. The pixel normalisation is fixed in code (DESIGN.md invariant 5) so every
-site maps intensities the same way and nothing is fitted on a site's data: modality LUT, then the
-file's own VOI LUT / window when it has one (else a robust 0.5-99.5 percentile stretch of that
-image alone), MONOCHROME1 inverted, aspect-preserving resize, black padding, then x * 2 - 1.
+instead of crashing. Compressed files (JPEG Lossless and Extended, JPEG-LS, JPEG 2000, RLE) decode
+through pydicom's pixel-data plugins, pylibjpeg (+ its libjpeg, openjpeg and rle plugins) and
+pyjpegls, which are default dependencies. The pixel normalisation is fixed in code (privacy
+invariant 5 in docs/PRIVACY.md) so every site maps intensities the same way and nothing is fitted
+on a site's data: modality LUT, then the file's own VOI LUT / window when it has one (else a robust
+0.5-99.5 percentile stretch of that image alone), MONOCHROME1 inverted, aspect-preserving resize,
+black padding, then x * 2 - 1.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +43,8 @@ SKIP_REASONS: dict[str, str] = {
     "no-pixel-data": "DICOM without an image (e.g. a structured report or presentation state)",
     "colour": "colour image (RGB/YBR/palette); only grey-scale X-rays are used",
     "multi-frame": "multi-frame DICOM; only single-frame radiographs are used",
-    "compressed-no-decoder": "compressed transfer syntax with no installed decoder "
-    "(install pylibjpeg and its plugins, or decompress the file)",
+    "compressed-no-decoder": "compressed transfer syntax that none of the installed decoders "
+    "(pylibjpeg, pylibjpeg-libjpeg/-openjpeg/-rle, pyjpegls) handles; decompress the file",
     "unreadable": "the file is damaged or inconsistent (e.g. truncated)",
     "empty-image": "the image has one constant value",
     "outside-site-folder": "the studies.csv path points outside the site folder",
@@ -54,13 +59,17 @@ SOP_CLASSES: dict[str, str] = {
 
 
 class SkipFile(Exception):
-    """A file that cannot serve as a grey-scale X-ray; `reason` is a SKIP_REASONS key."""
+    """A file that cannot serve as a grey-scale X-ray; `reason` is a SKIP_REASONS key.
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    `transfer_syntax` names the file's transfer syntax once it was read far enough to know it.
+    """
+
+    def __init__(self, reason: str, detail: str = "", transfer_syntax: str = "") -> None:
         if reason not in SKIP_REASONS:
             raise ValueError(f"unknown skip reason {reason!r}")
         self.reason = reason
-        self.detail = detail or SKIP_REASONS[reason]
+        self.detail = " ".join((detail or SKIP_REASONS[reason]).split())  # always one line
+        self.transfer_syntax = transfer_syntax
         super().__init__(f"{reason}: {self.detail}")
 
 
@@ -72,18 +81,47 @@ class Decoded:
     source_shape: tuple[int, int]
     bits_stored: int
     photometric: str
+    transfer_syntax: str = ""  # pydicom's keyword for it, e.g. "JPEGLosslessSV1"
+
+
+class _PydicomRecords(logging.Handler):
+    """Keeps pydicom's log records of a decode_dicom call away from the screen.
+
+    pydicom logs a full traceback at ERROR whenever a decoder plugin fails (and then raises, or
+    falls back to the next plugin). To a site engineer a traceback reads as a crash, yet the
+    exception already becomes the file's skip reason. So while this thread decodes, pydicom's
+    records are re-logged as one line (no traceback) at DEBUG on "emixer.data.dicom": in the log
+    file, or on screen with --verbose. Outside a decode they go on to the root logger's handlers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.active = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        path = getattr(self.active, "path", None)
+        if path is None:
+            logging.getLogger().handle(record)
+            return
+        message = " ".join(record.getMessage().split())
+        log.debug("%s: pydicom %s: %s", path, record.levelname.lower(), message)
+
+
+log = logging.getLogger("emixer.data.dicom")
+_PYDICOM = _PydicomRecords()
+logging.getLogger("pydicom").addHandler(_PYDICOM)
+logging.getLogger("pydicom").propagate = False  # _PYDICOM forwards what it does not fold
 
 
 def decode_dicom(path: Path, resolution: int) -> Decoded:
     """Decode one file to a [resolution, resolution] float32 image in [-1, 1]; raises SkipFile."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns on every odd tag; the skip reason suffices
-        try:
+    _PYDICOM.active.path = str(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns on every odd tag; the skip suffices
             return _decode(Path(path), resolution)
-        except SkipFile:
-            raise
-        except Exception as err:  # any library failure on a damaged file is a skip, never a crash
-            raise SkipFile("unreadable", f"{type(err).__name__}: {err}") from None
+    finally:
+        _PYDICOM.active.path = None
 
 
 def _decode(path: Path, resolution: int) -> Decoded:
@@ -91,6 +129,21 @@ def _decode(path: Path, resolution: int) -> Decoded:
         ds = pydicom.dcmread(path, force=False)
     except InvalidDicomError:
         raise SkipFile("not-dicom") from None
+    except Exception as err:  # any library failure on a damaged file is a skip, never a crash
+        raise SkipFile("unreadable", f"{type(err).__name__}: {err}") from None
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    name = (syntax.keyword or str(syntax)) if syntax else "missing"
+    try:
+        return _pixels(ds, syntax, name, resolution)
+    except SkipFile as skip:
+        skip.transfer_syntax = name
+        raise
+    except Exception as err:  # e.g. every decoder plugin failed on a damaged stream
+        raise SkipFile("unreadable", f"{type(err).__name__}: {err}", name) from None
+
+
+def _pixels(ds: Dataset, syntax: pydicom.uid.UID | None, name: str, resolution: int) -> Decoded:
     if "PixelData" not in ds:
         raise SkipFile("no-pixel-data")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
@@ -103,7 +156,6 @@ def _decode(path: Path, resolution: int) -> Decoded:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise SkipFile("multi-frame", f"{frames} frames")
-    syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is not None and syntax.is_compressed and not _decoder_available(syntax):
         raise SkipFile("compressed-no-decoder", f"{syntax.name} has no installed decoder")
 
@@ -124,6 +176,7 @@ def _decode(path: Path, resolution: int) -> Decoded:
         source_shape=(int(raw.shape[0]), int(raw.shape[1])),
         bits_stored=int(ds.get("BitsStored", 0) or 0),
         photometric=photometric,
+        transfer_syntax=name,
     )
 
 
