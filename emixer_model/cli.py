@@ -123,7 +123,9 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     cfg = replace(cfg, train=train, privacy=privacy)
     site = Path(args.site_dir)
     state = Path(args.state_dir) if args.state_dir else default_state_dir(site)
+    log_path = log_to_file(state / LOG_FILE)
     console.print(f"site {site}  state {state}  budget epsilon {cfg.privacy.epsilon_budget}")
+    console.print(f"Opacus' and pydicom's logs in {log_path}")
     with progress_bars("decoding", "training") as (load_progress, progress):
         result = train_site_round(
             site,
@@ -206,6 +208,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = demo_config(args)
     out = Path(args.out)
+    run_dir = out / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    log_path = log_to_file(run_dir / LOG_FILE)
     data_dir = out / f"phantoms-{args.sites}sites-{args.per_site}x{args.size}px-seed{args.seed}"
     if not (data_dir / "COMPLETE").is_file():
         console.rule("1/4 phantom hospitals")
@@ -219,9 +223,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         (data_dir / "COMPLETE").write_text("phantom data written completely\n")
     sites = sorted(p for p in data_dir.iterdir() if p.is_dir())
-    run_dir = out / "runs" / time.strftime("%Y%m%d-%H%M%S")
     console.rule(f"2/4 federated DP training: {len(sites)} sites, {cfg.federation.rounds} rounds")
-    console.print(f"run folder {run_dir}")
+    console.print(f"run folder {run_dir}; Flower's, Ray's and Opacus' logs in {log_path}")
     ckpt = simulate(cfg, sites, run_dir / "state", run_dir / "checkpoints", verbose=args.verbose)
     console.print(ledger_table(ckpt.ledger))
 
@@ -295,7 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Start with `emixer demo`; a hospital checks its folder with `emixer data check`."
         ),
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show other libraries' logs (Flower, Ray, Opacus, pydicom), DEBUG included; "
+        f"without it they go to the command's {LOG_FILE}",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -423,15 +432,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LOG_FILE = "emixer.log"  # in a command's own folder: the demo's run folder, a site's state dir
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_SCREEN = "emixer-libraries-on-screen"  # handler names, so a second main() call replaces them
+_FILE = "emixer-log-file"
+
+
+class _NotOurs(logging.Filter):
+    """Records from other libraries (ours reach the screen through rich already)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("emixer")
+
+
 def configure_logging(verbose: bool) -> None:
-    """Our own log lines through rich; other libraries keep their handlers (Flower has its own),
-    so nothing is printed twice and third-party chatter stays at warnings."""
+    """Make every command read like one tool: each log record takes exactly one path.
+
+    Our own records ("emixer.*") go to the screen through rich. Every library's records (Flower,
+    Ray, Opacus, pydicom, and Python warnings such as Ray's FutureWarnings) go to the command's
+    log file once it opens one (`log_to_file`); until then only their warnings and errors show,
+    and with --verbose everything shows, DEBUG included. Flower's own console handler and the
+    root handler opacus installs when imported (`logging.basicConfig`) are removed: with both,
+    every Flower line was printed twice, once coloured and once timestamped.
+    """
+    from flwr.common.logger import console_handler as flower_console
     from rich.logging import RichHandler
+
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        # opacus' basicConfig handler and ours from an earlier main(); test harness handlers stay
+        if type(handler) is logging.StreamHandler or handler.get_name() in (_SCREEN, _FILE):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for chatty in ("PIL", "matplotlib"):  # per-chunk and font-cache DEBUG records nobody reads
+        logging.getLogger(chatty).setLevel(logging.INFO)
+    libraries = logging.StreamHandler(sys.stderr)
+    libraries.set_name(_SCREEN)
+    libraries.addFilter(_NotOurs())
+    libraries.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    libraries.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    root.addHandler(libraries)
+    logging.getLogger("flwr").removeHandler(flower_console)
 
     ours = logging.getLogger("emixer")
     if not ours.handlers:
         ours.addHandler(RichHandler(console=console, show_path=False, show_time=False))
     ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def log_to_file(path: Path) -> Path:
+    """From now on every record (ours and the libraries') goes to `path`; without --verbose the
+    libraries' records leave the screen entirely. Returns the path, for the command to print."""
+    root = logging.getLogger()
+    screen = next(h for h in root.handlers if h.get_name() == _SCREEN)
+    verbose = screen.level <= logging.DEBUG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.set_name(_FILE)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for old in [h for h in root.handlers if h.get_name() == _FILE]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    if not verbose:
+        screen.setLevel(logging.CRITICAL + 1)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
