@@ -13,6 +13,7 @@ black padding, then x * 2 - 1.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import threading
@@ -237,33 +238,15 @@ def write_dicom(
 ) -> None:
     """Write a grey-scale image as an explicit little-endian DICOM file with fresh UIDs.
 
-    Phantom sites and synthetic releases both go through here, so every file we produce is one
-    pydicom (and any PACS) reads back. Written to a temporary name then renamed, so a crash never
-    leaves a half-written file that a later data check would have to skip.
+    Phantom sites go through here (and tests that need odd files), so every file we produce is
+    one pydicom reads back. A release's images go through `write_secondary_capture`, which writes
+    the full Secondary Capture IOD.
     """
-    image = np.asarray(image01, dtype=np.float64)
-    if image.ndim != 2 or min(image.shape) < 1:
-        raise ValueError(f"write_dicom needs a 2-D image, got shape {image.shape}")
-    if not np.isfinite(image).all():
-        raise ValueError("write_dicom: the image contains NaN or infinite values")
-    if image.min() < -1e-6 or image.max() > 1 + 1e-6:
-        raise ValueError("write_dicom: pixel values must lie in [0, 1]; rescale the image first")
-    if not isinstance(bits_stored, int) or not 8 <= bits_stored <= 16:
-        raise ValueError(f"bits_stored must be an integer from 8 to 16, not {bits_stored!r}")
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, not {photometric!r}")
     if sop_class not in SOP_CLASSES:
         raise ValueError(f"sop_class must be one of {', '.join(SOP_CLASSES)}, not {sop_class!r}")
-    unknown = [k for k in (extra or {}) if tag_for_keyword(k) is None]
-    if unknown:
-        raise ValueError(f"not DICOM keywords: {', '.join(unknown)}")
-
-    top = 2**bits_stored - 1
-    stored = np.rint(np.clip(image, 0.0, 1.0) * top)
-    if photometric == "MONOCHROME1":
-        stored = top - stored
-    allocated = 8 if bits_stored == 8 else 16
-    stored = stored.astype(np.uint8 if allocated == 8 else np.uint16)
+    stored = _stored_pixels(image01, bits_stored, photometric)
+    _check_keywords(extra)
+    allocated = stored.itemsize * 8
 
     sop_uid = generate_uid()
     meta = FileMetaDataset()
@@ -292,8 +275,104 @@ def write_dicom(
     ds["PixelData"].VR = "OB" if allocated == 8 else "OW"
     for keyword, value in (extra or {}).items():
         setattr(ds, keyword, value)
+    _save_atomically(ds, Path(path))
 
-    path = Path(path)
+
+@dataclass(frozen=True)
+class ReleaseSeries:
+    """The one study and series every image of a release belongs to, so a PACS or viewer imports
+    the synthetic set as one unit (one study per image scattered it)."""
+
+    study_uid: str
+    series_uid: str
+    created: datetime.datetime  # StudyDate/StudyTime: when the release was made, not a patient's
+
+    @classmethod
+    def new(cls) -> ReleaseSeries:
+        return cls(generate_uid(), generate_uid(), datetime.datetime.now())
+
+
+def write_secondary_capture(
+    path: Path,
+    image01: np.ndarray,
+    *,
+    series: ReleaseSeries,
+    instance_number: int,
+    patient_id: str,
+    patient_name: str,
+    extra: dict[str, object] | None = None,
+) -> None:
+    """Write one released image as an 8-bit DICOM Secondary Capture that `dciodvfy` accepts.
+
+    highdicom builds the SC Image IOD, so its Type 2 attributes (patient birth date and sex,
+    study date/time/ID, accession number, referring physician, patient orientation) are present;
+    those that would describe a patient are empty: the image depicts none. ConversionType SYN
+    says the image is synthetic. BodyPartExamined CHEST settles Laterality (Type 2C): the chest
+    is not a paired organ, so the attribute must be absent (without a body part, dciodvfy asks
+    for it).
+    """
+    from highdicom.sc import SCImage
+
+    stored = _stored_pixels(image01, 8, "MONOCHROME2")
+    _check_keywords(extra)
+    ds = SCImage(
+        pixel_array=stored,
+        photometric_interpretation="MONOCHROME2",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        study_instance_uid=series.study_uid,
+        series_instance_uid=series.series_uid,
+        series_number=1,
+        sop_instance_uid=generate_uid(),
+        instance_number=instance_number,
+        manufacturer="EMIXER-FL",
+        patient_id=patient_id,
+        patient_name=patient_name,
+        study_id="1",
+        study_date=series.created.date(),
+        study_time=series.created.time(),
+        accession_number="",
+        referring_physician_name="",
+        # a chest radiograph as read (PA): rows run to the patient's left, columns to the feet
+        patient_orientation=("L", "F"),
+    )
+    ds.ConversionType = "SYN"
+    ds.BodyPartExamined = "CHEST"
+    ds.SeriesDescription = "EMIXER-FL synthetic release"
+    for keyword, value in (extra or {}).items():
+        setattr(ds, keyword, value)
+    _save_atomically(ds, Path(path))
+
+
+def _stored_pixels(image01: np.ndarray, bits_stored: int, photometric: str) -> np.ndarray:
+    """An image in [0, 1] as the unsigned integers a file stores (MONOCHROME1 inverted)."""
+    image = np.asarray(image01, dtype=np.float64)
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise ValueError(f"write_dicom needs a 2-D image, got shape {image.shape}")
+    if not np.isfinite(image).all():
+        raise ValueError("write_dicom: the image contains NaN or infinite values")
+    if image.min() < -1e-6 or image.max() > 1 + 1e-6:
+        raise ValueError("write_dicom: pixel values must lie in [0, 1]; rescale the image first")
+    if not isinstance(bits_stored, int) or not 8 <= bits_stored <= 16:
+        raise ValueError(f"bits_stored must be an integer from 8 to 16, not {bits_stored!r}")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, not {photometric!r}")
+    top = 2**bits_stored - 1
+    stored = np.rint(np.clip(image, 0.0, 1.0) * top)
+    if photometric == "MONOCHROME1":
+        stored = top - stored
+    return stored.astype(np.uint8 if bits_stored == 8 else np.uint16)
+
+
+def _check_keywords(extra: dict[str, object] | None) -> None:
+    unknown = [k for k in (extra or {}) if tag_for_keyword(k) is None]
+    if unknown:
+        raise ValueError(f"not DICOM keywords: {', '.join(unknown)}")
+
+
+def _save_atomically(ds: Dataset, path: Path) -> None:
+    """Write to a temporary name then rename, so a crash never leaves a half-written file that a
+    later data check would have to skip."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     ds.save_as(tmp, enforce_file_format=True)
