@@ -68,7 +68,7 @@ def progress_bar(label: str) -> Iterator[Callable[..., None]]:
 
 
 def default_state_dir(site_dir: Path) -> Path:
-    """A site's state lives outside its data folder (DESIGN.md section 6)."""
+    """A site's state lives outside its data folder (docs/DESIGN.md section 6)."""
     resolved = site_dir.resolve()
     tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
     return Path.home() / ".emixer" / "state" / f"{resolved.name}-{tag}"

@@ -1,9 +1,9 @@
 """`emixer release`: synthetic image-report sets from a trained global model, behind a privacy gate.
 
 The gate refuses a checkpoint whose ledger is missing, over budget, or inconsistent with its own
-history (DESIGN.md invariant 7), before anything is written. The release is built in a temporary
-folder beside the target and renamed into place at the end, so a failure never leaves half a
-release behind.
+history (docs/PRIVACY.md invariant 7), before anything is written. The release is built in a
+temporary folder beside the target and renamed into place at the end, so a failure never leaves
+half a release behind.
 """
 
 from __future__ import annotations
