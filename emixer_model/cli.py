@@ -452,8 +452,9 @@ def configure_logging(verbose: bool) -> None:
     Ray, Opacus, pydicom, and Python warnings such as Ray's FutureWarnings) go to the command's
     log file once it opens one (`log_to_file`); until then only their warnings and errors show,
     and with --verbose everything shows, DEBUG included. Flower's own console handler and the
-    root handler opacus installs when imported (`logging.basicConfig`) are removed: with both,
-    every Flower line was printed twice, once coloured and once timestamped.
+    root handler opacus installs when imported (`logging.basicConfig`) are removed, and Flower's
+    records reach the root logger's handlers only: with both, every Flower line was printed
+    twice, once coloured and once timestamped.
     """
     from flwr.common.logger import console_handler as flower_console
     from rich.logging import RichHandler
@@ -474,7 +475,9 @@ def configure_logging(verbose: bool) -> None:
     libraries.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     libraries.setLevel(logging.DEBUG if verbose else logging.WARNING)
     root.addHandler(libraries)
-    logging.getLogger("flwr").removeHandler(flower_console)
+    flower = logging.getLogger("flwr")
+    flower.removeHandler(flower_console)
+    flower.propagate = True  # emixer_model/__init__.py turns it off for the app processes
 
     ours = logging.getLogger("emixer")
     if not ours.handlers:

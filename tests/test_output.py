@@ -25,17 +25,21 @@ ROOT = Path(__file__).resolve().parents[1]
 LIBRARY_NOISE = ("Traceback", "DEBUG", "DEPRECATED", "Warning", "WARNING", "pid=")
 
 
-def emixer(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run `python -m emixer_model.cli ARGS` from this tree with stdout and stderr piped."""
+def python(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run `python ARGS` on this tree's code with stdout and stderr piped."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return subprocess.run(
-        [sys.executable, "-m", "emixer_model.cli", *args],
+        [sys.executable, *args],
         cwd=cwd,
         env={**os.environ, "PYTHONPATH": path},
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def emixer(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return python("-m", "emixer_model.cli", *args, cwd=cwd)
 
 
 def _broken_files(folder: Path) -> None:
@@ -113,3 +117,17 @@ def test_demo_piped_shows_stages_once_and_logs_libraries_to_the_run_folder(
     assert "DEPRECATED FEATURE" in logged and "run_simulation" in logged  # Flower's banner
     assert "Starting EmixerFedAvg strategy" in logged  # Flower's own INFO lines, once each
     assert logged.count("[ROUND 1/1]") == 1
+
+
+def test_app_processes_print_each_flower_line_once(tmp_path: Path) -> None:
+    """The ServerApp/ClientApp processes of `emixer server` and `emixer site` import opacus
+    (whose basicConfig adds a root handler) and Flower (which has its own console handler)."""
+    script = (
+        "import logging, emixer_model, opacus.utils.module_utils\n"
+        "from flwr.common.logger import log\n"
+        "assert logging.getLogger().handlers, 'opacus no longer adds a root handler'\n"
+        "log(logging.INFO, 'hello from the app')\n"
+    )
+    done = python("-c", script, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout + done.stderr).count("hello from the app") == 1
