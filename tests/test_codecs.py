@@ -2,10 +2,11 @@
 
 Each transfer syntax with an encoder available here (pydicom's RLE encoder, pyjpegls for JPEG-LS,
 pylibjpeg-openjpeg for JPEG 2000, Pillow for JPEG Baseline) is tested on a file we compress
-ourselves, against the original array. JPEG Lossless (Process 14) and JPEG Extended 12-bit have no
-encoder in Python here, so they are tested on the small files pydicom ships with its wheel:
-`SC_rgb_jpeg_gdcm.dcm` (JPEG Lossless SV1, compared with the same image stored as RLE) and
-`JPGExtended.dcm` (12-bit, decoded and checked for range only: no uncompressed original ships).
+ourselves, against the original array. No Python package here encodes JPEG Lossless (Process 14),
+so `_jpeg_lossless_sv1` below writes one (about 40 lines: first-order prediction, one fixed
+Huffman table); the decoded pixels must equal the original exactly. Nothing here encodes JPEG
+Extended 12-bit (Pillow refuses 12-bit), so that syntax is tested on pydicom's own sample
+`JPGExtended.dcm` (decoded and range-checked only: no uncompressed original ships with it).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pydicom.uid import (
     JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
@@ -31,7 +34,7 @@ from pydicom.uid import (
 
 from emixer_model.cli import main
 from emixer_model.data.check import check_folder
-from emixer_model.data.dicom import SkipFile, decode_dicom, write_dicom
+from emixer_model.data.dicom import decode_dicom, write_dicom
 
 R = 16
 
@@ -113,15 +116,65 @@ def test_jpeg_baseline_encoded_with_pillow_decodes(tmp_path) -> None:
     assert decode_dicom(tmp_path / "baseline.dcm", R).transfer_syntax == "JPEGBaseline8Bit"
 
 
-def test_jpeg_lossless_process_14_decodes_exactly() -> None:
-    """No JPEG Lossless encoder is installed: pydicom's GDCM-made file against its RLE twin."""
-    lossless = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
-    assert lossless.file_meta.TransferSyntaxUID.keyword == "JPEGLosslessSV1"
-    twin = pydicom.dcmread(get_testdata_file("SC_rgb_rle.dcm")).pixel_array
-    np.testing.assert_array_equal(lossless.pixel_array, twin)
-    with pytest.raises(SkipFile) as info:  # decoded, then refused for what it is: a colour image
-        decode_dicom(Path(get_testdata_file("SC_rgb_jpeg_gdcm.dcm")), R)
-    assert info.value.reason == "colour" and info.value.transfer_syntax == "JPEGLosslessSV1"
+def _jpeg_lossless_sv1(image: np.ndarray, precision: int) -> bytes:
+    """A JPEG Lossless (ITU T.81 Process 14, selection value 1) stream of a grey image.
+
+    Prediction: the sample to the left (first row), above (first column), else left; the first
+    sample is predicted by 2**(precision - 1). The 17 difference categories get one 5-bit code
+    each, so the Huffman table is trivial; differences are taken modulo 2**16 as T.81 says.
+    """
+    rows, cols = image.shape
+    x = image.astype(np.int64)
+    prediction = np.empty_like(x)
+    prediction[0, 0] = 1 << (precision - 1)
+    prediction[0, 1:] = x[0, :-1]
+    prediction[1:, 0] = x[:-1, 0]
+    prediction[1:, 1:] = x[1:, :-1]
+    diffs = (x - prediction) % 65536
+    diffs = np.where(diffs > 32768, diffs - 65536, diffs)
+    out, acc, used = bytearray(), 0, 0
+
+    def put(value: int, length: int) -> None:
+        nonlocal acc, used
+        acc, used = (acc << length) | (value & ((1 << length) - 1)), used + length
+        while used >= 8:
+            used -= 8
+            out.append((acc >> used) & 0xFF)
+            if out[-1] == 0xFF:
+                out.append(0)  # byte stuffing
+
+    for d in diffs.ravel().tolist():
+        category = min(16, abs(d).bit_length())
+        put(category, 5)  # the canonical code of category c is c itself, 5 bits long
+        if 0 < category < 16:
+            put(d if d > 0 else d - 1, category)
+    if used:
+        put((1 << (8 - used)) - 1, 8 - used)  # pad the last byte with 1-bits
+    frame = bytes([0xFF, 0xC3, 0, 11, precision, *rows.to_bytes(2, "big")])
+    frame += bytes([*cols.to_bytes(2, "big"), 1, 1, 0x11, 0])
+    huffman = bytes([0xFF, 0xC4, 0, 36, 0x00, 0, 0, 0, 0, 17, *[0] * 11, *range(17)])
+    scan = bytes([0xFF, 0xDA, 0, 8, 1, 1, 0x00, 1, 0, 0])
+    return b"\xff\xd8" + frame + huffman + scan + bytes(out) + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("syntax", [JPEGLosslessSV1, JPEGLossless], ids=lambda s: s.keyword)
+@pytest.mark.parametrize("bits", [12, 16])
+def test_jpeg_lossless_process_14_decodes_to_the_original_pixels(tmp_path, syntax, bits) -> None:
+    plain = _plain(tmp_path, syntax, bits)
+    write_dicom(plain, _phantom(bits), bits_stored=bits)
+    ds = pydicom.dcmread(plain)
+    noise = np.random.default_rng(bits).integers(0, 2**bits, ds.pixel_array.shape)
+    original = np.where(noise % 5 == 0, noise, ds.pixel_array).astype(np.uint16)  # big jumps too
+    ds.PixelData = original.tobytes()
+    ds.save_as(plain)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([_jpeg_lossless_sv1(original, bits)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "lossless.dcm", enforce_file_format=True)
+    np.testing.assert_array_equal(pydicom.dcmread(tmp_path / "lossless.dcm").pixel_array, original)
+    decoded = decode_dicom(tmp_path / "lossless.dcm", R)
+    assert decoded.transfer_syntax == syntax.keyword and decoded.bits_stored == bits
+    np.testing.assert_array_equal(decoded.pixels, decode_dicom(plain, R).pixels)
 
 
 def test_jpeg_extended_12_bit_decodes() -> None:
