@@ -144,6 +144,7 @@ figcaption {{ font-size: 0.85em; margin-top: 0.3em; }}
 .wide {{ overflow-x: auto; }}
 table {{ border-collapse: collapse; font-size: 0.9em; }}
 td, th {{ border: 1px solid #999; padding: 0.2em 0.4em; white-space: nowrap; }}
+@media (max-width: 480px) {{ table {{ font-size: 0.75em; }} td, th {{ padding: 0.2em; }} }}
 </style></head><body>
 <h1>EMIXER-FL synthetic release</h1>
 <p>{manifest["counts"]["total"]} synthetic image-report pairs. Every image and report here was
