@@ -31,6 +31,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+log = logging.getLogger("emixer.data.dicom")
+
 # Bump when the decoding pipeline changes: decoded caches keyed on it are then rebuilt.
 NORMALISATION_VERSION = 1
 
@@ -108,7 +110,6 @@ class _PydicomRecords(logging.Handler):
         log.debug("%s: pydicom %s: %s", path, record.levelname.lower(), message)
 
 
-log = logging.getLogger("emixer.data.dicom")
 _PYDICOM = _PydicomRecords()
 logging.getLogger("pydicom").addHandler(_PYDICOM)
 logging.getLogger("pydicom").propagate = False  # _PYDICOM forwards what it does not fold
