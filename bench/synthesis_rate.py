@@ -2,8 +2,8 @@
 
 The checkpoint is a freshly initialised default model (same shapes and cost as a trained one) with
 a small but valid privacy ledger, so the release passes the privacy gate exactly as a real one.
-The time inside the release is split by wrapping write_dicom and png_bytes: generation (G, E, R
-sampling and report decoding) is what remains of the per-sample loop.
+The time inside the release is split by wrapping write_secondary_capture and png_bytes: generation
+(G, E, R sampling and report decoding) is what remains of the per-sample loop.
 
     python -m bench.synthesis_rate [--pairs 2000] [--resolution 64]
 Target: >= 200 pairs/s. With fewer than 10,000 pairs the 10,000-pair time is extrapolated.
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         return nets
 
     patches = {
-        "write_dicom": release_module.write_dicom,
+        "write_secondary_capture": release_module.write_secondary_capture,
         "png_bytes": release_module.png_bytes,
         "decode_report": release_module.decode_report,
         "_generate": release_module._generate,
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             release_module.build_networks = build
 
     n = summary.count
-    dicom = watch.seconds.get("write_dicom", 0.0)
+    dicom = watch.seconds.get("write_secondary_capture", 0.0)
     png = watch.seconds.get("png_bytes", 0.0)
     loop = watch.seconds["_generate"]
     generation = loop - dicom - png

@@ -1,6 +1,6 @@
 """The site's Flower ClientApp: thin on purpose. It finds the site's folders, then calls
 `train_site_round`, the same function `emixer train-local` runs, and replies with model arrays and
-aggregate metrics only (DESIGN.md invariant 4).
+aggregate metrics only (docs/PRIVACY.md invariant 4).
 
 Where a site's settings come from:
 - deployment (`flower-supernode --node-config`): `data-path`, `state-dir`, optional `site-name` and

@@ -69,7 +69,7 @@ def progress_bar(label: str) -> Iterator[Callable[..., None]]:
 
 
 def default_state_dir(site_dir: Path) -> Path:
-    """A site's state lives outside its data folder (DESIGN.md section 6)."""
+    """A site's state lives outside its data folder (docs/DESIGN.md section 6)."""
     resolved = site_dir.resolve()
     tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
     return Path.home() / ".emixer" / "state" / f"{resolved.name}-{tag}"
@@ -148,7 +148,9 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     cfg = replace(cfg, train=train, privacy=privacy)
     site = Path(args.site_dir)
     state = Path(args.state_dir) if args.state_dir else default_state_dir(site)
+    log_path = log_to_file(state / LOG_FILE)
     console.print(f"site {site}  state {state}  budget epsilon {cfg.privacy.epsilon_budget}")
+    console.print(f"Opacus' and pydicom's logs in {log_path}")
     with progress_bars("decoding", "training") as (load_progress, progress):
         result = train_site_round(
             site,
@@ -251,7 +253,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 DEMO_ROUNDS, DEMO_EPOCHS = 5, 4
 DEMO_MODEL = {"resolution": 32, "latent_dim": 32, "width": 16, "embed_dim": 64}
 DEMO_TRAIN = {"dp_trainable": "top", "lr_g": 5e-5}
-DEMO_PUBLIC_STUDIES, DEMO_PRETRAIN_STEPS, DEMO_WARM_START = 600, 600, 300
+DEMO_PUBLIC_STUDIES, DEMO_PRETRAIN_STEPS = 600, 600
 
 
 def demo_config(args: argparse.Namespace) -> EmixerConfig:
@@ -275,21 +277,18 @@ def demo_config(args: argparse.Namespace) -> EmixerConfig:
 
 def cached_pretrained_model(out: Path, cfg: EmixerConfig, args: argparse.Namespace) -> Path:
     """The demo's public collection and its pretrained model, made once and reused: the key is
-    everything the model depends on (collection seed and size, model and train config, steps)."""
+    everything the model depends on (collection seed and size, model and train config, steps).
+    The report-grammar warm start takes half as many steps as the pretraining."""
     from emixer_model.data.phantoms import write_public_collection
 
-    public = out / f"public-{DEMO_PUBLIC_STUDIES}x{args.size}px-seed{args.seed}"
+    public = out / f"public-{args.public_studies}x{args.size}px-seed{args.seed}"
     if not (public / "studies.csv").is_file():
-        write_public_collection(public, n=DEMO_PUBLIC_STUDIES, seed=args.seed, size=args.size)
-    key = json.dumps(
-        [public.name, cfg.model.__dict__, cfg.train.__dict__, DEMO_PRETRAIN_STEPS, DEMO_WARM_START],
-        sort_keys=True,
-    )
+        write_public_collection(public, n=args.public_studies, seed=args.seed, size=args.size)
+    steps, warm = args.pretrain_steps, args.pretrain_steps // 2
+    key = json.dumps([public.name, cfg.model.__dict__, cfg.train.__dict__, steps], sort_keys=True)
     path = out / f"pretrained-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
     if not path.is_file():
-        public_pretrained_model(
-            public, cfg, DEMO_PRETRAIN_STEPS, DEMO_WARM_START, cfg.train.seed, path
-        )
+        public_pretrained_model(public, cfg, steps, warm, cfg.train.seed, path)
     return path
 
 
@@ -330,6 +329,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = demo_config(args)
     out = Path(args.out)
+    run_dir = out / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    log_path = log_to_file(run_dir / LOG_FILE)
     data_dir = out / f"phantoms-{args.sites}sites-{args.per_site}x{args.size}px-seed{args.seed}"
     if not (data_dir / "COMPLETE").is_file():
         console.rule("1/5 phantom hospitals")
@@ -344,12 +345,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         (data_dir / "COMPLETE").write_text("phantom data written completely\n")
     sites = sorted(p for p in data_dir.iterdir() if p.is_dir())
     console.rule("2/5 public pretraining at the coordinator (no site data, no privacy cost)")
-    pretrained = cached_pretrained_model(out, cfg, args)
-    console.print(f"initial model {pretrained}")
-    cfg = replace(cfg, federation=replace(cfg.federation, initial_model=str(pretrained.resolve())))
-    run_dir = out / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    if args.pretrain_steps > 0:
+        pretrained = cached_pretrained_model(out, cfg, args)
+        console.print(f"initial model {pretrained}")
+        initial = str(pretrained.resolve())
+        cfg = replace(cfg, federation=replace(cfg.federation, initial_model=initial))
+    else:
+        console.print("skipped (--pretrain-steps 0): the sites start from random weights")
     console.rule(f"3/5 federated DP training: {len(sites)} sites, {cfg.federation.rounds} rounds")
-    console.print(f"run folder {run_dir}")
+    console.print(f"run folder {run_dir}; Flower's, Ray's and Opacus' logs in {log_path}")
     ckpt = simulate(cfg, sites, run_dir / "state", run_dir / "checkpoints", verbose=args.verbose)
     console.print(ledger_table(ckpt.ledger))
 
@@ -423,7 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Start with `emixer demo`; a hospital checks its folder with `emixer data check`."
         ),
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show other libraries' logs (Flower, Ray, Opacus, pydicom), DEBUG included; "
+        f"without it they go to the command's {LOG_FILE}",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -449,6 +459,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="emixer-demo", help="output folder (emixer-demo)")
     p.add_argument(
         "--per-label-release", type=int, default=20, help="released pairs per condition (20)"
+    )
+    p.add_argument(
+        "--public-studies",
+        type=int,
+        default=DEMO_PUBLIC_STUDIES,
+        help=f"studies in the phantom public collection ({DEMO_PUBLIC_STUDIES})",
+    )
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=DEMO_PRETRAIN_STEPS,
+        help=f"public pretraining steps, plus half as many report warm-start steps "
+        f"({DEMO_PRETRAIN_STEPS}; 0: no pretraining, sites start from random weights)",
     )
     p.add_argument("--config", help="YAML config (model/privacy/train/federation sections)")
     p.set_defaults(func=cmd_demo)
@@ -595,15 +618,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LOG_FILE = "emixer.log"  # in a command's own folder: the demo's run folder, a site's state dir
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_SCREEN = "emixer-libraries-on-screen"  # handler names, so a second main() call replaces them
+_FILE = "emixer-log-file"
+
+
+class _NotOurs(logging.Filter):
+    """Records from other libraries (ours reach the screen through rich already)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("emixer")
+
+
 def configure_logging(verbose: bool) -> None:
-    """Our own log lines through rich; other libraries keep their handlers (Flower has its own),
-    so nothing is printed twice and third-party chatter stays at warnings."""
+    """Make every command read like one tool: each log record takes exactly one path.
+
+    Our own records ("emixer.*") go to the screen through rich. Every library's records (Flower,
+    Ray, Opacus, pydicom, and Python warnings such as Ray's FutureWarnings) go to the command's
+    log file once it opens one (`log_to_file`); until then only their warnings and errors show,
+    and with --verbose everything shows, DEBUG included. Flower's own console handler and the
+    root handler opacus installs when imported (`logging.basicConfig`) are removed, and Flower's
+    records reach the root logger's handlers only: with both, every Flower line was printed
+    twice, once coloured and once timestamped.
+    """
+    from flwr.common.logger import console_handler as flower_console
     from rich.logging import RichHandler
+
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        # opacus' basicConfig handler and ours from an earlier main(); test harness handlers stay
+        if type(handler) is logging.StreamHandler or handler.get_name() in (_SCREEN, _FILE):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for chatty in ("PIL", "matplotlib"):  # per-chunk and font-cache DEBUG records nobody reads
+        logging.getLogger(chatty).setLevel(logging.INFO)
+    libraries = logging.StreamHandler(sys.stderr)
+    libraries.set_name(_SCREEN)
+    libraries.addFilter(_NotOurs())
+    libraries.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    libraries.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    root.addHandler(libraries)
+    flower = logging.getLogger("flwr")
+    flower.removeHandler(flower_console)
+    flower.propagate = True  # emixer_model/__init__.py turns it off for the app processes
 
     ours = logging.getLogger("emixer")
     if not ours.handlers:
         ours.addHandler(RichHandler(console=console, show_path=False, show_time=False))
     ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def log_to_file(path: Path) -> Path:
+    """From now on every record (ours and the libraries') goes to `path`; without --verbose the
+    libraries' records leave the screen entirely. Returns the path, for the command to print."""
+    root = logging.getLogger()
+    screen = next(h for h in root.handlers if h.get_name() == _SCREEN)
+    verbose = screen.level <= logging.DEBUG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.set_name(_FILE)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for old in [h for h in root.handlers if h.get_name() == _FILE]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    if not verbose:
+        screen.setLevel(logging.CRITICAL + 1)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,9 @@
 """Every tunable of EMIXER-FL in one place: dataclasses with defaults, loaded from YAML.
 
-The finding list, vocabulary and pixel normalisation are fixed in code (DESIGN.md invariant 5);
-everything else (network sizes, privacy parameters, training schedule) is a config value so a
-site or the coordinator can change it without touching code. Unknown keys are refused by name,
-so a typo never silently falls back to a default.
+The finding list, vocabulary and pixel normalisation are fixed in code (docs/PRIVACY.md
+invariant 5); everything else (network sizes, privacy parameters, training schedule) is a config
+value so a site or the coordinator can change it without touching code. Unknown keys are refused
+by name, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Shapes of the four EMIXER networks (DESIGN.md section 2)."""
+    """Shapes of the four EMIXER networks (docs/DESIGN.md section 2)."""
 
     resolution: int = 64  # image side in pixels: 64 on CPU, 128/256 on GPU
     latent_dim: int = 64  # generator noise size
@@ -48,12 +48,12 @@ class ModelConfig:
     gumbel_tau: float = 1.0  # Gumbel-softmax temperature (train.text_gradient_to_g only)
     report_temperature: float = 1.0  # sampling temperature of generated reports (D's fake
     #   rows and releases); 0 is greedy: one report per label set and image
-    groups: int = 8  # GroupNorm groups (never BatchNorm: DESIGN.md section 2)
+    groups: int = 8  # GroupNorm groups (never BatchNorm: docs/DESIGN.md section 2)
 
 
 @dataclass
 class PrivacyConfig:
-    """Sample-level DP-SGD parameters of one site (DESIGN.md section 3)."""
+    """Sample-level DP-SGD parameters of one site (docs/PRIVACY.md)."""
 
     epsilon_budget: float = 10.0  # the site never trains past this epsilon
     target_epsilon: float | None = None  # epsilon to reach at the end of the horizon
@@ -126,7 +126,7 @@ STRATEGIES = ("fedavg", "fedadam", "fedmedian", "fedtrimmedavg")
 
 @dataclass
 class FederationConfig:
-    """How the server runs the federation (DESIGN.md section 4)."""
+    """How the server runs the federation (docs/DESIGN.md section 4)."""
 
     rounds: int = 3  # planned rounds: the privacy horizon is rounds x local steps
     strategy: str = "fedavg"  # one of STRATEGIES

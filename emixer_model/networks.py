@@ -1,4 +1,4 @@
-"""The four EMIXER networks (DESIGN.md section 2), readable top to bottom.
+"""The four EMIXER networks (docs/DESIGN.md section 2), readable top to bottom.
 
     Generator G(z, y)        noise + label -> 1-channel image in [-1, 1]
     Encoder E(x)             image -> embedding

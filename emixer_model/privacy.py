@@ -2,7 +2,7 @@
 
 One function, `epsilon_from_history`, turns a history of (noise multiplier, sample rate, steps)
 into epsilon; the site's accountant and the release gate both call it, so the epsilon a site
-reports and the one the gate recomputes from the ledger agree exactly (DESIGN.md invariant 7).
+reports and the one the gate recomputes from the ledger agree exactly (docs/PRIVACY.md invariant 7).
 """
 
 from __future__ import annotations

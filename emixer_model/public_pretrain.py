@@ -10,7 +10,7 @@ Under DP-SGD (noise ~1.5, clip 1, ~100 steps per site) R barely moves from its r
 report language itself (which words follow which, where a sentence ends, when a report stops) is
 most of what it has to learn, and the noise drowns it. That language needs no private data: the
 report grammar shipped with the package (emixer_model.text.grammar) is public and fixed in code
-(DESIGN.md invariant 5), so R can learn it beforehand without noise and without spending any
+(docs/PRIVACY.md invariant 5), so R can learn it beforehand without noise and without spending any
 site's privacy budget, the standard DP practice of pretraining on public data.
 
 R is trained as a conditional language model of grammar reports: labels from the fixed public

@@ -2,7 +2,7 @@
 ClientApp both call, so the federated run and the local run share every privacy decision.
 
 It loads the site's data, restores the site's accountant from its state directory, plans the noise
-multiplier once for the whole horizon, refuses a round that would pass the budget (DESIGN.md
+multiplier once for the whole horizon, refuses a round that would pass the budget (docs/PRIVACY.md
 invariant 3), trains through the private step, and persists the accountant and an append-only
 ledger before returning. What it returns is what may leave the site: arrays and aggregates.
 """
@@ -39,7 +39,7 @@ class PrivacyPlan:
     delta: float
     accountant: str
     max_grad_norm: float
-    privacy_unit: str  # "patient" or "image" (DESIGN.md invariant 6)
+    privacy_unit: str  # "patient" or "image" (docs/PRIVACY.md invariant 6)
 
 
 @dataclass
@@ -58,7 +58,7 @@ class SiteRoundResult:
     message: str = ""
 
     def metrics(self) -> dict[str, float]:
-        """The numbers that may leave the site (DESIGN.md invariant 4)."""
+        """The numbers that may leave the site (docs/PRIVACY.md invariant 4)."""
         out = {
             "num-examples": float(self.num_examples),
             "epsilon": self.epsilon,

@@ -1,4 +1,6 @@
-"""The private training step: the ONE seam where real data touches parameters (DESIGN.md 2, 3).
+"""The private training step: the ONE seam where real data touches parameters.
+
+docs/DESIGN.md section 2 describes the networks; docs/PRIVACY.md the invariants this step keeps.
 
 The discriminator D, the encoder E and the report decoder R see real data, so they sit behind one
 Opacus GradSampleModule and one DPOptimizer (clipped per-sample gradients plus Gaussian noise).

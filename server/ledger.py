@@ -1,7 +1,7 @@
 """The server's privacy ledger: every site's privacy history as the sites reported it.
 
 Each entry keeps what is needed to recompute the site's epsilon independently (noise multiplier,
-sample rate, steps); the release's epsilon is the maximum over sites (DESIGN.md invariant 7).
+sample rate, steps); the release's epsilon is the maximum over sites (docs/PRIVACY.md invariant 7).
 """
 
 from __future__ import annotations

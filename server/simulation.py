@@ -40,9 +40,16 @@ def simulate(
     cores = os.cpu_count() or 1
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cores, "include_dashboard": False},
+        # the sites' (Ray actors') own output reaches this terminal only with --verbose;
+        # otherwise it stays in Ray's session folder (/tmp/ray/session_latest/logs)
+        "init_args": {"num_cpus": cores, "include_dashboard": False, "log_to_driver": verbose},
     }
     try:
+        # run_simulation is deprecated in flwr 1.42 (its banner goes to the log file, see
+        # emixer_model.cli.configure_logging) but it is the only supported in-process entry
+        # point: its replacement, `flwr run` on the local simulation runtime, starts a SuperLink
+        # and a `flwr-simulation` process and loads the app from a bundle, so it cannot take
+        # the ServerApp object built here from a Python config, nor be driven by the tests.
         run_simulation(
             server_app=make_server_app(cfg),
             client_app=client_app,

@@ -1,6 +1,6 @@
 """Our strategy: a Flower strategy (FedAvg, FedAdam, FedMedian or FedTrimmedAvg) whose hooks add
 update validation, the privacy ledger, budget handling and a checkpoint every round. Flower's own
-`Strategy.start` runs the rounds; we never write a round loop of our own (DESIGN.md section 8).
+`Strategy.start` runs the rounds; we never write a round loop of our own (docs/DESIGN.md section 7).
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def test_federated_run_accounts_cumulatively_and_resumes(tmp_path, tiny_sites, c
         assert recomputed == pytest.approx(site["epsilon"], rel=1e-6)
     assert len(list((run / "checkpoints").glob("round-*.pt"))) == 3
 
-    # nothing but arrays and aggregates reached the server (DESIGN.md invariant 4)
+    # nothing but arrays and aggregates reached the server (docs/PRIVACY.md invariant 4)
     text = "\n".join(captured_replies)
     assert "epsilon" in text
     for site in tiny_sites:

@@ -47,6 +47,9 @@ class CheckReport:
     per_patient: bool = False
     photometric: dict[str, int] = field(default_factory=dict)
     bits_stored: dict[str, int] = field(default_factory=dict)
+    # every DICOM file read, accepted or skipped, by pydicom's transfer syntax keyword: a PACS
+    # export that compresses shows here first
+    transfer_syntaxes: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -60,6 +63,8 @@ class CheckReport:
     def skip(self, path: str, skip: SkipFile) -> None:
         """Count a skipped file; keep its path (and any specific detail) as an example."""
         self.skipped_counts[skip.reason] = self.skipped_counts.get(skip.reason, 0) + 1
+        if skip.transfer_syntax:
+            self._count_syntax(skip.transfer_syntax)
         examples = self.skipped_examples.setdefault(skip.reason, [])
         if len(examples) < MAX_EXAMPLES:
             generic = skip.detail == SKIP_REASONS[skip.reason]
@@ -70,6 +75,10 @@ class CheckReport:
         self.photometric[decoded.photometric] = self.photometric.get(decoded.photometric, 0) + 1
         bits = str(decoded.bits_stored)
         self.bits_stored[bits] = self.bits_stored.get(bits, 0) + 1
+        self._count_syntax(decoded.transfer_syntax)
+
+    def _count_syntax(self, name: str) -> None:
+        self.transfer_syntaxes[name] = self.transfer_syntaxes.get(name, 0) + 1
 
     def as_dict(self) -> dict[str, object]:
         """JSON-able form for `emixer data check --json`."""
@@ -94,6 +103,7 @@ class CheckReport:
             "privacy_unit": "patient" if self.per_patient else "image",
             "photometric": self.photometric,
             "bits_stored": self.bits_stored,
+            "transfer_syntaxes": self.transfer_syntaxes,
             "errors": self.errors,
             "warnings": self.warnings,
         }
@@ -115,6 +125,7 @@ class CheckReport:
         summary.add_row("skipped", str(sum(self.skipped_counts.values())))
         summary.add_row("photometric", _counts(self.photometric))
         summary.add_row("bits stored", _counts(self.bits_stored))
+        summary.add_row("transfer syntax", _counts(self.transfer_syntaxes))
         verdict = "[green]yes[/green]" if self.usable else "[red]no[/red]"
         summary.add_row("usable for training", verdict)
         console.print(summary)

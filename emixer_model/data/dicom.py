@@ -2,15 +2,21 @@
 
 Sites hold whatever their PACS exported, so decoding never trusts a file: anything that cannot
 serve as one grey-scale X-ray raises `SkipFile` with a reason code, and the caller records it
-instead of crashing. The pixel normalisation is fixed in code (DESIGN.md invariant 5) so every
-site maps intensities the same way and nothing is fitted on a site's data: modality LUT, then the
-file's own VOI LUT / window when it has one (else a robust 0.5-99.5 percentile stretch of that
-image alone), MONOCHROME1 inverted, aspect-preserving resize, black padding, then x * 2 - 1.
+instead of crashing. Compressed files (JPEG Lossless and Extended, JPEG-LS, JPEG 2000, RLE) decode
+through pydicom's pixel-data plugins, pylibjpeg (+ its libjpeg, openjpeg and rle plugins) and
+pyjpegls, which are default dependencies. The pixel normalisation is fixed in code (privacy
+invariant 5 in docs/PRIVACY.md) so every site maps intensities the same way and nothing is fitted
+on a site's data: modality LUT, then the file's own VOI LUT / window when it has one (else a robust
+0.5-99.5 percentile stretch of that image alone), MONOCHROME1 inverted, aspect-preserving resize,
+black padding, then x * 2 - 1.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+log = logging.getLogger("emixer.data.dicom")
+
 # Bump when the decoding pipeline changes: decoded caches keyed on it are then rebuilt.
 NORMALISATION_VERSION = 1
 
@@ -38,8 +46,8 @@ SKIP_REASONS: dict[str, str] = {
     "no-pixel-data": "DICOM without an image (e.g. a structured report or presentation state)",
     "colour": "colour image (RGB/YBR/palette); only grey-scale X-rays are used",
     "multi-frame": "multi-frame DICOM; only single-frame radiographs are used",
-    "compressed-no-decoder": "compressed transfer syntax with no installed decoder "
-    "(install pylibjpeg and its plugins, or decompress the file)",
+    "compressed-no-decoder": "compressed transfer syntax that none of the installed decoders "
+    "(pylibjpeg, pylibjpeg-libjpeg/-openjpeg/-rle, pyjpegls) handles; decompress the file",
     "unreadable": "the file is damaged or inconsistent (e.g. truncated)",
     "empty-image": "the image has one constant value",
     "outside-site-folder": "the studies.csv path points outside the site folder",
@@ -54,13 +62,17 @@ SOP_CLASSES: dict[str, str] = {
 
 
 class SkipFile(Exception):
-    """A file that cannot serve as a grey-scale X-ray; `reason` is a SKIP_REASONS key."""
+    """A file that cannot serve as a grey-scale X-ray; `reason` is a SKIP_REASONS key.
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    `transfer_syntax` names the file's transfer syntax once it was read far enough to know it.
+    """
+
+    def __init__(self, reason: str, detail: str = "", transfer_syntax: str = "") -> None:
         if reason not in SKIP_REASONS:
             raise ValueError(f"unknown skip reason {reason!r}")
         self.reason = reason
-        self.detail = detail or SKIP_REASONS[reason]
+        self.detail = " ".join((detail or SKIP_REASONS[reason]).split())  # always one line
+        self.transfer_syntax = transfer_syntax
         super().__init__(f"{reason}: {self.detail}")
 
 
@@ -72,18 +84,46 @@ class Decoded:
     source_shape: tuple[int, int]
     bits_stored: int
     photometric: str
+    transfer_syntax: str = ""  # pydicom's keyword for it, e.g. "JPEGLosslessSV1"
+
+
+class _PydicomRecords(logging.Handler):
+    """Keeps pydicom's log records of a decode_dicom call away from the screen.
+
+    pydicom logs a full traceback at ERROR whenever a decoder plugin fails (and then raises, or
+    falls back to the next plugin). To a site engineer a traceback reads as a crash, yet the
+    exception already becomes the file's skip reason. So while this thread decodes, pydicom's
+    records are re-logged as one line (no traceback) at DEBUG on "emixer.data.dicom": in the log
+    file, or on screen with --verbose. Outside a decode they go on to the root logger's handlers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.active = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        path = getattr(self.active, "path", None)
+        if path is None:
+            logging.getLogger().handle(record)
+            return
+        message = " ".join(record.getMessage().split())
+        log.debug("%s: pydicom %s: %s", path, record.levelname.lower(), message)
+
+
+_PYDICOM = _PydicomRecords()
+logging.getLogger("pydicom").addHandler(_PYDICOM)
+logging.getLogger("pydicom").propagate = False  # _PYDICOM forwards what it does not fold
 
 
 def decode_dicom(path: Path, resolution: int) -> Decoded:
     """Decode one file to a [resolution, resolution] float32 image in [-1, 1]; raises SkipFile."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns on every odd tag; the skip reason suffices
-        try:
+    _PYDICOM.active.path = str(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns on every odd tag; the skip suffices
             return _decode(Path(path), resolution)
-        except SkipFile:
-            raise
-        except Exception as err:  # any library failure on a damaged file is a skip, never a crash
-            raise SkipFile("unreadable", f"{type(err).__name__}: {err}") from None
+    finally:
+        _PYDICOM.active.path = None
 
 
 def _decode(path: Path, resolution: int) -> Decoded:
@@ -91,6 +131,21 @@ def _decode(path: Path, resolution: int) -> Decoded:
         ds = pydicom.dcmread(path, force=False)
     except InvalidDicomError:
         raise SkipFile("not-dicom") from None
+    except Exception as err:  # any library failure on a damaged file is a skip, never a crash
+        raise SkipFile("unreadable", f"{type(err).__name__}: {err}") from None
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    name = (syntax.keyword or str(syntax)) if syntax else "missing"
+    try:
+        return _pixels(ds, syntax, name, resolution)
+    except SkipFile as skip:
+        skip.transfer_syntax = name
+        raise
+    except Exception as err:  # e.g. every decoder plugin failed on a damaged stream
+        raise SkipFile("unreadable", f"{type(err).__name__}: {err}", name) from None
+
+
+def _pixels(ds: Dataset, syntax: pydicom.uid.UID | None, name: str, resolution: int) -> Decoded:
     if "PixelData" not in ds:
         raise SkipFile("no-pixel-data")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
@@ -103,7 +158,6 @@ def _decode(path: Path, resolution: int) -> Decoded:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise SkipFile("multi-frame", f"{frames} frames")
-    syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is not None and syntax.is_compressed and not _decoder_available(syntax):
         raise SkipFile("compressed-no-decoder", f"{syntax.name} has no installed decoder")
 
@@ -124,6 +178,7 @@ def _decode(path: Path, resolution: int) -> Decoded:
         source_shape=(int(raw.shape[0]), int(raw.shape[1])),
         bits_stored=int(ds.get("BitsStored", 0) or 0),
         photometric=photometric,
+        transfer_syntax=name,
     )
 
 
@@ -184,33 +239,15 @@ def write_dicom(
 ) -> None:
     """Write a grey-scale image as an explicit little-endian DICOM file with fresh UIDs.
 
-    Phantom sites and synthetic releases both go through here, so every file we produce is one
-    pydicom (and any PACS) reads back. Written to a temporary name then renamed, so a crash never
-    leaves a half-written file that a later data check would have to skip.
+    Phantom sites go through here (and tests that need odd files), so every file we produce is
+    one pydicom reads back. A release's images go through `write_secondary_capture`, which writes
+    the full Secondary Capture IOD.
     """
-    image = np.asarray(image01, dtype=np.float64)
-    if image.ndim != 2 or min(image.shape) < 1:
-        raise ValueError(f"write_dicom needs a 2-D image, got shape {image.shape}")
-    if not np.isfinite(image).all():
-        raise ValueError("write_dicom: the image contains NaN or infinite values")
-    if image.min() < -1e-6 or image.max() > 1 + 1e-6:
-        raise ValueError("write_dicom: pixel values must lie in [0, 1]; rescale the image first")
-    if not isinstance(bits_stored, int) or not 8 <= bits_stored <= 16:
-        raise ValueError(f"bits_stored must be an integer from 8 to 16, not {bits_stored!r}")
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, not {photometric!r}")
     if sop_class not in SOP_CLASSES:
         raise ValueError(f"sop_class must be one of {', '.join(SOP_CLASSES)}, not {sop_class!r}")
-    unknown = [k for k in (extra or {}) if tag_for_keyword(k) is None]
-    if unknown:
-        raise ValueError(f"not DICOM keywords: {', '.join(unknown)}")
-
-    top = 2**bits_stored - 1
-    stored = np.rint(np.clip(image, 0.0, 1.0) * top)
-    if photometric == "MONOCHROME1":
-        stored = top - stored
-    allocated = 8 if bits_stored == 8 else 16
-    stored = stored.astype(np.uint8 if allocated == 8 else np.uint16)
+    stored = _stored_pixels(image01, bits_stored, photometric)
+    _check_keywords(extra)
+    allocated = stored.itemsize * 8
 
     sop_uid = generate_uid()
     meta = FileMetaDataset()
@@ -239,8 +276,104 @@ def write_dicom(
     ds["PixelData"].VR = "OB" if allocated == 8 else "OW"
     for keyword, value in (extra or {}).items():
         setattr(ds, keyword, value)
+    _save_atomically(ds, Path(path))
 
-    path = Path(path)
+
+@dataclass(frozen=True)
+class ReleaseSeries:
+    """The one study and series every image of a release belongs to, so a PACS or viewer imports
+    the synthetic set as one unit (one study per image scattered it)."""
+
+    study_uid: str
+    series_uid: str
+    created: datetime.datetime  # StudyDate/StudyTime: when the release was made, not a patient's
+
+    @classmethod
+    def new(cls) -> ReleaseSeries:
+        return cls(generate_uid(), generate_uid(), datetime.datetime.now())
+
+
+def write_secondary_capture(
+    path: Path,
+    image01: np.ndarray,
+    *,
+    series: ReleaseSeries,
+    instance_number: int,
+    patient_id: str,
+    patient_name: str,
+    extra: dict[str, object] | None = None,
+) -> None:
+    """Write one released image as an 8-bit DICOM Secondary Capture that `dciodvfy` accepts.
+
+    highdicom builds the SC Image IOD, so its Type 2 attributes (patient birth date and sex,
+    study date/time/ID, accession number, referring physician, patient orientation) are present;
+    those that would describe a patient are empty: the image depicts none. ConversionType SYN
+    says the image is synthetic. BodyPartExamined CHEST settles Laterality (Type 2C): the chest
+    is not a paired organ, so the attribute must be absent (without a body part, dciodvfy asks
+    for it).
+    """
+    from highdicom.sc import SCImage
+
+    stored = _stored_pixels(image01, 8, "MONOCHROME2")
+    _check_keywords(extra)
+    ds = SCImage(
+        pixel_array=stored,
+        photometric_interpretation="MONOCHROME2",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        study_instance_uid=series.study_uid,
+        series_instance_uid=series.series_uid,
+        series_number=1,
+        sop_instance_uid=generate_uid(),
+        instance_number=instance_number,
+        manufacturer="EMIXER-FL",
+        patient_id=patient_id,
+        patient_name=patient_name,
+        study_id="1",
+        study_date=series.created.date(),
+        study_time=series.created.time(),
+        accession_number="",
+        referring_physician_name="",
+        # a chest radiograph as read (PA): rows run to the patient's left, columns to the feet
+        patient_orientation=("L", "F"),
+    )
+    ds.ConversionType = "SYN"
+    ds.BodyPartExamined = "CHEST"
+    ds.SeriesDescription = "EMIXER-FL synthetic release"
+    for keyword, value in (extra or {}).items():
+        setattr(ds, keyword, value)
+    _save_atomically(ds, Path(path))
+
+
+def _stored_pixels(image01: np.ndarray, bits_stored: int, photometric: str) -> np.ndarray:
+    """An image in [0, 1] as the unsigned integers a file stores (MONOCHROME1 inverted)."""
+    image = np.asarray(image01, dtype=np.float64)
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise ValueError(f"write_dicom needs a 2-D image, got shape {image.shape}")
+    if not np.isfinite(image).all():
+        raise ValueError("write_dicom: the image contains NaN or infinite values")
+    if image.min() < -1e-6 or image.max() > 1 + 1e-6:
+        raise ValueError("write_dicom: pixel values must lie in [0, 1]; rescale the image first")
+    if not isinstance(bits_stored, int) or not 8 <= bits_stored <= 16:
+        raise ValueError(f"bits_stored must be an integer from 8 to 16, not {bits_stored!r}")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, not {photometric!r}")
+    top = 2**bits_stored - 1
+    stored = np.rint(np.clip(image, 0.0, 1.0) * top)
+    if photometric == "MONOCHROME1":
+        stored = top - stored
+    return stored.astype(np.uint8 if bits_stored == 8 else np.uint16)
+
+
+def _check_keywords(extra: dict[str, object] | None) -> None:
+    unknown = [k for k in (extra or {}) if tag_for_keyword(k) is None]
+    if unknown:
+        raise ValueError(f"not DICOM keywords: {', '.join(unknown)}")
+
+
+def _save_atomically(ds: Dataset, path: Path) -> None:
+    """Write to a temporary name then rename, so a crash never leaves a half-written file that a
+    later data check would have to skip."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     ds.save_as(tmp, enforce_file_format=True)

@@ -4,7 +4,7 @@ No real chest X-ray can ship with the project, yet the demo, the tests and the b
 site folders that look like a hospital's: DICOM files of mixed modality, photometry, bit depth
 and size, fake patient tags, free-text reports, CheXpert-style labels and unlabeled scans. Each
 finding is drawn so it is visible and label-specific, which gives a ground truth for checking
-whether synthetic images and reports carry their label (DESIGN.md section 5).
+whether synthetic images and reports carry their label (docs/DESIGN.md section 5).
 
 Every patient identifier written (DICOM tags and the `patient` column) contains CANARY, so a
 test can search anything that leaves a site for it.

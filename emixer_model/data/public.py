@@ -1,6 +1,6 @@
 """Load a public labeled collection for the coordinator's non-private pretraining (issue 11).
 
-A public collection uses the site folder format (DESIGN.md section 6): studies.csv with a
+A public collection uses the site folder format (docs/DESIGN.md section 6): studies.csv with a
 `dicom` column naming each image file, a `report` column that may be empty, one column per
 finding and an optional `patient` column. Unlike a site folder, image files may be PNG (8- or
 16-bit grey) beside DICOM. Pixels go through the same fixed normalisation as site data, so the

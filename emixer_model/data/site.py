@@ -1,4 +1,4 @@
-"""Load one site folder (DESIGN.md section 6) into tensors, with privacy units and skip reasons.
+"""Load one site folder (docs/DESIGN.md section 6) into tensors, with privacy units and skips.
 
 A site folder is `studies.csv` (dicom, report, one column per finding, optional patient) plus an
 optional `unlabeled/` tree of DICOM scans. Every odd file is skipped with a reason that stays at

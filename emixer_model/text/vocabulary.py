@@ -2,7 +2,7 @@
 
 The vocabulary ships with the package (vocabulary.json) and is never fitted on a site's data:
 a fitted vocabulary would carry rare words such as patient or doctor names out of a hospital
-inside the model's embedding table (DESIGN.md invariant 5). Words outside it become UNK.
+inside the model's embedding table (docs/PRIVACY.md invariant 5). Words outside it become UNK.
 """
 
 from __future__ import annotations

@@ -1,0 +1,58 @@
+"""A release's DICOM files pass dciodvfy (dicom3tools, the usual DICOM conformance checker) with
+zero errors, and form one study with one series, so the synthetic set imports as one unit.
+
+Warnings are allowed (dicom3tools 1.00~20220618 printed none on these files when this was
+written); the test prints any it sees, for the record.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from emixer_model.data.dicom import decode_dicom
+
+
+def _dciodvfy() -> str:
+    path = shutil.which("dciodvfy")
+    if path is None:
+        message = (
+            "dciodvfy (Debian package dicom3tools) is not installed: the released DICOM files "
+            "were NOT checked against the standard; .ci/run installs it with apt-get"
+        )
+        warnings.warn(message, stacklevel=2)
+        pytest.skip(message)
+    return path
+
+
+def test_released_dicom_passes_dciodvfy_with_zero_errors(evaluated_release: Path) -> None:
+    dciodvfy = _dciodvfy()
+    files = sorted((evaluated_release / "images").glob("*.dcm"))
+    assert len(files) >= 10
+    seen_warnings: set[str] = set()
+    for path in files:
+        done = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
+        lines = (done.stdout + done.stderr).splitlines()
+        errors = [line for line in lines if line.startswith("Error")]
+        assert not errors, f"{path.name}: {errors}"
+        seen_warnings.update(line for line in lines if line.startswith("Warning"))
+    if seen_warnings:
+        print("dciodvfy warnings (not errors):", *sorted(seen_warnings), sep="\n  ")
+
+
+def test_a_release_is_one_study_and_one_series(evaluated_release: Path) -> None:
+    files = sorted((evaluated_release / "images").glob("*.dcm"))
+    datasets = [pydicom.dcmread(path) for path in files]
+    assert len({ds.StudyInstanceUID for ds in datasets}) == 1
+    assert len({ds.SeriesInstanceUID for ds in datasets}) == 1
+    assert len({ds.SOPInstanceUID for ds in datasets}) == len(files)
+    assert [int(ds.InstanceNumber) for ds in datasets] == list(range(1, len(files) + 1))
+    first = datasets[0]
+    assert first.ConversionType == "SYN" and first.BurnedInAnnotation == "NO"
+    assert first.PatientSex == "" and first.PatientBirthDate == ""  # no patient is depicted
+    assert decode_dicom(files[0], 16).pixels.shape == (16, 16)
