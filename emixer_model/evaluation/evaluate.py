@@ -9,6 +9,9 @@ Questions answered (each a section of release/evaluation.json):
                           of real + synthetic over real alone on the same held-out real images
   frechet                 how far are synthetic from real images in the classifier's features?
   text                    BLEU-4 / ROUGE-L against real reports, vocabulary, duplicates, copies
+Every figure is {"value", "low", "high", "n", "n_means", "chance", "verdict"} from the scoring
+library (evaluation/utility.py, also what bench/utility.py calls); "summary" repeats the headline
+figures as one line each for the release page.
 Only aggregates are written: no real image, report, word or file name leaves the site this way.
 """
 
@@ -590,7 +593,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "and report agree, does training on synthetic data help (train-on-synthetic/test-on-real "
         "and real + synthetic vs real alone on the same held-out real images), a Frechet distance "
         "on the classifier's features, and BLEU-4/ROUGE-L, vocabulary, duplicate and copy rates "
-        "of the reports. Writes RELEASE/evaluation.json and PNG figures in RELEASE/figures/. "
+        "of the reports. Every figure comes with a bootstrap 95%% interval (held-out studies "
+        "resampled by patient, synthetic pairs one by one), its sample size, and a verdict that "
+        "says when it is not distinguishable from chance. Writes RELEASE/evaluation.json and "
+        "PNG figures in RELEASE/figures/. "
         "Only aggregates are written; real images and reports stay where they are.",
     )
     parser.add_argument("--release", required=True, help="release folder from `emixer release`")
@@ -616,8 +622,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--epochs",
         type=int,
         default=DEFAULT_EPOCHS,
-        help=f"training epochs of each of the three classifiers ({DEFAULT_EPOCHS}); more "
-        "is slower but makes the real-data classifier a sharper judge",
+        help=f"training epochs over the real judge-train studies ({DEFAULT_EPOCHS}); the "
+        "train-on-synthetic and real + synthetic classifiers take the same number of steps. "
+        "More is slower but makes the real-data classifier a sharper judge",
     )
     parser.set_defaults(func=run_evaluate_command)
     return parser
