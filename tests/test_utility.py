@@ -142,6 +142,8 @@ def test_lift_fraction_is_one_for_real_heldout_images(judge):
     lift = scores.figures["fidelity_lift_fraction"]
     assert lift.value == pytest.approx(1.0)
     assert lift.low < 1.0 < lift.high
+    noise = torch.rand(heldout.images.shape, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    assert scores.figures["frechet"].value < judge.frechet(noise).low
 
 
 def test_random_images_and_empty_reports_are_called_chance(judge):

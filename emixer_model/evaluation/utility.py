@@ -436,8 +436,11 @@ class Judge:
             n,
             f"{pairs_n} and {self.heldout_n}",
             0.0,
+            verdict_text=None
+            if real_lift > 0
+            else "undefined: the judge is no better than chance on real held-out images",
         )
-        if real_mean.verdict.startswith("not distinguishable"):
+        if real_lift > 0 and real_mean.verdict.startswith("not distinguishable"):
             caveat = "; the judge itself is not distinguishable from chance, so this means nothing"
             lift = replace(lift, verdict=lift.verdict + caveat)
         figures["fidelity_lift_fraction"] = lift
