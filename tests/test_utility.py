@@ -56,8 +56,8 @@ def test_verdict_says_when_a_figure_is_chance():
     assert auroc_figure(200, 0.0).verdict == "not distinguishable from chance (0.5)"
     assert auroc_figure(200, 2.0).verdict == "above chance (0.5)"
     assert auroc_figure(200, -2.0).verdict == "below chance (0.5)"
-    gain = figure(0.02, np.linspace(-0.01, 0.05, 100), 18, "held-out", 0.0, "no gain")
-    assert gain.verdict == "not distinguishable from no gain (0)"
+    gain = figure(0.02, np.linspace(-0.01, 0.05, 100), 18, "held-out", 0.0, "zero gain")
+    assert gain.verdict == "not distinguishable from zero gain (0)"
 
 
 def test_undefined_figure_has_no_interval():

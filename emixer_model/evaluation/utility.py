@@ -74,7 +74,7 @@ def _round(value: float | None) -> float | None:
 def verdict(
     value: float | None, low: float | None, high: float | None, chance: float, null: str
 ) -> str:
-    """Whether the 95% interval excludes the no-signal level; null names it ("chance", "no gain").
+    """Whether the 95% interval excludes the no-signal level; null names it ("chance", "zero gain").
 
     "not distinguishable from chance" is the phrase a reader (and a test) can look for.
     """
@@ -296,9 +296,12 @@ class Scores:
         }
 
 
-def _per_finding(point: np.ndarray, draws: np.ndarray, n: int, n_means: str, chance, null):
+def _per_finding(
+    point: np.ndarray, draws: np.ndarray, n: int, n_means: str, chance: float | None = None
+) -> dict[str, Figure]:
+    """One Figure per finding from per-finding points [L] and draws [B, L]."""
     return {
-        finding: figure(point[j], draws[:, j], n, n_means, chance, null)
+        finding: figure(point[j], draws[:, j], n, n_means, chance)
         for j, finding in enumerate(FINDINGS)
     }
 
@@ -363,9 +366,7 @@ class Judge:
         """Train-on-real: the judge's own mean AUROC on held-out patients, and per finding."""
         n = len(self.heldout.images)
         mean = figure(nanmean(self.real_point), nanmean(self.real_draws), n, self.heldout_n, 0.5)
-        return mean, _per_finding(
-            self.real_point, self.real_draws, n, self.heldout_n, 0.5, "chance"
-        )
+        return mean, _per_finding(self.real_point, self.real_draws, n, self.heldout_n, 0.5)
 
     def frechet(self, images: torch.Tensor, real: LabeledSet | None = None) -> Figure:
         """Frechet distance in the judge's features between images and real ones (default: all
@@ -450,14 +451,18 @@ class Judge:
         )
         chance = chance_f1(reported, conditioned)
         figures["report_label_f1"] = figure(
-            nanmean(f1_point), nanmean(f1_draws), n, pairs_n, chance, "chance (independent labels)"
+            nanmean(f1_point),
+            nanmean(f1_draws),
+            n,
+            pairs_n,
+            chance,
         )
         in_image = probabilities > IMAGE_THRESHOLD
         kappa_point, kappa_draws = bootstrap(
             lambda s: kappa_per_label(in_image[s], reported[s]), [pairs], self.resamples, self.seed
         )
         figures["image_report_kappa"] = figure(
-            nanmean(kappa_point), nanmean(kappa_draws), n, pairs_n, 0.0, "chance agreement"
+            nanmean(kappa_point), nanmean(kappa_draws), n, pairs_n, 0.0
         )
         keys = Counter(report_key(text) for text in synthetic.reports)
         duplicated = sum(c for c in keys.values() if c > 1) / n
@@ -467,11 +472,9 @@ class Judge:
         figures["frechet"] = self.frechet(synthetic.images)
         per_label = {
             "real_heldout_auroc": real_per_label,
-            "label_fidelity": _per_finding(fid_point, fid_draws, n, pairs_n, 0.5, "chance"),
-            "report_label_f1": _per_finding(f1_point, f1_draws, n, pairs_n, None, ""),
-            "image_report_kappa": _per_finding(
-                kappa_point, kappa_draws, n, pairs_n, 0.0, "chance agreement"
-            ),
+            "label_fidelity": _per_finding(fid_point, fid_draws, n, pairs_n, 0.5),
+            "report_label_f1": _per_finding(f1_point, f1_draws, n, pairs_n),
+            "image_report_kappa": _per_finding(kappa_point, kappa_draws, n, pairs_n, 0.0),
         }
         if train_on_synthetic:
             figures |= self._train_on_synthetic(synthetic, per_label)
@@ -498,10 +501,10 @@ class Judge:
         point, draws = bootstrap(paired, [self.heldout_resampler], self.resamples, self.seed)
         n, n_means, labels = len(self.heldout.images), self.heldout_n, len(FINDINGS)
         per_label["tstr_auroc"] = _per_finding(
-            point[3 : 3 + labels], draws[:, 3 : 3 + labels], n, n_means, 0.5, "chance"
+            point[3 : 3 + labels], draws[:, 3 : 3 + labels], n, n_means, 0.5
         )
         per_label["real_plus_synthetic_auroc"] = _per_finding(
-            point[3 + labels :], draws[:, 3 + labels :], n, n_means, 0.5, "chance"
+            point[3 + labels :], draws[:, 3 + labels :], n, n_means, 0.5
         )
         real_point = point[0]
         return {
@@ -512,10 +515,9 @@ class Judge:
                 n,
                 n_means,
                 0.5 / real_point,
-                "chance (0.5 / train-on-real)",
             ),
             "real_plus_synthetic_auroc": figure(point[2], draws[:, 2], n, n_means, 0.5),
             "augmentation_gain": figure(
-                point[2] - real_point, draws[:, 2] - draws[:, 0], n, n_means, 0.0, "no gain"
+                point[2] - real_point, draws[:, 2] - draws[:, 0], n, n_means, 0.0, "zero gain"
             ),
         }
