@@ -125,6 +125,8 @@ def test_split_holds_out_whole_units(phantom_sets):
     train, heldout = phantom_sets
     assert not set(train.units) & set(heldout.units)
     assert len(train.images) + len(heldout.images) == 160
+    both = LabeledSet.concat([train, heldout])
+    assert len(both.images) == 160 and set(both.units) == set(train.units) | set(heldout.units)
 
 
 def test_judge_sees_real_findings(judge):

@@ -244,6 +244,15 @@ class LabeledSet:
         if self.labels.shape[1:] != (len(FINDINGS),):
             raise ValueError(f"labels must be [N, {len(FINDINGS)}] over FINDINGS")
 
+    @staticmethod
+    def concat(sets: Sequence[LabeledSet]) -> LabeledSet:
+        """Several sites' sets as one (unit ids must already differ, as labeled_from_site's do)."""
+        return LabeledSet(
+            torch.cat([s.images for s in sets]),
+            torch.cat([s.labels for s in sets]),
+            np.concatenate([np.asarray(s.units, dtype=object) for s in sets]),
+        )
+
     def subset(self, rows: np.ndarray) -> LabeledSet:
         return LabeledSet(self.images[rows], self.labels[rows], np.asarray(self.units)[rows])
 
