@@ -10,7 +10,11 @@ another training seed.
 
 Every classifier (judge, train-on-synthetic, real + synthetic) takes the same number of optimiser
 steps. With a fixed number of epochs instead, adding synthetic images adds steps, and an
-under-trained real-only baseline makes even noise images look like an augmentation gain.
+under-trained real-only baseline makes even noise look like a gain: 386 real phantom studies at
+32 px, 30 epochs, mean AUROC 0.797; + 400 noise images at 30 epochs (750 steps instead of 390)
+0.848. At equal steps the same noise gives 0.742. While the classifier is still improving with
+steps, equal steps bias the gain the other way (synthetic images displace real ones), so a gain
+is conservative, and a small loss can be dilution rather than harm.
 """
 
 from __future__ import annotations
