@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 
 from emixer_model.config import FINDINGS
-from emixer_model.evaluation.evaluate import EvaluationError, add_parser, evaluate_release
+from emixer_model.evaluation.evaluate import (
+    HEADLINE,
+    EvaluationError,
+    add_parser,
+    evaluate_release,
+)
 from emixer_model.evaluation.image_metrics import (
     accuracy,
     auroc,
@@ -193,13 +198,14 @@ def faithful_result(phantom_world) -> dict:
 
 def test_faithful_release_scores_clearly_higher_than_shuffled(phantom_world, faithful_result):
     shuffled = evaluate(phantom_world, "shuffled")
-    fidelity = faithful_result["label_fidelity"]["mean_auroc"]
-    assert fidelity > shuffled["label_fidelity"]["mean_auroc"] + 0.1
-    assert faithful_result["report_consistency"]["macro_f1"] > 0.9
-    assert shuffled["report_consistency"]["macro_f1"] < 0.3
+    fidelity = faithful_result["label_fidelity"]["mean_auroc"]["value"]
+    assert fidelity > shuffled["label_fidelity"]["mean_auroc"]["value"] + 0.1
+    assert faithful_result["report_consistency"]["macro_f1"]["value"] > 0.9
+    assert shuffled["report_consistency"]["macro_f1"]["value"] < 0.3
     # image and report of a pair still agree with each other when only the labels were moved
-    assert shuffled["image_report_agreement"]["agreement"] == pytest.approx(
-        faithful_result["image_report_agreement"]["agreement"]
+    assert (
+        shuffled["image_report_agreement"]["kappa"]
+        == faithful_result["image_report_agreement"]["kappa"]
     )
 
 
@@ -219,19 +225,32 @@ def test_evaluation_json_has_every_section(phantom_world, faithful_result):
     ):
         assert section in written, section
     assert set(written["label_fidelity"]["per_label"]) == set(FINDINGS)
+    # every headline figure carries its interval, sample size and verdict; the page gets lines
+    for name, path in HEADLINE:
+        entry = written
+        for key in path:
+            entry = entry[key]
+        assert {"value", "low", "high", "n", "verdict"} <= set(entry), name
+        assert (
+            isinstance(written["summary"][name], str)
+            and f"n={entry['n']}" in written["summary"][name]
+        )
+    assert written["inputs"]["real_test"] == written["tstr"]["mean_auroc"]["real"]["n"]
+    assert written["inputs"]["bootstrap"]["resamples"] > 0
     tstr = written["tstr"]
-    assert set(tstr["mean_auroc"]) == {"real", "synthetic", "real_plus_synthetic"}
-    assert tstr["augmentation_gain"] == pytest.approx(
-        tstr["mean_auroc"]["real_plus_synthetic"] - tstr["mean_auroc"]["real"], abs=1e-3
+    means = {name: entry["value"] for name, entry in tstr["mean_auroc"].items()}
+    assert set(means) == {"real", "synthetic", "real_plus_synthetic"}
+    assert tstr["augmentation_gain"]["value"] == pytest.approx(
+        means["real_plus_synthetic"] - means["real"], abs=1e-3
     )
     assert "not Inception" in written["frechet"]["note"]
-    assert written["frechet"]["value"] >= 0.0
+    assert written["frechet"]["distance"]["value"] >= 0.0
     text = written["text"]
     for key in ("bleu4", "rouge_l"):
         assert 0.0 < text[key]["mean"] <= 1.0
         assert "same positive label set" in text[key]["method"]
     assert text["distinct_words"]["synthetic"] > 5
-    assert 0.0 <= text["duplicate_rate"] <= 1.0 and 0.0 <= text["copy_rate"] <= 1.0
+    assert 0.0 <= text["duplicate_rate"]["value"] <= 1.0 and 0.0 <= text["copy_rate"] <= 1.0
 
 
 def test_figures_are_png_files(phantom_world, faithful_result):
@@ -246,7 +265,10 @@ def test_same_seed_same_result(phantom_world, faithful_result):
     assert again["summary"] == faithful_result["summary"]
 
 
-def test_command_prints_the_summary(phantom_world, capsys):
+def test_command_prints_the_summary(phantom_world, capsys, monkeypatch):
+    from emixer_model.cli import console
+
+    monkeypatch.setattr(console, "width", 200)  # one table row per line, as on a wide terminal
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
     args = parser.parse_args(
@@ -265,6 +287,7 @@ def test_command_prints_the_summary(phantom_world, capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "augmentation gain" in out and "evaluation.json" in out
+    assert "95% interval" in out and "distinguishable from" in out
     saved = json.loads((phantom_world["faithful"] / "evaluation.json").read_text())
     assert saved["inputs"]["epochs"] == 2
 

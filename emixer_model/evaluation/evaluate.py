@@ -9,6 +9,9 @@ Questions answered (each a section of release/evaluation.json):
                           of real + synthetic over real alone on the same held-out real images
   frechet                 how far are synthetic from real images in the classifier's features?
   text                    BLEU-4 / ROUGE-L against real reports, vocabulary, duplicates, copies
+Every figure is {"value", "low", "high", "n", "n_means", "chance", "verdict"} from the scoring
+library (evaluation/utility.py, also what bench/utility.py calls); "summary" repeats the headline
+figures as one line each for the release page.
 Only aggregates are written: no real image, report, word or file name leaves the site this way.
 """
 
@@ -27,16 +30,24 @@ from rich.table import Table
 
 from emixer_model.config import FINDINGS, ModelConfig, TrainConfig, from_dict
 from emixer_model.evaluation import figures
-from emixer_model.evaluation.classifier import FindingClassifier, score_images, train_classifier
-from emixer_model.evaluation.image_metrics import accuracy, auroc, f1_score, frechet_distance
 from emixer_model.evaluation.text_metrics import (
     ReferenceReports,
     copy_rate,
     distinct_tokens,
     duplicate_rate,
 )
+from emixer_model.evaluation.utility import (
+    BOOTSTRAP_NOTE,
+    CONFIDENCE,
+    DEFAULT_EPOCHS,
+    DEFAULT_RESAMPLES,
+    Figure,
+    Judge,
+    LabeledSet,
+    Scores,
+    SyntheticSet,
+)
 
-DEFAULT_EPOCHS = 30
 TEST_FRACTION = 0.2
 MIN_REAL_IMAGES = 10  # fewer cannot give both a training set and a held-out test set
 GRID_IMAGES = 24
@@ -75,6 +86,7 @@ class RealData:
     tokens: torch.Tensor  # [N,S,W] reports in the fixed vocabulary
     train: np.ndarray  # indices
     test: np.ndarray  # indices, disjoint from train by privacy unit (patient where known)
+    units: np.ndarray  # [N] privacy-unit number of each study, what the bootstrap resamples
     sites: int
     skipped: int
 
@@ -197,12 +209,16 @@ def load_real(
         raise EvaluationError(
             "the real studies belong to too few patients to hold 20% of them out for testing"
         )
+    unit_of_row = np.empty(offset, dtype=np.int64)
+    for number, rows in enumerate(units):
+        unit_of_row[rows] = number
     return RealData(
         images=torch.cat(images),
         labels=torch.cat(labels),
         tokens=torch.cat(tokens),
         train=train,
         test=test,
+        units=unit_of_row,
         sites=len(site_dirs),
         skipped=skipped,
     )
@@ -215,50 +231,6 @@ def _round(value: float | None) -> float | None:
 def _mean(values: Sequence[float | None]) -> float | None:
     defined = [v for v in values if v is not None]
     return _round(np.mean(defined)) if defined else None
-
-
-def _auroc_per_label(
-    probabilities: np.ndarray, targets: np.ndarray, population_has: str
-) -> dict[str, dict]:
-    """AUROC and accuracy (threshold 0.5) per finding; null with the reason where undefined.
-
-    population_has completes "no/every ... <finding>", e.g. "synthetic pair is conditioned on".
-    """
-    result = {}
-    for j, finding in enumerate(FINDINGS):
-        positive = targets[:, j] > 0.5
-        entry = {
-            "auroc": _round(auroc(probabilities[:, j], positive)),
-            "accuracy": _round(accuracy(probabilities[:, j] > 0.5, positive)),
-            "positives": int(positive.sum()),
-            "negatives": int((~positive).sum()),
-        }
-        if entry["auroc"] is None:
-            side = "no" if entry["positives"] == 0 else "every"
-            entry["why"] = f"{side} {population_has} {finding}: AUROC needs both classes"
-        result[finding] = entry
-    return result
-
-
-def _f1_per_label(predicted: np.ndarray, targets: np.ndarray, what: str) -> dict[str, dict]:
-    result = {}
-    for j, finding in enumerate(FINDINGS):
-        entry = {
-            "f1": _round(f1_score(predicted[:, j], targets[:, j])),
-            "agreement": _round(accuracy(predicted[:, j], targets[:, j])),
-        }
-        if entry["f1"] is None:
-            entry["why"] = f"neither {what} has a positive {finding}"
-        result[finding] = entry
-    return result
-
-
-def labeler_positives(reports: Sequence[str]) -> np.ndarray:
-    """[N,L] bool: the labeler finds the finding stated as positive or uncertain."""
-    from emixer_model.text.labeler import label_report
-
-    found = [label_report(text) for text in reports]
-    return np.array([[row.get(f) in (1, -1) for f in FINDINGS] for row in found], dtype=bool)
 
 
 def report_word_ids(tokens: np.ndarray) -> tuple[int, ...]:
@@ -319,7 +291,6 @@ def text_statistics(
             "synthetic": distinct_tokens([[t for t in r if t != UNK] for r in synthetic]),
             "real": distinct_tokens([[t for t in r if t != UNK] for r in real]),
         },
-        "duplicate_rate": _round(duplicate_rate(synthetic)),
         "copy_rate": _round(copy_rate(synthetic, real)),
         "copy_rate_means": "share of synthetic reports identical to a real report of this site: "
         "a memorisation signal, expected near the rate at which real reports repeat each other",
@@ -342,109 +313,81 @@ def _sample_grid(path: Path, release: SyntheticRelease) -> Path:
     )
 
 
-def tstr_section(
-    real: RealData, release: SyntheticRelease, real_model: FindingClassifier, epochs: int, seed: int
-) -> dict:
-    """Train on synthetic, and on real + synthetic; test both and the real-only model on the
-    same held-out real studies."""
-    x_train, y_train = real.images[real.train], real.labels[real.train]
-    models = {
-        "real": real_model,
-        "synthetic": train_classifier(release.images, release.labels, epochs, seed),
-        "real_plus_synthetic": train_classifier(
-            torch.cat([x_train, release.images]), torch.cat([y_train, release.labels]), epochs, seed
-        ),
-    }
-    x_test, y_test = real.images[real.test], real.labels[real.test].numpy()
-    per_label = {
-        name: _auroc_per_label(score_images(model, x_test)[0], y_test, "held-out real study has")
-        for name, model in models.items()
-    }
-    means = {
-        name: _mean([e["auroc"] for e in scores.values()]) for name, scores in per_label.items()
-    }
-    defined = means["real"] is not None and means["real_plus_synthetic"] is not None
-    return {
-        "method": "three classifiers with the same architecture, seed and epochs, trained on "
-        "real (80%), synthetic, and real + synthetic, all tested on the same held-out real "
-        "studies; mean over findings whose AUROC is defined there",
-        "mean_auroc": means,
-        "augmentation_gain": _round(means["real_plus_synthetic"] - means["real"])
-        if defined
-        else None,
-        "per_label": per_label,
-        "paper_reference": PAPER_NOTE,
-    }
+def _figures(entries: dict[str, Figure]) -> dict[str, dict]:
+    return {name: figure.as_dict() for name, figure in entries.items()}
 
 
-def frechet_section(
-    real: RealData, synthetic_features: np.ndarray, model: FindingClassifier
-) -> dict:
-    _, train_features = score_images(model, real.images[real.train])
-    _, test_features = score_images(model, real.images[real.test])
-    real_features = np.concatenate([train_features, test_features])
-    return {
-        "value": _round(frechet_distance(real_features, synthetic_features)),
-        "real_train_vs_real_test": _round(frechet_distance(train_features, test_features)),
-        "note": FRECHET_NOTE,
-        "baseline_means": "the distance between two real subsets: a value near it means the "
-        "synthetic images are about as far from real as real images are from each other",
-    }
-
-
-def pair_sections(release: SyntheticRelease, image_probabilities: np.ndarray) -> dict:
-    """Label fidelity of images, label consistency of reports, and their agreement per pair."""
-    conditioned = release.labels.numpy() > 0.5
-    report_positive = labeler_positives(release.reports)
-    image_positive = image_probabilities > 0.5
-    fidelity = _auroc_per_label(
-        image_probabilities, conditioned, "synthetic pair is conditioned on"
-    )
-    consistency = _f1_per_label(report_positive, conditioned, "report nor condition")
-    agreement = _f1_per_label(image_positive, report_positive, "image nor report")
+def score_sections(scores: Scores) -> dict:
+    """The evaluation.json sections of the library's figures, each with its method in words."""
+    fig, per_label = scores.figures, scores.per_label
     return {
         "label_fidelity": {
-            "method": "a CNN trained on 80% of the real studies scores each synthetic image; "
-            "AUROC and accuracy (probability > 0.5) against the label the image was generated for",
-            "per_label": fidelity,
-            "mean_auroc": _mean([e["auroc"] for e in fidelity.values()]),
+            "method": "a CNN trained on 80% of the real studies (the judge) scores each synthetic "
+            "image; AUROC against the labels the image was generated for, mean over findings "
+            "where both classes occur; lift_fraction = (fidelity - 0.5) / (judge's real "
+            "held-out AUROC - 0.5), 1 meaning the images carry their labels as well as real ones",
+            "mean_auroc": fig["label_fidelity"].as_dict(),
+            "lift_fraction": fig["fidelity_lift_fraction"].as_dict(),
+            "per_label": _figures(per_label["label_fidelity"]),
         },
         "report_consistency": {
             "method": "rule-based labeler on each synthetic report vs its conditioning labels; "
-            "positive = stated positive or uncertain",
-            "per_label": consistency,
-            "macro_f1": _mean([e["f1"] for e in consistency.values()]),
+            "positive = stated positive or uncertain; macro F1 over findings either side has; "
+            "chance = the F1 of reports independent of their labels at the same positive rates",
+            "macro_f1": fig["report_label_f1"].as_dict(),
+            "per_label": _figures(per_label["report_label_f1"]),
         },
         "image_report_agreement": {
-            "method": "per pair: real-trained classifier on the image (probability > 0.5) vs the "
-            "labeler on the report (positive or uncertain)",
-            "per_label": agreement,
-            "agreement": _round(np.mean(image_positive == report_positive)),
-            "micro_f1": _round(f1_score(image_positive.ravel(), report_positive.ravel())),
+            "method": "per pair: the judge on the image (probability > 0.5) vs the labeler on the "
+            "report (positive or uncertain); Cohen's kappa per finding, mean over findings "
+            "where either side varies. Chance-corrected: pairs where both sides say nothing add "
+            "no agreement, and reports that never state a finding score 0",
+            "kappa": fig["image_report_kappa"].as_dict(),
+            "per_label": _figures(per_label["image_report_kappa"]),
         },
+        "tstr": {
+            "method": "three classifiers with the same architecture, seed and number of "
+            "optimiser steps, trained on real (80%), synthetic, and real + synthetic, all tested "
+            "on the same held-out real studies; mean AUROC over findings defined there. Ratio "
+            "and gain are paired: each resample draws one set of held-out patients for both",
+            "mean_auroc": {
+                "real": fig["real_heldout_auroc"].as_dict(),
+                "synthetic": fig["tstr_auroc"].as_dict(),
+                "real_plus_synthetic": fig["real_plus_synthetic_auroc"].as_dict(),
+            },
+            "ratio": fig["tstr_ratio"].as_dict(),
+            "augmentation_gain": fig["augmentation_gain"].as_dict(),
+            "per_label": {
+                "real": _figures(per_label["real_heldout_auroc"]),
+                "synthetic": _figures(per_label["tstr_auroc"]),
+                "real_plus_synthetic": _figures(per_label["real_plus_synthetic_auroc"]),
+            },
+            "paper_reference": PAPER_NOTE,
+        },
+        "frechet": {"distance": fig["frechet"].as_dict(), "note": FRECHET_NOTE},
     }
 
 
 def write_figures(release_dir: Path, release: SyntheticRelease, result: dict) -> list[Path]:
     figure_dir = release_dir / "figures"
     tstr = result["tstr"]
+    per_real = tstr["per_label"]["real"]
+    per_fidelity = result["label_fidelity"]["per_label"]
     return [
         figures.grouped_bars(
             figure_dir / "label_auroc.png",
-            "Does the real-trained classifier see each label?",
+            "Does the real-trained classifier see each label? (95% intervals)",
             FINDINGS,
             {
-                "held-out real images": [tstr["per_label"]["real"][f]["auroc"] for f in FINDINGS],
-                "synthetic images vs their conditioning": [
-                    result["label_fidelity"]["per_label"][f]["auroc"] for f in FINDINGS
-                ],
+                "held-out real images": [per_real[f] for f in FINDINGS],
+                "synthetic images vs their conditioning": [per_fidelity[f] for f in FINDINGS],
             },
             "AUROC",
             reference_line=0.5,
         ),
         figures.grouped_bars(
             figure_dir / "tstr.png",
-            "Mean AUROC on held-out real images, by training data",
+            "Mean AUROC on held-out real images, by training data (95% intervals)",
             ["real", "synthetic", "real + synthetic"],
             {"mean AUROC": list(tstr["mean_auroc"].values())},
             "mean AUROC",
@@ -458,24 +401,57 @@ def write_figures(release_dir: Path, release: SyntheticRelease, result: dict) ->
     ]
 
 
-def summary(result: dict) -> dict:
-    """The headline numbers, flat, for the CLI table and the release's index.html."""
-    inputs, tstr, text = result["inputs"], result["tstr"], result["text"]
+# the headline figures: (row name, path into evaluation.json)
+HEADLINE = (
+    ("real held-out mean AUROC (the judge's own quality)", ("tstr", "mean_auroc", "real")),
+    ("label fidelity: mean AUROC of synthetic images", ("label_fidelity", "mean_auroc")),
+    ("label fidelity as a fraction of the judge's lift", ("label_fidelity", "lift_fraction")),
+    ("report label F1 (macro)", ("report_consistency", "macro_f1")),
+    ("image-report agreement (Cohen's kappa)", ("image_report_agreement", "kappa")),
+    ("TSTR mean AUROC (synthetic only)", ("tstr", "mean_auroc", "synthetic")),
+    ("TSTR / train-on-real", ("tstr", "ratio")),
+    ("real + synthetic mean AUROC", ("tstr", "mean_auroc", "real_plus_synthetic")),
+    ("augmentation gain (AUROC)", ("tstr", "augmentation_gain")),
+    ("Frechet distance (classifier features)", ("frechet", "distance")),
+    ("duplicate rate", ("text", "duplicate_rate")),
+    ("distinct reports", ("text", "distinct_reports")),
+)
+
+
+def _lookup(result: dict, path: tuple[str, ...]) -> dict:
+    for key in path:
+        result = result[key]
+    return result
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _interval(entry: dict) -> str:
+    if entry["low"] is None or entry["high"] is None:
+        return ""
+    return f"[{_number(entry['low'])}, {_number(entry['high'])}]"
+
+
+def describe(entry: dict) -> str:
+    """A figure in one line: value, 95% interval, n and verdict (what the release page shows)."""
+    interval = _interval(entry)
+    parts = [_number(entry["value"]), f"95% {interval}" if interval else "", f"n={entry['n']}"]
+    text = " ".join(part for part in parts if part)
+    return f"{text}; {entry['verdict']}" if entry["verdict"] else text
+
+
+def summary(result: dict) -> dict[str, str | int]:
+    """The headline figures, one line each, for the release's index.html."""
+    inputs, text = result["inputs"], result["text"]
     return {
         "synthetic pairs": inputs["synthetic_pairs"],
-        "real studies (train / held out)": f"{inputs['real_train']} / {inputs['real_test']}",
-        "label fidelity: mean AUROC of synthetic images": result["label_fidelity"]["mean_auroc"],
-        "real held-out mean AUROC (classifier check)": tstr["mean_auroc"]["real"],
-        "report label F1 (macro)": result["report_consistency"]["macro_f1"],
-        "image-report agreement": result["image_report_agreement"]["agreement"],
-        "TSTR mean AUROC (synthetic only)": tstr["mean_auroc"]["synthetic"],
-        "real + synthetic mean AUROC": tstr["mean_auroc"]["real_plus_synthetic"],
-        "augmentation gain (AUROC)": tstr["augmentation_gain"],
-        "Frechet distance (classifier features)": result["frechet"]["value"],
-        "BLEU-4": text["bleu4"]["mean"],
-        "ROUGE-L": text["rouge_l"]["mean"],
-        "duplicate rate": text["duplicate_rate"],
-        "copy rate": text["copy_rate"],
+        "real studies (judge-train / held out)": f"{inputs['real_train']} / {inputs['real_test']}",
+        **{name: describe(_lookup(result, path)) for name, path in HEADLINE},
+        "BLEU-4": _number(text["bleu4"]["mean"]),
+        "ROUGE-L": _number(text["rouge_l"]["mean"]),
+        "copy rate": _number(text["copy_rate"]),
     }
 
 
@@ -486,6 +462,7 @@ def evaluate_release(
     seed: int = 0,
     epochs: int = DEFAULT_EPOCHS,
     log: Callable[[str], None] = lambda message: None,
+    resamples: int = DEFAULT_RESAMPLES,
 ) -> dict:
     """Run every evaluation, write release_dir/evaluation.json and figures/; return the result."""
     if epochs < 1:
@@ -500,10 +477,14 @@ def evaluate_release(
     uncertain_as = train_section.get("uncertain_as", TrainConfig().uncertain_as)
     log("loading the real site data")
     real = load_real(real_dirs, state_dirs, release.model_cfg, uncertain_as, seed)
+    labeled = LabeledSet(real.images, real.labels, real.units)
 
-    log(f"training the real-data classifier ({epochs} epochs) and scoring the synthetic images")
-    real_model = train_classifier(real.images[real.train], real.labels[real.train], epochs, seed)
-    synthetic_probabilities, synthetic_features = score_images(real_model, release.images)
+    log(f"training the judge on real studies ({epochs} epochs)")
+    judge = Judge.fit(
+        labeled.subset(real.train), labeled.subset(real.test), epochs, seed, resamples
+    )
+    log("scoring the release; training on synthetic, and on real + synthetic")
+    scores = judge.score(SyntheticSet(release.images, release.labels, release.reports))
     result: dict = {
         "inputs": {
             "synthetic_pairs": len(release.reports),
@@ -511,18 +492,21 @@ def evaluate_release(
             "real_studies": len(real.images),
             "real_train": len(real.train),
             "real_test": len(real.test),
+            "real_test_units": judge.heldout_resampler.units,
             "real_files_skipped": real.skipped,
             "resolution": release.model_cfg.resolution,
             "uncertain_as": uncertain_as,
             "seed": seed,
             "epochs": epochs,
+            "classifier_steps": judge.steps,
+            "bootstrap": {
+                "resamples": resamples,
+                "confidence": CONFIDENCE,
+                "method": BOOTSTRAP_NOTE,
+            },
         },
     }
-    log("labeling the synthetic reports")
-    result |= pair_sections(release, synthetic_probabilities)
-    log("training on synthetic, and on real + synthetic")
-    result["tstr"] = tstr_section(real, release, real_model, epochs, seed)
-    result["frechet"] = frechet_section(real, synthetic_features, real_model)
+    result |= score_sections(scores)
     log("text statistics")
     result["text"] = text_statistics(
         release.reports,
@@ -530,7 +514,10 @@ def evaluate_release(
         real.tokens.numpy(),
         real.labels.numpy(),
         release.model_cfg,
-    )
+    ) | {
+        "duplicate_rate": scores.figures["duplicate_rate"].as_dict(),
+        "distinct_reports": scores.figures["distinct_reports"].as_dict(),
+    }
     log("drawing figures")
     written = write_figures(release_dir, release, result)
     result["figures"] = [str(p.relative_to(release_dir)) for p in written]
@@ -543,12 +530,21 @@ def evaluate_release(
 
 
 def summary_table(result: dict) -> Table:
-    """The summary as a rich table (None shown as n/a)."""
-    table = Table(title="evaluation of the synthetic release")
+    """The headline figures with their 95% intervals, sample sizes and verdicts."""
+    table = Table(title="evaluation of the synthetic release (95% bootstrap intervals)")
     table.add_column("measure")
-    table.add_column("value", justify="right")
-    for name, value in result["summary"].items():
-        table.add_row(name, "n/a" if value is None else str(value))
+    for column in ("value", "95% interval", "n"):
+        table.add_column(column, justify="right")
+    table.add_column("verdict")
+    inputs = result["inputs"]
+    held = f"{inputs['real_test']} ({inputs['real_test_units']} units)"
+    table.add_row("synthetic pairs", str(inputs["synthetic_pairs"]), "", "", "")
+    table.add_row("real studies judge-train / held out", f"{inputs['real_train']} / {held}")
+    for name, path in HEADLINE:
+        entry = _lookup(result, path)
+        table.add_row(
+            name, _number(entry["value"]), _interval(entry), str(entry["n"]), entry["verdict"]
+        )
     return table
 
 
@@ -597,7 +593,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "and report agree, does training on synthetic data help (train-on-synthetic/test-on-real "
         "and real + synthetic vs real alone on the same held-out real images), a Frechet distance "
         "on the classifier's features, and BLEU-4/ROUGE-L, vocabulary, duplicate and copy rates "
-        "of the reports. Writes RELEASE/evaluation.json and PNG figures in RELEASE/figures/. "
+        "of the reports. Every figure comes with a bootstrap 95%% interval (held-out studies "
+        "resampled by patient, synthetic pairs one by one), its sample size, and a verdict that "
+        "says when it is not distinguishable from chance. Writes RELEASE/evaluation.json and "
+        "PNG figures in RELEASE/figures/. "
         "Only aggregates are written; real images and reports stay where they are.",
     )
     parser.add_argument("--release", required=True, help="release folder from `emixer release`")
@@ -623,8 +622,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--epochs",
         type=int,
         default=DEFAULT_EPOCHS,
-        help=f"training epochs of each of the three classifiers ({DEFAULT_EPOCHS}); more "
-        "is slower but makes the real-data classifier a sharper judge",
+        help=f"training epochs over the real judge-train studies ({DEFAULT_EPOCHS}); the "
+        "train-on-synthetic and real + synthetic classifiers take the same number of steps. "
+        "More is slower but makes the real-data classifier a sharper judge",
     )
     parser.set_defaults(func=run_evaluate_command)
     return parser

@@ -27,21 +27,28 @@ def grouped_bars(
     path: Path,
     title: str,
     categories: Sequence[str],
-    series: Mapping[str, Sequence[float | None]],
+    series: Mapping[str, Sequence[Mapping]],
     ylabel: str,
     reference_line: float | None = None,
 ) -> Path:
-    """One group of bars per category, one bar per series; None values are labelled n/a."""
+    """One group of bars per category, one bar per series of figures ({"value", "low", "high"}),
+    with the interval as an error bar; undefined values are labelled n/a."""
     figure = Figure(figsize=(max(5.0, 1.1 * len(categories) + 2.0), 4.0))
     axes = figure.add_subplot()
     width = 0.8 / max(1, len(series))
     x = np.arange(len(categories))
-    for i, (name, values) in enumerate(series.items()):
+    for i, (name, entries) in enumerate(series.items()):
         offsets = x - 0.4 + width * (i + 0.5)
-        heights = [np.nan if v is None else v for v in values]
-        axes.bar(offsets, heights, width=width, label=name)
-        for offset, value in zip(offsets, values, strict=True):
-            if value is None:
+        heights = np.array([np.nan if e["value"] is None else e["value"] for e in entries])
+        spans = np.array(
+            [
+                [h - e["low"], e["high"] - h] if e["low"] is not None else [np.nan, np.nan]
+                for h, e in zip(heights, entries, strict=True)
+            ]
+        ).reshape(-1, 2)
+        axes.bar(offsets, heights, width=width, label=name, yerr=spans.T, capsize=2)
+        for offset, height in zip(offsets, heights, strict=True):
+            if np.isnan(height):
                 axes.text(offset, 0.02, "n/a", ha="center", va="bottom", rotation=90, fontsize=7)
     if reference_line is not None:
         axes.axhline(reference_line, color="grey", linestyle="--", linewidth=1)

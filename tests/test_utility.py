@@ -1,0 +1,201 @@
+"""The scoring library: bootstrap intervals, chance verdicts, chance-corrected agreement, and a
+judge trained once that scores several synthetic sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from emixer_model.config import FINDINGS, ModelConfig
+from emixer_model.evaluation.utility import (
+    Judge,
+    LabeledSet,
+    Resampler,
+    SyntheticSet,
+    auroc_per_label,
+    bootstrap,
+    chance_f1,
+    figure,
+    kappa_per_label,
+    labeled_from_site,
+    nanmean,
+)
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap and verdicts on plain numbers
+
+
+def noisy_scores(n: int, signal: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores [n,1] that rank a balanced binary target [n,1] with the given signal strength."""
+    rng = np.random.default_rng(seed)
+    targets = (np.arange(n) % 2).astype(bool)[:, None]
+    return targets * signal + rng.normal(size=(n, 1)), targets
+
+
+def auroc_figure(n: int, signal: float, seed: int = 0):
+    scores, targets = noisy_scores(n, signal, seed)
+    point, draws = bootstrap(
+        lambda rows: auroc_per_label(scores[rows], targets[rows]),
+        [Resampler(np.arange(n), "pairs")],
+        300,
+        seed,
+    )
+    return figure(point[0], draws[:, 0], n, "pairs", chance=0.5)
+
+
+def test_interval_contains_the_value_and_narrows_with_n():
+    small, large = auroc_figure(80, 1.0), auroc_figure(1280, 1.0)
+    for result in (small, large):
+        assert result.low < result.value < result.high
+    assert (large.high - large.low) < 0.5 * (small.high - small.low)  # ~ 1/sqrt(16) = 0.25
+    assert large.n == 1280
+
+
+def test_verdict_says_when_a_figure_is_chance():
+    assert auroc_figure(200, 0.0).verdict == "not distinguishable from chance (0.5)"
+    assert auroc_figure(200, 2.0).verdict == "above chance (0.5)"
+    assert auroc_figure(200, -2.0).verdict == "below chance (0.5)"
+    gain = figure(0.02, np.linspace(-0.01, 0.05, 100), 18, "held-out", 0.0, "zero gain")
+    assert gain.verdict == "not distinguishable from zero gain (0)"
+
+
+def test_undefined_figure_has_no_interval():
+    undefined = figure(np.nan, np.full(50, np.nan), 10, "pairs", chance=0.5)
+    assert undefined.value is None and undefined.low is None and undefined.verdict == "undefined"
+    assert undefined.as_dict()["n"] == 10
+
+
+def test_resampler_keeps_units_whole():
+    units = np.array(["a", "a", "a", "b", "c", "c"])
+    resampler = Resampler(units, "heldout")
+    assert resampler.units == 3
+    rng = resampler.generator(0)
+    for _ in range(20):
+        drawn = resampler.draw(rng)
+        counts = {u: int((units[drawn] == u).sum()) for u in "abc"}
+        assert counts["a"] % 3 == 0 and counts["c"] % 2 == 0
+        assert len(drawn) == sum(counts.values())
+
+
+def test_kappa_does_not_reward_two_sides_saying_nothing():
+    rng = np.random.default_rng(0)
+    images = rng.random((200, 3)) < 0.3
+    nothing = np.zeros_like(images)
+    # 70% of pairs "agree" (both negative), yet a report that states nothing agrees by chance only
+    assert kappa_per_label(images, nothing) == pytest.approx([0.0, 0.0, 0.0])
+    assert np.isnan(kappa_per_label(nothing, nothing)).all()
+    assert kappa_per_label(images, images) == pytest.approx([1.0, 1.0, 1.0])
+    assert nanmean(np.array([np.nan, np.nan])) != nanmean(np.array([np.nan, np.nan]))  # nan
+
+
+def test_chance_f1_hand_computed():
+    predicted = np.array([[1], [1], [0], [0]], bool)  # rate 1/2
+    targets = np.array([[1], [0], [0], [0]], bool)  # rate 1/4
+    assert chance_f1(predicted, targets) == pytest.approx(2 * 0.5 * 0.25 / 0.75)
+    assert chance_f1(np.zeros((4, 1), bool), np.zeros((4, 1), bool)) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the judge on phantoms
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def phantom_sets(tmp_path_factory) -> tuple[LabeledSet, LabeledSet]:
+    """Judge-train and held-out patients of one 160-study phantom site at 32 px."""
+    from emixer_model.data.phantoms import write_phantom_sites
+    from emixer_model.data.site import holdout_units, load_site
+
+    root = tmp_path_factory.mktemp("utility")
+    (site_dir,) = write_phantom_sites(root / "real", sites=1, per_site=160, unlabeled=0, size=SIZE)
+    site = load_site(site_dir, root / "state", ModelConfig(resolution=SIZE))
+    held = {f"site_1/{k}" for k in holdout_units(len(site.units), 0.25, seed=0)}
+    return labeled_from_site(site, "site_1").split(held)
+
+
+@pytest.fixture(scope="module")
+def judge(phantom_sets) -> Judge:
+    train, heldout = phantom_sets
+    return Judge.fit(train, heldout, epochs=80, seed=0, resamples=200)
+
+
+def test_split_holds_out_whole_units(phantom_sets):
+    train, heldout = phantom_sets
+    assert not set(train.units) & set(heldout.units)
+    assert len(train.images) + len(heldout.images) == 160
+    both = LabeledSet.concat([train, heldout])
+    assert len(both.images) == 160 and set(both.units) == set(train.units) | set(heldout.units)
+
+
+def test_judge_sees_real_findings(judge):
+    real, _ = judge.real_auroc()
+    assert real.value > 0.65 and real.verdict == "above chance (0.5)"
+    assert real.n == len(judge.heldout.images)
+
+
+def test_lift_fraction_is_one_for_real_heldout_images(judge):
+    heldout = judge.heldout
+    scores = judge.score(
+        SyntheticSet(heldout.images, heldout.labels, [""] * len(heldout.images)),
+        train_on_synthetic=False,
+    )
+    lift = scores.figures["fidelity_lift_fraction"]
+    assert lift.value == pytest.approx(1.0)
+    assert lift.low < 1.0 < lift.high
+    noise = torch.rand(heldout.images.shape, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    assert scores.figures["frechet"].value < judge.frechet(noise).low
+
+
+def test_random_images_and_empty_reports_are_called_chance(judge):
+    generator = torch.Generator().manual_seed(1)
+    n = 80
+    noise = SyntheticSet(
+        torch.rand(n, 1, SIZE, SIZE, generator=generator) * 2 - 1,
+        (torch.rand(n, len(FINDINGS), generator=generator) < 0.3).float(),
+        [""] * n,
+    )
+    scores = judge.score(noise)
+    fig = scores.figures
+    assert fig["label_fidelity"].verdict == "not distinguishable from chance (0.5)"
+    assert "not distinguishable from chance" in fig["fidelity_lift_fraction"].verdict
+    assert fig["report_label_f1"].value == 0.0
+    # reports that state nothing: agreement with the images is chance (0) or undefined, not ~1
+    assert fig["image_report_kappa"].value in (0.0, None)
+    assert fig["duplicate_rate"].value == 1.0 and fig["distinct_reports"].value == 1
+    assert fig["tstr_auroc"].n == len(judge.heldout.images)
+    gain = fig["augmentation_gain"]
+    real_plus = fig["real_plus_synthetic_auroc"].value
+    assert gain.value == pytest.approx(real_plus - fig["real_heldout_auroc"].value)
+    assert gain.low <= gain.value <= gain.high
+    # the same judge scores again without retraining itself, and its figures are repeatable
+    model = judge.model
+    again = judge.score(noise, train_on_synthetic=False)
+    assert judge.model is model
+    assert again.figures["label_fidelity"] == fig["label_fidelity"]
+    assert again.per_label["report_label_f1"] == scores.per_label["report_label_f1"]
+
+
+def test_faithful_reports_agree_with_their_labels(judge):
+    from emixer_model.data.phantoms import render_phantom
+    from emixer_model.text.grammar import write_report
+
+    rng = np.random.default_rng(2)
+    conditions = [[f] for f in FINDINGS] * 8
+    images, reports = [], []
+    for condition in conditions:
+        labels = {f: int(f in condition) for f in FINDINGS}
+        images.append(render_phantom(labels, rng, SIZE))
+        reports.append(write_report(labels, rng))
+    faithful = SyntheticSet(
+        torch.from_numpy(np.stack(images)).float()[:, None] * 2 - 1,
+        torch.tensor([[float(f in c) for f in FINDINGS] for c in conditions]),
+        reports,
+    )
+    fig = judge.score(faithful, train_on_synthetic=False).figures
+    assert fig["report_label_f1"].value > 0.9
+    assert fig["report_label_f1"].verdict.startswith("above chance")
+    assert fig["label_fidelity"].verdict == "above chance (0.5)"
+    assert fig["image_report_kappa"].low > 0.0
+    assert "tstr_auroc" not in fig
