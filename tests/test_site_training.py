@@ -8,7 +8,9 @@ import json
 import pytest
 
 from emixer_model.data.site import load_site
+from emixer_model.privacy import SiteAccountant, epsilon_from_history
 from emixer_model.site_training import train_site_round
+from emixer_model.training import steps_per_epoch
 from tests.conftest import tiny_config
 
 
@@ -36,3 +38,41 @@ def test_holdout_units_are_not_trained_on(tmp_path, tiny_sites):
     cfg = tiny_config(train={"holdout_fraction": 0.5})
     result = train_site_round(site, tmp_path / "state", cfg, None, 1, 1)
     assert result.num_examples == units - round(0.5 * units)
+
+
+def _ledger(state):
+    return [json.loads(line) for line in (state / "privacy" / "ledger.jsonl").open()]
+
+
+def test_a_later_round_with_more_epochs_and_a_bigger_batch_cannot_pass_the_budget(
+    tmp_path, tiny_sites
+):
+    """The review's reproduction: budget 3, round 2 asks for epochs 12 and batch 16."""
+    site, state = tiny_sites[0], tmp_path / "state"
+    first = train_site_round(site, state, tiny_config(privacy={"epsilon_budget": 3.0}), None, 1, 2)
+    bigger = tiny_config(privacy={"epsilon_budget": 3.0}, train={"epochs": 12, "batch_size": 16})
+    second = train_site_round(site, state, bigger, first.weights, 2, 2)
+    assert first.status == "trained"
+    accountant = SiteAccountant.load(state / "privacy" / "accountant.json", "rdp")
+    assert accountant.epsilon(second.delta) <= 3.0
+    if second.status == "trained":  # re-planned from what was spent: more noise, same budget
+        assert second.plan.noise_multiplier > first.plan.noise_multiplier
+        assert second.plan.sample_rate == min(1.0, 16 / second.num_examples)
+        assert second.steps == 12 * steps_per_epoch(second.plan.sample_rate)
+    else:
+        assert second.status == "budget-exhausted" and second.weights is None
+    events = [json.loads(line)["event"] for line in (state / "audit.log").open()]
+    assert "re-planned" in events
+    # the ledger records the q and steps actually used: its own history gives the true epsilon
+    trained = [e for e in _ledger(state) if e["status"] == "trained"]
+    assert epsilon_from_history(trained, second.delta) == accountant.epsilon(second.delta)
+
+
+def test_train_local_twice_on_one_state_dir_refuses_the_second_run(tmp_path, tiny_sites):
+    site, state = tiny_sites[0], tmp_path / "state"
+    cfg = tiny_config(privacy={"epsilon_budget": 2.0})
+    first = train_site_round(site, state, cfg, None, 1, 1)
+    again = train_site_round(site, state, cfg, first.weights, 1, 1)
+    assert first.status == "trained" and first.epsilon <= 2.0
+    assert again.status == "budget-exhausted" and again.weights is None
+    assert "past the budget" in again.message
