@@ -394,6 +394,7 @@ def ledger_entry(
     steps: int,
     accountant: SiteAccountant,
     model_sha256: str,
+    budget: float,
 ) -> dict:
     """What a site signs for one trained round; `history` is its whole accountant history."""
     return {
@@ -413,6 +414,7 @@ def ledger_entry(
         "model_sha256": model_sha256,
         "history": [list(entry) for entry in accountant.history],
         "epsilon": accountant.epsilon(plan.delta),
+        "budget": budget,
     }
 
 

@@ -168,6 +168,7 @@ def train_site_round(
         steps=int(summary["steps"]),
         accountant=accountant,
         model_sha256=arrays_sha256(global_weights),
+        budget=budget,
     )
     key = key or SiteKey.for_state(state_dir)
     signed = key.sign(entry)
