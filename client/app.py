@@ -9,7 +9,8 @@ Where a site's settings come from:
   `share-losses`; see emixer_model.site_privacy.SitePolicy);
 - simulation: Flower gives only `partition-id`; the run's `federation.site_dirs` and
   `federation.state_root` map it to a phantom site folder and a state directory; the policy takes
-  its defaults and the signing key is made in the state directory.
+  its defaults (no budget of its own: the run's applies; delta at most 1/(10 N); no noise floor;
+  no losses sent) and the signing key is made in the state directory.
 The run config itself arrives inside every train message, so both paths read it the same way; it
 never overrides the site's policy.
 """

@@ -35,7 +35,7 @@ SITE_KEYS = {
     "data_path": "the site folder (studies.csv, DICOMs, unlabeled/)",
     "state_dir": "where caches, the privacy accountant and the audit log live",
     "site_name": "the name the coordinator knows this site by",
-    "epsilon_budget": "this site's epsilon budget (default 10; a run may ask less, never more)",
+    "epsilon_budget": "this site's epsilon budget (a run may ask for less, never more)",
     "max_delta": "the largest delta this site accepts (default 1/(10 N); never >= 1/N)",
     "min_noise_multiplier": "a floor on the noise multiplier (a run asking less is refused)",
     "share_losses": "send mean training losses to the coordinator (default false: not DP)",
@@ -43,7 +43,15 @@ SITE_KEYS = {
     "runtime_port": "local port of the SuperNode's app runtime API (default 9094)",
 }
 POLICY_KEYS = ("epsilon_budget", "max_delta", "min_noise_multiplier", "share_losses")
-REQUIRED = ("superlink", "root_certificate", "private_key", "data_path", "state_dir", "site_name")
+REQUIRED = (
+    "superlink",
+    "root_certificate",
+    "private_key",
+    "data_path",
+    "state_dir",
+    "site_name",
+    "epsilon_budget",  # the site's own, never the coordinator's
+)
 
 
 @dataclass

@@ -135,7 +135,7 @@ def cmd_train_local(args: argparse.Namespace) -> int:
             planned_rounds=1,
             progress=progress,
             load_progress=load_progress,
-            policy=SitePolicy(epsilon_budget=cfg.privacy.epsilon_budget, share_losses=True),
+            policy=SitePolicy(share_losses=True),  # the operator is the site; nothing leaves
         )
     if result.status != "trained":
         raise CommandError(result.message)

@@ -58,19 +58,20 @@ class PolicyViolation(Exception):
 class SitePolicy:
     """What a site allows (DESIGN.md invariants 3, 4, 6), enforced against any run config.
 
-    epsilon_budget: the site never trains past it (a run may ask for less, never more);
+    epsilon_budget: the site never trains past it (a run may ask for less, never more); None
+        (simulation, `train-local`: no site.yaml) leaves the run config's budget in force;
     max_delta: the largest delta it accepts (None: 1/(10 N)); never at or above 1/N;
     min_noise_multiplier: a floor on sigma (None: no floor);
     share_losses: whether mean training losses may leave the site (not DP-protected).
     """
 
-    epsilon_budget: float = 10.0
+    epsilon_budget: float | None = None
     max_delta: float | None = None
     min_noise_multiplier: float | None = None
     share_losses: bool = False
 
     def __post_init__(self) -> None:
-        if not self.epsilon_budget > 0:
+        if self.epsilon_budget is not None and not self.epsilon_budget > 0:
             raise ValueError(f"epsilon_budget must be positive, not {self.epsilon_budget}")
         if self.max_delta is not None and not 0 < self.max_delta < 1:
             raise ValueError(f"max_delta must be between 0 and 1, not {self.max_delta}")
@@ -105,6 +106,10 @@ class SitePolicy:
             for f in fields(self)
             if getattr(self, f.name) is not None
         }
+
+    def budget_for(self, requested: float) -> float:
+        """The budget this round answers to: the run's, capped at the site's own."""
+        return requested if self.epsilon_budget is None else min(requested, self.epsilon_budget)
 
     def delta_for(self, n_units: int, requested: float | None) -> float:
         """The delta this round uses: the run's, if the policy allows it, else PolicyViolation."""
@@ -193,7 +198,7 @@ def plan_inputs(
 ) -> dict[str, object]:
     """The privacy-relevant inputs of a plan from today's config, data and policy."""
     n_units, unit = privacy_units(n_units, per_patient)
-    budget = min(cfg.privacy.epsilon_budget, policy.epsilon_budget)
+    budget = policy.budget_for(cfg.privacy.epsilon_budget)
     requested = cfg.privacy.noise_multiplier
     if requested is not None:
         policy.check_noise(requested, requested=True)

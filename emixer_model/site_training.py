@@ -115,7 +115,7 @@ def train_site_round(
     state = SiteState(state_dir)
     accountant = state.load_accountant(cfg.privacy.accountant)
     state.check_accountant(accountant)
-    budget = min(cfg.privacy.epsilon_budget, policy.epsilon_budget)
+    budget = policy.budget_for(cfg.privacy.epsilon_budget)
     rounds_left = max(1, planned_rounds - server_round + 1)
 
     def refuse(status: str, message: str, plan: PrivacyPlan | None) -> SiteRoundResult:

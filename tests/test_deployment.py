@@ -32,6 +32,7 @@ from client.daemon import (
 from emixer_model.cli import main
 from emixer_model.config import ConfigError, EmixerConfig, ModelConfig, TrainConfig
 from emixer_model.site_privacy import SiteKey
+from server.checkpoint import latest_checkpoint
 from server.launch import (
     FlwrCli,
     ServerSettings,
@@ -43,6 +44,7 @@ from server.launch import (
     stop_process_group,
     write_flwr_home,
 )
+from server.release import check_privacy_gate, read_public_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKE_CERTS = ROOT / "deploy" / "make-certs.sh"
@@ -148,9 +150,10 @@ def test_site_yaml_is_strict_and_checks_paths(tmp_path: Path, certs: Path) -> No
     base = (
         f"superlink: 127.0.0.1:9092\nroot_certificate: {certs}/ca.crt\n"
         f"private_key: {certs}/sites/site-a.key\ndata_path: data\nsite_name: a\n"
+        "epsilon_budget: 4\n"
     )
     good = tmp_path / "site.yaml"
-    good.write_text(base + "state_dir: state\nepsilon_budget: 4\nmin_noise_multiplier: 0.8\n")
+    good.write_text(base + "state_dir: state\nmin_noise_multiplier: 0.8\n")
     settings = load_site_settings(good)
     assert settings.node_config() == {
         "data-path": str(data),
@@ -172,6 +175,9 @@ def test_site_yaml_is_strict_and_checks_paths(tmp_path: Path, certs: Path) -> No
         good.write_text(base + extra)
         with pytest.raises(ConfigError, match=message):
             load_site_settings(good)
+    good.write_text(base.replace("epsilon_budget: 4\n", "") + "state_dir: s\n")
+    with pytest.raises(ConfigError, match="needs 'epsilon_budget'"):  # the site states its own
+        load_site_settings(good)
     good.write_text(base.replace("data_path: data", "data_path: nowhere") + "state_dir: s\n")
     with pytest.raises(ConfigError, match="data_path: .*nowhere"):
         load_site_settings(good)
@@ -346,7 +352,10 @@ def test_tls_superlink_authenticated_supernodes_run_one_round(tmp_path: Path, ce
         wait_for(lambda: deployment.online() == 3, "three sites online")
 
         deployment.wait_for_run(deployment.cli.submit(deployment.app_dir))
-        assert list((deployment.server.state_dir / "checkpoints").glob("round-*.pt"))
+        ckpt = latest_checkpoint(deployment.server.state_dir / "checkpoints")
+        # each site signed with its node-auth key: the gate verifies against the enrolled keys
+        enrolled = read_public_keys([certs / "sites"])
+        assert set(check_privacy_gate(ckpt, None, enrolled)["sites"]) == {"site-a", "site-b"}
         for settings in sites[:2]:
             assert (settings.state_dir / "privacy" / "ledger.jsonl").is_file()
         audit = (sites[2].state_dir / "audit.log").read_text().splitlines()
