@@ -505,33 +505,43 @@ def verify_signed(signed: Mapping[str, str], public_key: str) -> dict:
     return entry
 
 
+def _extends(history: list, earlier: list) -> bool:
+    """`history` (normalised) holds at least every step of `earlier`, in the same order."""
+    if not earlier:
+        return True
+    if len(earlier) > len(history):
+        return False
+    last = history[len(earlier) - 1]
+    same_tail = last[:2] == earlier[-1][:2] and last[2] >= earlier[-1][2]
+    return same_tail and history[: len(earlier) - 1] == earlier[:-1]
+
+
 def verify_site_history(site: str, signed: list[Mapping[str, str]], public_key: str) -> list[dict]:
     """Verify a site's signed entries as one history; returns them, or ValueError naming the flaw.
 
-    Every signature verifies; entries are numbered 1, 2, ... without gaps; each entry's accountant
-    history is the previous one plus exactly its own (sigma, q, steps); its stated epsilon is what
-    Opacus computes from that history.
+    Every signature verifies against `public_key`; entries are signed for this site and numbered
+    in increasing order; each entry's accountant history (cumulative over everything the site
+    ever trained) contains the previous entry's and ends with the entry's own (sigma, q, steps);
+    its stated epsilon is what Opacus computes from that history. A round whose reply was lost
+    leaves a gap in the numbers but never in the history: the last entry counts every step.
     """
     entries = [verify_signed(s, public_key) for s in signed]
     previous: list = []
+    last_seq = 0
     for number, entry in enumerate(entries, start=1):
         where = f"site {site} entry {number} (round {entry.get('round')})"
         if entry.get("site") != site:
             raise ValueError(f"{where} was signed for site {entry.get('site')!r}")
-        if entry.get("seq") != number:
-            raise ValueError(f"{where} is numbered {entry.get('seq')}: entries are missing")
-        own = (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+        if not isinstance(entry.get("seq"), int) or entry["seq"] <= last_seq:
+            raise ValueError(f"{where} is numbered {entry.get('seq')} after {last_seq}")
+        own = [(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])]
         history = normalise_history(entry["history"])
-        if number == 1:  # spending before this federation is allowed, but this round must end it
-            extends = history[-1][:2] == own[:2] and history[-1][2] >= own[2]
-        else:
-            extends = history == normalise_history([*previous, own])
-        if not extends:
-            raise ValueError(f"{where}: its history is not the previous one plus this round")
+        if not (_extends(history, previous) and _extends(history[-1:], normalise_history(own))):
+            raise ValueError(f"{where}: its history does not extend the previous one by this round")
         stated = epsilon_from_history(history, entry["delta"], entry["accountant"])
         if not math.isclose(stated, entry["epsilon"], rel_tol=1e-9, abs_tol=1e-12):
             raise ValueError(
                 f"{where} states epsilon {entry['epsilon']:.4f} but its history gives {stated:.4f}"
             )
-        previous = entry["history"]
+        previous, last_seq = history, entry["seq"]
     return entries

@@ -5,7 +5,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from emixer_model.privacy import SiteAccountant
-from emixer_model.site_privacy import SiteKey, arrays_sha256
+from emixer_model.site_privacy import SiteKey, arrays_sha256, verify_site_history
 from server.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -112,3 +112,19 @@ def test_loading_a_missing_or_foreign_file_is_a_clear_error(tmp_path):
     (tmp_path / "x.pt").write_text("hello")
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "x.pt")
+
+
+def test_a_lost_reply_leaves_a_gap_in_numbers_but_never_in_the_signed_history():
+    key = SiteKey(ec.generate_private_key(ec.SECP256R1()))
+    accountant, model = SiteAccountant(), {"w": np.zeros(2, np.float32)}
+    first = signed_round(key, "s1", 1, model, accountant, seq=1)
+    signed_round(key, "s1", 2, model, accountant, seq=2)  # trained, but the reply never arrived
+    third = signed_round(key, "s1", 3, model, accountant, seq=3, noise_multiplier=2.0)
+    entries = verify_site_history("s1", [first, third], key.public_key())
+    assert entries[-1]["epsilon"] == accountant.epsilon(1e-3)  # every step is still counted
+    with pytest.raises(ValueError, match="numbered 1 after 3"):
+        verify_site_history("s1", [third, first], key.public_key())
+    shrunk = SiteAccountant()  # a history that forgets the earlier rounds, even if signed
+    forged = signed_round(key, "s1", 4, model, shrunk, seq=4, noise_multiplier=2.0)
+    with pytest.raises(ValueError, match="does not extend"):
+        verify_site_history("s1", [first, third, forged], key.public_key())
