@@ -425,8 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample image-report pairs conditioned on each finding (and common "
         "combinations) and write DICOM Secondary Capture images, optional PNGs, reports.jsonl, "
         "manifest.json (model hash, config, every site's privacy history) and index.html. "
-        "Refuses (exit 2, nothing written) a model whose privacy ledger is missing, over budget "
-        "or inconsistent with its own history.",
+        "Refuses (exit 2, nothing written) a model whose signed privacy ledger is missing, does "
+        "not verify, leaves an aggregated round uncovered, or is over budget once recomputed.",
     )
     p.add_argument("--model", required=True, help="checkpoint file (checkpoints/round-NNNN.pt)")
     p.add_argument("--out", required=True, help="new folder for the release")
