@@ -293,6 +293,7 @@ def test_copies_of_labeled_scans_put_into_unlabeled_add_no_unit(tmp_path: Path, 
     assert after.unlabeled.shape[0] == before.unlabeled.shape[0] + 4
     assert len(after.units) == len(before.units) == 3
     assert sorted(i for labeled, _ in after.units for i in labeled) == [0, 1, 2, 3]
+    capsys.readouterr()  # the loads' log lines
     assert main(["data", "check", "--json", str(site)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["privacy_unit"] == "patient" and report["privacy_units"] == 3
