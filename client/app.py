@@ -3,17 +3,21 @@
 aggregate metrics only (docs/PRIVACY.md invariant 4).
 
 Where a site's settings come from:
-- deployment (`flower-supernode --node-config`): `data-path`, `state-dir`, optional `site-name` and
-  `epsilon-budget` (the site's own cap: the tighter of it and the run's budget applies);
+- deployment (`flower-supernode --node-config`, written by `emixer site` from site.yaml):
+  `data-path`, `state-dir`, `site-name`, `signing-key` (the node-auth key that signs the ledger)
+  and the site's privacy policy (`epsilon-budget`, `max-delta`, `min-noise-multiplier`,
+  `share-losses`; see emixer_model.site_privacy.SitePolicy);
 - simulation: Flower gives only `partition-id`; the run's `federation.site_dirs` and
-  `federation.state_root` map it to a phantom site folder and a state directory.
-The run config itself arrives inside every train message, so both paths read it the same way.
+  `federation.state_root` map it to a phantom site folder and a state directory; the policy takes
+  its defaults (no budget of its own: the run's applies; delta at most 1/(10 N); no noise floor;
+  no losses sent) and the signing key is made in the state directory.
+The run config itself arrives inside every train message, so both paths read it the same way; it
+never overrides the site's policy.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -23,6 +27,7 @@ from client.audit import AppNotApproved, check_app_approved, log_served_round
 from emixer_model.config import ConfigError, EmixerConfig
 from emixer_model.data.site import SiteDataError
 from emixer_model.records import from_array_record, to_array_record
+from emixer_model.site_privacy import SiteKey, SitePolicy
 from emixer_model.site_training import train_site_round
 
 log = logging.getLogger("emixer.site")
@@ -30,14 +35,13 @@ log = logging.getLogger("emixer.site")
 app = ClientApp()
 
 
-def site_paths(context: Context, cfg: EmixerConfig) -> tuple[str, Path, Path, float | None]:
-    """(site name, data folder, state folder, site's own budget) from node config or partition."""
+def site_paths(context: Context, cfg: EmixerConfig) -> tuple[str, Path, Path]:
+    """(site name, data folder, state folder) from node config or simulation partition."""
     node = context.node_config
     if "data-path" in node:
         data = Path(str(node["data-path"]))
         state = Path(str(node.get("state-dir", data.parent / f".emixer-state-{data.name}")))
-        budget = float(node["epsilon-budget"]) if "epsilon-budget" in node else None
-        return str(node.get("site-name", data.name)), data, state, budget
+        return str(node.get("site-name", data.name)), data, state
     if "partition-id" not in node:
         raise ConfigError("node config has neither 'data-path' nor a simulation 'partition-id'")
     pid = int(node["partition-id"])
@@ -48,7 +52,7 @@ def site_paths(context: Context, cfg: EmixerConfig) -> tuple[str, Path, Path, fl
         )
     root = Path(cfg.federation.state_root or Path(dirs[pid]).parent / "state")
     name = Path(dirs[pid]).name
-    return name, Path(dirs[pid]), root / name, None
+    return name, Path(dirs[pid]), root / name
 
 
 # Failures a site reports as a status instead of crashing: the server logs the category and goes on
@@ -64,13 +68,23 @@ def train(msg: Message, context: Context) -> Message:
     name = str(context.node_config.get("site-name", f"node-{context.node_id}"))
     try:
         cfg = EmixerConfig.from_run_config(flat)
-        name, data_dir, state_dir, site_budget = site_paths(context, cfg)
+        name, data_dir, state_dir = site_paths(context, cfg)
         check_app_approved(context, state_dir)
-        if site_budget is not None and site_budget < cfg.privacy.epsilon_budget:
-            cfg = replace(cfg, privacy=replace(cfg.privacy, epsilon_budget=site_budget))
+        policy = SitePolicy.from_node_config(context.node_config)
+        key_path = context.node_config.get("signing-key")
+        key = SiteKey.load(Path(str(key_path))) if key_path else None
         global_weights = from_array_record(msg.content["arrays"])
         result = train_site_round(
-            data_dir, state_dir, cfg, global_weights, server_round, cfg.federation.rounds
+            data_dir,
+            state_dir,
+            cfg,
+            global_weights,
+            server_round,
+            cfg.federation.rounds,
+            policy=policy,
+            key=key,
+            site_name=name,
+            run_id=str(context.run_id),
         )
     except SITE_FAILURES as err:
         log.error("site %s round %d: not trained: %s", name, server_round, err)
@@ -86,9 +100,10 @@ def train(msg: Message, context: Context) -> Message:
             reply_to=msg,
         )
     log_served_round(state_dir, context, server_round, result.status, result.epsilon)
-    log.info(
-        "site %s round %d: %s, epsilon %.3f", name, server_round, result.status, result.epsilon
-    )
+    if result.status == "trained":
+        log.info("site %s round %d: trained, epsilon %.3f", name, server_round, result.epsilon)
+    else:
+        log.warning("site %s round %d: %s: %s", name, server_round, result.status, result.message)
     content = RecordDict(
         {
             "metrics": MetricRecord(result.metrics()),
@@ -99,4 +114,6 @@ def train(msg: Message, context: Context) -> Message:
     )
     if result.weights is not None:
         content["arrays"] = to_array_record(result.weights, cfg.federation.update_dtype)
+    if result.signed is not None:
+        content["ledger"] = ConfigRecord({**result.signed, "public-key": result.public_key})
     return Message(content=content, reply_to=msg)

@@ -8,11 +8,11 @@ coordinator cannot push a changed ClientApp to a site that did not approve it.
 from __future__ import annotations
 
 import hashlib
-import json
-import time
 from pathlib import Path
 
 from flwr.app import Context
+
+from emixer_model.site_privacy import audit_event
 
 # The packages a site runs; their source is what the site approves.
 APP_PACKAGES = ("client", "emixer_model", "server")
@@ -48,11 +48,7 @@ def check_app_approved(context: Context, state_dir: Path) -> None:
         )
 
 
-def log_event(state_dir: Path, entry: dict) -> None:
-    """Append one JSON line to the site's audit log (never rewritten, never sent anywhere)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with (state_dir / "audit.log").open("a") as f:
-        f.write(json.dumps({"time": time.time(), **entry}) + "\n")
+log_event = audit_event  # the one writer of the site's audit log lives with its privacy state
 
 
 def log_served_round(

@@ -16,12 +16,13 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from client.audit import app_hash, log_event
 from emixer_model.config import ConfigError, read_yaml
+from emixer_model.site_privacy import SitePolicy
 
 DEFAULT_RUNTIME_PORT = 9094
 EXIT_USAGE = 2
@@ -30,15 +31,27 @@ STOP_TIMEOUT = 15.0
 SITE_KEYS = {
     "superlink": "coordinator address host:port, e.g. emixer.example.org:9092",
     "root_certificate": "the federation's CA certificate (ca.crt from deploy/make-certs.sh)",
-    "private_key": "this site's enrolled private key (sites/SITE.key from make-certs.sh)",
+    "private_key": "this site's own private key (`emixer keygen`); only its .pub is enrolled",
     "data_path": "the site folder (studies.csv, DICOMs, unlabeled/)",
     "state_dir": "where caches, the privacy accountant and the audit log live",
     "site_name": "the name the coordinator knows this site by",
-    "epsilon_budget": "this site's own epsilon cap (the tighter of it and the run's applies)",
+    "epsilon_budget": "this site's epsilon budget (a run may ask for less, never more)",
+    "max_delta": "the largest delta this site accepts (default 1/(10 N); never >= 1/N)",
+    "min_noise_multiplier": "a floor on the noise multiplier (a run asking less is refused)",
+    "share_losses": "send mean training losses to the coordinator (default false: not DP)",
     "approved_app_hash": "`emixer app-hash` of the reviewed app version; others are refused",
     "runtime_port": "local port of the SuperNode's app runtime API (default 9094)",
 }
-REQUIRED = ("superlink", "root_certificate", "private_key", "data_path", "state_dir", "site_name")
+POLICY_KEYS = ("epsilon_budget", "max_delta", "min_noise_multiplier", "share_losses")
+REQUIRED = (
+    "superlink",
+    "root_certificate",
+    "private_key",
+    "data_path",
+    "state_dir",
+    "site_name",
+    "epsilon_budget",  # the site's own, never the coordinator's
+)
 
 
 @dataclass
@@ -51,19 +64,20 @@ class SiteSettings:
     data_path: Path
     state_dir: Path
     site_name: str
-    epsilon_budget: float | None = None
+    policy: SitePolicy = field(default_factory=SitePolicy)
     approved_app_hash: str | None = None
     runtime_port: int = DEFAULT_RUNTIME_PORT
 
-    def node_config(self) -> dict[str, str | float]:
-        """The node config keys client/app.py and client/audit.py read."""
-        config: dict[str, str | float] = {
+    def node_config(self) -> dict[str, str | float | bool]:
+        """The node config keys client/app.py and client/audit.py read: paths, the key that
+        signs the ledger (the node-auth key) and the site's privacy policy."""
+        config: dict[str, str | float | bool] = {
             "data-path": str(self.data_path),
             "state-dir": str(self.state_dir),
             "site-name": self.site_name,
+            "signing-key": str(self.private_key),
+            **self.policy.node_config(),
         }
-        if self.epsilon_budget is not None:
-            config["epsilon-budget"] = float(self.epsilon_budget)
         if self.approved_app_hash is not None:
             config["approved-app-hash"] = self.approved_app_hash
         return config
@@ -94,9 +108,7 @@ def load_site_settings(path: str | Path) -> SiteSettings:
     host, _, port = superlink.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"superlink must look like host:port, not {superlink!r}")
-    budget = data.get("epsilon_budget")
-    if budget is not None and (not isinstance(budget, int | float) or budget <= 0):
-        raise ConfigError(f"epsilon_budget must be a positive number, not {budget!r}")
+    policy = site_policy(data)
     approved = data.get("approved_app_hash")
     if approved is not None and not (
         isinstance(approved, str)
@@ -118,10 +130,23 @@ def load_site_settings(path: str | Path) -> SiteSettings:
         data_path=data_path,
         state_dir=state_dir,
         site_name=str(data["site_name"]),
-        epsilon_budget=None if budget is None else float(budget),
+        policy=policy,
         approved_app_hash=approved,
         runtime_port=runtime_port,
     )
+
+
+def site_policy(data: dict[str, Any]) -> SitePolicy:
+    """The privacy policy part of site.yaml, checked (ConfigError names the bad key)."""
+    given = {key: data[key] for key in POLICY_KEYS if data.get(key) is not None}
+    for key, value in given.items():
+        wanted = bool if key == "share_losses" else (int, float)
+        if not isinstance(value, wanted) or (wanted is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{key} must be {'true or false' if wanted is bool else 'a number'}")
+    try:
+        return SitePolicy(**given)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def write_node_config(settings: SiteSettings) -> Path:

@@ -1,35 +1,30 @@
 #!/usr/bin/env bash
-# Certificates and keys for an EMIXER-FL deployment.
+# The coordinator's certificates for an EMIXER-FL deployment.
 #
-#   deploy/make-certs.sh OUT_DIR SITE [SITE...]
+#   deploy/make-certs.sh OUT_DIR
 #
-# Writes, once (existing files are kept, never overwritten, so re-running only adds what is
-# missing, e.g. a new site):
+# Writes, once (existing files are kept, never overwritten):
 #   OUT_DIR/ca.key, ca.crt          the federation's own CA (keep ca.key offline)
 #   OUT_DIR/server.key, server.crt  the SuperLink's TLS certificate, signed by the CA, valid for
 #                                   localhost, 127.0.0.1 and $SERVER_HOSTNAME (if set)
-#   OUT_DIR/sites/SITE.key          a site's ECDSA P-256 (prime256v1) private key, OpenSSH format,
-#                                   the format flower-supernode --auth-supernode-private-key reads
-#   OUT_DIR/sites/SITE.pub          its public key (OpenSSH), what the coordinator enrols
-# Ship ca.crt and sites/SITE.key to site SITE; put sites/SITE.pub in server.yaml.
+# Ship ca.crt to every site. Site keys are NOT made here: each hospital runs
+# `emixer keygen --out SITE.key` itself and sends only SITE.pub, which goes in server.yaml.
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 OUT_DIR SITE [SITE...]   (SERVER_HOSTNAME=host.example.org to add a SAN)" >&2
+    echo "usage: $0 OUT_DIR   (SERVER_HOSTNAME=host.example.org to add a SAN)" >&2
     exit 2
 }
-[ "$#" -ge 2 ] || usage
+[ "$#" -ge 1 ] || usage
+if [ "$#" -gt 1 ]; then
+    echo "error: site keys are made at each site (emixer keygen --out SITE.key), never here;" \
+        "put each site's SITE.pub in server.yaml" >&2
+    exit 2
+fi
 out=$1
-shift
-for site in "$@"; do
-    if ! [[ "$site" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]]; then
-        echo "error: site name '$site' may use only letters, digits, '.', '_' and '-'" >&2
-        exit 2
-    fi
-done
 command -v openssl >/dev/null || { echo "error: openssl is not installed" >&2; exit 2; }
 
-mkdir -p "$out/sites"
+mkdir -p "$out"
 chmod 700 "$out"
 days=${CERT_DAYS:-825}
 
@@ -71,42 +66,3 @@ else
         -extfile "$tmp/ext.cnf" -out "$out/server.crt" 2>/dev/null
     echo "wrote SuperLink certificate $out/server.crt ($san)"
 fi
-
-for site in "$@"; do
-    key="$out/sites/$site.key"
-    pub="$out/sites/$site.pub"
-    if [ -e "$key" ] || [ -e "$pub" ]; then
-        echo "keeping existing key of site $site"
-        continue
-    fi
-    if command -v ssh-keygen >/dev/null; then
-        ssh-keygen -q -t ecdsa -b 256 -N "" -C "emixer-site-$site" -f "$key"
-        mv "$key.pub" "$pub"
-    else
-        # No OpenSSH client: the same OpenSSH-format key via python's cryptography (a flwr dependency).
-        python3 - "$key" "$pub" <<'PY'
-import os
-import sys
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
-key = ec.generate_private_key(ec.SECP256R1())
-private = key.private_bytes(
-    serialization.Encoding.PEM,
-    serialization.PrivateFormat.OpenSSH,
-    serialization.NoEncryption(),
-)
-public = key.public_key().public_bytes(
-    serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-)
-fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-os.write(fd, private)
-os.close(fd)
-with open(sys.argv[2], "xb") as f:
-    f.write(public + b"\n")
-PY
-    fi
-    chmod 600 "$key"
-    echo "wrote key pair of site $site: $key (give to the site), $pub (enrol on the server)"
-done

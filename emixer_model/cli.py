@@ -138,6 +138,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train_local(args: argparse.Namespace) -> int:
+    from emixer_model.site_privacy import SitePolicy
     from emixer_model.site_training import train_site_round
 
     cfg = site_config(args)
@@ -161,6 +162,7 @@ def cmd_train_local(args: argparse.Namespace) -> int:
             planned_rounds=1,
             progress=progress,
             load_progress=load_progress,
+            policy=SitePolicy(share_losses=True),  # the operator is the site; nothing leaves
         )
     if result.status != "trained":
         raise CommandError(result.message)
@@ -304,7 +306,7 @@ def ledger_table(ledger: dict) -> Table:
             column, justify="left" if column in ("site", "unit", "status") else "right"
         )
     for name, site in sorted(ledger["sites"].items()):
-        last = site["history"][-1]["losses"] if site["history"] else {}
+        last = site["history"][-1].get("losses", {}) if site["history"] else {}
         table.add_row(
             name,
             str(len(site["history"])),
@@ -387,7 +389,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from server.release import parse_conditions, release
+    from server.release import parse_conditions, read_public_keys, release
 
     out = Path(args.out)
     with progress_bar("synthesizing") as update:
@@ -400,11 +402,52 @@ def cmd_release(args: argparse.Namespace) -> int:
             formats=tuple(f.strip() for f in args.format.split(",") if f.strip()),
             budget=args.epsilon_budget,
             progress=lambda done, total: update(done, total),
+            enrolled=read_public_keys([Path(p) for p in args.site_keys])
+            if args.site_keys
+            else None,
         )
     console.print(
         f"released {summary.count} synthetic image-report pairs to {summary.out} "
         f"(release epsilon {summary.release_epsilon:.3f}); open {summary.out / 'index.html'}"
     )
+    return 0
+
+
+def cmd_verify_release(args: argparse.Namespace) -> int:
+    from server.release import read_public_keys, verify_release
+
+    keys = read_public_keys([Path(p) for p in args.site_keys]) if args.site_keys else None
+    result = verify_release(Path(args.dir), keys)
+    table = Table(title=f"verified release {args.dir}")
+    for column in ("site", "signed rounds", "epsilon (recomputed)", "delta", "accountant", "key"):
+        table.add_column(column)
+    for name, site in sorted(result["sites"].items()):
+        table.add_row(
+            name,
+            str(len(site["signed"])),
+            f"{site['epsilon']:.4f}",
+            f"{site['delta']:.2e}",
+            f"{site['accountant']} (opacus {site['opacus']})",
+            "enrolled" if keys else "as in the manifest",
+        )
+    console.print(table)
+    console.print(
+        f"every signature verifies, every aggregated round is covered; release epsilon "
+        f"{result['release_epsilon']:.4f}"
+        + ("" if keys else " (pass --site-keys to check the keys against the sites' own)")
+    )
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from emixer_model.site_privacy import SiteKey
+
+    path = Path(args.out)
+    if path.exists():
+        raise CommandError(f"{path} already exists; a site key is never overwritten")
+    SiteKey.generate(path)
+    pub = path.with_name(path.name.removesuffix(".key") + ".pub")
+    console.print(f"wrote {path} (keep it at this site) and {pub} (send it to the coordinator)")
     return 0
 
 
@@ -557,8 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample image-report pairs conditioned on each finding (and common "
         "combinations) and write DICOM Secondary Capture images, optional PNGs, reports.jsonl, "
         "manifest.json (model hash, config, every site's privacy history) and index.html. "
-        "Refuses (exit 2, nothing written) a model whose privacy ledger is missing, over budget "
-        "or inconsistent with its own history.",
+        "Refuses (exit 2, nothing written) a model whose signed privacy ledger is missing, does "
+        "not verify, leaves an aggregated round uncovered, or is over budget once recomputed.",
     )
     p.add_argument("--model", required=True, help="checkpoint file (checkpoints/round-NNNN.pt)")
     p.add_argument("--out", required=True, help="new folder for the release")
@@ -575,6 +618,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="refuse when any site's epsilon is above this (default: each site's own budget)",
+    )
+    p.add_argument(
+        "--site-keys",
+        nargs="+",
+        help="the enrolled sites' public keys (SITE.pub files or a folder of them): every "
+        "signed ledger entry must verify against its site's enrolled key",
     )
     p.set_defaults(func=cmd_release)
 
@@ -597,6 +646,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed (0)")
     p.add_argument("--config", help="YAML config (its model and train sections apply)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "verify-release",
+        help="check a release's privacy offline: signatures, recomputed epsilon, round coverage",
+        description="Verify every ledger entry in DIR/manifest.json against the site public keys "
+        "(the manifest's, or --site-keys), recompute each site's epsilon with Opacus from its "
+        "signed history, check that every aggregated round is covered and that the stated "
+        "figures match. Prints each site's recomputed epsilon; exit 2 on any mismatch.",
+    )
+    p.add_argument("dir", help="release folder (holds manifest.json)")
+    p.add_argument("--site-keys", nargs="+", help="SITE.pub files or a folder of them")
+    p.set_defaults(func=cmd_verify_release)
+
+    p = sub.add_parser(
+        "keygen",
+        help="site: make this site's ECDSA key pair (the private key never leaves the site)",
+        description="Write a new ECDSA P-256 key pair: OUT (private, OpenSSH format, mode 0600: "
+        "site.yaml's private_key, used for node authentication and to sign the privacy ledger) "
+        "and OUT with .pub (send only this one to the coordinator). Never overwrites.",
+    )
+    p.add_argument("--out", required=True, help="private key file, e.g. keys/hospital-a.key")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser(
         "app-hash",

@@ -62,6 +62,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0  # per-sample (per-patient) clipping norm
     delta: float | None = None  # None: 1 / (10 * number of sampling units)
     accountant: str = "rdp"  # "rdp" or "prv"
+    secure_mode: bool = False  # Opacus' floating-point-attack-resistant noise (4 draws per value)
 
     def __post_init__(self) -> None:
         if self.accountant not in ("rdp", "prv"):

@@ -42,7 +42,7 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, not {kind!r}")
 
 
-def _normalise(history: Iterable[Sequence | Mapping]) -> list[HistoryEntry]:
+def normalise_history(history: Iterable[Sequence | Mapping]) -> list[HistoryEntry]:
     """Entries as (sigma, q, steps) tuples, consecutive equal (sigma, q) merged as opacus does.
 
     Merging makes a per-round ledger and the accountant's own history the same input, so the
@@ -76,7 +76,7 @@ def epsilon_from_history(
     _check_kind(kind)
     if not 0 < delta < 1:
         raise ValueError(f"delta must be between 0 and 1, not {delta}")
-    merged = _normalise(history)
+    merged = normalise_history(history)
     if not merged:
         return 0.0
     accountant = ACCOUNTANTS[kind]()
@@ -173,7 +173,7 @@ class SiteAccountant:
                 f"to {data['kind']!r}"
             )
         site = cls(kind)
-        site._accountant.history = _normalise(data["history"])
+        site._accountant.history = normalise_history(data["history"])
         return site
 
 
@@ -190,7 +190,7 @@ def _read(path: Path) -> dict:
     if not isinstance(data.get("history"), list):
         raise ValueError(f"{path} is corrupt (no 'history' list)")
     try:
-        _normalise(data["history"])
+        normalise_history(data["history"])
     except (TypeError, ValueError, KeyError) as err:
         raise ValueError(f"{path} is corrupt (bad history: {err})") from None
     return data

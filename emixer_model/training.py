@@ -267,6 +267,7 @@ class PrivateTrainer:
             expected_batch_size=max(1, round(self.sample_rate * n_units)),
             loss_reduction="mean",
             generator=noise_generator,
+            secure_mode=cfg.privacy.secure_mode,
         )
         self.g_optimizer = torch.optim.Adam(
             nets.g.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2)

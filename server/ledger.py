@@ -1,64 +1,129 @@
-"""The server's privacy ledger: every site's privacy history as the sites reported it.
+"""The server's privacy ledger: the entries each site signed, and which sites each round aggregated.
 
-Each entry keeps what is needed to recompute the site's epsilon independently (noise multiplier,
-sample rate, steps); the release's epsilon is the maximum over sites (docs/PRIVACY.md invariant 7).
+The server stores what the sites signed (emixer_model.site_privacy.ledger_entry) and pins each
+site's public key at its first entry; it never computes a site's epsilon itself. Epsilon, delta
+and the per-round history shown in checkpoints and logs are read from the signed entries; the
+release gate re-verifies all of it (docs/PRIVACY.md invariant 7). Losses are kept only when a site's
+policy sent them, apart from the signed entries, and never go into a release.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import dataclass, field
+
+from emixer_model.site_privacy import verify_signed
+
+HISTORY_KEYS = ("round", "noise_multiplier", "sample_rate", "steps", "epsilon")
 
 
 @dataclass
 class SiteLedger:
-    delta: float = 0.0
-    accountant: str = "rdp"
-    epsilon: float = 0.0  # cumulative, as reported by the site
-    budget: float = 0.0
-    max_grad_norm: float = 0.0
-    privacy_unit: str = "patient"
-    status: str = "trained"
-    history: list[dict] = field(default_factory=list)  # one entry per trained round
+    public_key: str = ""  # pinned at the site's first signed entry
+    status: str = "trained"  # the site's last reply
+    budget: float = 0.0  # as the site last reported it
+    signed: list[dict] = field(default_factory=list)  # {"entry": canonical JSON, "signature"}
+    losses: list[dict] = field(default_factory=list)  # only what the site's policy let leave
+
+    def entries(self) -> list[dict]:
+        return [json.loads(s["entry"]) for s in self.signed]
+
+    def summary(self) -> dict:
+        """Display fields read from the newest signed entry (the gate recomputes, never these)."""
+        entries = self.entries()
+        last = entries[-1] if entries else {}
+        losses = {item["round"]: item["losses"] for item in self.losses}
+        history = []
+        for entry in entries:
+            row = {key: entry[key] for key in HISTORY_KEYS}
+            if entry["round"] in losses:
+                row["losses"] = losses[entry["round"]]
+            history.append(row)
+        return {
+            "epsilon": last.get("epsilon", 0.0),
+            "delta": last.get("delta", 0.0),
+            "accountant": last.get("accountant", ""),
+            "max_grad_norm": last.get("max_grad_norm", 0.0),
+            "privacy_unit": last.get("privacy_unit", ""),
+            "budget": self.budget,
+            "status": self.status,
+            "history": history,
+        }
 
 
 @dataclass
 class PrivacyLedger:
     sites: dict[str, SiteLedger] = field(default_factory=dict)
+    rounds: dict[str, dict] = field(default_factory=dict)  # round -> model hash, sites aggregated
 
     def record(
-        self, site: str, server_round: int, status: str, metrics: dict[str, float], accountant: str
+        self,
+        site: str,
+        server_round: int,
+        status: str,
+        metrics: dict[str, float],
+        signed: dict | None = None,
+        model_sha256: str = "",
     ) -> None:
-        """Record a site round; malformed metrics raise KeyError/ValueError and change nothing."""
-        values = {
-            "epsilon": float(metrics["epsilon"]),
-            "delta": float(metrics["delta"]),
-            "budget": float(metrics["epsilon-budget"]),
-            "max_grad_norm": float(metrics["max-grad-norm"]),
-            "privacy_unit": "patient" if metrics.get("per-patient", 1.0) else "image",
-        }
-        history = None
+        """Record a site's reply; a trained round needs an entry the site signed for this round
+        and this global model. Anything malformed raises KeyError/ValueError and changes nothing."""
+        budget = float(metrics["epsilon-budget"])
+        entry = self.sites.get(site) or SiteLedger()
+        record = None
         if status == "trained":
-            history = {
-                "round": server_round,
-                "noise_multiplier": float(metrics["noise-multiplier"]),
-                "sample_rate": float(metrics["sample-rate"]),
-                "steps": int(metrics["steps"]),
-                "epsilon": values["epsilon"],
-                "losses": {k[5:]: v for k, v in metrics.items() if k.startswith("loss-")},
-            }
-        entry = self.sites.setdefault(site, SiteLedger(accountant=accountant))
-        entry.status = status
-        for key, value in values.items():
-            setattr(entry, key, value)
-        if history is not None:
-            entry.history.append(history)
+            if signed is None:
+                raise ValueError("a trained round without a signed ledger entry")
+            key = str(signed["public-key"])
+            if entry.public_key and key != entry.public_key:
+                raise ValueError("the site signed with a different key than before")
+            record = {"entry": str(signed["entry"]), "signature": str(signed["signature"])}
+            content = verify_signed(record, key)
+            if content["site"] != site or content["round"] != server_round:
+                raise ValueError(
+                    f"the entry was signed for site {content['site']} round {content['round']}"
+                )
+            if content["model_sha256"] != model_sha256:
+                raise ValueError("the entry was signed for another global model")
+            entry.public_key = key
+        self.sites[site] = entry
+        entry.status, entry.budget = status, budget
+        if record is not None:
+            entry.signed.append(record)
+            losses = {k[5:]: v for k, v in metrics.items() if k.startswith("loss-")}
+            if losses:
+                entry.losses.append({"round": server_round, "losses": losses})
+
+    def record_round(self, server_round: int, model_sha256: str, sites: list[str]) -> None:
+        """Which sites' updates round `server_round` aggregated, from which global model."""
+        self.rounds[str(server_round)] = {"model_sha256": model_sha256, "sites": sorted(sites)}
 
     def release_epsilon(self) -> float:
-        return max((s.epsilon for s in self.sites.values()), default=0.0)
+        return max((s.summary()["epsilon"] for s in self.sites.values()), default=0.0)
 
     def to_dict(self) -> dict:
-        return {"sites": {name: asdict(s) for name, s in self.sites.items()}}
+        return {
+            "sites": {
+                name: {
+                    **s.summary(),
+                    "public_key": s.public_key,
+                    "signed": s.signed,
+                    "losses": s.losses,
+                }
+                for name, s in self.sites.items()
+            },
+            "rounds": self.rounds,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> PrivacyLedger:
-        return cls({name: SiteLedger(**s) for name, s in data.get("sites", {}).items()})
+        sites = {
+            name: SiteLedger(
+                public_key=s.get("public_key", ""),
+                status=s.get("status", "trained"),
+                budget=float(s.get("budget", 0.0)),
+                signed=list(s.get("signed", [])),
+                losses=list(s.get("losses", [])),
+            )
+            for name, s in data.get("sites", {}).items()
+        }
+        return cls(sites, dict(data.get("rounds", {})))

@@ -1,9 +1,10 @@
 """`emixer release`: synthetic image-report sets from a trained global model, behind a privacy gate.
 
-The gate refuses a checkpoint whose ledger is missing, over budget, or inconsistent with its own
-history (docs/PRIVACY.md invariant 7), before anything is written. The release is built in a
-temporary folder beside the target and renamed into place at the end, so a failure never leaves
-half a release behind.
+The gate refuses a checkpoint whose signed ledger is missing, does not verify, leaves an
+aggregated round uncovered, or whose recomputed epsilon is over budget (docs/PRIVACY.md
+invariant 7), before anything is written. The release is built in a temporary folder beside the
+target and renamed into place at the end, so a failure never leaves half a
+release behind.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from emixer_model.config import FINDINGS, EmixerConfig, from_dict
 from emixer_model.data.dicom import ReleaseSeries, write_secondary_capture
 from emixer_model.networks import build_networks, set_weights
 from emixer_model.privacy import epsilon_from_history
+from emixer_model.site_privacy import verify_site_history
 from emixer_model.synthesis import synthesize
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
 from server.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from server.ledger import HISTORY_KEYS
 from server.release_sheet import png_bytes, write_index_html
 
 # Findings that often appear together in chest X-ray reports; released besides each single finding.
@@ -39,7 +42,6 @@ COMMON_COMBINATIONS: tuple[tuple[str, ...], ...] = (
     ("Support Devices", "Pleural Effusion"),
     ("Support Devices", "Cardiomegaly"),
 )
-EPSILON_TOLERANCE = 0.01  # a ledger's epsilon must match its own history within 1%
 
 
 class ReleaseRefused(Exception):
@@ -73,38 +75,138 @@ def parse_conditions(text: str | None) -> list[tuple[str, ...]]:
     return conditions
 
 
-def check_privacy_gate(ckpt: Checkpoint, budget: float | None) -> dict:
-    """The manifest's privacy section, or ReleaseRefused saying which site breaks which rule."""
-    sites = ckpt.ledger.get("sites") if ckpt.ledger else None
+def check_privacy_gate(
+    ckpt: Checkpoint, budget: float | None, enrolled: dict[str, str] | None = None
+) -> dict:
+    """The manifest's privacy section, or ReleaseRefused saying which site breaks which rule.
+
+    Nothing the coordinator stored is trusted: every entry's signature is verified against the
+    site's key (the enrolled one when `enrolled` is given), each site's epsilon is recomputed
+    with Opacus from its signed accountant history, every round up to the checkpoint's must be
+    recorded and each site it aggregated must have signed an entry for that round and that global
+    model, and no site's recomputed epsilon may exceed its signed budget or `budget`.
+    """
+    ledger = ckpt.ledger or {}
+    sites = ledger.get("sites")
     if not sites:
         raise ReleaseRefused(
             "the checkpoint has no privacy ledger: a model whose privacy cost is unknown "
             "is never released"
         )
-    trained = {name: s for name, s in sites.items() if s.get("history")}
-    if not trained:
+    verified: dict[str, dict] = {}
+    for name, site in sorted(sites.items()):
+        key = site.get("public_key", "")
+        if enrolled is not None:
+            if name not in enrolled:
+                raise ReleaseRefused(f"site {name} is not among the enrolled sites")
+            if key and key.split()[:2] != enrolled[name].split()[:2]:
+                raise ReleaseRefused(f"site {name} signed with a key that is not its enrolled key")
+        if not site.get("signed"):
+            continue
+        try:
+            entries = verify_site_history(name, site["signed"], key)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ReleaseRefused(f"site {name}: the signed ledger does not verify: {err}") from None
+        last = entries[-1]
+        epsilon = epsilon_from_history(last["history"], last["delta"], last["accountant"])
+        limit = min(last["budget"], budget) if budget is not None else last["budget"]
+        if epsilon > limit:
+            raise ReleaseRefused(
+                f"site {name}: epsilon {epsilon:.4f} is over the budget {limit:.4f} "
+                "(recomputed from its signed history)"
+            )
+        verified[name] = {
+            "epsilon": epsilon,
+            "delta": last["delta"],
+            "accountant": last["accountant"],
+            "opacus": last["opacus"],
+            "privacy_unit": last["privacy_unit"],
+            "max_grad_norm": last["max_grad_norm"],
+            "budget": last["budget"],
+            "public_key": key,
+            "history": [{k: e[k] for k in HISTORY_KEYS} for e in entries],
+            "signed": site["signed"],
+            "_entries": entries,
+        }
+    if not verified:
         raise ReleaseRefused("the privacy ledger shows no trained round at any site")
-    for name, site in sites.items():
-        history = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in site["history"]]
-        recomputed = epsilon_from_history(history, site["delta"], site["accountant"])
-        if abs(recomputed - site["epsilon"]) > EPSILON_TOLERANCE * max(recomputed, 1e-3):
-            raise ReleaseRefused(
-                f"site {name}: the ledger says epsilon {site['epsilon']:.4f} but its own history "
-                f"gives {recomputed:.4f}; the ledger is inconsistent"
-            )
-        limit = min(site["budget"], budget) if budget is not None else site["budget"]
-        if site["epsilon"] > limit:
-            raise ReleaseRefused(
-                f"site {name}: epsilon {site['epsilon']:.4f} is over the budget {limit:.4f}"
-            )
+    _check_coverage(ckpt.server_round, ledger.get("rounds") or {}, verified)
+    for site in verified.values():
+        del site["_entries"]
     return {
-        "release_epsilon": max(s["epsilon"] for s in sites.values()),
-        "delta": max(s["delta"] for s in sites.values()),
-        "note": "each site's (epsilon, delta) is cumulative over every round it trained; the "
-        "release's epsilon is the maximum over sites. Recompute a site's epsilon from its "
-        "history with opacus' accountant (noise multiplier, sample rate, steps per round).",
-        "sites": sites,
+        "release_epsilon": max(s["epsilon"] for s in verified.values()),
+        "delta": max(s["delta"] for s in verified.values()),
+        "note": "each site's (epsilon, delta) is recomputed with Opacus from the accountant "
+        "history it signed (ECDSA P-256, SHA-256, over the canonical JSON of each entry); the "
+        "release's epsilon is the maximum over sites. `emixer verify-release DIR` re-checks "
+        "all of it offline. Training losses are site-local and never part of a release.",
+        "rounds": ledger.get("rounds") or {},
+        "sites": verified,
     }
+
+
+def _check_coverage(last_round: int, rounds: dict, verified: dict[str, dict]) -> None:
+    """Every round up to `last_round` is recorded, and each site it aggregated signed for it."""
+    for number in range(1, last_round + 1):
+        record = rounds.get(str(number))
+        if record is None:
+            raise ReleaseRefused(f"round {number} of the checkpoint has no record of its sites")
+        for name in record["sites"]:
+            entries = verified.get(name, {}).get("_entries", [])
+            if not any(
+                e["round"] == number and e["model_sha256"] == record["model_sha256"]
+                for e in entries
+            ):
+                raise ReleaseRefused(
+                    f"round {number} aggregated site {name}, but no entry signed by {name} "
+                    "covers that round and model: rounds are missing from its ledger"
+                )
+
+
+def verify_release(folder: Path, enrolled: dict[str, str] | None = None) -> dict:
+    """Re-check a release offline: its manifest's signed entries, keys and round coverage."""
+    try:
+        manifest = json.loads((Path(folder) / "manifest.json").read_text())
+        privacy = manifest["privacy"]
+        sites = {
+            name: {"public_key": s["public_key"], "signed": s["signed"]}
+            for name, s in privacy["sites"].items()
+        }
+        ckpt = Checkpoint(
+            server_round=int(manifest["model"]["round"]),
+            arrays={},
+            ledger={"sites": sites, "rounds": privacy["rounds"]},
+            config={},
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ReleaseRefused(f"{folder} holds no readable release manifest ({err})") from None
+    result = check_privacy_gate(ckpt, None, enrolled)
+    for name, site in result["sites"].items():
+        stated = privacy["sites"][name].get("epsilon")
+        if stated != site["epsilon"]:
+            raise ReleaseRefused(
+                f"site {name}: manifest says epsilon {stated}, its signed history gives "
+                f"{site['epsilon']}"
+            )
+    if privacy.get("release_epsilon") != result["release_epsilon"]:
+        raise ReleaseRefused(
+            f"manifest says release epsilon {privacy.get('release_epsilon')}, the signed "
+            f"histories give {result['release_epsilon']}"
+        )
+    return result
+
+
+def read_public_keys(paths: list[Path]) -> dict[str, str]:
+    """Enrolled keys from OpenSSH .pub files (or folders of them), named by file stem."""
+    keys: dict[str, str] = {}
+    for path in paths:
+        files = sorted(Path(path).glob("*.pub")) if Path(path).is_dir() else [Path(path)]
+        for file in files:
+            try:
+                keys[file.stem] = file.read_text().strip()
+            except OSError as err:
+                raise ReleaseRefused(f"cannot read public key {file}: {err}") from None
+    return keys
 
 
 def label_vector(condition: tuple[str, ...]) -> np.ndarray:
@@ -121,6 +223,7 @@ def release(
     budget: float | None = None,
     batch_size: int = 256,
     progress: Callable[[int, int], None] | None = None,
+    enrolled: dict[str, str] | None = None,
 ) -> ReleaseSummary:
     """Sample `per_label` image-report pairs per condition into `out` (which must not exist)."""
     unknown_formats = set(formats) - {"dicom", "png"}
@@ -129,7 +232,7 @@ def release(
     if out.exists() and any(out.iterdir()):
         raise ReleaseRefused(f"{out} already holds files; a release is never overwritten")
     ckpt = load_checkpoint(checkpoint)
-    privacy = check_privacy_gate(ckpt, budget)
+    privacy = check_privacy_gate(ckpt, budget, enrolled)
     cfg = from_dict(EmixerConfig, ckpt.config)
     nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
     set_weights(nets, ckpt.arrays)

@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg, S
 
 from emixer_model.config import EmixerConfig
 from emixer_model.records import from_array_record, to_array_record
+from emixer_model.site_privacy import arrays_sha256
 from server.checkpoint import Checkpoint, save_checkpoint
 from server.ledger import PrivacyLedger
 from server.validation import update_problem
@@ -68,6 +69,7 @@ class EmixerStrategy:
         self.stopped = False
         self.exhausted_nodes: set[int] = set()
         self.global_arrays: dict = {}
+        self.global_sha256 = ""
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -75,6 +77,7 @@ class EmixerStrategy:
         if self.stopped:
             return []
         self.global_arrays = from_array_record(arrays)
+        self.global_sha256 = arrays_sha256(self.global_arrays)
         messages = super().configure_train(server_round + self.round_offset, arrays, config, grid)
         return [m for m in messages if m.metadata.dst_node_id not in self.exhausted_nodes]
 
@@ -83,40 +86,51 @@ class EmixerStrategy:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         replies = list(replies)
-        accepted = [msg for msg in replies if self._accept(server_round, msg)]
+        names = {id(msg): self._accept(server_round, msg) for msg in replies}
+        accepted = [msg for msg in replies if names[id(msg)]]
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if replies:  # a round that sent nothing (training stopped) leaves no checkpoint
+            aggregated = [str(names[id(msg)]) for msg in accepted] if arrays is not None else []
+            self.ledger.record_round(server_round, self.global_sha256, aggregated)
             self._checkpoint(server_round, arrays)
         return arrays, metrics
 
-    def _accept(self, server_round: int, msg: Message) -> bool:
-        """Record the site's ledger entry; keep the update only if it may be aggregated."""
+    def _accept(self, server_round: int, msg: Message) -> str | None:
+        """Record the site's signed ledger entry; its name if its update may be aggregated."""
         node = msg.metadata.src_node_id
         if msg.has_error():
             log.warning("round %d: site node %d failed: %s", server_round, node, msg.error.reason)
-            return False
+            return None
         site = msg.content.get("site")
         metrics = msg.content.get("metrics")
         if site is None or metrics is None:
             log.warning("round %d: node %d sent a reply without site status", server_round, node)
-            return False
+            return None
         name, status = str(site.get("name", node)), str(site.get("status", "unknown"))
         if status == "error":
             log.warning("round %d: site %s did not train: %s", server_round, name, site["message"])
-            return False
+            return None
+        signed = msg.content.get("ledger")
         try:
+            weight = float(metrics["num-examples"])
             self.ledger.record(
-                name, server_round, status, dict(metrics), self.cfg.privacy.accountant
+                name,
+                server_round,
+                status,
+                dict(metrics),
+                dict(signed) if signed is not None else None,
+                self.global_sha256,
             )
         except (KeyError, TypeError, ValueError) as err:
             log.warning(
-                "round %d: site %s sent malformed privacy metrics (%s); update dropped",
+                "round %d: site %s sent a malformed or unverifiable ledger entry (%s); "
+                "update dropped",
                 server_round,
                 name,
                 err,
             )
-            return False
-        if status == "budget-exhausted":
+            return None
+        if status in ("budget-exhausted", "refused"):
             self.exhausted_nodes.add(node)
             if self.cfg.federation.on_budget_exhausted == "stop":
                 self.stopped = True
@@ -130,19 +144,21 @@ class EmixerStrategy:
                     name,
                     site["message"],
                 )
-            return False
+            return None
         if "arrays" not in msg.content:
             log.warning(
                 "round %d: site %s sent no model arrays; update dropped", server_round, name
             )
-            return False
+            return None
         update = from_array_record(msg.content["arrays"])
         problem = update_problem(self.global_arrays, update, self.cfg.federation.max_update_norm)
         if problem:
             log.warning("round %d: update from site %s dropped: %s", server_round, name, problem)
-            return False
+            return None
         msg.content["arrays"] = to_array_record(update)  # aggregate in float32
-        return True
+        # FedAvg weighs by num-examples; the rest is in the ledger (sites may send different keys)
+        msg.content["metrics"] = MetricRecord({"num-examples": weight})
+        return name
 
     def _checkpoint(self, server_round: int, arrays: ArrayRecord | None) -> None:
         state = {

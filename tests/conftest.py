@@ -55,28 +55,78 @@ def tiny_sites(tmp_path_factory) -> list[Path]:
     return write_phantom_sites(root, sites=2, per_site=24, unlabeled=6, seed=3, size=32)
 
 
+def signed_checkpoint(site: Path, root: Path, cfg: EmixerConfig, rounds: int) -> Path:
+    """A checkpoint after `rounds` private rounds at one phantom site, with its real signed
+    ledger, as the server's strategy records it."""
+    from emixer_model.site_privacy import arrays_sha256
+    from emixer_model.site_training import train_site_round
+    from server.checkpoint import Checkpoint, save_checkpoint
+    from server.ledger import PrivacyLedger
+
+    ledger, weights = PrivacyLedger(), None
+    for server_round in range(1, rounds + 1):
+        result = train_site_round(
+            site, root / "state", cfg, weights, server_round, rounds, site_name="site_1"
+        )
+        signed = {**result.signed, "public-key": result.public_key}
+        sha = arrays_sha256(weights)
+        ledger.record("site_1", server_round, result.status, result.metrics(), signed, sha)
+        ledger.record_round(server_round, sha, ["site_1"])
+        weights = result.weights
+    ckpt = Checkpoint(rounds, weights, ledger.to_dict(), cfg.to_dict())
+    return save_checkpoint(root / "checkpoints", ckpt)
+
+
 @pytest.fixture(scope="session")
 def evaluated_release(tmp_path_factory, tiny_sites) -> Path:
     """A small release (one pair per condition) of a model after one private round at one phantom
     site, evaluated against that site, with its index.html: what the release page and DICOM
     conformance tests look at."""
     from emixer_model.evaluation.evaluate import evaluate_release
-    from emixer_model.site_training import train_site_round
-    from server.checkpoint import Checkpoint, save_checkpoint
-    from server.ledger import PrivacyLedger
     from server.release import parse_conditions, release
     from server.release_sheet import write_index_html
 
     root = tmp_path_factory.mktemp("evaluated-release")
-    cfg = tiny_config()
-    result = train_site_round(tiny_sites[0], root / "state", cfg, None, 1, 1)
-    ledger = PrivacyLedger()
-    ledger.record("site_1", 1, result.status, result.metrics(), cfg.privacy.accountant)
-    ckpt = save_checkpoint(
-        root / "checkpoints", Checkpoint(1, result.weights, ledger.to_dict(), cfg.to_dict())
-    )
+    ckpt = signed_checkpoint(tiny_sites[0], root, tiny_config(), rounds=1)
     out = root / "release"
     release(ckpt, out, per_label=1, conditions=parse_conditions(None))
     evaluate_release(out, tiny_sites[:1], [root / "state"], epochs=2)
     write_index_html(out)
     return out
+
+
+def signed_round(key, site: str, server_round: int, model, accountant, seq: int, **plan) -> dict:
+    """A ledger entry `site` signed with `key` after `plan["steps"]` more steps on `accountant`,
+    as a reply's "ledger" record carries it (tests of the server side need no training)."""
+    from emixer_model.site_privacy import PrivacyPlan, arrays_sha256, ledger_entry
+
+    values = {"noise_multiplier": 1.0, "sample_rate": 0.2, "steps": 5, "delta": 1e-3} | plan
+    for _ in range(values["steps"]):
+        accountant.step(values["noise_multiplier"], values["sample_rate"])
+    privacy_plan = PrivacyPlan(
+        noise_multiplier=values["noise_multiplier"],
+        sample_rate=values["sample_rate"],
+        steps_per_round=values["steps"],
+        planned_rounds=1,
+        target_epsilon=5.0,
+        delta=values["delta"],
+        accountant=accountant.kind,
+        max_grad_norm=1.0,
+        privacy_unit="patient",
+        batch_size=2,
+        epochs=1,
+        n_units=10,
+        requested_noise=None,
+    )
+    entry = ledger_entry(
+        site=site,
+        run="1",
+        server_round=server_round,
+        seq=seq,
+        plan=privacy_plan,
+        steps=values["steps"],
+        accountant=accountant,
+        model_sha256=arrays_sha256(model),
+        budget=5.0,
+    )
+    return {**key.sign(entry), "public-key": key.public_key()}

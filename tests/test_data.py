@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import JPEGLSLossless
 from rich.console import Console
 
+from emixer_model.cli import main
 from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.data import site as site_module
 from emixer_model.data.check import check_folder
@@ -214,7 +216,7 @@ def _make_site(root: Path) -> Path:
         write_dicom(
             site / "images" / f"s{i}.dcm", _image(20 + 4 * i, 24, seed=i), patient_id=f"P{i}"
         )
-    write_dicom(site / "unlabeled" / "u0.dcm", _image(30, 30, seed=9))
+    write_dicom(site / "unlabeled" / "u0.dcm", _image(30, 30, seed=9), patient_id="P0")
     write_dicom(site / "unlabeled" / "deep" / "u1.bin", _image(18, 30, seed=8), bits_stored=12)
     (site / "unlabeled" / "readme.txt").write_text("unlabeled scans\n")
     write_dicom(root / "outside.dcm", _image(20, 20))
@@ -229,6 +231,8 @@ def _make_site(root: Path) -> Path:
         _row("images/s3.dcm", "p4", Pneumothorax="-1", Support_Devices="1"),
     ]
     _write_csv(site, HEADER, rows)
+    # u1 carries no PatientID of its own; unlabeled.csv names its patient
+    (site / "unlabeled.csv").write_text("dicom,patient\nunlabeled/deep/u1.bin,p4\n")
     return site
 
 
@@ -248,7 +252,8 @@ def test_load_site_shapes_labels_units_and_skips(tmp_path: Path) -> None:
     assert data.labels[2, col["No Finding"]] == 1.0
     assert data.labels[3, col["Pneumothorax"]] == 1.0 and data.labels[3, col["Support Devices"]]
     assert data.per_patient
-    assert data.units == [([0, 2], []), ([1], []), ([3], []), ([], [0]), ([], [1])]
+    # one unit per patient across labeled and unlabeled scans: u0 shares s0's PatientID, u1 is p4's
+    assert data.units == [([0, 2], [1]), ([1], []), ([3], [0])]  # unlabeled/deep/u1.bin sorts first
     reasons = {path: reason for path, reason, _ in data.skipped}
     assert reasons["../outside.dcm"] == "outside-site-folder"
     assert reasons[str(tmp_path / "outside.dcm")] == "outside-site-folder"
@@ -265,14 +270,47 @@ def test_load_site_shapes_labels_units_and_skips(tmp_path: Path) -> None:
 
 def test_without_patient_ids_each_study_is_a_unit(tmp_path: Path) -> None:
     site = _make_site(tmp_path)
-    rows = [_row(f"images/s{i}.dcm", "p1" if i else "", Edema="1") for i in range(4)]
-    rows.append(_row("unlabeled/u0.dcm", "p2"))  # labeled after all: not an unlabeled scan too
+    for i in range(4):  # the same scans, de-identified: no PatientID
+        write_dicom(site / "images" / f"s{i}.dcm", _image(20 + 4 * i, 24, seed=i))
+    rows = [_row(f"images/s{i}.dcm", "", Edema="1") for i in range(4)]
+    write_dicom(site / "unlabeled" / "u0.dcm", _image(30, 30, seed=9))
+    rows.append(_row("unlabeled/u0.dcm", ""))  # labeled after all: not an unlabeled scan too
     _write_csv(site, HEADER, rows)
     data = load_site(site, tmp_path / "state", CFG)
     assert not data.per_patient
     assert data.units == [([i], []) for i in range(5)] + [([], [0])]
     report = check_folder(site, resolution=R)
     assert report.accepted_labeled == 5 and report.accepted == 6
+
+
+def test_copies_of_labeled_scans_put_into_unlabeled_add_no_unit(tmp_path: Path, capsys) -> None:
+    """The review's reproduction: follow-up scans carrying a patient's PatientID were new units."""
+    site = _make_site(tmp_path)
+    before = load_site(site, tmp_path / "state", CFG)
+    for i in range(4):
+        shutil.copy(site / "images" / f"s{i}.dcm", site / "unlabeled" / f"copy{i}.dcm")
+    after = load_site(site, tmp_path / "state", CFG)
+    assert after.unlabeled.shape[0] == before.unlabeled.shape[0] + 4
+    assert len(after.units) == len(before.units) == 3
+    assert sorted(i for labeled, _ in after.units for i in labeled) == [0, 1, 2, 3]
+    capsys.readouterr()  # the loads' log lines
+    assert main(["data", "check", "--json", str(site)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["privacy_unit"] == "patient" and report["privacy_units"] == 3
+
+
+def test_in_patient_mode_a_scan_without_identity_is_skipped_not_a_unit(tmp_path: Path) -> None:
+    site = _make_site(tmp_path)
+    write_dicom(site / "unlabeled" / "nobody.dcm", _image(26, 26, seed=5))  # ANONYMOUS
+    rows = [_row("images/s0.dcm", "p1"), _row("images/anon.dcm", "")]
+    write_dicom(site / "images" / "anon.dcm", _image(22, 22, seed=6))
+    _write_csv(site, HEADER, rows)
+    data = load_site(site, tmp_path / "state", CFG)
+    reasons = {path: reason for path, reason, _ in data.skipped}
+    assert reasons["images/anon.dcm"] == reasons["unlabeled/nobody.dcm"] == "no-patient-id"
+    assert data.per_patient and data.images.shape[0] == 1
+    report = check_folder(site, resolution=R)
+    assert report.skipped_counts["no-patient-id"] == 2 and report.privacy_units == len(data.units)
 
 
 def test_bad_studies_csv_names_what_to_fix(tmp_path: Path) -> None:

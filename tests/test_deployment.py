@@ -31,6 +31,8 @@ from client.daemon import (
 )
 from emixer_model.cli import main
 from emixer_model.config import ConfigError, EmixerConfig, ModelConfig, TrainConfig
+from emixer_model.site_privacy import SiteKey
+from server.checkpoint import latest_checkpoint
 from server.launch import (
     FlwrCli,
     ServerSettings,
@@ -42,6 +44,7 @@ from server.launch import (
     stop_process_group,
     write_flwr_home,
 )
+from server.release import check_privacy_gate, read_public_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKE_CERTS = ROOT / "deploy" / "make-certs.sh"
@@ -54,26 +57,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_certs(out: Path, *sites: str) -> None:
-    subprocess.run(["bash", str(MAKE_CERTS), str(out), *sites], check=True, capture_output=True)
+def make_certs(out: Path) -> None:
+    subprocess.run(["bash", str(MAKE_CERTS), str(out)], check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The coordinator's CA and TLS certificate; each site's key made as a site makes it (in
+    the tests the sites' keys share one folder; in a deployment each stays at its site)."""
     out = tmp_path_factory.mktemp("certs")
-    make_certs(out, "site-a", "site-b", "site-c", "rogue")
+    make_certs(out)
+    for site in ("site-a", "site-b", "site-c", "rogue"):
+        assert main(["keygen", "--out", str(out / "sites" / f"{site}.key")]) == 0
     return out
 
 
-def test_make_certs_writes_flower_formats_and_never_overwrites(certs: Path) -> None:
-    key = certs / "sites" / "site-a.key"
+def test_make_certs_makes_no_site_key_and_never_overwrites(certs: Path) -> None:
     before = {p.name: p.read_bytes() for p in certs.rglob("*") if p.is_file()}
-    make_certs(certs, "site-a", "site-d")  # re-run: keeps everything, adds the new site
+    make_certs(certs)  # re-run: keeps everything
     after = {p.name: p.read_bytes() for p in certs.rglob("*") if p.is_file()}
-    assert all(after[name] == data for name, data in before.items())
-    assert "site-d.key" in after
+    assert after == before
+    refused = subprocess.run(
+        ["bash", str(MAKE_CERTS), str(certs), "site-d"], capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "emixer keygen" in refused.stderr
+    assert not (certs / "sites" / "site-d.key").exists()
+
+
+def test_a_site_makes_its_own_key_and_only_the_public_half_travels(tmp_path: Path) -> None:
+    key = tmp_path / "keys" / "hospital.key"
+    assert main(["keygen", "--out", str(key)]) == 0
     assert key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
-    assert (certs / "sites" / "site-a.pub").read_text().startswith("ecdsa-sha2-nistp256 ")
+    assert key.stat().st_mode & 0o077 == 0  # readable by the site's user only
+    pub = (tmp_path / "keys" / "hospital.pub").read_text()
+    assert pub.startswith("ecdsa-sha2-nistp256 ") and "PRIVATE" not in pub
+    assert main(["keygen", "--out", str(key)]) == 2  # never overwritten
+    assert SiteKey.load(key).public_key() == pub.strip()
+
+
+def test_ca_and_server_certificate_verify(certs: Path) -> None:
     verify = subprocess.run(
         ["openssl", "verify", "-CAfile", str(certs / "ca.crt"), str(certs / "server.crt")],
         capture_output=True,
@@ -87,8 +109,6 @@ def test_make_certs_writes_flower_formats_and_never_overwrites(certs: Path) -> N
         check=True,
     ).stdout
     assert "IP Address:127.0.0.1" in text and "DNS:localhost" in text
-    bad = subprocess.run(["bash", str(MAKE_CERTS), str(certs), "bad/name"], capture_output=True)
-    assert bad.returncode == 2
 
 
 def write_server_yaml(path: Path, certs: Path, extra: str = "") -> Path:
@@ -130,18 +150,24 @@ def test_site_yaml_is_strict_and_checks_paths(tmp_path: Path, certs: Path) -> No
     base = (
         f"superlink: 127.0.0.1:9092\nroot_certificate: {certs}/ca.crt\n"
         f"private_key: {certs}/sites/site-a.key\ndata_path: data\nsite_name: a\n"
+        "epsilon_budget: 4\n"
     )
     good = tmp_path / "site.yaml"
-    good.write_text(base + "state_dir: state\nepsilon_budget: 4\n")
+    good.write_text(base + "state_dir: state\nmin_noise_multiplier: 0.8\n")
     settings = load_site_settings(good)
     assert settings.node_config() == {
         "data-path": str(data),
         "state-dir": str(tmp_path / "state"),
         "site-name": "a",
+        "signing-key": str(certs / "sites" / "site-a.key"),  # node-auth key signs the ledger
         "epsilon-budget": 4.0,
+        "min-noise-multiplier": 0.8,
+        "share-losses": False,
     }
     cases = {
         "state_dir: state\nbudget: 4\n": "'budget'",
+        "state_dir: state\nmax_delta: 2\n": "max_delta must be between 0 and 1",
+        "state_dir: state\nshare_losses: 1\n": "true or false",
         "state_dir: data/state\n": "outside the data folder",
         "state_dir: state\napproved_app_hash: abc\n": "64-character",
     }
@@ -149,6 +175,9 @@ def test_site_yaml_is_strict_and_checks_paths(tmp_path: Path, certs: Path) -> No
         good.write_text(base + extra)
         with pytest.raises(ConfigError, match=message):
             load_site_settings(good)
+    good.write_text(base.replace("epsilon_budget: 4\n", "") + "state_dir: s\n")
+    with pytest.raises(ConfigError, match="needs 'epsilon_budget'"):  # the site states its own
+        load_site_settings(good)
     good.write_text(base.replace("data_path: data", "data_path: nowhere") + "state_dir: s\n")
     with pytest.raises(ConfigError, match="data_path: .*nowhere"):
         load_site_settings(good)
@@ -323,7 +352,10 @@ def test_tls_superlink_authenticated_supernodes_run_one_round(tmp_path: Path, ce
         wait_for(lambda: deployment.online() == 3, "three sites online")
 
         deployment.wait_for_run(deployment.cli.submit(deployment.app_dir))
-        assert list((deployment.server.state_dir / "checkpoints").glob("round-*.pt"))
+        ckpt = latest_checkpoint(deployment.server.state_dir / "checkpoints")
+        # each site signed with its node-auth key: the gate verifies against the enrolled keys
+        enrolled = read_public_keys([certs / "sites"])
+        assert set(check_privacy_gate(ckpt, None, enrolled)["sites"]) == {"site-a", "site-b"}
         for settings in sites[:2]:
             assert (settings.state_dir / "privacy" / "ledger.jsonl").is_file()
         audit = (sites[2].state_dir / "audit.log").read_text().splitlines()
@@ -375,3 +407,18 @@ def test_a_site_lost_mid_round_is_waited_for_then_rejoins_with_its_ledger(
         assert json.loads(local[-1])["epsilon"] == pytest.approx(ledger["site-b"]["epsilon"])
     finally:
         deployment.close()
+
+
+def test_compose_keeps_each_site_key_in_that_site_volume_only() -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert services["certs"]["command"].split() == ["/src/deploy/make-certs.sh", "/certs"]
+    for site in ("a", "b"):
+        config = yaml.safe_load(compose["configs"][f"site_{site}_yaml"]["content"])
+        assert config["private_key"].startswith("/var/lib/emixer/site/keys/")
+        volume = f"hospital-{site}-state"
+        holders = {n for n, s in services.items() if any(volume in v for v in s["volumes"])}
+        assert holders == {f"hospital-{site}", f"hospital-{site}-keygen"}
+    assert "site-keys:/site-keys:ro" in services["superlink"]["volumes"]

@@ -12,6 +12,7 @@ from emixer_model.data.phantoms import CANARY
 from emixer_model.data.site import load_site
 from emixer_model.privacy import SiteAccountant, epsilon_from_history
 from server.checkpoint import load_checkpoint
+from server.release import check_privacy_gate
 from server.simulation import simulate
 from server.strategy import EmixerStrategy
 from tests.conftest import tiny_config
@@ -56,6 +57,8 @@ def test_federated_run_accounts_cumulatively_and_resumes(tmp_path, tiny_sites, c
         local = (run / "state" / name / "privacy" / "ledger.jsonl").read_text().splitlines()
         assert [json.loads(line)["round"] for line in local] == [1, 2]
     first_epsilon = {name: s["epsilon"] for name, s in sites.items()}
+    # every site signed its rounds for the very model the server sent: the gate verifies them
+    assert check_privacy_gate(ckpt, None)["release_epsilon"] == max(first_epsilon.values())
 
     # a restarted server resumes at round 3; sites restore their accountants from disk
     more = tiny_config(privacy=privacy, federation={"rounds": 3, "resume": True})
@@ -67,10 +70,12 @@ def test_federated_run_accounts_cumulatively_and_resumes(tmp_path, tiny_sites, c
         recomputed = epsilon_from_history(site["history"], site["delta"], site["accountant"])
         assert recomputed == pytest.approx(site["epsilon"], rel=1e-6)
     assert len(list((run / "checkpoints").glob("round-*.pt"))) == 3
+    check_privacy_gate(ckpt, None)  # resumed rounds are covered too
 
     # nothing but arrays and aggregates reached the server (docs/PRIVACY.md invariant 4)
     text = "\n".join(captured_replies)
-    assert "epsilon" in text
+    assert "epsilon" in text and "signature" in text
+    assert "loss-" not in text  # losses are not DP: by default they stay at the site
     for site in tiny_sites:
         assert str(site) not in text
     assert CANARY not in text

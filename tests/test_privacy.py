@@ -145,3 +145,23 @@ def test_poisson_units() -> None:
     empties = sum(len(poisson_units(5, 0.05, generator)) == 0 for _ in range(100))
     assert empties > 50  # empty batches happen and are returned, not skipped
     assert poisson_units(5, 0.05, generator).dtype == torch.long
+
+
+def test_secure_mode_reaches_the_dp_optimizer_and_training_still_steps() -> None:
+    from emixer_model.config import EmixerConfig, PrivacyConfig, TrainConfig
+    from emixer_model.networks import build_networks
+    from emixer_model.training import PrivateTrainer
+    from tests.conftest import SMALL_MODEL
+    from tests.test_training import L, V, make_data
+
+    data = make_data()
+    cfg = EmixerConfig(
+        model=SMALL_MODEL, privacy=PrivacyConfig(secure_mode=True), train=TrainConfig(batch_size=4)
+    )
+    accountant = SiteAccountant("rdp")
+    n = len(data.units)
+    nets = build_networks(SMALL_MODEL, V, L)
+    trainer = PrivateTrainer(nets, cfg, n, 1.0, 4 / n, accountant, torch.device("cpu"))
+    assert trainer.optimizer.secure_mode is True
+    assert trainer.train_steps(data, 2, sampler_seed=0)["steps"] == 2
+    assert accountant.history == [(1.0, 4 / n, 2)]

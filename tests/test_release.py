@@ -11,26 +11,22 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from emixer_model.cli import main
 from emixer_model.data.dicom import SOP_CLASSES
 from emixer_model.data.phantoms import CANARY
-from emixer_model.site_training import train_site_round
+from emixer_model.site_privacy import SiteKey
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from server.ledger import PrivacyLedger
-from tests.conftest import tiny_config
+from tests.conftest import signed_checkpoint, tiny_config
 
 
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory, tiny_sites) -> Path:
-    """A checkpoint after one private round at one phantom site, with its real ledger."""
-    root = tmp_path_factory.mktemp("release-model")
-    cfg = tiny_config()
-    result = train_site_round(tiny_sites[0], root / "state", cfg, None, 1, 1)
-    ledger = PrivacyLedger()
-    ledger.record("site_1", 1, result.status, result.metrics(), cfg.privacy.accountant)
-    ckpt = Checkpoint(1, result.weights, ledger.to_dict(), cfg.to_dict())
-    return save_checkpoint(root / "checkpoints", ckpt)
+    """A checkpoint after two private rounds at one phantom site, with its real signed ledger."""
+    return signed_checkpoint(
+        tiny_sites[0], tmp_path_factory.mktemp("release-model"), tiny_config(), 2
+    )
 
 
 def test_release_writes_valid_synthetic_dicoms_matching_reports_and_manifest(
@@ -70,7 +66,9 @@ def test_release_writes_valid_synthetic_dicoms_matching_reports_and_manifest(
     site = manifest["privacy"]["sites"]["site_1"]
     assert manifest["privacy"]["release_epsilon"] == site["epsilon"] > 0
     assert {"noise_multiplier", "sample_rate", "steps"} <= set(site["history"][0])
-    assert manifest["model"]["round"] == 1 and len(manifest["model"]["sha256"]) == 64
+    assert manifest["model"]["round"] == 2 and len(manifest["model"]["sha256"]) == 64
+    assert site["public_key"].startswith("ecdsa-sha2-nistp256 ") and len(site["signed"]) == 2
+    assert '"losses"' not in json.dumps(manifest)  # losses never reach a release
 
 
 def test_index_html_references_only_files_that_exist(tmp_path, trained_checkpoint):
@@ -99,26 +97,82 @@ def _empty(ledger):
     ledger["sites"] = {}
 
 
-def _inconsistent(ledger):
-    ledger["sites"]["site_1"]["epsilon"] /= 2
+def _rewrite_epsilon(ledger):
+    """The review's forgery, step 2: an entry's epsilon rewritten (its signature then fails)."""
+    signed = ledger["sites"]["site_1"]["signed"][-1]
+    entry = json.loads(signed["entry"])
+    entry["epsilon"] /= 2
+    signed["entry"] = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+
+
+def _delete_round(ledger):
+    """Step 1: the last round's signed entry deleted, so its steps vanish from the history."""
+    del ledger["sites"]["site_1"]["signed"][-1]
+
+
+def _delete_round_and_its_record(ledger):
+    _delete_round(ledger)
+    del ledger["rounds"]["2"]
+
+
+def _coordinator_key(ledger):
+    """The coordinator re-signs a forged history with a key of its own."""
+    key = SiteKey(ec.generate_private_key(ec.SECP256R1()))
+    site = ledger["sites"]["site_1"]
+    entries = [json.loads(s["entry"]) for s in site["signed"]][:1]
+    site["signed"] = [key.sign(e) for e in entries]
+    site["public_key"] = key.public_key()
+    ledger["rounds"] = {"1": ledger["rounds"]["1"], "2": {**ledger["rounds"]["2"], "sites": []}}
 
 
 @pytest.mark.parametrize(
     ("change", "extra", "message"),
     [
         (_empty, [], "no privacy ledger"),
-        (_inconsistent, [], "ledger is inconsistent"),
+        (_rewrite_epsilon, [], "signature does not verify"),
+        (_delete_round, [], "rounds are missing"),
+        (_delete_round_and_its_record, [], "round 2 of the checkpoint has no record"),
+        (_coordinator_key, ["--site-keys", "ENROLLED"], "not its enrolled key"),
         (None, ["--epsilon-budget", "0.01"], "over the budget"),
     ],
-    ids=["missing-ledger", "inconsistent-ledger", "over-budget"],
+    ids=[
+        "missing-ledger",
+        "epsilon-rewritten",
+        "round-deleted",
+        "round-and-record-deleted",
+        "coordinator-key",
+        "over-budget",
+    ],
 )
 def test_privacy_gate_refuses_with_exit_2_and_writes_nothing(
     tmp_path, trained_checkpoint, capsys, change, extra, message
 ):
     model = _tampered(trained_checkpoint, tmp_path, change) if change else trained_checkpoint
+    if "ENROLLED" in extra:  # the key the site made in its state dir is the enrolled one
+        pub = tmp_path / "site_1.pub"
+        pub.write_text(load_checkpoint(trained_checkpoint).ledger["sites"]["site_1"]["public_key"])
+        extra = [str(pub) if arg == "ENROLLED" else arg for arg in extra]
     out = tmp_path / "release"
     code = main(["release", "--model", str(model), "--out", str(out), "--per-label", "1", *extra])
     assert code == 2
     assert message in capsys.readouterr().out
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".release")]
+
+
+def test_verify_release_recomputes_each_site_epsilon_offline_and_catches_edits(
+    tmp_path, trained_checkpoint, capsys
+):
+    out = tmp_path / "release"
+    args = ["--model", str(trained_checkpoint), "--out", str(out), "--per-label", "1"]
+    assert main(["release", *args, "--labels", "Edema"]) == 0
+    capsys.readouterr()
+    assert main(["verify-release", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    epsilon = manifest["privacy"]["sites"]["site_1"]["epsilon"]
+    assert f"{epsilon:.4f}" in capsys.readouterr().out
+    manifest["privacy"]["sites"]["site_1"]["epsilon"] = epsilon / 2
+    manifest["privacy"]["release_epsilon"] = epsilon / 2
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["verify-release", str(out)]) == 2
+    assert "manifest says epsilon" in capsys.readouterr().out

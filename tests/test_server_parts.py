@@ -2,7 +2,10 @@
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from emixer_model.privacy import SiteAccountant
+from emixer_model.site_privacy import SiteKey, arrays_sha256, verify_site_history
 from server.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -12,6 +15,7 @@ from server.checkpoint import (
 )
 from server.ledger import PrivacyLedger
 from server.validation import update_problem
+from tests.conftest import signed_round
 
 GLOBAL = {"a.weight": np.zeros((3, 2), np.float32), "b.bias": np.ones(4, np.float32)}
 
@@ -58,18 +62,31 @@ def metrics(epsilon, steps=5):
     }
 
 
-def test_ledger_keeps_history_and_release_epsilon_is_the_max():
+def test_ledger_keeps_signed_entries_and_release_epsilon_is_the_max():
+    keys = {name: SiteKey(ec.generate_private_key(ec.SECP256R1())) for name in ("s1", "s2")}
+    spent = {name: SiteAccountant() for name in keys}
+    model = {"w": np.zeros(2, np.float32)}
+
+    def signed(name, server_round, seq, steps=5):
+        return signed_round(keys[name], name, server_round, model, spent[name], seq, steps=steps)
+
     ledger = PrivacyLedger()
-    ledger.record("site_1", 1, "trained", metrics(1.0), "rdp")
-    ledger.record("site_2", 1, "trained", metrics(2.5), "rdp")
-    ledger.record("site_1", 2, "trained", metrics(1.8), "rdp")
-    ledger.record("site_1", 3, "budget-exhausted", metrics(1.8), "rdp")
-    assert ledger.release_epsilon() == 2.5
-    site_1 = ledger.sites["site_1"]
-    assert [h["round"] for h in site_1.history] == [1, 2]  # the refused round adds no steps
-    assert site_1.status == "budget-exhausted"
-    assert site_1.history[0]["losses"] == {"report": 2.5}
+    sha = arrays_sha256(model)
+    ledger.record("s1", 1, "trained", metrics(0), signed("s1", 1, 1), sha)
+    ledger.record("s2", 1, "trained", metrics(0), signed("s2", 1, 1, steps=20), sha)
+    ledger.record("s1", 2, "trained", metrics(0), signed("s1", 2, 2), sha)
+    ledger.record("s1", 3, "budget-exhausted", metrics(0))
+    assert ledger.release_epsilon() == spent["s2"].epsilon(1e-3)
+    s1 = ledger.sites["s1"]
+    assert [e["round"] for e in s1.entries()] == [1, 2]  # the refused round adds no entry
+    assert s1.status == "budget-exhausted"
+    assert s1.losses == [
+        {"round": 1, "losses": {"report": 2.5}},
+        {"round": 2, "losses": {"report": 2.5}},
+    ]
     assert PrivacyLedger.from_dict(ledger.to_dict()) == ledger
+    with pytest.raises(ValueError, match="different key"):  # another site's entry replayed as s1's
+        ledger.record("s1", 1, "trained", metrics(0), signed("s2", 1, 2), sha)
 
 
 def checkpoint(k):
@@ -95,3 +112,19 @@ def test_loading_a_missing_or_foreign_file_is_a_clear_error(tmp_path):
     (tmp_path / "x.pt").write_text("hello")
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "x.pt")
+
+
+def test_a_lost_reply_leaves_a_gap_in_numbers_but_never_in_the_signed_history():
+    key = SiteKey(ec.generate_private_key(ec.SECP256R1()))
+    accountant, model = SiteAccountant(), {"w": np.zeros(2, np.float32)}
+    first = signed_round(key, "s1", 1, model, accountant, seq=1)
+    signed_round(key, "s1", 2, model, accountant, seq=2)  # trained, but the reply never arrived
+    third = signed_round(key, "s1", 3, model, accountant, seq=3, noise_multiplier=2.0)
+    entries = verify_site_history("s1", [first, third], key.public_key())
+    assert entries[-1]["epsilon"] == accountant.epsilon(1e-3)  # every step is still counted
+    with pytest.raises(ValueError, match="numbered 1 after 3"):
+        verify_site_history("s1", [third, first], key.public_key())
+    shrunk = SiteAccountant()  # a history that forgets the earlier rounds, even if signed
+    forged = signed_round(key, "s1", 4, model, shrunk, seq=4, noise_multiplier=2.0)
+    with pytest.raises(ValueError, match="does not extend"):
+        verify_site_history("s1", [first, third, forged], key.public_key())

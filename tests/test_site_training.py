@@ -4,11 +4,15 @@ the site's disk, a rolled-back accountant refused, audit holdout units kept out 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from emixer_model.data.site import load_site
+from emixer_model.privacy import SiteAccountant, epsilon_from_history
+from emixer_model.site_privacy import PolicyViolation, SitePolicy, SiteState
 from emixer_model.site_training import train_site_round
+from emixer_model.training import steps_per_epoch
 from tests.conftest import tiny_config
 
 
@@ -23,6 +27,9 @@ def test_rounds_accumulate_epsilon_and_a_lost_accountant_is_refused(tmp_path, ti
     ledger = [json.loads(line) for line in (state / "privacy" / "ledger.jsonl").open()]
     assert [e["round"] for e in ledger] == [1, 2]
     assert set(second.metrics()) >= {"num-examples", "epsilon", "delta", "noise-multiplier"}
+    # losses are not DP-protected: they leave only when the site's policy says so
+    assert not [k for k in second.metrics() if k.startswith("loss-")]
+    assert "loss-report" in replace(second, share_losses=True).metrics()
 
     # a crash that lost the newest accountant file: the .prev copy counts one round too few
     (state / "privacy" / "accountant.json").unlink()
@@ -36,3 +43,71 @@ def test_holdout_units_are_not_trained_on(tmp_path, tiny_sites):
     cfg = tiny_config(train={"holdout_fraction": 0.5})
     result = train_site_round(site, tmp_path / "state", cfg, None, 1, 1)
     assert result.num_examples == units - round(0.5 * units)
+
+
+def _ledger(state):
+    return [json.loads(line) for line in (state / "privacy" / "ledger.jsonl").open()]
+
+
+def test_a_later_round_with_more_epochs_and_a_bigger_batch_cannot_pass_the_budget(
+    tmp_path, tiny_sites
+):
+    """The review's reproduction: budget 3, round 2 asks for epochs 12 and batch 16."""
+    site, state = tiny_sites[0], tmp_path / "state"
+    first = train_site_round(site, state, tiny_config(privacy={"epsilon_budget": 3.0}), None, 1, 2)
+    bigger = tiny_config(privacy={"epsilon_budget": 3.0}, train={"epochs": 12, "batch_size": 16})
+    second = train_site_round(site, state, bigger, first.weights, 2, 2)
+    assert first.status == "trained"
+    accountant = SiteAccountant.load(state / "privacy" / "accountant.json", "rdp")
+    assert accountant.epsilon(second.delta) <= 3.0
+    if second.status == "trained":  # re-planned from what was spent: more noise, same budget
+        assert second.plan.noise_multiplier > first.plan.noise_multiplier
+        assert second.plan.sample_rate == min(1.0, 16 / second.num_examples)
+        assert second.steps == 12 * steps_per_epoch(second.plan.sample_rate)
+    else:
+        assert second.status == "budget-exhausted" and second.weights is None
+    events = [json.loads(line)["event"] for line in (state / "audit.log").open()]
+    assert "re-planned" in events
+    # the ledger records the q and steps actually used: its own history gives the true epsilon
+    trained = [e for e in _ledger(state) if e["status"] == "trained"]
+    assert epsilon_from_history(trained, second.delta) == accountant.epsilon(second.delta)
+
+
+def test_train_local_twice_on_one_state_dir_refuses_the_second_run(tmp_path, tiny_sites):
+    site, state = tiny_sites[0], tmp_path / "state"
+    cfg = tiny_config(privacy={"epsilon_budget": 2.0})
+    first = train_site_round(site, state, cfg, None, 1, 1)
+    again = train_site_round(site, state, cfg, first.weights, 1, 1)
+    assert first.status == "trained" and first.epsilon <= 2.0
+    assert again.status == "budget-exhausted" and again.weights is None
+    assert "past the budget" in again.message
+
+
+def test_the_site_policy_refuses_a_run_that_asks_for_a_larger_delta_or_less_noise(
+    tmp_path, tiny_sites, caplog
+):
+    site, state = tiny_sites[0], tmp_path / "state"
+    result = train_site_round(site, state, tiny_config(privacy={"delta": 0.2}), None, 1, 1)
+    assert result.status == "refused" and result.weights is None and result.signed is None
+    assert "delta 2.00e-01" in result.message and "allows at most" in result.message
+    audit = [json.loads(line) for line in (state / "audit.log").open()]
+    assert audit[-1]["event"] == "round-refused" and "delta" in audit[-1]["message"]
+    floor = SitePolicy(min_noise_multiplier=2.0)
+    asked = tiny_config(privacy={"noise_multiplier": 1.0})
+    refused = train_site_round(site, state, asked, None, 1, 1, policy=floor)
+    assert refused.status == "refused" and "floor is 2.000" in refused.message
+
+
+def test_policy_defaults_cap_delta_and_raise_the_planned_noise_to_the_floor(tmp_path):
+    state = SiteState(tmp_path)
+    cfg = tiny_config(privacy={"epsilon_budget": 50.0})
+    plain = state.plan_round(cfg, SitePolicy(epsilon_budget=50.0), 20, True, SiteAccountant(), 1)
+    assert plain.delta == pytest.approx(1 / 200)  # default 1/(10 N)
+    floored = SitePolicy(epsilon_budget=50.0, min_noise_multiplier=plain.noise_multiplier * 2)
+    raised = state.plan_round(cfg, floored, 21, True, SiteAccountant(), 1)
+    assert raised.noise_multiplier == floored.min_noise_multiplier
+    with pytest.raises(PolicyViolation, match="not below 1/N"):
+        SitePolicy(max_delta=0.1).delta_for(10, None)
+    node = {"epsilon-budget": 3.0, "max-delta": 1e-4, "share-losses": "false"}
+    assert SitePolicy.from_node_config(node) == SitePolicy(3.0, 1e-4, None, False)
+    assert SitePolicy.from_node_config({}) == SitePolicy()  # simulation: the defaults

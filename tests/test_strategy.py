@@ -5,14 +5,18 @@ import logging
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from emixer_model.config import EmixerConfig, FederationConfig
+from emixer_model.privacy import SiteAccountant
 from emixer_model.records import to_array_record
+from emixer_model.site_privacy import SiteKey, arrays_sha256
 from server.checkpoint import latest_checkpoint
 from server.ledger import PrivacyLedger
 from server.strategy import make_strategy
+from tests.conftest import signed_round
 
 GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
 
@@ -27,11 +31,14 @@ def site_metrics(epsilon=1.0):
     return {
         "num-examples": 10.0, "epsilon": epsilon, "delta": 1e-3, "epsilon-budget": 5.0,
         "noise-multiplier": 1.0, "sample-rate": 0.2, "max-grad-norm": 1.0, "steps": 5.0,
-        "trained": 1.0, "per-patient": 1.0, "loss-report": 3.0,
+        "trained": 1.0, "per-patient": 1.0,
     }  # fmt: skip
 
 
-def reply(node, name, arrays=None, status="trained", epsilon=1.0):
+KEYS: dict[str, SiteKey] = {}
+
+
+def reply(node, name, arrays=None, status="trained", epsilon=1.0, server_round=1, model=GLOBAL):
     request = Message(content=RecordDict(), dst_node_id=node, message_type="train")
     content = RecordDict(
         {
@@ -39,6 +46,10 @@ def reply(node, name, arrays=None, status="trained", epsilon=1.0):
             "site": ConfigRecord({"name": name, "status": status, "message": "over budget"}),
         }
     )
+    if status == "trained":
+        key = KEYS.setdefault(name, SiteKey(ec.generate_private_key(ec.SECP256R1())))
+        signed = signed_round(key, name, server_round, model, SiteAccountant(), seq=1)
+        content["ledger"] = ConfigRecord(signed)
     if arrays is not None:
         content["arrays"] = to_array_record(arrays)
     return Message(content=content, reply_to=request)
@@ -48,6 +59,7 @@ def strategy_for(tmp_path, **federation):
     cfg = EmixerConfig(federation=FederationConfig(max_update_norm=5.0, **federation))
     strategy = make_strategy(cfg, tmp_path, PrivacyLedger())
     strategy.global_arrays = GLOBAL
+    strategy.global_sha256 = arrays_sha256(GLOBAL)
     return strategy
 
 
@@ -79,7 +91,8 @@ def test_budget_exhausted_site_is_recorded_and_left_out(tmp_path):
     assert strategy.exhausted_nodes == {2}
     assert not strategy.stopped
     site_b = strategy.ledger.sites["b"]
-    assert site_b.status == "budget-exhausted" and site_b.history == []
+    assert site_b.status == "budget-exhausted" and site_b.signed == []
+    assert strategy.ledger.rounds["1"]["sites"] == ["a"]  # what the gate checks coverage against
 
 
 def test_budget_exhausted_site_stops_training_when_configured(tmp_path):
@@ -93,9 +106,10 @@ def test_resumed_strategy_numbers_rounds_after_the_checkpoint(tmp_path):
     cfg = EmixerConfig()
     strategy = make_strategy(cfg, tmp_path, PrivacyLedger(), round_offset=2)
     strategy.global_arrays = GLOBAL
-    strategy.aggregate_train(1, [reply(1, "a", GLOBAL)])
+    strategy.global_sha256 = arrays_sha256(GLOBAL)
+    strategy.aggregate_train(1, [reply(1, "a", GLOBAL, server_round=3)])
     assert latest_checkpoint(tmp_path).server_round == 3
-    assert strategy.ledger.sites["a"].history[0]["round"] == 3
+    assert strategy.ledger.sites["a"].entries()[0]["round"] == 3
 
 
 def test_site_error_and_malformed_metrics_are_dropped_without_crashing(tmp_path, caplog):
@@ -103,15 +117,30 @@ def test_site_error_and_malformed_metrics_are_dropped_without_crashing(tmp_path,
     good = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
     failed = reply(2, "site_b", status="error")
     malformed = reply(3, "site_c", arrays=good)
-    del malformed.content["metrics"]["epsilon"]
+    del malformed.content["ledger"]  # trained, but no signed entry
     with caplog.at_level(logging.WARNING, logger="emixer.server"):
         arrays, _ = strategy.aggregate_train(
             1, [reply(1, "site_a", arrays=good), failed, malformed]
         )
     assert arrays is not None
     assert "site site_b did not train" in caplog.text
-    assert "site site_c sent malformed privacy metrics" in caplog.text
+    assert "site site_c sent a malformed or unverifiable ledger entry" in caplog.text
     assert set(strategy.ledger.sites) == {"site_a"}
+
+
+def test_an_entry_signed_for_another_model_or_with_a_changed_key_is_dropped(tmp_path, caplog):
+    strategy = strategy_for(tmp_path)
+    good = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
+    replayed = reply(1, "a", good, model={"w": np.ones(1, np.float32)})
+    with caplog.at_level(logging.WARNING, logger="emixer.server"):
+        arrays, _ = strategy.aggregate_train(1, [replayed])
+    assert arrays is None and "signed for another global model" in caplog.text
+    strategy.aggregate_train(1, [reply(1, "a", good)])
+    KEYS["a"] = SiteKey(ec.generate_private_key(ec.SECP256R1()))
+    with caplog.at_level(logging.WARNING, logger="emixer.server"):
+        strategy.aggregate_train(2, [reply(1, "a", good, server_round=2)])
+    assert "signed with a different key" in caplog.text
+    assert len(strategy.ledger.sites["a"].signed) == 1
 
 
 def test_float16_updates_are_widened_before_aggregation_and_other_dtypes_dropped(tmp_path):

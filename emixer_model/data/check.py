@@ -21,6 +21,7 @@ from emixer_model.data.dicom import SKIP_REASONS, Decoded, SkipFile, decode_dico
 from emixer_model.data.site import (
     STUDIES_CSV,
     SiteDataError,
+    group_units,
     read_studies,
     resolve_study_file,
     unlabeled_files,
@@ -45,6 +46,9 @@ class CheckReport:
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # over usable rows
     patients: int | None = None  # distinct patients among usable rows (None: no patient column)
     per_patient: bool = False
+    privacy_units: int | None = None  # the units sampling draws (site folders only)
+    labeled_files: list[tuple[str, str]] = field(default_factory=list)  # (patient, path) accepted
+    unlabeled_files: list[str] = field(default_factory=list)  # accepted unlabeled paths
     photometric: dict[str, int] = field(default_factory=dict)
     bits_stored: dict[str, int] = field(default_factory=dict)
     # every DICOM file read, accepted or skipped, by pydicom's transfer syntax keyword: a PACS
@@ -101,6 +105,7 @@ class CheckReport:
             "label_counts": self.label_counts,
             "patients": self.patients,
             "privacy_unit": "patient" if self.per_patient else "image",
+            "privacy_units": self.privacy_units,
             "photometric": self.photometric,
             "bits_stored": self.bits_stored,
             "transfer_syntaxes": self.transfer_syntaxes,
@@ -120,6 +125,7 @@ class CheckReport:
             summary.add_row("usable unlabeled scans", str(self.accepted - self.accepted_labeled))
             summary.add_row("patients", "-" if self.patients is None else str(self.patients))
             summary.add_row("privacy unit", "patient" if self.per_patient else "image")
+            summary.add_row("privacy units", str(self.privacy_units))
         else:
             summary.add_row("usable images", str(self.accepted))
         summary.add_row("skipped", str(sum(self.skipped_counts.values())))
@@ -182,9 +188,30 @@ def check_folder(folder: Path, resolution: int = 64) -> CheckReport:
                 if rel in labeled:
                     continue  # counted once, as a labeled study (load_site does the same)
             report.accept(_decode(path, resolution))
+            if is_site:
+                report.unlabeled_files.append(rel)
         except SkipFile as skip:
             report.skip(rel, skip)
+    if is_site and report.accepted_labeled:
+        _count_units(folder, report)
     return report
+
+
+def _count_units(folder: Path, report: CheckReport) -> None:
+    """Privacy units exactly as load_site forms them; scans with no identity become skips."""
+    try:
+        grouping = group_units(folder, report.labeled_files, report.unlabeled_files)
+    except SiteDataError as err:
+        report.errors.append(str(err))
+        return
+    report.per_patient = grouping.per_patient
+    report.privacy_units = len(grouping.units)
+    for rel in grouping.no_id:
+        report.skip(rel, SkipFile("no-patient-id"))
+    if not grouping.per_patient:
+        report.warnings.append(
+            "no scan names a patient: the privacy guarantee is per image, not per patient"
+        )
 
 
 def _decode(path: Path, resolution: int) -> Decoded:
@@ -207,7 +234,6 @@ def _check_studies(folder: Path, report: CheckReport) -> set[str]:
         report.errors.append(str(err))
         return set()
     report.studies = len(table.studies)
-    report.per_patient = table.per_patient
     if table.ignored_columns:
         report.warnings.append(f"ignored unknown columns: {', '.join(table.ignored_columns)}")
     if table.missing_findings:
@@ -233,15 +259,12 @@ def _check_studies(folder: Path, report: CheckReport) -> set[str]:
             continue
         report.accept(outcome)
         report.accepted_labeled += 1
+        report.labeled_files.append((study.patient, rel))
         if study.patient:
             patients.add(study.patient)
         for finding, value in zip(FINDINGS, study.labels, strict=True):
             states[finding][LABEL_STATES[value]] += 1
     if table.patient_column:
         report.patients = len(patients)
-    if not table.per_patient and report.studies:
-        report.warnings.append(
-            "no patient id on every row: the privacy guarantee is per image, not per patient"
-        )
     report.label_counts = {f: {s: states[f][s] for s in LABEL_STATES.values()} for f in FINDINGS}
     return set(seen)

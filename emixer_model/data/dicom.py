@@ -52,6 +52,8 @@ SKIP_REASONS: dict[str, str] = {
     "empty-image": "the image has one constant value",
     "outside-site-folder": "the studies.csv path points outside the site folder",
     "missing-file": "the studies.csv path names a file that does not exist",
+    "no-patient-id": "no patient identity (patient column, DICOM PatientID or unlabeled.csv): "
+    "with patient-level privacy a scan is never a unit of its own",
 }
 
 SOP_CLASSES: dict[str, str] = {

@@ -5,7 +5,11 @@ optional `unlabeled/` tree of DICOM scans. Every odd file is skipped with a reas
 the site; only a folder that cannot serve at all raises SiteDataError. Decoding is the slow part,
 so decoded pixels are cached in the site's state directory, keyed on the resolution, the
 normalisation version and each file's path, size and modification time: any change rebuilds.
-The privacy unit is the patient when every row names one (invariant 6), else the single study.
+The privacy unit (invariant 6) is the patient: the connected components of every identity the site
+holds for a file (the `patient` column, each file's DICOM PatientID + IssuerOfPatientID, an optional
+`unlabeled.csv` naming the patient of unlabeled scans), labeled and unlabeled scans together. In
+patient mode a scan with no identity is skipped (`no-patient-id`), never a unit of its own. Only
+when no labeled scan has any identity is the unit the single image. Identities never leave here.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ import numpy as np
 import torch
 
 from emixer_model.config import FINDINGS, ModelConfig
-from emixer_model.data.dicom import NORMALISATION_VERSION, SkipFile, decode_dicom
+from emixer_model.data.dicom import NORMALISATION_VERSION, SKIP_REASONS, SkipFile, decode_dicom
 
 log = logging.getLogger("emixer.data")
 
 STUDIES_CSV = "studies.csv"
 UNLABELED_DIR = "unlabeled"
+UNLABELED_CSV = "unlabeled.csv"  # optional: (dicom, patient) of unlabeled scans
+# PatientID values that name nobody (de-identification placeholders): no identity at all
+PLACEHOLDER_IDS = frozenset({"", "anonymous", "anon", "unknown", "none", "n/a", "na", "-"})
 REQUIRED_COLUMNS = ("dicom", "report")
 PATIENT_COLUMN = "patient"
 LABEL_VALUES = {1.0: 1, 0.0: 0, -1.0: -1}
@@ -195,6 +202,112 @@ def unlabeled_files(site_dir: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
+def dicom_identity(path: Path) -> tuple[str, str] | None:
+    """(IssuerOfPatientID, PatientID) of a DICOM file, read without its pixels; None if absent."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(
+            path,
+            stop_before_pixels=True,
+            specific_tags=["PatientID", "IssuerOfPatientID"],
+        )
+    except Exception:  # any unreadable header simply carries no identity
+        return None
+    patient = str(ds.get("PatientID", "") or "").strip()
+    if patient.lower() in PLACEHOLDER_IDS:
+        return None
+    return str(ds.get("IssuerOfPatientID", "") or "").strip(), patient
+
+
+def read_unlabeled_csv(site_dir: Path) -> dict[str, str]:
+    """unlabeled.csv as {relative path: patient}; {} when the file is absent."""
+    path = Path(site_dir) / UNLABELED_CSV
+    if not path.is_file():
+        return {}
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise SiteDataError(f"{path} cannot be read as a UTF-8 CSV file: {err}") from None
+    if rows and not {"dicom", "patient"} <= {k.strip().lower() for k in rows[0] if k}:
+        raise SiteDataError(f"{path} needs the columns dicom and patient")
+    patients: dict[str, str] = {}
+    for row in rows:
+        cells = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+        try:
+            _, rel = resolve_study_file(site_dir, cells["dicom"])
+        except SkipFile:
+            continue  # the file itself is reported (or absent) through unlabeled/
+        if cells["patient"]:
+            patients[rel] = cells["patient"]
+    return patients
+
+
+@dataclass
+class UnitGrouping:
+    """Privacy units over given labeled and unlabeled samples (indices into the given lists)."""
+
+    per_patient: bool
+    labeled: list[int]  # labeled samples kept (in patient mode: those with an identity)
+    unlabeled: list[int]
+    units: list[tuple[list[int], list[int]]]  # indices into `labeled` / `unlabeled` as kept
+    no_id: list[str]  # relative paths skipped with `no-patient-id`
+
+
+def group_units(
+    site_dir: Path, labeled: list[tuple[str, str]], unlabeled: list[str]
+) -> UnitGrouping:
+    """Connected components of the identities of (patient, path) labeled and path unlabeled
+    samples. Used by training and by `emixer data check`, so both count the same units."""
+    root = Path(site_dir).resolve()
+    extra = read_unlabeled_csv(site_dir)
+
+    def keys(patient: str, rel: str) -> set[tuple[str, ...]]:
+        found: set[tuple[str, ...]] = {("patient", patient)} if patient else set()
+        identity = dicom_identity(root / rel)
+        if identity is not None:
+            found.add(("dicom", *identity))
+        return found
+
+    labeled_keys = [keys(patient, rel) for patient, rel in labeled]
+    unlabeled_keys = [keys(extra.get(rel, ""), rel) for rel in unlabeled]
+    if not any(labeled_keys):
+        units = [([i], []) for i in range(len(labeled))]
+        units += [([], [j]) for j in range(len(unlabeled))]
+        return UnitGrouping(
+            False, list(range(len(labeled))), list(range(len(unlabeled))), units, []
+        )
+    kept_l = [i for i, k in enumerate(labeled_keys) if k]
+    kept_u = [j for j, k in enumerate(unlabeled_keys) if k]
+    no_id = [labeled[i][1] for i, k in enumerate(labeled_keys) if not k]
+    no_id += [unlabeled[j] for j, k in enumerate(unlabeled_keys) if not k]
+    samples = [labeled_keys[i] for i in kept_l] + [unlabeled_keys[j] for j in kept_u]
+    parent = list(range(len(samples)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[tuple[str, ...], int] = {}
+    for index, sample_keys in enumerate(samples):
+        for key in sample_keys:
+            if key in owner:
+                parent[find(index)] = find(owner[key])
+            else:
+                owner[key] = index
+    components: dict[int, tuple[list[int], list[int]]] = {}
+    for index in range(len(samples)):
+        unit = components.setdefault(find(index), ([], []))
+        if index < len(kept_l):
+            unit[0].append(index)
+        else:
+            unit[1].append(index - len(kept_l))
+    return UnitGrouping(True, kept_l, kept_u, list(components.values()), no_id)
+
+
 def load_site(
     site_dir: Path,
     state_dir: Path,
@@ -227,8 +340,6 @@ def load_site(
         log.warning(
             "%s: no column for %s; read as blank", STUDIES_CSV, ", ".join(table.missing_findings)
         )
-    if not table.per_patient:
-        log.warning("%s: no patient id on every row; the privacy unit is the image", STUDIES_CSV)
 
     skipped: list[tuple[str, str, str]] = []
     rows: list[tuple[Study, str]] = []
@@ -258,6 +369,16 @@ def load_site(
     skipped.extend((rel, *failures[rel]) for rel in files if rel in failures)
 
     usable = [(study, rel) for study, rel in rows if rel in decoded]
+    unlabeled_ok = [rel for rel in unlabeled_rels if rel in decoded]
+    grouping = group_units(site_dir, [(s.patient, rel) for s, rel in usable], unlabeled_ok)
+    if grouping.per_patient:
+        usable = [usable[i] for i in grouping.labeled]
+        unlabeled_ok = [unlabeled_ok[j] for j in grouping.unlabeled]
+        skipped.extend(
+            (rel, "no-patient-id", SKIP_REASONS["no-patient-id"]) for rel in grouping.no_id
+        )
+    else:
+        log.warning("no scan names a patient; the privacy unit is the image")
     if not usable:
         raise SiteDataError(
             f"{site_dir} has no usable labeled study ({len(table.studies)} rows in {STUDIES_CSV}, "
@@ -288,7 +409,6 @@ def load_site(
             S,
             W - 1,
         )
-    unlabeled_ok = [rel for rel in unlabeled_rels if rel in decoded]
     r = model_cfg.resolution
     unlabeled = (
         torch.stack([decoded[rel] for rel in unlabeled_ok])[:, None]
@@ -296,16 +416,9 @@ def load_site(
         else torch.zeros(0, 1, r, r)
     )
 
-    units: list[tuple[list[int], list[int]]]
-    if table.per_patient:
-        by_patient: dict[str, list[int]] = {}
-        for i, (study, _) in enumerate(usable):
-            by_patient.setdefault(study.patient, []).append(i)
-        units = [(indices, []) for indices in by_patient.values()]
-    else:
-        units = [([i], []) for i in range(len(usable))]
-    units += [([], [j]) for j in range(len(unlabeled_ok))]
-    return SiteData(images, labels, tokens, unlabeled, units, table.per_patient, skipped)
+    return SiteData(
+        images, labels, tokens, unlabeled, grouping.units, grouping.per_patient, skipped
+    )
 
 
 def _decode_cached(

@@ -521,7 +521,14 @@ def evaluate_release(
     log("drawing figures")
     written = write_figures(release_dir, release, result)
     result["figures"] = [str(p.relative_to(release_dir)) for p in written]
-    result = {"summary": summary(result), **result}
+    result = {
+        # docs/PRIVACY.md invariant 4: statistics of real data, not DP-protected
+        "site_local": True,
+        "note": "statistics of the evaluating site's real data (not differentially private): "
+        "keep this file at the site; it is not part of a release unless the site chooses to share",
+        "summary": summary(result),
+        **result,
+    }
     path = release_dir / "evaluation.json"
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(result, indent=2))

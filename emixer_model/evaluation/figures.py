@@ -61,9 +61,12 @@ def grouped_bars(
 
 
 def training_curves(path: Path, sites: Mapping[str, Mapping]) -> Path:
-    """Epsilon and every loss per round, one line per site, from the manifest's privacy history."""
+    """Cumulative epsilon per round, one line per site, from the manifest's signed privacy
+    history (and any loss a history carries; a release carries none: losses stay at the sites)."""
     histories = {name: site.get("history") or [] for name, site in sites.items()}
-    loss_names = sorted({k for h in histories.values() for entry in h for k in entry["losses"]})
+    loss_names = sorted(
+        {k for h in histories.values() for entry in h for k in entry.get("losses", {})}
+    )
     panels = ["epsilon", *loss_names]
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
@@ -72,9 +75,12 @@ def training_curves(path: Path, sites: Mapping[str, Mapping]) -> Path:
         axes = figure.add_subplot(rows, columns, index)
         for name, history in sorted(histories.items()):
             points = [
-                (entry["round"], entry["epsilon"] if panel == "epsilon" else entry["losses"][panel])
+                (
+                    entry["round"],
+                    entry["epsilon"] if panel == "epsilon" else entry.get("losses", {})[panel],
+                )
                 for entry in history
-                if panel == "epsilon" or panel in entry["losses"]
+                if panel == "epsilon" or panel in entry.get("losses", {})
             ]
             if points:
                 rounds, values = zip(*points, strict=True)
