@@ -347,6 +347,9 @@ class Discriminator(nn.Module):
         self.score = nn.Linear(d, 1)
         self.label = nn.Linear(n_labels, d, bias=False)  # projection term
         self.rotation = nn.Linear(d, 4)
+        # auxiliary classifier (AC-GAN): which findings the image shows, trained on real labeled
+        # images; G is rewarded when it recognises G's image as showing its conditioning labels
+        self.classify = nn.Linear(d, n_labels)
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(self.image_fc(self.convs(x)), 0.2)
@@ -366,7 +369,22 @@ class Discriminator(nn.Module):
         return F.leaky_relu(self.text_fc(report), 0.2)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = F.leaky_relu(self.joint(torch.cat([self.image_features(x), self.text_features(t)], 1)))
+        return self._score(self.image_features(x), t, y)
+
+    def score_and_labels(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real/fake score [B] and the auxiliary finding logits [B, L] from one image pass.
+
+        Only here does the finding head run: Opacus keeps one activation per call of a layer
+        and completes its per-sample gradient when every call has been backpropagated, so a
+        head called in `forward` for rows whose logits are discarded would never complete.
+        """
+        image = self.image_features(x)
+        return self._score(image, t, y), self.classify(image)
+
+    def _score(self, image: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.joint(torch.cat([image, self.text_features(t)], 1)))
         return self.score(h).squeeze(1) + (self.label(y) * h).sum(dim=1)
 
     def rotation_logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,13 @@ from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig
 from emixer_model.networks import EmixerNets
 from emixer_model.text.grammar import write_report
 from emixer_model.text.vocabulary import encode_report
-from emixer_model.training import generator_loss, real_row_losses, sample_prior, update_ema
+from emixer_model.training import (
+    generator_loss,
+    real_row_losses,
+    row_objective,
+    sample_prior,
+    update_ema,
+)
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 
@@ -194,11 +200,8 @@ def pretrain_public(
         losses = real_row_losses(
             nets, cfg, images[rows], labels[rows], tokens[rows], labeled, generator
         )
-        total = (
-            losses["d_real"] + losses["report"] + t.rotation_weight * losses["rotation"]
-        ) + losses["d_fake"]
         d_optimizer.zero_grad(set_to_none=True)
-        total.mean().backward()
+        row_objective(losses, cfg).mean().backward()
         d_optimizer.step()
         g_loss = generator_loss(nets, cfg, t.batch_size, generator)
         g_optimizer.zero_grad(set_to_none=True)

@@ -48,7 +48,7 @@ from emixer_model.networks import EmixerNets
 from emixer_model.privacy import SiteAccountant, poisson_units
 from emixer_model.text.vocabulary import PAD
 
-LOSS_NAMES = ("d_real", "d_fake", "rotation", "report", "g")
+LOSS_NAMES = ("d_real", "d_fake", "findings", "rotation", "report", "g")
 
 # Labels of generated rows that are not paired with a labeled real row: a FIXED public prior
 # (roughly chest X-ray practice), never a site statistic. "No Finding" excludes the others.
@@ -96,7 +96,7 @@ def _backward(loss: torch.Tensor) -> None:
 # these layers (label projections and output layers); the conv and attention bodies stay as
 # pretrained. Fewer noised coordinates: the same noise multiplier hurts far less.
 TOP_LAYERS = {
-    "d": ("image_fc", "joint", "score", "label", "rotation", "text_fc"),
+    "d": ("image_fc", "joint", "score", "label", "rotation", "classify", "text_fc"),
     "e": ("fc",),
     "r": ("embed_in", "label_in", "topic", "stop", "head"),
 }
@@ -164,17 +164,25 @@ def real_row_losses(
     with torch.no_grad():  # generated rows: no gradient reaches G here
         fake = nets.g(z, y_fake)
         fake_text = fake_reports(nets, cfg, fake, y_fake, generator)
-    real_score = nets.d(x, tokens, y)
+    real_score, real_findings = nets.d.score_and_labels(x, tokens, y)
     fake_score = nets.d(fake, fake_text, y_fake)
     rotation = F.cross_entropy(nets.d.rotation_logits(_rotate(x, k)), k, reduction="none")
     report = nets.r.teacher_forced_loss(nets.e(x), y, tokens)
     bce = F.binary_cross_entropy_with_logits
+    findings = bce(real_findings, y, reduction="none").mean(dim=1)
     return {
         "d_real": mask * bce(real_score, torch.ones_like(real_score), reduction="none"),
+        "findings": mask * cfg.train.label_weight * findings,
         "report": mask * report,
         "rotation": rotation,
         "d_fake": bce(fake_score, torch.zeros_like(fake_score), reduction="none"),
     }
+
+
+def row_objective(losses: dict[str, torch.Tensor], cfg: EmixerConfig) -> torch.Tensor:
+    """Per-row objective [B] of D, E and R: the terms of `real_row_losses` with their weights."""
+    rotation = cfg.train.rotation_weight * losses["rotation"]
+    return losses["d_real"] + losses["findings"] + losses["report"] + rotation + losses["d_fake"]
 
 
 def generator_loss(
@@ -185,8 +193,9 @@ def generator_loss(
     y = sample_prior(n, generator).to(dev)
     z = torch.randn(n, cfg.model.latent_dim, generator=generator).to(dev)
     fake = nets.g(z, y)
-    score = nets.d(fake, fake_reports(nets, cfg, fake, y, generator), y)
-    return F.binary_cross_entropy_with_logits(score, torch.ones_like(score))
+    score, findings = nets.d.score_and_labels(fake, fake_reports(nets, cfg, fake, y, generator), y)
+    bce = F.binary_cross_entropy_with_logits
+    return bce(score, torch.ones_like(score)) + cfg.train.label_weight * bce(findings, y)
 
 
 @torch.no_grad()
@@ -296,9 +305,7 @@ class PrivateTrainer:
             self._dp_step()
             return {}
         losses = self._row_losses(data, rows, generator)
-        weight = self.cfg.train.rotation_weight
-        total = losses["d_real"] + losses["report"] + weight * losses["rotation"] + losses["d_fake"]
-        _backward(total.sum())
+        _backward(row_objective(losses, self.cfg).sum())
         self._dp_step()
         means = {
             "rotation": losses["rotation"].mean().item(),
@@ -306,8 +313,8 @@ class PrivateTrainer:
         }
         n_labeled = sum(is_labeled for is_labeled, _ in rows)
         if n_labeled:  # a batch of unlabeled scans says nothing about the labeled losses
-            means["d_real"] = losses["d_real"].sum().item() / n_labeled
-            means["report"] = losses["report"].sum().item() / n_labeled
+            for name in ("d_real", "findings", "report"):
+                means[name] = losses[name].sum().item() / n_labeled
         return means
 
     def _dp_step(self) -> None:

@@ -160,7 +160,7 @@ def test_train_steps_counts_steps_and_lowers_the_report_loss() -> None:
         after = r.teacher_forced_loss(e(data.images), data.labels, data.tokens).mean()
     assert summary["steps"] == 25 == accountant.history[0][2]
     assert calls[-1] == (25, 25) and len(calls) == 25
-    assert set(summary["losses"]) == {"d_real", "d_fake", "rotation", "report", "g"}
+    assert set(summary["losses"]) == {"d_real", "d_fake", "findings", "rotation", "report", "g"}
     assert after < 0.5 * before
 
 
