@@ -30,9 +30,8 @@ from emixer_model.data.dicom import Decoded, SkipFile, decode_dicom, normalise_g
 from emixer_model.data.site import (
     STUDIES_CSV,
     SiteDataError,
-    Study,
     read_studies,
-    resolve_study_file,
+    resolve_studies,
 )
 from emixer_model.text.vocabulary import encode_report, fits_caps, tokenize
 
@@ -171,17 +170,7 @@ def load_public(
         raise PublicDataError(str(err)) from None
     name = source_name(folder)
 
-    skipped: list[tuple[str, str, str]] = []
-    rows: list[tuple[Study, str]] = []
-    for study in table.studies:
-        try:
-            _, rel = resolve_study_file(folder, study.dicom)
-        except SkipFile as skip:
-            skipped.append(
-                (study.dicom or f"{STUDIES_CSV} line {study.line}", skip.reason, skip.detail)
-            )
-            continue
-        rows.append((study, rel))
+    rows, skipped = resolve_studies(folder, table)
     root = folder.resolve()
     files = sorted({rel for _, rel in rows})
     decoded: dict[str, np.ndarray] = {}

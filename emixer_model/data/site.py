@@ -194,6 +194,24 @@ def resolve_study_file(site_dir: Path, dicom: str) -> tuple[Path, str]:
     return target, target.relative_to(root).as_posix()
 
 
+def resolve_studies(
+    folder: Path, table: StudyTable
+) -> tuple[list[tuple[Study, str]], list[tuple[str, str, str]]]:
+    """(study, file relative to `folder`) for every row whose file can be used, and a skip
+    (path or csv line, reason, detail) for every other row."""
+    rows: list[tuple[Study, str]] = []
+    skipped: list[tuple[str, str, str]] = []
+    for study in table.studies:
+        try:
+            _, rel = resolve_study_file(folder, study.dicom)
+        except SkipFile as skip:
+            where = study.dicom or f"{STUDIES_CSV} line {study.line}"
+            skipped.append((where, skip.reason, skip.detail))
+            continue
+        rows.append((study, rel))
+    return rows, skipped
+
+
 def unlabeled_files(site_dir: Path) -> list[Path]:
     """Every file under unlabeled/, recursively and in a stable order, whatever its extension."""
     folder = Path(site_dir) / UNLABELED_DIR
@@ -341,17 +359,7 @@ def load_site(
             "%s: no column for %s; read as blank", STUDIES_CSV, ", ".join(table.missing_findings)
         )
 
-    skipped: list[tuple[str, str, str]] = []
-    rows: list[tuple[Study, str]] = []
-    for study in table.studies:
-        try:
-            _, rel = resolve_study_file(site_dir, study.dicom)
-        except SkipFile as skip:
-            skipped.append(
-                (study.dicom or f"{STUDIES_CSV} line {study.line}", skip.reason, skip.detail)
-            )
-            continue
-        rows.append((study, rel))
+    rows, skipped = resolve_studies(site_dir, table)
     labeled_rels = {rel for _, rel in rows}
     unlabeled_rels: list[str] = []
     for path in unlabeled_files(site_dir):
