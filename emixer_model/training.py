@@ -283,14 +283,15 @@ class PrivateTrainer:
         )
 
     def sample_rows(self, data: SiteData) -> list[Row]:
-        """One Poisson batch: at most ONE row per sampled unit (invariant 6)."""
+        """One Poisson batch: at most ONE row per sampled unit (invariant 6), drawn uniformly
+        from all of the unit's scans, so a patient's unlabeled follow-ups serve the
+        self-supervision too, not only patients who have nothing but unlabeled scans."""
         rows: list[Row] = []
         for unit in poisson_units(len(data.units), self.sample_rate, self.secret).tolist():
             labeled, unlabeled = data.units[unit]
-            pool, is_labeled = (labeled, True) if labeled else (unlabeled, False)
+            pool = [(True, i) for i in labeled] + [(False, j) for j in unlabeled]
             if pool:
-                pick = int(torch.randint(len(pool), (1,), generator=self.secret))
-                rows.append((is_labeled, pool[pick]))
+                rows.append(pool[int(torch.randint(len(pool), (1,), generator=self.secret))])
         return rows
 
     def private_step(

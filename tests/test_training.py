@@ -140,6 +140,20 @@ def test_generator_step_moves_only_g_and_leaves_no_gradient_behind() -> None:
     assert seen["n"] == 1  # the hooks are back on
 
 
+def test_a_patients_unlabeled_scans_are_drawn_too_but_one_row_per_unit() -> None:
+    data = make_data(n=4, unlabeled=3)
+    data.units = [([0, 1], [0, 1, 2]), ([2], []), ([3], [])]  # patient 0 has 5 scans
+    trainer, _ = make_trainer(data, batch_size=100)  # q = 1
+    drawn = [trainer.sample_rows(data) for _ in range(60)]
+
+    def of_patient_0(rows: list) -> list:
+        return [(labeled, i) for labeled, i in rows if not labeled or i < 2]
+
+    assert all(len(rows) == 3 and len(of_patient_0(rows)) == 1 for rows in drawn)
+    assert any(not labeled for rows in drawn for labeled, _ in rows)  # follow-ups are drawn
+    assert any(labeled for rows in drawn for labeled, _ in of_patient_0(rows))
+
+
 def test_public_prior_labels() -> None:
     y = sample_prior(500, torch.Generator().manual_seed(0))
     assert y.shape == (500, L)
