@@ -298,15 +298,21 @@ LOSS_COLUMNS = ("report", "d_real", "d_fake", "g")  # the losses a person watche
 
 
 def ledger_table(ledger: dict) -> Table:
-    """Each site's cumulative privacy spend and its last round's mean losses."""
-    table = Table(title="privacy ledger (per site, cumulative) and last round's losses")
-    columns = ("site", "rounds", "epsilon", "delta", "budget", "unit", "status")
-    for column in (*columns, *LOSS_COLUMNS):
+    """Each site's cumulative privacy spend, and its last round's mean losses where the site's
+    policy let them leave (by default none do, and the loss columns are left out)."""
+    sites = sorted(ledger["sites"].items())
+    last = {
+        name: site["history"][-1].get("losses", {}) if site["history"] else {}
+        for name, site in sites
+    }
+    shown = [k for k in LOSS_COLUMNS if any(k in losses for losses in last.values())]
+    title = "privacy ledger (per site, cumulative)" + (" and last round's losses" if shown else "")
+    table = Table(title=title)
+    for column in ("site", "rounds", "epsilon", "delta", "budget", "unit", "status", *shown):
         table.add_column(
             column, justify="left" if column in ("site", "unit", "status") else "right"
         )
-    for name, site in sorted(ledger["sites"].items()):
-        last = site["history"][-1].get("losses", {}) if site["history"] else {}
+    for name, site in sites:
         table.add_row(
             name,
             str(len(site["history"])),
@@ -315,7 +321,7 @@ def ledger_table(ledger: dict) -> Table:
             f"{site['budget']:.1f}",
             site["privacy_unit"],
             site["status"],
-            *(f"{last[k]:.3f}" if k in last else "-" for k in LOSS_COLUMNS),
+            *(f"{last[name][k]:.3f}" if k in last[name] else "-" for k in shown),
         )
     return table
 

@@ -31,8 +31,8 @@ FIGURE_CAPTIONS: dict[str, str] = {
     "were generated for. 0.5 (dashed) is chance.",
     "tstr": "Train on synthetic, test on real: mean AUROC on held-out real images of a classifier "
     "trained on real images, on synthetic images only, and on both.",
-    "training_curves": "Training: each site's cumulative epsilon and mean losses per round, from "
-    "the privacy ledger in the manifest.",
+    "training_curves": "Privacy spent: each site's cumulative epsilon per round, from the "
+    "signed privacy ledger in the manifest (losses are site-local and never part of a release).",
     "synthetic_samples": "Synthetic images, a few per label condition, titled with the labels "
     "they were generated for.",
 }

@@ -387,7 +387,7 @@ def write_figures(release_dir: Path, release: SyntheticRelease, result: dict) ->
         ),
         figures.grouped_bars(
             figure_dir / "tstr.png",
-            "Mean AUROC on held-out real images, by training data (95% intervals)",
+            "Held-out real images: mean AUROC\nby training data (95% intervals)",
             ["real", "synthetic", "real + synthetic"],
             {"mean AUROC": list(tstr["mean_auroc"].values())},
             "mean AUROC",
