@@ -35,7 +35,7 @@ from emixer_model.data.site import SiteData, load_site
 from emixer_model.networks import EmixerNets, build_networks
 from emixer_model.privacy import SiteAccountant, default_delta, plan_noise_multiplier
 from emixer_model.text.vocabulary import VOCAB_SIZE
-from emixer_model.training import PrivateTrainer
+from emixer_model.training import PrivateTrainer, steps_per_epoch
 
 HOLDOUT = 0.5
 TARGET_EPSILON = 10.0
@@ -95,17 +95,21 @@ def train(
     torch.manual_seed(seed)  # the same initial weights for both models
     nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
     accountant = SiteAccountant(cfg.privacy.accountant)
+    n_units = len(train_data.units)
+    sample_rate = min(1.0, cfg.train.batch_size / n_units)
     trainer = PrivateTrainer(
         nets,
         cfg,
-        n_units=len(train_data.units),
+        n_units=n_units,
         noise_multiplier=noise,
+        sample_rate=sample_rate,
         accountant=accountant,
         device=torch.device("cpu"),
         secret_seed=seed,  # reproducible sampling and noise: an experiment, not a deployment
     )
     start = time.perf_counter()
-    summary = trainer.train_epochs(train_data, epochs, sampler_seed=seed)
+    steps = epochs * steps_per_epoch(sample_rate)
+    summary = trainer.train_steps(train_data, steps, sampler_seed=seed)
     return nets, accountant, summary["steps"], time.perf_counter() - start
 
 
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     split = split_site(data, HOLDOUT, cfg.train.seed)
     n_units = len(split.train.units)
     q = min(1.0, cfg.train.batch_size / n_units)
-    steps = args.epochs * max(1, round(1 / q))
+    steps = args.epochs * steps_per_epoch(q)
     delta = default_delta(n_units)
     sigma = plan_noise_multiplier(SiteAccountant("rdp"), TARGET_EPSILON, delta, q, steps)
     unit = "patients" if data.per_patient else "images"

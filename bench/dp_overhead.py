@@ -184,6 +184,7 @@ class ModeRun:
                 cfg,
                 n_units=len(data.units),
                 noise_multiplier=TINY_NOISE,
+                sample_rate=min(1.0, cfg.train.batch_size / len(data.units)),
                 accountant=SiteAccountant("rdp"),
                 device=torch.device("cpu"),
                 secret_seed=0,
