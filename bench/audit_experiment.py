@@ -131,8 +131,6 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     # Opacus' hooks warn on every generator step that G's inputs need no gradient: expected here.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    # the noise planner's bisection probes tiny sigmas whose best RDP order is the smallest alpha
-    warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
 
     start = time.perf_counter()
     cfg = experiment_config(args.resolution, args.batch_size, args.seed)

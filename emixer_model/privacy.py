@@ -213,7 +213,10 @@ def plan_noise_multiplier(
         raise ValueError(f"need 0 < sample_rate <= 1 and steps >= 1, got {sample_rate}, {steps}")
 
     def eps(sigma: float) -> float:
-        return accountant.epsilon_after(steps, sigma, sample_rate, delta)
+        with warnings.catch_warnings():
+            # the bisection probes tiny sigmas whose best RDP order is the smallest alpha tried
+            warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
+            return accountant.epsilon_after(steps, sigma, sample_rate, delta)
 
     hi, lo = MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
     if eps(hi) > target_epsilon:
