@@ -44,11 +44,7 @@ from emixer_model.data.site import SiteData, load_site
 from emixer_model.evaluation.utility import Judge, LabeledSet, SyntheticSet, labeled_from_site
 from emixer_model.networks import build_networks, get_weights, set_weights
 from emixer_model.privacy import SiteAccountant, default_delta, plan_noise_multiplier
-from emixer_model.public_pretrain import (
-    fill_missing_reports,
-    pretrain_public,
-    warm_start_report_decoder,
-)
+from emixer_model.public_pretrain import pretrained_networks
 from emixer_model.synthesis import synthesize
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
 from emixer_model.training import PrivateTrainer, steps_per_epoch
@@ -107,11 +103,16 @@ def prepare(setup: Setup, cache: Path, model: ModelConfig) -> tuple[list[Site], 
 def pretrained_weights(public: Path, cfg: EmixerConfig, setup: Setup) -> dict:
     """The public-only model: report warm start, then all four networks on the public set."""
     data = load_public(public, cfg.model)
-    torch.manual_seed(cfg.train.seed)
-    nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
-    warm_start_report_decoder(nets, cfg.model, setup.warm_start, cfg.train.seed)
-    tokens = fill_missing_reports(data.labels, data.tokens, data.has_report, cfg.model, 0)
-    pretrain_public(nets, cfg, data.images, data.labels, tokens, setup.pretrain_steps, 0)
+    nets, _ = pretrained_networks(
+        data.images,
+        data.labels,
+        data.tokens,
+        data.has_report,
+        cfg,
+        setup.pretrain_steps,
+        setup.warm_start,
+        cfg.train.seed,
+    )
     return get_weights(nets)
 
 

@@ -185,30 +185,25 @@ def public_pretrained_model(
 ) -> Path:
     """Pretrain all four networks on a public collection WITHOUT privacy and save a round-0
     checkpoint that records the public source (name, content hash, steps). No site data."""
-    import torch
-
-    from emixer_model.config import FINDINGS
     from emixer_model.data.public import load_public
-    from emixer_model.networks import build_networks, get_weights
-    from emixer_model.public_pretrain import (
-        fill_missing_reports,
-        pretrain_public,
-        warm_start_report_decoder,
-    )
-    from emixer_model.text.vocabulary import VOCAB_SIZE
+    from emixer_model.networks import get_weights
+    from emixer_model.public_pretrain import pretrained_networks
     from server.checkpoint import Checkpoint, save_checkpoint
 
     bars = ("decoding", "report warm start", "pretraining")
     with progress_bars(*bars) as (load_bar, warm_bar, train_bar):
         public = load_public(public_dir, cfg.model, progress=load_bar)
-        torch.manual_seed(seed)
-        nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
-        warm_start_report_decoder(nets, cfg.model, warm_start, seed, progress=warm_bar)
-        tokens = fill_missing_reports(
-            public.labels, public.tokens, public.has_report, cfg.model, seed
-        )
-        result = pretrain_public(
-            nets, cfg, public.images, public.labels, tokens, steps, seed, progress=train_bar
+        nets, result = pretrained_networks(
+            public.images,
+            public.labels,
+            public.tokens,
+            public.has_report,
+            cfg,
+            steps,
+            warm_start,
+            seed,
+            warm_progress=warm_bar,
+            progress=train_bar,
         )
     source = {
         **public.source(),

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig
-from emixer_model.networks import EmixerNets
+from emixer_model.networks import EmixerNets, build_networks
 from emixer_model.text.grammar import write_report
-from emixer_model.text.vocabulary import encode_report
+from emixer_model.text.vocabulary import VOCAB_SIZE, encode_report
 from emixer_model.training import (
     generator_loss,
     real_row_losses,
@@ -217,3 +217,26 @@ def pretrain_public(
     g_optimizer.zero_grad(set_to_none=True)
     window = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
     return {"steps": steps, "seconds": time.perf_counter() - started, "losses": window}
+
+
+def pretrained_networks(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    tokens: torch.Tensor,
+    has_report: torch.Tensor,
+    cfg: EmixerConfig,
+    steps: int,
+    warm_start: int,
+    seed: int,
+    warm_progress: ProgressFn | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[EmixerNets, dict]:
+    """Fresh networks after the report warm start and `steps` of public pretraining on a public
+    collection (missing reports written from the labels): what `emixer pretrain`, the demo and
+    the utility bench start the sites from. Returns (nets, pretrain_public's summary)."""
+    torch.manual_seed(seed)
+    nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
+    warm_start_report_decoder(nets, cfg.model, warm_start, seed, progress=warm_progress)
+    filled = fill_missing_reports(labels, tokens, has_report, cfg.model, seed)
+    result = pretrain_public(nets, cfg, images, labels, filled, steps, seed, progress=progress)
+    return nets, result

@@ -111,14 +111,6 @@ def _freeze_below_top(private: nn.ModuleDict) -> None:
                 module.requires_grad_(True)
 
 
-def trainable_count(nets: EmixerNets) -> dict[str, int]:
-    """Parameters that move per network (D, E, R private; G on generated data only)."""
-    return {
-        name: sum(p.numel() for p in getattr(nets, name).parameters() if p.requires_grad)
-        for name in ("d", "e", "r", "g")
-    }
-
-
 def _streams(seed: int) -> Iterator[torch.Generator]:
     """Independent generators from one seed: one per consumer, so no stream's use shifts another."""
     for child in np.random.SeedSequence(seed).spawn(2):

@@ -67,3 +67,34 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path, capsys):
     bad.write_text("train: [1, 2\n")
     assert main(["demo", "--config", str(bad)]) == 2
     assert "not valid YAML" in capsys.readouterr().out
+
+
+def test_pretrain_writes_a_public_checkpoint_that_a_run_can_start_from(tmp_path):
+    """`emixer pretrain` on a public collection: a round-0 checkpoint with no ledger that records
+    the collection's name and content hash; refused again over an existing file, and a folder
+    that is not a collection is one clear line with exit 2."""
+    from server.app import initial_model
+    from server.checkpoint import load_checkpoint
+    from tests.conftest import tiny_config
+
+    public = tmp_path / "public"
+    assert emixer("phantoms", "--public", "--out", str(public), "--per-site", "12",
+                  "--size", "32").returncode == 0  # fmt: skip
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": TINY["model"], "train": {"batch_size": 4}}))
+    out = tmp_path / "pretrained.pt"
+    args = ["pretrain", "--public", str(public), "--out", str(out), "--config", str(config)]
+    done = emixer(*args, "--steps", "2", "--warm-start", "2")
+    assert done.returncode == 0, done.stderr
+    ckpt = load_checkpoint(out)
+    assert ckpt.server_round == 0 and not ckpt.ledger["sites"]
+    assert ckpt.public_source["studies"] == 12 and len(ckpt.public_source["content_hash"]) == 64
+    cfg = tiny_config(federation={"initial_model": str(out)})
+    arrays, source = initial_model(cfg)
+    assert source == ckpt.public_source and set(arrays) == set(ckpt.arrays)
+    again = emixer(*args)
+    assert again.returncode == 2 and "never overwritten" in " ".join(again.stdout.split())
+    nowhere = emixer("pretrain", "--public", str(tmp_path / "none"), "--out", str(tmp_path / "x"))
+    said = " ".join((nowhere.stdout + nowhere.stderr).split())  # rich wraps at 80 columns
+    assert nowhere.returncode == 2 and "not a public collection" in said
+    assert "Traceback" not in said
