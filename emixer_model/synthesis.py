@@ -1,8 +1,9 @@
 """Synthesis: image-report pairs from the trained networks for given label vectors.
 
-One function serves the release, the utility bench and the audit, so what researchers receive
-is exactly what was measured. Images come from the EMA copy of the generator; reports are drawn
-from R conditioned on the image's embedding and the labels at `model.report_temperature`.
+One function serves the release and the utility bench, so what researchers receive is exactly
+what was measured (the audit samples the same EMA generator for its nearest-neighbour attack).
+Images come from the EMA copy of the generator; reports are drawn from R conditioned on the
+image's embedding and the labels at `model.report_temperature`.
 """
 
 from __future__ import annotations
