@@ -23,15 +23,15 @@ from typing import Any
 import torch
 
 from bench.common import console, machine, print_table, write_phantoms
-from emixer_model.audit import (
+from emixer_model.config import FINDINGS, EmixerConfig, from_dict
+from emixer_model.data.site import SiteData, load_site
+from emixer_model.membership_audit import (
     TARGET_FPRS,
     format_tpr,
     membership_attacks,
     split_site,
     unresolved_note,
 )
-from emixer_model.config import FINDINGS, EmixerConfig, from_dict
-from emixer_model.data.site import SiteData, load_site
 from emixer_model.networks import EmixerNets, build_networks
 from emixer_model.privacy import SiteAccountant, default_delta, plan_noise_multiplier
 from emixer_model.text.vocabulary import VOCAB_SIZE

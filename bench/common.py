@@ -244,12 +244,13 @@ class SimulationTimes:
 def run_timed_simulation(
     cfg: Any, site_dirs: list[Path], root: Path, verbose: bool = False
 ) -> SimulationTimes:
-    """server.simulation.simulate with round and site timings and the process-tree peak RSS."""
+    """server.tools.simulation.simulate with round and site timings and the process-tree
+    peak RSS."""
     import ray.cloudpickle
 
     import bench.common
     import server.app
-    import server.simulation
+    import server.tools.simulation
 
     # Ray workers cannot import `bench` (not an installed package): ship this module by value.
     ray.cloudpickle.register_pickle_by_value(bench.common)
@@ -275,15 +276,17 @@ def run_timed_simulation(
 
     state_root = root / "state"
     state_root.mkdir(parents=True, exist_ok=True)
-    saved_app = server.simulation.client_app
-    server.app.make_strategy, server.simulation.client_app = timed_strategy, timed_client_app
+    saved_app = server.tools.simulation.client_app
+    server.app.make_strategy, server.tools.simulation.client_app = timed_strategy, timed_client_app
     try:
         with TreeRssSampler() as sampler:
             start = time.time()
-            server.simulation.simulate(cfg, site_dirs, state_root, root / "ckpt", verbose=verbose)
+            server.tools.simulation.simulate(
+                cfg, site_dirs, state_root, root / "ckpt", verbose=verbose
+            )
             end = time.time()
     finally:
-        server.app.make_strategy, server.simulation.client_app = make_strategy, saved_app
+        server.app.make_strategy, server.tools.simulation.client_app = make_strategy, saved_app
         ray.cloudpickle.unregister_pickle_by_value(bench.common)
     sites: dict[int, list[tuple[str, float, float]]] = {}
     timings = state_root / TIMINGS_FILE

@@ -1,6 +1,6 @@
 """What federation costs on top of local training: a simulated round's wall time vs its sites' work.
 
-Runs server.simulation.simulate (Flower + Ray) on small phantom sites. Each site's
+Runs server.tools.simulation.simulate (Flower + Ray) on small phantom sites. Each site's
 train_site_round is timed inside the Ray worker (the ClientApp is wrapped, the code it runs is the
 real one); the round is timed at the server from configure_train to the end of aggregate_train
 (which includes the checkpoint).

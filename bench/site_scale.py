@@ -1,8 +1,8 @@
 """How a simulated federation grows with the number of sites: time and memory of one round.
 
-For each site count, server.simulation.simulate runs ONE round on tiny phantom sites. Peak memory
-is the largest sum of RSS over this process and all its descendants (Ray's GCS, raylet and the
-ClientApp actors), sampled every 0.2 s. Growth is linear when time/site and MB/site stay flat.
+For each site count, server.tools.simulation.simulate runs ONE round on tiny phantom sites. Peak
+memory is the largest sum of RSS over this process and all its descendants (Ray's GCS, raylet and
+the ClientApp actors), sampled every 0.2 s. Growth is linear when time/site and MB/site stay flat.
 
     python -m bench.site_scale [--counts 2,5,10] [--studies 24] [--resolution 32]
 """

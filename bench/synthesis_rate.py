@@ -1,4 +1,4 @@
-"""Synthetic pairs per second of `emixer release` (server.release.release), and where time goes.
+"""Synthetic pairs per second of `emixer release` (server.tools.release), and where time goes.
 
 The checkpoint is a freshly initialised default model (same shapes and cost as a trained one) with
 a small but valid privacy ledger, so the release passes the privacy gate exactly as a real one.
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-import server.release as release_module
+import server.tools.release as release_module
 from bench.common import machine, print_table, verdict
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig
 from emixer_model.networks import build_networks, get_weights

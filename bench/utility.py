@@ -17,8 +17,9 @@ site holds out a share of its labeled patients before any training; half of them
 judge, the other half test it (its real held-out AUROC) and every train-on-synthetic model.
 Every figure carries a bootstrap 95% interval (emixer_model.evaluation.utility) and its n.
 
-The rows from the public model use the demo's fine-tuning choice (emixer_model.cli.DEMO_TRAIN:
-the top layers and norms of D, E and R under DP), the rows from scratch train every parameter.
+The rows from the public model use the demo's fine-tuning choice
+(emixer_cli.commands.demo.DEMO_TRAIN: the top layers and norms of D, E and R under DP), the rows
+from scratch train every parameter.
 Federated rounds are run in this process: each round every site trains with the project's own
 PrivateTrainer (its noise multiplier planned for the whole horizon by the same function the
 site uses, delta = 1/(10 N)) from the global weights, and the global weights are the
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from bench.common import console, machine, print_table
-from emixer_model.cli import DEMO_MODEL, DEMO_TRAIN
+from emixer_cli.commands.demo import DEMO_MODEL, DEMO_TRAIN
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, PrivacyConfig, TrainConfig
 from emixer_model.data.phantoms import write_phantom_sites, write_public_collection
 from emixer_model.data.public import load_public

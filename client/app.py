@@ -23,7 +23,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.audit import AppNotApproved, check_app_approved, log_served_round
+from client.served_runs import AppNotApproved, check_app_approved, log_served_round
 from emixer_model.config import ConfigError, EmixerConfig
 from emixer_model.data.site import SiteDataError
 from emixer_model.records import from_array_record, to_array_record

@@ -5,7 +5,7 @@ Importing it keeps Flower's log records from also reaching the root logger. opac
 has its own console handler and propagates, so every process that imports both (the ServerApp and
 ClientApp processes behind `emixer server` and `emixer site`, the simulation's Ray actors) printed
 each Flower line twice. The CLI routes Flower's records itself and turns propagation back on
-(`emixer_model.cli.configure_logging`).
+(`emixer_cli.logs.configure_logging`).
 """
 
 import logging

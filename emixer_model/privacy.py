@@ -19,6 +19,8 @@ import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 
+from emixer_model.shared import write_json_atomic
+
 log = logging.getLogger("emixer.privacy")
 
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
@@ -137,13 +139,8 @@ class SiteAccountant:
             prev_tmp = path.with_suffix(".prev.tmp")
             shutil.copy2(path, prev_tmp)
             os.replace(prev_tmp, path.with_suffix(".prev"))
-        tmp = path.with_suffix(".tmp")
         data = {"kind": self.kind, "history": [list(entry) for entry in self.history]}
-        with tmp.open("w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json_atomic(path, data, indent=None, fsync=True)
 
     @classmethod
     def load(cls, path: Path, kind: str) -> SiteAccountant:

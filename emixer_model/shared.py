@@ -1,7 +1,8 @@
 """Small pieces both sides of a deployment use, kept in one place so they cannot drift apart.
 
 The site daemon, the ClientApp, the coordinator's tools and the command line all import these:
-the progress callback every long loop takes, atomic JSON writes (a file is the old one or the new
+the base of every error a user can fix, the progress callback every long loop takes, atomic JSON
+writes (a file is the old one or the new
 one, never half of either), the hash of the app's code a site pins, and stopping a child process
 group on Ctrl-C or a systemd stop.
 """
@@ -23,6 +24,11 @@ from typing import Any, Protocol
 # site approves by hash. The command line is not among them: it never runs inside a round.
 APP_PACKAGES = ("client", "emixer_model", "server")
 STOP_TIMEOUT = 15.0  # seconds a child process group gets between SIGTERM and SIGKILL
+
+
+class UserError(Exception):
+    """A problem the person running a command can fix (a bad config, folder, checkpoint or
+    release); the command line prints its message as one line and exits 2, never a traceback."""
 
 
 class ProgressFn(Protocol):

@@ -39,6 +39,7 @@ from emixer_model.privacy import (
     normalise_history,
     plan_noise_multiplier,
 )
+from emixer_model.shared import write_json_atomic
 
 log = logging.getLogger("emixer.site")
 
@@ -264,7 +265,7 @@ def refuse_over_budget(accountant: SiteAccountant, plan: PrivacyPlan, budget: fl
 # the state on the site's disk
 
 
-def audit_event(state_dir: Path, entry: dict) -> None:
+def log_site_event(state_dir: Path, entry: dict) -> None:
     """Append one JSON line to the site's audit log (never rewritten, never sent anywhere)."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -293,9 +294,7 @@ class SiteState:
             return None  # an older format: re-planned from the accountant, like any change
 
     def save_plan(self, plan: PrivacyPlan) -> None:
-        tmp = self.plan_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(plan), indent=2))
-        tmp.replace(self.plan_path)
+        write_json_atomic(self.plan_path, asdict(plan), fsync=True)
 
     def load_accountant(self, kind: str) -> SiteAccountant:
         if self.accountant_path.is_file() or self.accountant_path.with_suffix(".prev").is_file():
@@ -359,7 +358,7 @@ class SiteState:
                 old.noise_multiplier,
                 fresh.noise_multiplier,
             )
-            audit_event(
+            log_site_event(
                 self.root,
                 {
                     "event": "re-planned",

@@ -30,8 +30,8 @@ from emixer_model.site_privacy import (
     SitePolicy,
     SiteState,
     arrays_sha256,
-    audit_event,
     ledger_entry,
+    log_site_event,
     refuse_over_budget,
 )
 from emixer_model.text.vocabulary import VOCAB_SIZE
@@ -124,7 +124,7 @@ def train_site_round(
         spent = accountant.epsilon(delta) if plan is not None else 0.0
         record = {"round": server_round, "status": status, "epsilon": spent, "message": message}
         state.append_ledger({"time": time.time(), **record, "delta": delta})
-        audit_event(state_dir, {"event": f"round-{status}", "run": run_id, **record})
+        log_site_event(state_dir, {"event": f"round-{status}", "run": run_id, **record})
         return SiteRoundResult(status, spent, delta, budget, plan, message=message)
 
     try:

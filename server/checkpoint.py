@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emixer_model.shared import UserError
+
 log = logging.getLogger("emixer.server")
 
 FORMAT = 1
@@ -62,7 +64,7 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint) -> Path:
     return path
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, damaged or not one of ours."""
 
 

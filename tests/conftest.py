@@ -83,8 +83,8 @@ def evaluated_release(tmp_path_factory, tiny_sites) -> Path:
     site, evaluated against that site, with its index.html: what the release page and DICOM
     conformance tests look at."""
     from emixer_model.evaluation.evaluate import evaluate_release
-    from server.release import parse_conditions, release
-    from server.release_sheet import write_index_html
+    from server.tools.release import parse_conditions, release
+    from server.tools.release_page import write_index_html
 
     root = tmp_path_factory.mktemp("evaluated-release")
     ckpt = signed_checkpoint(tiny_sites[0], root, tiny_config(), rounds=1)

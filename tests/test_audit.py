@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from emixer_model.audit import (
+from emixer_model.config import FINDINGS
+from emixer_model.data.site import SiteData, holdout_units
+from emixer_model.membership_audit import (
     attack_metrics,
     memorisation,
     roc_auc,
     split_site,
     tpr_at_fpr,
 )
-from emixer_model.config import FINDINGS
-from emixer_model.data.site import SiteData, holdout_units
 from emixer_model.networks import build_networks, get_weights
 from emixer_model.text.vocabulary import VOCAB_SIZE
 from server.checkpoint import Checkpoint, save_checkpoint
@@ -125,7 +125,7 @@ def _checkpoint(tmp_path, holdout: float):
 
 
 def test_refuses_model_trained_without_holdout(tmp_path, tiny_sites, capsys) -> None:
-    from emixer_model.cli import main
+    from emixer_cli.main import main
 
     path = _checkpoint(tmp_path, holdout=0.0)
     out = tmp_path / "audit"
@@ -138,7 +138,7 @@ def test_refuses_model_trained_without_holdout(tmp_path, tiny_sites, capsys) -> 
 
 
 def test_end_to_end_audit_writes_json_and_png(tmp_path, tiny_sites, capsys) -> None:
-    from emixer_model.cli import main
+    from emixer_cli.main import main
 
     path = _checkpoint(tmp_path, holdout=0.5)
     out = tmp_path / "audit"

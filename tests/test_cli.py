@@ -10,13 +10,13 @@ import sys
 
 import yaml
 
-from emixer_model.cli import main
+from emixer_cli.main import main
 from tests.conftest import TINY
 
 
 def emixer(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "emixer_model.cli", *args], capture_output=True, text=True
+        [sys.executable, "-m", "emixer_cli", *args], capture_output=True, text=True
     )
 
 

@@ -32,7 +32,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from emixer_model.cli import main
+from emixer_cli.main import main
 from emixer_model.data.check import check_folder
 from emixer_model.data.dicom import decode_dicom, write_dicom
 

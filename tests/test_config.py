@@ -68,9 +68,9 @@ def test_pyproject_run_config_is_every_key_at_its_default():
 @pytest.mark.parametrize(
     ("section", "values", "message"),
     [
-        ("train", {"batch_size": "32"}, "train.batch_size must be int, not '32'"),
-        ("federation", {"resume": 1}, "federation.resume must be bool"),
-        ("privacy", {"delta": "small"}, "privacy.delta must be int or float"),
+        ("train", {"batch_size": "32"}, "train.batch_size must be an integer, not '32'"),
+        ("federation", {"resume": 1}, "federation.resume must be true or false"),
+        ("privacy", {"delta": "small"}, "privacy.delta must be a number"),
     ],
 )
 def test_wrongly_typed_values_are_refused_by_key(section, values, message):

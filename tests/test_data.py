@@ -20,7 +20,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import JPEGLSLossless
 from rich.console import Console
 
-from emixer_model.cli import main
+from emixer_cli.main import main
 from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.data import site as site_module
 from emixer_model.data.check import check_folder

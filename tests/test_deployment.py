@@ -20,20 +20,20 @@ from pathlib import Path
 
 import pytest
 
-from client.audit import app_hash
 from client.daemon import (
     SiteSettings,
-    check_site,
     load_site_settings,
     supernode_command,
     supernode_env,
     write_node_config,
 )
-from emixer_model.cli import main
+from emixer_cli.commands.site import check_site
+from emixer_cli.main import main
 from emixer_model.config import ConfigError, EmixerConfig, ModelConfig, TrainConfig
+from emixer_model.shared import app_hash, stop_process_group
 from emixer_model.site_privacy import SiteKey
 from server.checkpoint import latest_checkpoint
-from server.launch import (
+from server.tools.launch import (
     FlwrCli,
     ServerSettings,
     SiteEntry,
@@ -41,10 +41,9 @@ from server.launch import (
     run_config,
     stage_app,
     start_superlink,
-    stop_process_group,
     write_flwr_home,
 )
-from server.release import check_privacy_gate, read_public_keys
+from server.tools.release import check_privacy_gate, read_public_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKE_CERTS = ROOT / "deploy" / "make-certs.sh"

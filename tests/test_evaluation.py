@@ -12,13 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from emixer_cli.commands.evaluate import add_parser
 from emixer_model.config import FINDINGS
-from emixer_model.evaluation.evaluate import (
-    HEADLINE,
-    EvaluationError,
-    add_parser,
-    evaluate_release,
-)
+from emixer_model.evaluation.evaluate import HEADLINE, EvaluationError, evaluate_release
 from emixer_model.evaluation.image_metrics import (
     accuracy,
     auroc,
@@ -266,7 +262,7 @@ def test_same_seed_same_result(phantom_world, faithful_result):
 
 
 def test_command_prints_the_summary(phantom_world, capsys, monkeypatch):
-    from emixer_model.cli import console
+    from emixer_cli.common import console
 
     monkeypatch.setattr(console, "width", 200)  # one table row per line, as on a wide terminal
     parser = argparse.ArgumentParser()
@@ -342,14 +338,13 @@ def test_real_site_missing_or_too_small(phantom_world, tmp_path):
         evaluate_release(phantom_world["faithful"], [tiny], [tmp_path / "s"])
 
 
-def test_command_turns_errors_into_one_line(phantom_world, tmp_path):
-    from emixer_model.cli import CommandError
+def test_command_turns_errors_into_one_line(phantom_world, tmp_path, capsys):
+    from emixer_cli.main import main
 
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args(
+    code = main(
         ["evaluate", "--release", str(tmp_path), "--real", str(phantom_world["site"])]
         + ["--state-dir", str(tmp_path / "a"), str(tmp_path / "b")]
     )
-    with pytest.raises(CommandError, match="one --state-dir per --real folder"):
-        args.func(args)
+    out = capsys.readouterr().out
+    assert code == 2 and "one --state-dir per --real folder" in out
+    assert "Traceback" not in out and len(out.strip().splitlines()) == 1

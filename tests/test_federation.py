@@ -12,9 +12,9 @@ from emixer_model.data.phantoms import CANARY
 from emixer_model.data.site import load_site
 from emixer_model.privacy import SiteAccountant, epsilon_from_history
 from server.checkpoint import load_checkpoint
-from server.release import check_privacy_gate
-from server.simulation import simulate
 from server.strategy import EmixerStrategy
+from server.tools.release import check_privacy_gate
+from server.tools.simulation import simulate
 from tests.conftest import tiny_config
 
 

@@ -39,7 +39,7 @@ def python(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def emixer(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return python("-m", "emixer_model.cli", *args, cwd=cwd)
+    return python("-m", "emixer_cli", *args, cwd=cwd)
 
 
 def _broken_files(folder: Path) -> None:

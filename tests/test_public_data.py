@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from emixer_model.cli import main
+from emixer_cli.main import main
 from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.data.dicom import decode_dicom, write_dicom
 from emixer_model.data.phantoms import (

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from emixer_model.cli import main
+from emixer_cli.main import main
 from emixer_model.data.dicom import SOP_CLASSES
 from emixer_model.data.phantoms import CANARY
 from emixer_model.site_privacy import SiteKey

@@ -28,6 +28,7 @@ import torch
 
 from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.data.dicom import NORMALISATION_VERSION, SKIP_REASONS, SkipFile, decode_dicom
+from emixer_model.shared import UserError
 
 log = logging.getLogger("emixer.data")
 
@@ -41,7 +42,7 @@ PATIENT_COLUMN = "patient"
 LABEL_VALUES = {1.0: 1, 0.0: 0, -1.0: -1}
 
 
-class SiteDataError(Exception):
+class SiteDataError(UserError):
     """The site folder cannot be used for training; the message says what to fix."""
 
 

@@ -17,9 +17,7 @@ Only aggregates are written: no real image, report, word or file name leaves the
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,9 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from emixer_model.config import FINDINGS, ModelConfig, TrainConfig, from_dict
+from emixer_model.config import FINDINGS, JUDGE_EPOCHS, ModelConfig, TrainConfig, from_dict
+from emixer_model.data.dicom import SkipFile, decode_dicom
+from emixer_model.data.site import load_site
 from emixer_model.evaluation import figures
 from emixer_model.evaluation.text_metrics import (
     ReferenceReports,
@@ -39,7 +39,6 @@ from emixer_model.evaluation.text_metrics import (
 from emixer_model.evaluation.utility import (
     BOOTSTRAP_NOTE,
     CONFIDENCE,
-    DEFAULT_EPOCHS,
     DEFAULT_RESAMPLES,
     Figure,
     Judge,
@@ -47,6 +46,8 @@ from emixer_model.evaluation.utility import (
     Scores,
     SyntheticSet,
 )
+from emixer_model.shared import UserError, write_json_atomic
+from emixer_model.text.vocabulary import BOS, EOS, PAD, UNK, encode_report
 
 TEST_FRACTION = 0.2
 MIN_REAL_IMAGES = 10  # fewer cannot give both a training set and a held-out test set
@@ -64,7 +65,7 @@ PAPER_NOTE = (
 )
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """A release or real-data input the evaluation cannot use; the message says what and where."""
 
 
@@ -118,8 +119,6 @@ def _read_manifest(release_dir: Path) -> tuple[dict, ModelConfig]:
 
 def load_release(release_dir: Path) -> SyntheticRelease:
     """Read manifest.json, reports.jsonl and every listed DICOM, or say exactly what is wrong."""
-    from emixer_model.data.dicom import SkipFile, decode_dicom
-
     if not release_dir.is_dir():
         raise EvaluationError(f"release folder {release_dir} does not exist")
     manifest, model_cfg = _read_manifest(release_dir)
@@ -186,8 +185,6 @@ def load_real(
     seed: int,
 ) -> RealData:
     """Load every site folder at the release's resolution and split it 80/20 by privacy unit."""
-    from emixer_model.data.site import load_site
-
     images, labels, tokens, units = [], [], [], []
     skipped = offset = 0
     for site_dir, state_dir in zip(site_dirs, state_dirs, strict=True):
@@ -235,8 +232,6 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 def report_word_ids(tokens: np.ndarray) -> tuple[int, ...]:
     """Word ids of a report [S,W], flattened, without PAD/BOS/EOS: what text metrics compare."""
-    from emixer_model.text.vocabulary import BOS, EOS, PAD
-
     return tuple(int(t) for t in np.asarray(tokens).reshape(-1) if t not in (PAD, BOS, EOS))
 
 
@@ -248,8 +243,6 @@ def text_statistics(
     model_cfg: ModelConfig,
 ) -> dict:
     """BLEU-4, ROUGE-L, vocabulary, duplicate and copy rates of synthetic vs real reports."""
-    from emixer_model.text.vocabulary import UNK, encode_report
-
     synthetic = [
         report_word_ids(encode_report(text, model_cfg.max_sentences, model_cfg.max_words))
         for text in synthetic_reports
@@ -460,7 +453,7 @@ def evaluate_release(
     real_dirs: Sequence[Path],
     state_dirs: Sequence[Path],
     seed: int = 0,
-    epochs: int = DEFAULT_EPOCHS,
+    epochs: int = JUDGE_EPOCHS,
     log: Callable[[str], None] = lambda message: None,
     resamples: int = DEFAULT_RESAMPLES,
 ) -> dict:
@@ -529,10 +522,7 @@ def evaluate_release(
         "summary": summary(result),
         **result,
     }
-    path = release_dir / "evaluation.json"
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(result, indent=2))
-    os.replace(partial, path)
+    write_json_atomic(release_dir / "evaluation.json", result)
     return result
 
 
@@ -553,85 +543,3 @@ def summary_table(result: dict) -> Table:
             name, _number(entry["value"]), _interval(entry), str(entry["n"]), entry["verdict"]
         )
     return table
-
-
-def run_evaluate_command(args: argparse.Namespace) -> int:
-    """The `emixer evaluate` command: defaults, progress lines, the summary table."""
-    from emixer_model.cli import CommandError, console, default_state_dir
-
-    release_dir = Path(args.release)
-    real_dirs = [Path(p) for p in args.real]
-    state_dirs = (
-        [Path(p) for p in args.state_dir]
-        if args.state_dir
-        else [default_state_dir(p) for p in real_dirs]
-    )
-    try:
-        result = evaluate_release(
-            release_dir,
-            real_dirs,
-            state_dirs,
-            seed=args.seed,
-            epochs=args.epochs,
-            log=lambda message: console.print(f"[dim]{message}...[/dim]"),
-        )
-    except EvaluationError as err:
-        raise CommandError(str(err)) from None
-    if (release_dir / "index.html").is_file():
-        from server.release_sheet import write_index_html
-
-        write_index_html(release_dir)
-    console.print(summary_table(result))
-    console.print(
-        f"wrote {release_dir / 'evaluation.json'} and {len(result['figures'])} figures in "
-        f"{release_dir / 'figures'}"
-    )
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `emixer evaluate`."""
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="utility of a synthetic release against a site's real data (run at the site)",
-        description="Score a synthetic release (from `emixer release`) against real labeled "
-        "studies of this site: do synthetic images show their labels (a small CNN trained on 80%% "
-        "of the real images), do synthetic reports state them (the rule-based labeler), do image "
-        "and report agree, does training on synthetic data help (train-on-synthetic/test-on-real "
-        "and real + synthetic vs real alone on the same held-out real images), a Frechet distance "
-        "on the classifier's features, and BLEU-4/ROUGE-L, vocabulary, duplicate and copy rates "
-        "of the reports. Every figure comes with a bootstrap 95%% interval (held-out studies "
-        "resampled by patient, synthetic pairs one by one), its sample size, and a verdict that "
-        "says when it is not distinguishable from chance. Writes RELEASE/evaluation.json and "
-        "PNG figures in RELEASE/figures/. "
-        "Only aggregates are written; real images and reports stay where they are.",
-    )
-    parser.add_argument("--release", required=True, help="release folder from `emixer release`")
-    parser.add_argument(
-        "--real",
-        required=True,
-        nargs="+",
-        metavar="SITE_DIR",
-        help="one or more site folders (studies.csv + DICOM files) to compare against; "
-        "several folders are pooled",
-    )
-    parser.add_argument(
-        "--state-dir",
-        nargs="+",
-        metavar="DIR",
-        help="where each site's decoded-image cache lives, one per --real folder "
-        "(default ~/.emixer/state/<site>-<hash>; never inside the data or release folder)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the split and of every classifier (0)"
-    )
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        default=DEFAULT_EPOCHS,
-        help=f"training epochs over the real judge-train studies ({DEFAULT_EPOCHS}); the "
-        "train-on-synthetic and real + synthetic classifiers take the same number of steps. "
-        "More is slower but makes the real-data classifier a sharper judge",
-    )
-    parser.set_defaults(func=run_evaluate_command)
-    return parser

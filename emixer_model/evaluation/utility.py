@@ -28,18 +28,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from emixer_model.config import FINDINGS
+from emixer_model.config import FINDINGS, JUDGE_EPOCHS
 from emixer_model.evaluation.classifier import FindingClassifier, score_images, train_classifier
 from emixer_model.evaluation.image_metrics import auroc, f1_score, frechet_distance
+from emixer_model.text.labeler import label_report
+from emixer_model.text.vocabulary import tokenize
 
 if TYPE_CHECKING:
     from emixer_model.data.site import SiteData
 
 CONFIDENCE = 0.95
 DEFAULT_RESAMPLES = 300
-# Over the judge-train set. 3 phantom sites x 160 at 64 px, 386 judge-train / 94 held-out studies,
-# load 8 on 2 cores: 60 epochs (780 steps) 11 s, held-out AUROC 0.80; 100 epochs 27 s, 0.85.
-DEFAULT_EPOCHS = 60
 BATCH_SIZE = 32
 MIN_DEFINED_DRAWS = 0.5  # below this share of resamples with a defined value, no interval
 IMAGE_THRESHOLD = 0.5  # the judge says a finding is in an image above this probability
@@ -217,16 +216,12 @@ def chance_f1(predicted: np.ndarray, targets: np.ndarray) -> float | None:
 
 def labeler_positives(reports: Sequence[str]) -> np.ndarray:
     """[N,L] bool: the shipped labeler finds the finding stated as positive or uncertain."""
-    from emixer_model.text.labeler import label_report
-
     found = [label_report(text) for text in reports]
     return np.array([[row.get(f) in (1, -1) for f in FINDINGS] for row in found], dtype=bool)
 
 
 def report_key(text: str) -> tuple[tuple[str, ...], ...]:
     """A report as the vocabulary reads it (lowercased words per sentence): what a duplicate is."""
-    from emixer_model.text.vocabulary import tokenize
-
     return tuple(tuple(words) for words in tokenize(text))
 
 
@@ -348,7 +343,7 @@ class Judge:
         cls,
         train: LabeledSet,
         heldout: LabeledSet,
-        epochs: int = DEFAULT_EPOCHS,
+        epochs: int = JUDGE_EPOCHS,
         seed: int = 0,
         resamples: int = DEFAULT_RESAMPLES,
     ) -> Judge:

@@ -46,7 +46,7 @@ def simulate(
     }
     try:
         # run_simulation is deprecated in flwr 1.42 (its banner goes to the log file, see
-        # emixer_model.cli.configure_logging) but it is the only supported in-process entry
+        # emixer_cli.logs.configure_logging) but it is the only supported in-process entry
         # point: its replacement, `flwr run` on the local simulation runtime, starts a SuperLink
         # and a `flwr-simulation` process and loads the app from a bundle, so it cannot take
         # the ServerApp object built here from a Python config, nor be driven by the tests.

@@ -22,8 +22,6 @@ real images and per-site details: they stay at the site.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from rich.table import Table
 from emixer_model.config import FINDINGS
 from emixer_model.data.site import SiteData, holdout_units
 from emixer_model.networks import EmixerNets
+from emixer_model.shared import UserError, write_json_atomic
 
 TARGET_FPRS = (0.01, 0.001)
 PNG_NAME = "closest_pairs.png"
@@ -45,7 +44,7 @@ STAYS_AT_SITE = (
 )
 
 
-class AuditError(ValueError):
+class AuditError(UserError, ValueError):
     """The audit cannot run on this model or data; the message says why and what to do."""
 
 
@@ -413,9 +412,7 @@ def run_audit(
         "memorisation": memo,
         "note": STAYS_AT_SITE,
     }
-    tmp = out_dir / "audit.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out_dir / "audit.json")
+    write_json_atomic(out_dir / "audit.json", result)
     return result
 
 
@@ -461,122 +458,3 @@ def unresolved_note(metrics: dict[str, Any]) -> str | None:
         f"* only {n} non-members: that FPR needs at least {', '.join(map(str, needs))} "
         "non-members to be measured; the value is interpolated from the ROC curve"
     )
-
-
-def run_audit_command(args: argparse.Namespace) -> int:
-    """`emixer audit`: load checkpoint and site, refuse models trained without a holdout."""
-    from emixer_model.cli import CommandError, console, default_state_dir
-    from emixer_model.config import ConfigError, EmixerConfig, from_dict
-    from emixer_model.data.site import load_site
-    from emixer_model.networks import build_networks, pick_device, set_weights
-    from emixer_model.text.vocabulary import VOCAB_SIZE
-    from server.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(Path(args.model))
-    try:
-        cfg = from_dict(EmixerConfig, ckpt.config)
-    except ConfigError as err:
-        raise CommandError(f"the config stored in {args.model} is not usable: {err}") from None
-    trained = cfg.train.holdout_fraction
-    fraction = trained if args.holdout is None else args.holdout
-    if trained <= 0 and args.holdout is None:
-        raise CommandError(
-            f"{args.model} was trained without held-out data (train.holdout_fraction = 0), so no "
-            "study is known to be a non-member; a membership audit needs a model trained with "
-            "train.holdout_fraction > 0 (e.g. 0.2), or --holdout FRACTION if it was trained "
-            "with held-out units some other way"
-        )
-    if not 0 < fraction < 1:
-        raise CommandError(f"--holdout must be between 0 and 1 (exclusive), not {fraction}")
-    if trained > 0 and args.holdout is not None and not math.isclose(fraction, trained):
-        raise CommandError(
-            f"--holdout {fraction} differs from the {trained} the model was trained with; "
-            "members would be mislabeled. Leave --holdout out to use the trained fraction"
-        )
-
-    if trained <= 0:
-        console.print(
-            f"[yellow]warning:[/yellow] {args.model} records no holdout; this audit is valid only "
-            f"if training left out exactly the units "
-            f"emixer_model.data.site.holdout_units(n, {fraction}, seed={cfg.train.seed}) picks"
-        )
-    nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
-    try:
-        set_weights(nets, ckpt.arrays)
-        device = pick_device(cfg.train.device)
-    except ValueError as err:
-        raise CommandError(f"{args.model}: {err}") from None
-    nets.to(device)
-    site_dir = Path(args.site)
-    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(site_dir)
-    out_dir = Path(args.out) if args.out else state_dir / "audit"
-    console.print(f"[dim]loading {site_dir} ...[/dim]")
-    data = load_site(site_dir, state_dir, cfg.model, uncertain_as=cfg.train.uncertain_as)
-    console.print(f"[dim]attacking {len(data.images)} labeled studies ...[/dim]")
-    try:
-        result = run_audit(
-            nets,
-            data,
-            fraction,
-            cfg.train.seed,
-            cfg.model.latent_dim,
-            out_dir,
-            seed=args.seed,
-            per_label=args.per_label,
-        )
-    except AuditError as err:
-        raise CommandError(str(err)) from None
-    console.print(audit_table(result))
-    note = unresolved_note(result["attacks"])
-    if note:
-        console.print(note)
-    memo = result["memorisation"]
-    console.print(
-        f"memorisation: {memo['fraction_closer_than_real_p1']:.1%} of "
-        f"{memo['synthetic_images']} synthetic images are closer to a member image than the 1st "
-        f"percentile of member-to-member distances ({memo['real_to_real_p1']:.3f})"
-    )
-    console.print(f"wrote {out_dir / 'audit.json'} and {out_dir / PNG_NAME}")
-    console.print(f"[yellow]{STAYS_AT_SITE}[/yellow]")
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `emixer audit`."""
-    parser = subparsers.add_parser(
-        "audit",
-        help="membership-inference and memorisation audit of a model on this site's data",
-        description="Attack a trained model with this site's own studies: does the "
-        "discriminator, the report loss, or the distance to generated images tell the studies it "
-        "was trained on from the held-out ones (ROC AUC, TPR at 1% and 0.1% FPR, bootstrap 95% "
-        "CIs)? And are synthetic images closer to real ones than real images are to each other? "
-        "The model must be trained with train.holdout_fraction > 0. Writes OUT/audit.json and "
-        f"OUT/{PNG_NAME}; they contain real images and study details, so they stay at the site.",
-    )
-    parser.add_argument(
-        "--model", required=True, help="checkpoint file (checkpoints/round-NNNN.pt)"
-    )
-    parser.add_argument("--site", required=True, help="this site's folder (studies.csv + DICOM)")
-    parser.add_argument(
-        "--holdout",
-        type=float,
-        default=None,
-        help="fraction of privacy units held out of training (default: the checkpoint config's "
-        "train.holdout_fraction; must match what training used)",
-    )
-    parser.add_argument(
-        "--state-dir",
-        help="where the site's decoded-image cache lives (default ~/.emixer/state/<site>-<hash>)",
-    )
-    parser.add_argument(
-        "--out", help="folder for audit.json and the PNG (default STATE_DIR/audit; keep at site)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="generation and bootstrap seed (0)")
-    parser.add_argument(
-        "--per-label",
-        type=int,
-        default=64,
-        help="generated images per label set for the nearest-neighbour attack (64)",
-    )
-    parser.set_defaults(func=run_audit_command)
-    return parser

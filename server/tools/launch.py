@@ -12,12 +12,10 @@ private FLWR_HOME below the state dir, so nothing touches the operator's ~/.flwr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -27,20 +25,66 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from client.daemon import sigterm_as_interrupt
-from emixer_model.config import ConfigError, EmixerConfig, from_dict, read_yaml
+import tomli_w
 
-APP_PACKAGES = ("client", "emixer_model", "server")
+from emixer_model.config import ConfigError, EmixerConfig, load_yaml_as
+from emixer_model.shared import (
+    APP_PACKAGES,
+    UserError,
+    app_root,
+    sigterm_as_interrupt,
+    stop_process_group,
+)
+
 CONNECTION = "emixer"  # the flwr CLI's name for our SuperLink in FLWR_HOME/config.toml
 DEFAULT_PORT = 9092
 READY_TIMEOUT = 60.0
-STOP_TIMEOUT = 15.0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """The SuperLink or the flwr CLI failed; the message says which step and what to check."""
+
+
+def _key(meaning: str) -> Any:
+    """A required server.yaml key and its meaning (said when it is missing)."""
+    return field(metadata={"help": meaning})
+
+
+@dataclass
+class ListenFile:
+    """server.yaml `listen`: where the SuperLink's one HTTPS port listens."""
+
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+
+
+@dataclass
+class CertificatesFile:
+    """server.yaml `certificates`: the files deploy/make-certs.sh writes."""
+
+    ca: str = _key("the federation CA certificate (deploy/make-certs.sh writes it)")
+    cert: str = _key("the SuperLink's certificate (deploy/make-certs.sh writes it)")
+    key: str = _key("the SuperLink's private key (deploy/make-certs.sh writes it)")
+
+
+@dataclass
+class SiteEntryFile:
+    """One entry of server.yaml `sites`."""
+
+    name: str = _key("the site's name, for logs and its ledger")
+    public_key: str = _key("the site's OpenSSH ECDSA public key file (its `emixer keygen` .pub)")
+
+
+@dataclass
+class ServerFile:
+    """server.yaml as written (deploy/server.yaml): every key, its type and its meaning."""
+
+    certificates: CertificatesFile = _key("a section with ca, cert and key (deploy/make-certs.sh)")
+    sites: list[SiteEntryFile] = _key("a list of {name, public_key}: the sites that may join")
+    state_dir: str = _key("the SuperLink database, logs, staged app and checkpoints")
+    listen: ListenFile = field(default_factory=ListenFile)
+    resume: bool = False
+    run: EmixerConfig = field(default_factory=EmixerConfig)
 
 
 @dataclass
@@ -72,80 +116,40 @@ class ServerSettings:
         return f"{host}:{self.port}"
 
 
-SECTIONS = {
-    "listen": {"host", "port"},
-    "certificates": {"ca", "cert", "key"},
-    "sites": None,
-    "state_dir": None,
-    "resume": None,
-    "run": None,
-}
-
-
-def check_keys(data: Any, allowed: set[str], where: str) -> dict[str, Any]:
-    """A mapping with only `allowed` keys, else ConfigError naming the first unknown key."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping of keys to values")
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(
-            f"unknown key {where}.{unknown[0]!r}; known keys here: {', '.join(sorted(allowed))}"
-        )
-    return data
-
-
-def resolve_path(base: Path, value: Any, where: str, must_exist: bool = True) -> Path:
-    """A path from the config, relative to the config's folder; checked when it must exist."""
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where} must be a file path")
-    path = (base / Path(value).expanduser()).resolve()
-    if must_exist and not path.exists():
-        raise ConfigError(f"{where}: {path} does not exist")
-    return path
-
-
 def load_server_settings(path: str | Path) -> ServerSettings:
-    """Read server.yaml strictly: unknown keys and missing files are refused by name."""
+    """Read server.yaml strictly (the config loader): unknown keys, wrong types and missing files
+    are refused by name."""
     path = Path(path)
-    data = check_keys(read_yaml(path), set(SECTIONS), path.name)
+    raw = load_yaml_as(ServerFile, path)
     base = path.resolve().parent
-    for required in ("certificates", "sites", "state_dir"):
-        if required not in data:
-            raise ConfigError(f"{path.name} needs a {required!r} section (see deploy/server.yaml)")
-    listen = check_keys(data.get("listen", {}), SECTIONS["listen"], "listen")
-    port = listen.get("port", DEFAULT_PORT)
-    if not isinstance(port, int) or not 0 < port < 65536:
-        raise ConfigError(f"listen.port must be a TCP port number, not {port!r}")
-    certs = check_keys(data["certificates"], SECTIONS["certificates"], "certificates")
-    for key in ("ca", "cert", "key"):
-        if key not in certs:
-            raise ConfigError(f"certificates.{key} is missing (deploy/make-certs.sh writes it)")
-    sites_data = data["sites"]
-    if not isinstance(sites_data, list) or not sites_data:
-        raise ConfigError("sites must be a list of {name, public_key} entries, at least one")
-    sites = []
-    for i, entry in enumerate(sites_data):
-        entry = check_keys(entry, {"name", "public_key"}, f"sites[{i}]")
-        if not isinstance(entry.get("name"), str) or not entry["name"]:
-            raise ConfigError(f"sites[{i}].name must be a non-empty string")
-        key = resolve_path(base, entry.get("public_key"), f"sites[{i}].public_key")
-        sites.append(SiteEntry(entry["name"], key))
+
+    def existing(value: str, where: str) -> Path:
+        found = (base / Path(value).expanduser()).resolve()
+        if not found.exists():
+            raise ConfigError(f"{where}: {found} does not exist")
+        return found
+
+    if not 0 < raw.listen.port < 65536:
+        raise ConfigError(f"listen.port must be a TCP port number, not {raw.listen.port!r}")
+    sites = [
+        SiteEntry(entry.name, existing(entry.public_key, f"sites[{i}].public_key"))
+        for i, entry in enumerate(raw.sites)
+    ]
+    if not sites:
+        raise ConfigError(f"{path.name}: sites must list at least one {{name, public_key}} entry")
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise ConfigError(f"site names must be unique: {', '.join(names)}")
-    resume = data.get("resume", False)
-    if not isinstance(resume, bool):
-        raise ConfigError(f"resume must be true or false, not {resume!r}")
     return ServerSettings(
-        host=str(listen.get("host", "0.0.0.0")),
-        port=port,
-        ca_cert=resolve_path(base, certs["ca"], "certificates.ca"),
-        cert=resolve_path(base, certs["cert"], "certificates.cert"),
-        key=resolve_path(base, certs["key"], "certificates.key"),
+        host=raw.listen.host,
+        port=raw.listen.port,
+        ca_cert=existing(raw.certificates.ca, "certificates.ca"),
+        cert=existing(raw.certificates.cert, "certificates.cert"),
+        key=existing(raw.certificates.key, "certificates.key"),
         sites=sites,
-        state_dir=resolve_path(base, data["state_dir"], "state_dir", must_exist=False),
-        resume=resume,
-        run=from_dict(EmixerConfig, data.get("run"), "run."),
+        state_dir=(base / Path(raw.state_dir).expanduser()).resolve(),
+        resume=raw.resume,
+        run=raw.run,
     )
 
 
@@ -159,18 +163,11 @@ def run_config(settings: ServerSettings) -> EmixerConfig:
     return replace(settings.run, federation=fed)
 
 
-def app_source_root() -> Path:
-    """The folder holding the app's packages: the repo (editable) or site-packages."""
-    return Path(__file__).resolve().parent.parent
-
-
 def stage_app(dest: Path, cfg: EmixerConfig) -> Path:
     """Write a Flower app folder: the app packages and a pyproject.toml declaring the run config."""
-    import tomli_w
-
     if dest.exists():
         shutil.rmtree(dest)
-    root = app_source_root()
+    root = app_root()
     for package in APP_PACKAGES:
         shutil.copytree(
             root / package, dest / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -203,8 +200,6 @@ def stage_app(dest: Path, cfg: EmixerConfig) -> Path:
 
 def write_flwr_home(flwr_home: Path, settings: ServerSettings) -> None:
     """A private flwr CLI config pointing at our SuperLink over TLS."""
-    import tomli_w
-
     flwr_home.mkdir(parents=True, exist_ok=True)
     conf = {
         "superlink": {
@@ -260,20 +255,6 @@ def wait_until_listening(proc: subprocess.Popen, address: str, log_path: Path) -
         except OSError:
             time.sleep(0.3)
     raise LaunchError(f"flower-superlink did not listen on {address} within {READY_TIMEOUT:.0f} s")
-
-
-def stop_process_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group of `proc` (started with start_new_session), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 class FlwrCli:
@@ -353,8 +334,9 @@ def start_superlink(settings: ServerSettings) -> subprocess.Popen:
     return proc
 
 
-def run_server(settings: ServerSettings, echo: Callable[[str], None] = print) -> int:
-    """Start the SuperLink, enrol the sites, run EMIXER to the end, stop. Returns an exit code."""
+def run_server(settings: ServerSettings, echo: Callable[[str], None] = print) -> bool:
+    """Start the SuperLink, enrol the sites, run EMIXER to the end, stop. True when the run
+    completed."""
     cfg = run_config(settings)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     app_dir = stage_app(settings.state_dir / "app", cfg)
@@ -377,36 +359,7 @@ def run_server(settings: ServerSettings, echo: Callable[[str], None] = print) ->
                 f"run {run_id} ended: {status}"
                 + (f" ({details})" if details not in ("", "N/A") else "")
             )
-            return 0 if status == "finished:completed" else EXIT_FAILED
+            return status == "finished:completed"
         finally:
             stop_process_group(proc)
             echo("SuperLink stopped")
-
-
-def cmd_server(args: argparse.Namespace) -> int:
-    """`emixer server`: the handler add_server_parser registers. Config and launch errors reach
-    the CLI's main, which prints them as one line with exit code 2 like every other command."""
-    settings = load_server_settings(args.config)
-    if args.resume:
-        settings = replace(settings, resume=True)
-    return run_server(settings)
-
-
-def add_server_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `emixer server --config server.yaml [--resume]`."""
-    p = subparsers.add_parser(
-        "server",
-        help="coordinator: run the TLS SuperLink, enrol the sites' keys and run the federation",
-        description="Start Flower's SuperLink with TLS and SuperNode authentication (runtime "
-        "dependency installation off), enrol the public key of every site in server.yaml, "
-        "submit the EMIXER run with the config's `run` section, stream its logs, and stop the "
-        "SuperLink when the run ends or on Ctrl-C. See deploy/server.yaml.",
-    )
-    p.add_argument("--config", required=True, help="server.yaml (see deploy/server.yaml)")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in the state dir instead of starting afresh",
-    )
-    p.set_defaults(func=cmd_server)
-    return p

@@ -13,7 +13,6 @@ import datetime
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -21,17 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.audit import app_hash
 from emixer_model.config import FINDINGS, EmixerConfig, from_dict
 from emixer_model.data.dicom import ReleaseSeries, write_secondary_capture
 from emixer_model.networks import build_networks, set_weights
 from emixer_model.privacy import epsilon_from_history
+from emixer_model.shared import ProgressFn, UserError, app_hash
 from emixer_model.site_privacy import verify_site_history
 from emixer_model.synthesis import synthesize
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
 from server.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from server.ledger import HISTORY_KEYS
-from server.release_sheet import png_bytes, write_index_html
+from server.tools.release_page import png_bytes, write_index_html
 
 # Findings that often appear together in chest X-ray reports; released besides each single finding.
 COMMON_COMBINATIONS: tuple[tuple[str, ...], ...] = (
@@ -44,7 +43,7 @@ COMMON_COMBINATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 
-class ReleaseRefused(Exception):
+class ReleaseRefused(UserError):
     """The privacy gate or the arguments refuse this release; nothing was written."""
 
 
@@ -222,7 +221,7 @@ def release(
     formats: tuple[str, ...] = ("dicom", "png"),
     budget: float | None = None,
     batch_size: int = 256,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
     enrolled: dict[str, str] | None = None,
 ) -> ReleaseSummary:
     """Sample `per_label` image-report pairs per condition into `out` (which must not exist)."""
@@ -295,7 +294,7 @@ def _generate(
     formats: tuple[str, ...],
     work: Path,
     batch_size: int,
-    progress: Callable[[int, int], None] | None,
+    progress: ProgressFn | None,
 ) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
     series = ReleaseSeries.new()

@@ -1,0 +1,198 @@
+"""`emixer demo`: phantom hospitals -> public pretraining -> federated DP -> release -> evaluation.
+
+The first thing a new user runs: every stage is the same code a real deployment runs (the
+simulation starts the same ClientApp and ServerApp), on phantom data it writes itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from rich.table import Table
+
+from emixer_cli.commands.evaluate import evaluate_with_page
+from emixer_cli.commands.pretrain import pretrain_with_progress
+from emixer_cli.common import CONFIG_HELP, command_config, console, progress_bar
+from emixer_cli.logs import LOG_FILE, log_to_file
+from emixer_model.config import EmixerConfig
+
+# The demo's own settings (a --config file replaces all of them): sized so the whole demo, public
+# pretraining included, finishes in about 10 minutes on 2 CPU cores; the values come from
+# bench/utility.py (see bench/README.md).
+DEMO_ROUNDS, DEMO_EPOCHS = 5, 4
+DEMO_MODEL = {"resolution": 32, "latent_dim": 32, "width": 16, "embed_dim": 64}
+DEMO_TRAIN = {"dp_trainable": "top"}  # from the public model: top layers + norms under DP
+DEMO_PUBLIC_STUDIES, DEMO_PRETRAIN_STEPS = 600, 600
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="the end-to-end demo: phantom hospitals -> federated DP training -> release -> "
+        "evaluation",
+        description="Generate phantom data for several simulated hospital sites, train EMIXER "
+        "across them with Flower's simulation engine and per-site differential privacy (Opacus), "
+        "print each site's privacy ledger, release synthetic image-report pairs behind the "
+        "privacy gate and evaluate them against the phantom sites' real data. Re-running reuses "
+        "the phantom data and writes a new run folder; nothing earlier is overwritten. Finishes "
+        "in about 10 minutes on 2 CPU cores.",
+    )
+    p.add_argument("--sites", type=int, default=3, help="simulated hospital sites (3)")
+    p.add_argument("--rounds", type=int, default=None, help=f"federated rounds ({DEMO_ROUNDS})")
+    p.add_argument(
+        "--epochs", type=int, default=None, help=f"local epochs per round ({DEMO_EPOCHS})"
+    )
+    p.add_argument("--per-site", type=int, default=160, help="labeled studies per site (160)")
+    p.add_argument("--unlabeled", type=int, default=40, help="unlabeled scans per site (40)")
+    p.add_argument("--size", type=int, default=128, help="phantom DICOM side in pixels (128)")
+    p.add_argument("--seed", type=int, default=0, help="phantom data seed (0)")
+    p.add_argument("--out", default="emixer-demo", help="output folder (emixer-demo)")
+    p.add_argument(
+        "--per-label-release", type=int, default=20, help="released pairs per condition (20)"
+    )
+    p.add_argument(
+        "--public-studies",
+        type=int,
+        default=DEMO_PUBLIC_STUDIES,
+        help=f"studies in the phantom public collection ({DEMO_PUBLIC_STUDIES})",
+    )
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=DEMO_PRETRAIN_STEPS,
+        help=f"public pretraining steps, plus half as many report warm-start steps "
+        f"({DEMO_PRETRAIN_STEPS}; 0: no pretraining, sites start from random weights)",
+    )
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.set_defaults(func=run)
+
+
+def demo_config(args: argparse.Namespace) -> EmixerConfig:
+    """The demo's config: the user's file (if any, else the demo's model, training choices and
+    rounds) with --rounds and --epochs applied on top."""
+    cfg = command_config(args)
+    if not args.config:
+        cfg = replace(
+            cfg,
+            model=replace(cfg.model, **DEMO_MODEL),
+            train=replace(cfg.train, **DEMO_TRAIN),
+        )
+    rounds = args.rounds or (cfg.federation.rounds if args.config else DEMO_ROUNDS)
+    epochs = args.epochs or (cfg.train.epochs if args.config else DEMO_EPOCHS)
+    return replace(
+        cfg,
+        federation=replace(cfg.federation, rounds=rounds),
+        train=replace(cfg.train, epochs=epochs),
+    )
+
+
+def cached_pretrained_model(out: Path, cfg: EmixerConfig, args: argparse.Namespace) -> Path:
+    """The demo's public collection and its pretrained model, made once and reused: the key is
+    everything the model depends on (collection seed and size, model and train config, steps).
+    The report-grammar warm start takes half as many steps as the pretraining."""
+    from emixer_model.data.phantoms import write_public_collection
+
+    public = out / f"public-{args.public_studies}x{args.size}px-seed{args.seed}"
+    if not (public / "studies.csv").is_file():
+        write_public_collection(public, n=args.public_studies, seed=args.seed, size=args.size)
+    steps, warm = args.pretrain_steps, args.pretrain_steps // 2
+    key = json.dumps([public.name, cfg.model.__dict__, cfg.train.__dict__, steps], sort_keys=True)
+    path = out / f"pretrained-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    if not path.is_file():
+        pretrain_with_progress(public, cfg, steps, warm, cfg.train.seed, path)
+    return path
+
+
+LOSS_COLUMNS = ("report", "d_real", "d_fake", "g")  # the losses a person watches
+
+
+def ledger_table(ledger: dict) -> Table:
+    """Each site's cumulative privacy spend, and its last round's mean losses where the site's
+    policy let them leave (by default none do, and the loss columns are left out)."""
+    sites = sorted(ledger["sites"].items())
+    last = {
+        name: site["history"][-1].get("losses", {}) if site["history"] else {}
+        for name, site in sites
+    }
+    shown = [k for k in LOSS_COLUMNS if any(k in losses for losses in last.values())]
+    title = "privacy ledger (per site, cumulative)" + (" and last round's losses" if shown else "")
+    table = Table(title=title)
+    for column in ("site", "rounds", "epsilon", "delta", "budget", "unit", "status", *shown):
+        table.add_column(
+            column, justify="left" if column in ("site", "unit", "status") else "right"
+        )
+    for name, site in sites:
+        table.add_row(
+            name,
+            str(len(site["history"])),
+            f"{site['epsilon']:.3f}",
+            f"{site['delta']:.1e}",
+            f"{site['budget']:.1f}",
+            site["privacy_unit"],
+            site["status"],
+            *(f"{last[name][k]:.3f}" if k in last[name] else "-" for k in shown),
+        )
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    from emixer_model.data.phantoms import write_phantom_sites
+    from server.tools.release import parse_conditions, release
+    from server.tools.simulation import simulate
+
+    cfg = demo_config(args)
+    out = Path(args.out)
+    run_dir = out / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    log_path = log_to_file(run_dir / LOG_FILE)
+    data_dir = out / f"phantoms-{args.sites}sites-{args.per_site}x{args.size}px-seed{args.seed}"
+    if not (data_dir / "COMPLETE").is_file():
+        console.rule("1/5 phantom hospitals")
+        write_phantom_sites(
+            data_dir,
+            sites=args.sites,
+            per_site=args.per_site,
+            unlabeled=args.unlabeled,
+            seed=args.seed,
+            size=args.size,
+        )
+        (data_dir / "COMPLETE").write_text("phantom data written completely\n")
+    sites = sorted(p for p in data_dir.iterdir() if p.is_dir())
+    console.rule("2/5 public pretraining at the coordinator (no site data, no privacy cost)")
+    if args.pretrain_steps > 0:
+        pretrained = cached_pretrained_model(out, cfg, args)
+        console.print(f"initial model {pretrained}")
+        initial = str(pretrained.resolve())
+        cfg = replace(cfg, federation=replace(cfg.federation, initial_model=initial))
+    else:
+        console.print("skipped (--pretrain-steps 0): the sites start from random weights")
+    console.rule(f"3/5 federated DP training: {len(sites)} sites, {cfg.federation.rounds} rounds")
+    console.print(f"run folder {run_dir}; Flower's, Ray's and Opacus' logs in {log_path}")
+    ckpt = simulate(cfg, sites, run_dir / "state", run_dir / "checkpoints", verbose=args.verbose)
+    console.print(ledger_table(ckpt.ledger))
+
+    console.rule("4/5 synthetic release")
+    release_dir = run_dir / "release"
+    with progress_bar("synthesizing") as update:
+        summary = release(
+            ckpt.path,
+            release_dir,
+            per_label=args.per_label_release,
+            conditions=parse_conditions(None),
+            seed=args.seed,
+            progress=update,
+        )
+    console.print(
+        f"released {summary.count} pairs, release epsilon {summary.release_epsilon:.3f} "
+        "(the maximum over sites)"
+    )
+    console.rule("5/5 evaluation against the phantom sites' real data")
+    evaluate_with_page(
+        release_dir, sites, [run_dir / "state" / site.name for site in sites], args.seed
+    )
+    console.print(f"open {(release_dir / 'index.html').resolve()} in a browser")
+    return 0

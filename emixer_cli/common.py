@@ -1,0 +1,82 @@
+"""What every command shares: the console, progress bars, the error type and exit codes, the run
+config a `--config` names, and where a site's state lives when `--state-dir` is not given."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from emixer_model.config import EmixerConfig, load_config
+from emixer_model.shared import ProgressFn, UserError
+
+console = Console()
+EXIT_FAILED = 1  # the work ran and failed (a federated run that did not complete)
+EXIT_USAGE = 2  # a problem the user can fix: bad input, a refusal, an unusable folder
+EXIT_INTERRUPTED = 130  # Ctrl-C or a systemd stop, as a shell reports SIGINT
+
+
+class CommandError(UserError):
+    """A problem with a command's arguments the user can fix; printed as one line, exit 2."""
+
+
+@contextmanager
+def progress_bars(*labels: str) -> Iterator[list[ProgressFn]]:
+    """One rich live display with a bar per label; yields an update(done, total, losses=None)
+    per bar (rich shows one live display at a time, so stages share it)."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+
+        def updater(label: str) -> ProgressFn:
+            task = progress.add_task(label, total=None, info="", start=False)
+
+            def update(done: int, total: int, losses: Mapping[str, float] | None = None) -> None:
+                info = "  ".join(f"{k} {v:.3f}" for k, v in (losses or {}).items())
+                progress.start_task(task)
+                progress.update(task, completed=done, total=total, info=info)
+
+            return update
+
+        yield [updater(label) for label in labels]
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[ProgressFn]:
+    """A single rich progress bar; yields update(done, total, losses=None)."""
+    with progress_bars(label) as (update,):
+        yield update
+
+
+def default_state_dir(site_dir: Path) -> Path:
+    """A site's state lives outside its data folder (docs/DESIGN.md section 6)."""
+    resolved = site_dir.resolve()
+    tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+    return Path.home() / ".emixer" / "state" / f"{resolved.name}-{tag}"
+
+
+def state_dir(args: argparse.Namespace, site_dir: Path) -> Path:
+    """`--state-dir` when given, else the site's default state dir."""
+    return Path(args.state_dir) if args.state_dir else default_state_dir(site_dir)
+
+
+def command_config(args: argparse.Namespace) -> EmixerConfig:
+    """The config file a command's `--config` names, or the defaults."""
+    return load_config(getattr(args, "config", None))
+
+
+CONFIG_HELP = "YAML config (model/privacy/train/federation sections)"
+STATE_DIR_HELP = (
+    "where the site's cache, accountant and ledger live "
+    "(default ~/.emixer/state/<site>-<hash>; never inside the data folder)"
+)
