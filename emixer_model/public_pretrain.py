@@ -23,13 +23,13 @@ in the warm start; G, E and D are not touched (not even run).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig
 from emixer_model.networks import EmixerNets, build_networks
+from emixer_model.shared import ProgressFn
 from emixer_model.text.grammar import write_report
 from emixer_model.text.vocabulary import VOCAB_SIZE, encode_report
 from emixer_model.training import (
@@ -39,8 +39,6 @@ from emixer_model.training import (
     sample_prior,
     update_ema,
 )
-
-ProgressFn = Callable[[int, int, dict[str, float]], None]
 
 # The public prior has no uncertain labels; hedged sentences ("possible ...", "cannot exclude
 # ...") are part of the report language too, so a fixed share of positives is written hedged.

@@ -40,6 +40,7 @@ from emixer_model.privacy import (
     plan_noise_multiplier,
 )
 from emixer_model.shared import write_json_atomic
+from emixer_model.training import steps_per_epoch
 
 log = logging.getLogger("emixer.site")
 
@@ -220,8 +221,6 @@ def make_plan(
     inputs: dict[str, object], policy: SitePolicy, accountant: SiteAccountant, rounds_left: int
 ) -> PrivacyPlan:
     """Fix sigma for `rounds_left` rounds of these inputs, counting epsilon already spent."""
-    from emixer_model.training import steps_per_epoch  # training imports the data stack
-
     n_units, batch_size = int(inputs["n_units"]), int(inputs["batch_size"])  # type: ignore[call-overload]
     sample_rate = min(1.0, batch_size / n_units)
     steps_per_round = int(inputs["epochs"]) * steps_per_epoch(sample_rate)  # type: ignore[call-overload]

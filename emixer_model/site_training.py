@@ -7,21 +7,29 @@ input changed), refuses a round the site's policy forbids or that would pass the
 exactly those numbers (docs/PRIVACY.md invariants 3 and 6), trains through the private step, and
 persists the accountant and an append-only ledger before returning. What it returns is what may
 leave the site: arrays, privacy accounting and an entry the site signed; losses only if its policy
-allows.
+allows. The steps, by name: load_round_data, plan_within_budget (RoundRefused -> record_refusal),
+train_planned_round, record_trained_round.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from emixer_model.config import FINDINGS, EmixerConfig
-from emixer_model.data.site import holdout_units, load_site
-from emixer_model.networks import build_networks, get_weights, pick_device, set_weights
+from emixer_model.data.site import SiteData, holdout_units, load_site
+from emixer_model.networks import (
+    EmixerNets,
+    build_networks,
+    get_weights,
+    pick_device,
+    set_weights,
+)
+from emixer_model.privacy import SiteAccountant
+from emixer_model.shared import ProgressFn
 from emixer_model.site_privacy import (
     BudgetExhausted,
     PolicyViolation,
@@ -36,8 +44,6 @@ from emixer_model.site_privacy import (
 )
 from emixer_model.text.vocabulary import VOCAB_SIZE
 from emixer_model.training import PrivateTrainer
-
-ProgressFn = Callable[[int, int, dict[str, float]], None]
 
 
 @dataclass
@@ -81,6 +87,15 @@ class SiteRoundResult:
         return out
 
 
+class RoundRefused(Exception):
+    """The site will not train this round: `status` is "refused" (the run breaks the site's
+    policy) or "budget-exhausted"; `plan` is the round's plan when one was made."""
+
+    def __init__(self, status: str, message: str, plan: PrivacyPlan | None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.plan = status, message, plan
+
+
 def train_site_round(
     site_dir: Path,
     state_dir: Path,
@@ -89,7 +104,7 @@ def train_site_round(
     server_round: int,
     planned_rounds: int,
     progress: ProgressFn | None = None,
-    load_progress: Callable[[int, int], None] | None = None,
+    load_progress: ProgressFn | None = None,
     *,
     policy: SitePolicy | None = None,
     key: SiteKey | None = None,
@@ -103,6 +118,52 @@ def train_site_round(
     """
     policy = policy or SitePolicy()
     state_dir = Path(state_dir)
+    data = load_round_data(site_dir, state_dir, cfg, load_progress)
+    state = SiteState(state_dir)
+    accountant = state.load_accountant(cfg.privacy.accountant)
+    state.check_accountant(accountant)
+    budget = policy.budget_for(cfg.privacy.epsilon_budget)
+    rounds_left = max(1, planned_rounds - server_round + 1)
+    try:
+        plan = plan_within_budget(state, cfg, policy, data, accountant, budget, rounds_left)
+    except RoundRefused as refusal:
+        return record_refusal(state, accountant, budget, refusal, server_round, run_id)
+    nets, summary = train_planned_round(
+        data, cfg, global_weights, plan, accountant, server_round, progress
+    )
+    signed, signer = record_trained_round(
+        state,
+        key,
+        accountant,
+        plan,
+        int(summary["steps"]),
+        global_weights,
+        budget,
+        site=site_name or Path(site_dir).name,
+        run_id=run_id,
+        server_round=server_round,
+    )
+    return SiteRoundResult(
+        status="trained",
+        epsilon=accountant.epsilon(plan.delta),
+        delta=plan.delta,
+        budget=budget,
+        plan=plan,
+        num_examples=plan.n_units,
+        steps=int(summary["steps"]),
+        losses=summary["losses"],
+        weights=get_weights(nets),
+        signed=signed,
+        public_key=signer.public_key(),
+        share_losses=policy.share_losses,
+    )
+
+
+def load_round_data(
+    site_dir: Path, state_dir: Path, cfg: EmixerConfig, load_progress: ProgressFn | None
+) -> SiteData:
+    """The site's data without the privacy units held out for `emixer audit` (the same set every
+    round and the audit draw): held-out units must never be trained on."""
     data = load_site(
         Path(site_dir),
         state_dir,
@@ -113,32 +174,69 @@ def train_site_round(
     if cfg.train.holdout_fraction > 0:
         held_out = holdout_units(len(data.units), cfg.train.holdout_fraction, cfg.train.seed)
         data = data.without_units(held_out)
-    state = SiteState(state_dir)
-    accountant = state.load_accountant(cfg.privacy.accountant)
-    state.check_accountant(accountant)
-    budget = policy.budget_for(cfg.privacy.epsilon_budget)
-    rounds_left = max(1, planned_rounds - server_round + 1)
+    return data
 
-    def refuse(status: str, message: str, plan: PrivacyPlan | None) -> SiteRoundResult:
-        delta = plan.delta if plan is not None else 0.0
-        spent = accountant.epsilon(delta) if plan is not None else 0.0
-        record = {"round": server_round, "status": status, "epsilon": spent, "message": message}
-        state.append_ledger({"time": time.time(), **record, "delta": delta})
-        log_site_event(state_dir, {"event": f"round-{status}", "run": run_id, **record})
-        return SiteRoundResult(status, spent, delta, budget, plan, message=message)
 
+def plan_within_budget(
+    state: SiteState,
+    cfg: EmixerConfig,
+    policy: SitePolicy,
+    data: SiteData,
+    accountant: SiteAccountant,
+    budget: float,
+    rounds_left: int,
+) -> PrivacyPlan:
+    """The round's plan (q, sigma, steps), or RoundRefused before any step: when the run asks
+    what the site's policy forbids, or when exactly those numbers would pass the budget."""
     try:
         plan = state.plan_round(
             cfg, policy, len(data.units), data.per_patient, accountant, rounds_left
         )
     except PolicyViolation as err:
-        return refuse("refused", f"site policy: {err}", None)
+        raise RoundRefused("refused", f"site policy: {err}", None) from None
     except BudgetExhausted as err:
-        return refuse("budget-exhausted", str(err), None)
+        raise RoundRefused("budget-exhausted", str(err), None) from None
     over = refuse_over_budget(accountant, plan, budget)
     if over:
-        return refuse("budget-exhausted", over, plan)
+        raise RoundRefused("budget-exhausted", over, plan)
+    return plan
 
+
+def record_refusal(
+    state: SiteState,
+    accountant: SiteAccountant,
+    budget: float,
+    refusal: RoundRefused,
+    server_round: int,
+    run_id: str,
+) -> SiteRoundResult:
+    """Write a refused round to the ledger and the audit log, so the site can show why it did
+    not train; the result carries the epsilon spent so far and no weights."""
+    plan = refusal.plan
+    delta = plan.delta if plan is not None else 0.0
+    spent = accountant.epsilon(delta) if plan is not None else 0.0
+    record = {
+        "round": server_round,
+        "status": refusal.status,
+        "epsilon": spent,
+        "message": refusal.message,
+    }
+    state.append_ledger({"time": time.time(), **record, "delta": delta})
+    log_site_event(state.root, {"event": f"round-{refusal.status}", "run": run_id, **record})
+    return SiteRoundResult(refusal.status, spent, delta, budget, plan, message=refusal.message)
+
+
+def train_planned_round(
+    data: SiteData,
+    cfg: EmixerConfig,
+    global_weights: dict[str, np.ndarray] | None,
+    plan: PrivacyPlan,
+    accountant: SiteAccountant,
+    server_round: int,
+    progress: ProgressFn | None,
+) -> tuple[EmixerNets, dict]:
+    """The plan's private steps from the global weights; the accountant counts every step.
+    Returns the trained networks and the trainer's summary {"steps", "losses"}."""
     device = pick_device(cfg.train.device)
     nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
     if global_weights is not None:
@@ -158,33 +256,38 @@ def train_site_round(
         sampler_seed=cfg.train.seed * 100_003 + server_round,
         progress=progress,
     )
-    epsilon = accountant.epsilon(plan.delta)
+    return nets, summary
+
+
+def record_trained_round(
+    state: SiteState,
+    key: SiteKey | None,
+    accountant: SiteAccountant,
+    plan: PrivacyPlan,
+    steps: int,
+    global_weights: dict[str, np.ndarray] | None,
+    budget: float,
+    *,
+    site: str,
+    run_id: str,
+    server_round: int,
+) -> tuple[dict[str, str], SiteKey]:
+    """Persist the accountant, then sign the round's ledger entry and append it, before anything
+    leaves the site. Returns the signed entry and the key that signed it (`key`, or the state
+    dir's own, made on first use)."""
     accountant.save(state.accountant_path)
     entry = ledger_entry(
-        site=site_name or Path(site_dir).name,
+        site=site,
         run=run_id,
         server_round=server_round,
         seq=state.trained_rounds() + 1,
         plan=plan,
-        steps=int(summary["steps"]),
+        steps=steps,
         accountant=accountant,
         model_sha256=arrays_sha256(global_weights),
         budget=budget,
     )
-    key = key or SiteKey.for_state(state_dir)
-    signed = key.sign(entry)
+    signer = key or SiteKey.for_state(state.root)
+    signed = signer.sign(entry)
     state.append_ledger({"time": time.time(), "status": "trained", **entry, **signed})
-    return SiteRoundResult(
-        status="trained",
-        epsilon=epsilon,
-        delta=plan.delta,
-        budget=budget,
-        plan=plan,
-        num_examples=plan.n_units,
-        steps=int(summary["steps"]),
-        losses=summary["losses"],
-        weights=get_weights(nets),
-        signed=signed,
-        public_key=key.public_key(),
-        share_losses=policy.share_losses,
-    )
+    return signed, signer

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import secrets
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from emixer_model.config import FINDINGS, EmixerConfig
 from emixer_model.data.site import SiteData
 from emixer_model.networks import EmixerNets
 from emixer_model.privacy import SiteAccountant, poisson_units
+from emixer_model.shared import ProgressFn
 from emixer_model.text.vocabulary import PAD
 
 LOSS_NAMES = ("d_real", "d_fake", "findings", "rotation", "report", "g")
@@ -64,7 +65,6 @@ FINDING_PROBABILITY = {
 }
 
 Row = tuple[bool, int]  # (labeled, index into data.images if labeled else into data.unlabeled)
-ProgressFn = Callable[[int, int, dict[str, float]], None]
 
 
 def sample_prior(n: int, generator: torch.Generator) -> torch.Tensor:

@@ -2,37 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from emixer_model.config import EmixerConfig, ModelConfig, from_dict
 
-# The smallest model that still has every part: unit tests of the networks and the private step.
-SMALL_MODEL = ModelConfig(
+# The smallest model that still has every part: unit tests of the networks and the private step,
+# and the model of the tiny federated runs.
+TINY_MODEL = ModelConfig(
     resolution=16,
     latent_dim=8,
     width=8,
     embed_dim=32,
     max_sentences=3,
-    max_words=6,
+    max_words=8,
+    sentence_layers=1,
+    word_layers=1,
     heads=2,
     groups=4,
 )
 
 TINY = {
-    "model": {
-        "resolution": 16,
-        "latent_dim": 8,
-        "width": 8,
-        "embed_dim": 32,
-        "max_sentences": 3,
-        "max_words": 8,
-        "sentence_layers": 1,
-        "word_layers": 1,
-        "heads": 2,
-        "groups": 4,
-    },
+    "model": dataclasses.asdict(TINY_MODEL),
     "train": {"batch_size": 8, "epochs": 1},
     "federation": {"rounds": 2, "min_sites": 2},
 }

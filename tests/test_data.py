@@ -25,7 +25,7 @@ from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.data import site as site_module
 from emixer_model.data.check import check_folder
 from emixer_model.data.dicom import SKIP_REASONS, Decoded, SkipFile, decode_dicom, write_dicom
-from emixer_model.data.site import SiteDataError, load_site
+from emixer_model.data.site import SiteDataError, SiteFiles, Study, load_site, privacy_units
 
 R = 16
 CFG = ModelConfig(resolution=R, max_sentences=3, max_words=6)
@@ -311,6 +311,35 @@ def test_in_patient_mode_a_scan_without_identity_is_skipped_not_a_unit(tmp_path:
     assert data.per_patient and data.images.shape[0] == 1
     report = check_folder(site, resolution=R)
     assert report.skipped_counts["no-patient-id"] == 2 and report.privacy_units == len(data.units)
+
+
+def _decoded(labeled: list[str], unlabeled: list[str]) -> SiteFiles:
+    """Decoded samples as decode_studies hands them on: labeled studies without a patient cell."""
+    blank = tuple(None for _ in FINDINGS)
+    studies = [(Study(n, rel, "", blank, ""), rel) for n, rel in enumerate(labeled, start=2)]
+    return SiteFiles(studies, unlabeled, [], len(labeled))
+
+
+def test_privacy_units_join_a_patients_labeled_and_unlabeled_scans(tmp_path: Path) -> None:
+    for rel, patient in [("a.dcm", "P1"), ("b.dcm", "P2"), ("u.dcm", "P1"), ("anon.dcm", None)]:
+        write_dicom(tmp_path / rel, _image(20, 20), patient_id=patient)
+    decoded = _decoded(["a.dcm", "anon.dcm", "b.dcm"], ["u.dcm"])
+    kept, grouping = privacy_units(tmp_path, decoded)
+    assert grouping.per_patient
+    assert [rel for _, rel in kept.labeled] == ["a.dcm", "b.dcm"] and kept.unlabeled == ["u.dcm"]
+    assert grouping.units == [([0], [0]), ([1], [])]  # P1's labeled and unlabeled scan: one unit
+    assert kept.skipped == [("anon.dcm", "no-patient-id", SKIP_REASONS["no-patient-id"])]
+
+
+def test_privacy_units_without_labeled_identities_are_single_images(tmp_path: Path) -> None:
+    for rel in ("a.dcm", "b.dcm"):
+        write_dicom(tmp_path / rel, _image(20, 20))
+    write_dicom(tmp_path / "u.dcm", _image(20, 20), patient_id="P1")
+    decoded = _decoded(["a.dcm", "b.dcm"], ["u.dcm"])
+    kept, grouping = privacy_units(tmp_path, decoded)
+    assert not grouping.per_patient and kept == decoded
+    # the unlabeled scan's PatientID does not matter: no labeled scan names anyone
+    assert grouping.units == [([0], []), ([1], []), ([], [0])]
 
 
 def test_bad_studies_csv_names_what_to_fix(tmp_path: Path) -> None:

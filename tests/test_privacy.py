@@ -151,16 +151,16 @@ def test_secure_mode_reaches_the_dp_optimizer_and_training_still_steps() -> None
     from emixer_model.config import EmixerConfig, PrivacyConfig, TrainConfig
     from emixer_model.networks import build_networks
     from emixer_model.training import PrivateTrainer
-    from tests.conftest import SMALL_MODEL
+    from tests.conftest import TINY_MODEL
     from tests.test_training import L, V, make_data
 
     data = make_data()
     cfg = EmixerConfig(
-        model=SMALL_MODEL, privacy=PrivacyConfig(secure_mode=True), train=TrainConfig(batch_size=4)
+        model=TINY_MODEL, privacy=PrivacyConfig(secure_mode=True), train=TrainConfig(batch_size=4)
     )
     accountant = SiteAccountant("rdp")
     n = len(data.units)
-    nets = build_networks(SMALL_MODEL, V, L)
+    nets = build_networks(TINY_MODEL, V, L)
     trainer = PrivateTrainer(nets, cfg, n, 1.0, 4 / n, accountant, torch.device("cpu"))
     assert trainer.optimizer.secure_mode is True
     assert trainer.train_steps(data, 2, sampler_seed=0)["steps"] == 2

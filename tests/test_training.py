@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from emixer_model.config import FINDINGS, EmixerConfig, PrivacyConfig, TrainConfig
+from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, PrivacyConfig, TrainConfig
 from emixer_model.data.site import SiteData
 from emixer_model.networks import build_networks
 from emixer_model.privacy import SiteAccountant
 from emixer_model.text.vocabulary import EOS, PAD
 from emixer_model.training import PrivateTrainer, sample_prior
-from tests.conftest import SMALL_MODEL
+from tests.conftest import TINY_MODEL
 
 V, L = 24, len(FINDINGS)
 
@@ -19,7 +21,7 @@ V, L = 24, len(FINDINGS)
 def make_data(n: int = 12, unlabeled: int = 4, patient_studies: int = 0) -> SiteData:
     """n labeled studies (one unit each, or the first `patient_studies` as ONE patient)."""
     g = torch.Generator().manual_seed(0)
-    tokens = torch.full((n, 3, 6), PAD)
+    tokens = torch.full((n, TINY_MODEL.max_sentences, TINY_MODEL.max_words), PAD)
     tokens[:, 0, :3] = torch.tensor([5, 6, EOS])  # a learnable report: "w5 w6."
     tokens[:, 1, :2] = torch.tensor([7, EOS])
     units: list[tuple[list[int], list[int]]] = []
@@ -44,16 +46,17 @@ def make_trainer(
     batch_size: int = 4,
     clip: float = 1.0,
     lr: float = 2e-4,
+    model: ModelConfig = TINY_MODEL,
     **train: object,
 ) -> tuple[PrivateTrainer, SiteAccountant]:
     torch.manual_seed(0)
     cfg = EmixerConfig(
-        model=SMALL_MODEL,
+        model=model,
         privacy=PrivacyConfig(max_grad_norm=clip),
         train=TrainConfig(batch_size=batch_size, lr_text=lr, **train),
     )
     accountant = SiteAccountant("rdp")
-    nets = build_networks(SMALL_MODEL, V, L)
+    nets = build_networks(model, V, L)
     n = len(data.units)
     trainer = PrivateTrainer(
         nets,
@@ -169,11 +172,11 @@ def test_train_steps_counts_steps_and_lowers_the_report_loss() -> None:
     with torch.no_grad():
         before = r.teacher_forced_loss(e(data.images), data.labels, data.tokens).mean()
     calls = []
-    summary = trainer.train_steps(data, 25, 7, progress=lambda s, t, _: calls.append((s, t)))
+    summary = trainer.train_steps(data, 30, 7, progress=lambda s, t, _: calls.append((s, t)))
     with torch.no_grad():
         after = r.teacher_forced_loss(e(data.images), data.labels, data.tokens).mean()
-    assert summary["steps"] == 25 == accountant.history[0][2]
-    assert calls[-1] == (25, 25) and len(calls) == 25
+    assert summary["steps"] == 30 == accountant.history[0][2]
+    assert calls[-1] == (30, 30) and len(calls) == 30
     assert set(summary["losses"]) == {"d_real", "d_fake", "findings", "rotation", "report", "g"}
     assert after < 0.5 * before
 
@@ -193,7 +196,7 @@ def test_nothing_g_consumes_depends_on_the_poisson_batch(batch: int, monkeypatch
     monkeypatch.setattr(trainer, "sample_rows", lambda d: [(True, i) for i in range(batch)])
 
     def consume_like_a_private_step(d, rows, generator):  # D unchanged, stream advanced by B
-        torch.randn(len(rows), SMALL_MODEL.latent_dim, generator=generator)
+        torch.randn(len(rows), TINY_MODEL.latent_dim, generator=generator)
         return {}
 
     monkeypatch.setattr(trainer, "private_step", consume_like_a_private_step)
@@ -208,7 +211,8 @@ REFERENCE_G: dict[str, torch.Tensor] = {}
 
 def test_dp_trainable_top_moves_only_the_top_layers_and_norms() -> None:
     data = make_data()
-    trainer, _ = make_trainer(data, dp_trainable="top")
+    two_word_blocks = dataclasses.replace(TINY_MODEL, word_layers=2)  # bodies as in the default
+    trainer, _ = make_trainer(data, model=two_word_blocks, dp_trainable="top")
     nets = trainer.nets
     frozen = [p for p in nets.d.convs[0].parameters()]  # the first conv: a body layer
     assert frozen and not any(p.requires_grad for p in frozen)

@@ -17,7 +17,6 @@ import json
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from emixer_model.data.site import (
     read_studies,
     resolve_studies,
 )
+from emixer_model.shared import ProgressFn
 from emixer_model.text.vocabulary import encode_report, fits_caps, tokenize
 
 log = logging.getLogger("emixer.data")
@@ -151,7 +151,7 @@ def content_hash(folder: Path, files: list[str]) -> str:
 def load_public(
     folder: Path,
     model_cfg: ModelConfig,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> PublicData:
     """Decode a public collection into tensors; odd files are skipped with a reason.
 

@@ -10,6 +10,7 @@ holds for a file (the `patient` column, each file's DICOM PatientID + IssuerOfPa
 `unlabeled.csv` naming the patient of unlabeled scans), labeled and unlabeled scans together. In
 patient mode a scan with no identity is skipped (`no-patient-id`), never a unit of its own. Only
 when no labeled scan has any identity is the unit the single image. Identities never leave here.
+`load_site` runs the steps in order: find_site_files, decode_studies, privacy_units, site_tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,7 +28,8 @@ import torch
 
 from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.data.dicom import NORMALISATION_VERSION, SKIP_REASONS, SkipFile, decode_dicom
-from emixer_model.shared import UserError
+from emixer_model.shared import ProgressFn, UserError
+from emixer_model.text.vocabulary import encode_report, fits_caps
 
 log = logging.getLogger("emixer.data")
 
@@ -327,19 +328,43 @@ def group_units(
     return UnitGrouping(True, kept_l, kept_u, list(components.values()), no_id)
 
 
+@dataclass
+class SiteFiles:
+    """The samples one step of load_site hands the next, so each step can be run on its own:
+    labeled studies with their file and unlabeled scans (paths relative to the site folder), and
+    every file skipped so far with its reason. Each step only narrows it."""
+
+    labeled: list[tuple[Study, str]]
+    unlabeled: list[str]
+    skipped: list[tuple[str, str, str]]  # (relative path, reason code, detail)
+    csv_rows: int  # rows in studies.csv, for the message when no study is usable
+
+
 def load_site(
     site_dir: Path,
     state_dir: Path,
     model_cfg: ModelConfig,
     uncertain_as: str = "positive",
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> SiteData:
     """Decode a site folder into tensors (cached under state_dir) with its privacy units."""
-    from emixer_model.text.vocabulary import encode_report, fits_caps  # imported when used
-
     if uncertain_as not in ("positive", "negative"):
         raise ValueError(f"uncertain_as must be 'positive' or 'negative', not {uncertain_as!r}")
     site_dir, state_dir = Path(site_dir), Path(state_dir)
+    _check_folders(site_dir, state_dir)
+    found = find_site_files(site_dir)
+    decoded, pixels = decode_studies(site_dir, state_dir, found, model_cfg.resolution, progress)
+    kept, grouping = privacy_units(site_dir, decoded)
+    if not kept.labeled:
+        raise SiteDataError(
+            f"{site_dir} has no usable labeled study ({kept.csv_rows} rows in {STUDIES_CSV}, "
+            f"{len(kept.skipped)} files skipped); run `emixer data check {site_dir}` to see why"
+        )
+    return site_tensors(kept, pixels, grouping, model_cfg, uncertain_as)
+
+
+def _check_folders(site_dir: Path, state_dir: Path) -> None:
+    """Refuse a folder that is no site folder, and a state directory inside the site folder."""
     if not (site_dir / STUDIES_CSV).is_file():
         raise SiteDataError(
             f"{site_dir} is not a site folder: needs {STUDIES_CSV} (columns dicom, report, one "
@@ -350,6 +375,12 @@ def load_site(
             f"state directory {state_dir} is inside the site folder {site_dir}; choose one "
             "outside it (the data folder stays read-only and holds only data)"
         )
+
+
+def find_site_files(site_dir: Path) -> SiteFiles:
+    """The studies studies.csv names and the scans under unlabeled/, each resolved inside the
+    folder (a csv cell or a symlink never makes the loader read elsewhere); a scan both labeled
+    and under unlabeled/ is one labeled sample."""
     table = read_studies(site_dir)
     if table.ignored_columns:
         log.warning(
@@ -359,7 +390,6 @@ def load_site(
         log.warning(
             "%s: no column for %s; read as blank", STUDIES_CSV, ", ".join(table.missing_findings)
         )
-
     rows, skipped = resolve_studies(site_dir, table)
     labeled_rels = {rel for _, rel in rows}
     unlabeled_rels: list[str] = []
@@ -372,30 +402,66 @@ def load_site(
             continue
         if rel not in labeled_rels:  # one scan is one sample, never labeled and unlabeled too
             unlabeled_rels.append(rel)
-    root = site_dir.resolve()
-    files = sorted(labeled_rels | set(unlabeled_rels))
-    decoded, failures = _decode_cached(root, state_dir, files, model_cfg.resolution, progress)
-    skipped.extend((rel, *failures[rel]) for rel in files if rel in failures)
+    return SiteFiles(rows, unlabeled_rels, skipped, len(table.studies))
 
-    usable = [(study, rel) for study, rel in rows if rel in decoded]
-    unlabeled_ok = [rel for rel in unlabeled_rels if rel in decoded]
-    grouping = group_units(site_dir, [(s.patient, rel) for s, rel in usable], unlabeled_ok)
-    if grouping.per_patient:
-        usable = [usable[i] for i in grouping.labeled]
-        unlabeled_ok = [unlabeled_ok[j] for j in grouping.unlabeled]
-        skipped.extend(
-            (rel, "no-patient-id", SKIP_REASONS["no-patient-id"]) for rel in grouping.no_id
-        )
-    else:
+
+def decode_studies(
+    site_dir: Path,
+    state_dir: Path,
+    found: SiteFiles,
+    resolution: int,
+    progress: ProgressFn | None = None,
+) -> tuple[SiteFiles, dict[str, torch.Tensor]]:
+    """The found samples whose files decode, and their pixels by relative path (from the cache
+    under state_dir while no file changed: decoding is the slow part); a failure is a skip."""
+    files = sorted({rel for _, rel in found.labeled} | set(found.unlabeled))
+    pixels, failures = _decode_cached(site_dir.resolve(), state_dir, files, resolution, progress)
+    decoded = SiteFiles(
+        labeled=[(study, rel) for study, rel in found.labeled if rel in pixels],
+        unlabeled=[rel for rel in found.unlabeled if rel in pixels],
+        skipped=found.skipped + [(rel, *failures[rel]) for rel in files if rel in failures],
+        csv_rows=found.csv_rows,
+    )
+    return decoded, pixels
+
+
+def privacy_units(site_dir: Path, decoded: SiteFiles) -> tuple[SiteFiles, UnitGrouping]:
+    """The privacy units (invariant 6) over the decoded samples, and the samples they cover.
+
+    The unit is the patient, labeled and unlabeled scans together, whenever any labeled scan
+    names one; then a scan with no identity is skipped (`no-patient-id`), never a unit of its own.
+    Only when no labeled scan names anyone is every image its own unit. The units' indices are
+    into the returned samples.
+    """
+    grouping = group_units(
+        site_dir, [(study.patient, rel) for study, rel in decoded.labeled], decoded.unlabeled
+    )
+    if not grouping.per_patient:
         log.warning("no scan names a patient; the privacy unit is the image")
-    if not usable:
-        raise SiteDataError(
-            f"{site_dir} has no usable labeled study ({len(table.studies)} rows in {STUDIES_CSV}, "
-            f"{len(skipped)} files skipped); run `emixer data check {site_dir}` to see why"
-        )
+        return decoded, grouping
+    no_id = [(rel, "no-patient-id", SKIP_REASONS["no-patient-id"]) for rel in grouping.no_id]
+    kept = SiteFiles(
+        labeled=[decoded.labeled[i] for i in grouping.labeled],
+        unlabeled=[decoded.unlabeled[j] for j in grouping.unlabeled],
+        skipped=decoded.skipped + no_id,
+        csv_rows=decoded.csv_rows,
+    )
+    return kept, grouping
+
+
+def site_tensors(
+    kept: SiteFiles,
+    pixels: dict[str, torch.Tensor],
+    grouping: UnitGrouping,
+    model_cfg: ModelConfig,
+    uncertain_as: str,
+) -> SiteData:
+    """The kept samples as the tensors private training reads: uncertain labels mapped as the
+    run says, reports encoded and cut to the model's length cap (the cut is logged, counted)."""
+    usable = kept.labeled
     uncertain = 1.0 if uncertain_as == "positive" else 0.0
     label_map = {1: 1.0, 0: 0.0, -1: uncertain, None: 0.0}
-    images = torch.stack([decoded[rel] for _, rel in usable])[:, None]
+    images = torch.stack([pixels[rel] for _, rel in usable])[:, None]
     labels = torch.tensor(
         [[label_map[v] for v in s.labels] for s, _ in usable], dtype=torch.float32
     )
@@ -420,13 +486,12 @@ def load_site(
         )
     r = model_cfg.resolution
     unlabeled = (
-        torch.stack([decoded[rel] for rel in unlabeled_ok])[:, None]
-        if unlabeled_ok
+        torch.stack([pixels[rel] for rel in kept.unlabeled])[:, None]
+        if kept.unlabeled
         else torch.zeros(0, 1, r, r)
     )
-
     return SiteData(
-        images, labels, tokens, unlabeled, grouping.units, grouping.per_patient, skipped
+        images, labels, tokens, unlabeled, grouping.units, grouping.per_patient, kept.skipped
     )
 
 
@@ -435,7 +500,7 @@ def _decode_cached(
     state_dir: Path,
     files: list[str],
     resolution: int,
-    progress: Callable[[int, int], None] | None,
+    progress: ProgressFn | None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, str]]]:
     """Decode `files` (relative to root) or load them from the cache; returns (pixels, failures)."""
     stats = []
