@@ -98,3 +98,28 @@ def test_pretrain_writes_a_public_checkpoint_that_a_run_can_start_from(tmp_path)
     said = " ".join((nowhere.stdout + nowhere.stderr).split())  # rich wraps at 80 columns
     assert nowhere.returncode == 2 and "not a public collection" in said
     assert "Traceback" not in said
+
+
+def test_help_lists_every_command_without_loading_torch_or_flower():
+    """Each command imports its library code when it runs, so --help stays instant."""
+    probe = (
+        "import sys\n"
+        "from emixer_cli.main import build_parser\n"
+        "parser = build_parser()\n"
+        "print(parser.format_help())\n"
+        "print('LOADED', sorted({'torch', 'flwr', 'opacus'} & set(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    commands = "demo phantoms public data train-local release pretrain verify-release keygen "
+    for command in (commands + "app-hash evaluate audit server site").split():
+        assert f"    {command} " in done.stdout or f"    {command}\n" in done.stdout, command
+    assert "LOADED []" in done.stdout
+
+
+def test_pretrain_on_a_folder_that_is_no_collection_is_one_line(tmp_path):
+    done = emixer("pretrain", "--public", str(tmp_path), "--out", str(tmp_path / "m.pt"))
+    assert done.returncode == 2
+    assert "error:" in done.stdout and "studies.csv" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not (tmp_path / "m.pt").exists()

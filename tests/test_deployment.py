@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -141,6 +142,23 @@ def test_server_yaml_is_strict(tmp_path: Path, certs: Path) -> None:
     )
     with pytest.raises(ConfigError, match="nobody.pub"):
         load_server_settings(missing)
+    text = write_server_yaml(tmp_path / "s5.yaml", certs).read_text()
+    cases = {  # the one config loader: types, required sections and list entries by name
+        text.replace("port: 19092", "port: high"): "listen.port must be an integer",
+        text.replace("resolution: 16", "resolution: 16.5"): "run.model.resolution",
+        "\n".join(line for line in text.splitlines() if "certificates" not in line): (
+            "server.yaml: needs 'certificates'"
+        ),
+        text.replace("name: site-a, ", ""): r"needs 'sites\[0\].name'",
+        re.sub(r"sites:\n.*\n", "sites: []\n", text): "at least one",
+        text + "sitez: []\n": "unknown key 'sitez'",
+    }
+    for i, (body, message) in enumerate(cases.items()):
+        path = tmp_path / f"case{i}" / "server.yaml"
+        path.parent.mkdir()
+        path.write_text(body)
+        with pytest.raises(ConfigError, match=message):
+            load_server_settings(path)
 
 
 def test_site_yaml_is_strict_and_checks_paths(tmp_path: Path, certs: Path) -> None:

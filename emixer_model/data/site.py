@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import torch
 
 from emixer_model.config import FINDINGS, ModelConfig
@@ -224,8 +225,6 @@ def unlabeled_files(site_dir: Path) -> list[Path]:
 
 def dicom_identity(path: Path) -> tuple[str, str] | None:
     """(IssuerOfPatientID, PatientID) of a DICOM file, read without its pixels; None if absent."""
-    import pydicom
-
     try:
         ds = pydicom.dcmread(
             path,
