@@ -272,6 +272,18 @@ def log_site_event(state_dir: Path, entry: dict) -> None:
         f.write(json.dumps({"time": time.time(), **entry}) + "\n")
 
 
+LEDGER_FILE = Path("privacy") / "ledger.jsonl"  # in a site's state dir
+
+
+def read_site_ledger(state_dir: Path) -> list[dict] | None:
+    """Every entry of a site's append-only ledger (trained and refused rounds, with the signed
+    body of each trained one); None when `state_dir` holds no ledger. Reads, never creates."""
+    path = Path(state_dir) / LEDGER_FILE
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
 class SiteState:
     """A site's privacy state on its own disk: plan, accountant, append-only ledger, key."""
 
@@ -281,7 +293,7 @@ class SiteState:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.plan_path = self.dir / "plan.json"
         self.accountant_path = self.dir / "accountant.json"
-        self.ledger_path = self.dir / "ledger.jsonl"
+        self.ledger_path = self.root / LEDGER_FILE
 
     def load_plan(self) -> PrivacyPlan | None:
         """The saved plan; None when there is none or it predates the current plan format."""
@@ -317,9 +329,7 @@ class SiteState:
             f.write(json.dumps(entry) + "\n")
 
     def ledger(self) -> list[dict]:
-        if not self.ledger_path.is_file():
-            return []
-        return [json.loads(line) for line in self.ledger_path.read_text().splitlines() if line]
+        return read_site_ledger(self.root) or []
 
     def trained_rounds(self) -> int:
         return sum(e["status"] == "trained" for e in self.ledger())

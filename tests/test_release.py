@@ -176,3 +176,35 @@ def test_verify_release_recomputes_each_site_epsilon_offline_and_catches_edits(
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert main(["verify-release", str(out)]) == 2
     assert "manifest says epsilon" in capsys.readouterr().out
+
+
+def _hide_last_round(ledger):
+    """Threat (e) of docs/PRIVACY.md: the site's last entry left out and its round recorded as
+    one that did not aggregate the site. The manifest alone stays consistent."""
+    _delete_round(ledger)
+    ledger["rounds"]["2"]["sites"] = []
+
+
+def test_a_site_catches_rounds_left_out_of_a_release_with_its_own_ledger(
+    tmp_path, trained_checkpoint, capsys
+):
+    state = trained_checkpoint.parent.parent / "state"  # the site's state dir, its ledger.jsonl
+    one_pair = ["--per-label", "1", "--labels", "Edema"]
+    honest, hidden = tmp_path / "honest", tmp_path / "hidden"
+    assert (
+        main(["release", "--model", str(trained_checkpoint), "--out", str(honest), *one_pair]) == 0
+    )
+    assert main(["verify-release", str(honest), "--site-state", str(state)]) == 0
+    assert "nothing it signed is left out" in capsys.readouterr().out
+
+    model = _tampered(trained_checkpoint, tmp_path, _hide_last_round)
+    assert main(["release", "--model", str(model), "--out", str(hidden), *one_pair]) == 0
+    assert main(["verify-release", str(hidden)]) == 0  # the gate and a recipient cannot see it
+    capsys.readouterr()
+    assert main(["verify-release", str(hidden), "--site-state", str(state)]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the release leaves out: 2" in out and "this site's own ledger says" in out
+
+    assert main(["verify-release", str(honest), "--site-state", str(tmp_path / "nowhere")]) == 2
+    assert "holds no ledger.jsonl" in capsys.readouterr().out
+    assert not (tmp_path / "nowhere").exists()  # a check never creates a state dir

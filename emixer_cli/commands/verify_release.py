@@ -17,15 +17,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Verify every ledger entry in DIR/manifest.json against the site public keys "
         "(the manifest's, or --site-keys), recompute each site's epsilon with Opacus from its "
         "signed history, check that every aggregated round is covered and that the stated "
-        "figures match. Prints each site's recomputed epsilon; exit 2 on any mismatch.",
+        "figures match. Prints each site's recomputed epsilon; exit 2 on any mismatch. A site "
+        "adds --site-state to compare the release with the ledger it keeps itself: the one "
+        "check that catches a coordinator leaving out the site's last rounds.",
     )
     p.add_argument("dir", help="release folder (holds manifest.json)")
     p.add_argument("--site-keys", nargs="+", help="SITE.pub files or a folder of them")
+    p.add_argument(
+        "--site-state",
+        metavar="STATE_DIR",
+        help="a site's own state dir (site.yaml's state_dir): refuse when the release counts "
+        "less epsilon for this site than the rounds it signed in the release's run",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.tools.release import read_public_keys, verify_release
+    from server.tools.release import check_site_ledger, read_public_keys, verify_release
 
     keys = read_public_keys([Path(p) for p in args.site_keys]) if args.site_keys else None
     result = verify_release(Path(args.dir), keys)
@@ -47,4 +55,22 @@ def run(args: argparse.Namespace) -> int:
         f"{result['release_epsilon']:.4f}"
         + ("" if keys else " (pass --site-keys to check the keys against the sites' own)")
     )
+    if args.site_state:
+        own = check_site_ledger(Path(args.dir), Path(args.site_state), result)
+        if own["site"] is None:
+            console.print(
+                f"this site signed no round of run {', '.join(own['runs'])} up to round "
+                f"{own['release_round']}: the release spends none of its budget"
+            )
+        else:
+            late = (
+                f"; {len(own['uncounted'])} lost replies covered by later entries"
+                if own["uncounted"]
+                else ""
+            )
+            console.print(
+                f"site {own['site']}: the release counts epsilon {own['epsilon_release']:.4f}, "
+                f"this site's own ledger {own['epsilon_own']:.4f} after {len(own['rounds'])} "
+                f"signed rounds{late}: nothing it signed is left out"
+            )
     return 0

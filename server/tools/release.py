@@ -25,7 +25,7 @@ from emixer_model.data.dicom import ReleaseSeries, write_secondary_capture
 from emixer_model.networks import build_networks, set_weights
 from emixer_model.privacy import epsilon_from_history
 from emixer_model.shared import ProgressFn, UserError, app_hash
-from emixer_model.site_privacy import verify_site_history
+from emixer_model.site_privacy import read_site_ledger, verify_site_history
 from emixer_model.synthesis import synthesize
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
 from server.checkpoint import Checkpoint, file_sha256, load_checkpoint
@@ -193,6 +193,63 @@ def verify_release(folder: Path, enrolled: dict[str, str] | None = None) -> dict
             f"histories give {result['release_epsilon']}"
         )
     return result
+
+
+def check_site_ledger(folder: Path, site_state: Path, verified: dict) -> dict:
+    """A site's own check of a release against the ledger it keeps in its state dir.
+
+    The manifest alone cannot show one thing (docs/PRIVACY.md, threat (e)): a coordinator that
+    leaves out a site's trailing rounds and records them as rounds that did not aggregate the
+    site. The site's `ledger.jsonl` holds every entry it signed, so this compares the two: the
+    epsilon the release counts for the site must be at least what the site's own last entry in
+    the release's run, up to the release's round, says. `verified` is `verify_release`'s result.
+    Returns what was compared; ReleaseRefused when the release counts less.
+    """
+    ledger = read_site_ledger(site_state)
+    if ledger is None:
+        raise ReleaseRefused(
+            f"{site_state} holds no ledger.jsonl: give this site's state dir (site.yaml's "
+            "state_dir, or the --state-dir of train-local)"
+        )
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    release_round = int(manifest["model"]["round"])
+    runs = {
+        str(json.loads(signed["entry"])["run"])
+        for site in verified["sites"].values()
+        for signed in site["signed"]
+    }
+    mine = [
+        e
+        for e in ledger
+        if e.get("status") == "trained"
+        and str(e.get("run")) in runs
+        and int(e.get("round", 0)) <= release_round
+    ]
+    if not mine:
+        return {"site": None, "rounds": [], "runs": sorted(runs), "release_round": release_round}
+    name, last = mine[-1]["site"], mine[-1]
+    own = epsilon_from_history(last["history"], last["delta"], last["accountant"])
+    counted = verified["sites"].get(name, {"signed": [], "epsilon": 0.0})
+    bodies = {signed["entry"] for signed in counted["signed"]}
+    uncounted = [e["round"] for e in mine if e["entry"] not in bodies]
+    if own > counted["epsilon"] * (1 + 1e-9) + 1e-12:
+        raise ReleaseRefused(
+            f"site {name}: the release counts epsilon {counted['epsilon']:.4f} for this site, but "
+            f"this site's own ledger says {own:.4f} after round {last['round']} of run "
+            f"{last['run']}; the rounds it signed and the release leaves out: "
+            f"{', '.join(map(str, uncounted))}. Either their replies never reached the "
+            "coordinator or were not aggregated, or the coordinator left them out: ask it, and "
+            f"until it explains, take {own:.4f} as this release's epsilon for this site"
+        )
+    return {
+        "site": name,
+        "rounds": [e["round"] for e in mine],
+        "uncounted": uncounted,
+        "epsilon_own": own,
+        "epsilon_release": counted["epsilon"],
+        "runs": sorted(runs),
+        "release_round": release_round,
+    }
 
 
 def read_public_keys(paths: list[Path]) -> dict[str, str]:
