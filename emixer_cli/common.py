@@ -76,7 +76,3 @@ def command_config(args: argparse.Namespace) -> EmixerConfig:
 
 
 CONFIG_HELP = "YAML config (model/privacy/train/federation sections)"
-STATE_DIR_HELP = (
-    "where the site's cache, accountant and ledger live "
-    "(default ~/.emixer/state/<site>-<hash>; never inside the data folder)"
-)

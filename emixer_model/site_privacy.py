@@ -186,11 +186,6 @@ INPUT_KEYS = (
 )
 
 
-def privacy_units(n_units: int, per_patient: bool) -> tuple[int, str]:
-    """(number of sampling units, their kind): what q is computed from and the ledger names."""
-    return n_units, "patient" if per_patient else "image"
-
-
 class BudgetExhausted(Exception):
     """No noise multiplier lets the planned rounds fit in what is left of the budget."""
 
@@ -199,7 +194,7 @@ def plan_inputs(
     cfg: EmixerConfig, policy: SitePolicy, n_units: int, per_patient: bool
 ) -> dict[str, object]:
     """The privacy-relevant inputs of a plan from today's config, data and policy."""
-    n_units, unit = privacy_units(n_units, per_patient)
+    unit = "patient" if per_patient else "image"  # what q is computed over, as the ledger names it
     budget = policy.budget_for(cfg.privacy.epsilon_budget)
     requested = cfg.privacy.noise_multiplier
     if requested is not None:

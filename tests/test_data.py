@@ -378,9 +378,14 @@ def test_decoded_cache_is_reused_and_rebuilt_when_inputs_change(
     def refuse(path: Path, resolution: int) -> None:
         raise AssertionError("decoded again although the cache is valid")
 
+    def no_header(path: Path) -> None:
+        raise AssertionError("a header read although the cache holds the identities")
+
     monkeypatch.setattr(site_module, "decode_dicom", refuse)
+    monkeypatch.setattr(site_module, "dicom_identity", no_header)
     second = load_site(site, state, CFG)
     assert torch.equal(first.images, second.images) and second.skipped == first.skipped
+    assert second.units == first.units and second.per_patient == first.per_patient
     monkeypatch.undo()
 
     decoded: list[Path] = []

@@ -10,7 +10,6 @@ from rich.table import Table
 
 from emixer_cli.common import (
     CONFIG_HELP,
-    STATE_DIR_HELP,
     CommandError,
     command_config,
     console,
@@ -36,7 +35,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the site's total epsilon budget (config privacy.epsilon_budget, default 10)",
     )
     p.add_argument("--config", help=CONFIG_HELP)
-    p.add_argument("--state-dir", help=STATE_DIR_HELP)
+    p.add_argument(
+        "--state-dir",
+        help="where the site's cache, accountant and ledger live "
+        "(default ~/.emixer/state/<site>-<hash>; never inside the data folder)",
+    )
     p.set_defaults(func=run)
 
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,6 +34,10 @@ from emixer_model.shared import ProgressFn, UserError
 from emixer_model.text.vocabulary import encode_report, fits_caps
 
 log = logging.getLogger("emixer.data")
+
+# Bumped when the decode cache's content changes (2: each file's DICOM identity is kept beside its
+# pixels, so a warm load reads no header), so older caches miss instead of failing to load.
+CACHE_FORMAT = 2
 
 STUDIES_CSV = "studies.csv"
 UNLABELED_DIR = "unlabeled"
@@ -223,7 +228,10 @@ def unlabeled_files(site_dir: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def dicom_identity(path: Path) -> tuple[str, str] | None:
+Identity = tuple[str, str] | None  # (IssuerOfPatientID, PatientID) of a file, None if it has none
+
+
+def dicom_identity(path: Path) -> Identity:
     """(IssuerOfPatientID, PatientID) of a DICOM file, read without its pixels; None if absent."""
     try:
         ds = pydicom.dcmread(
@@ -275,16 +283,20 @@ class UnitGrouping:
 
 
 def group_units(
-    site_dir: Path, labeled: list[tuple[str, str]], unlabeled: list[str]
+    site_dir: Path,
+    labeled: list[tuple[str, str]],
+    unlabeled: list[str],
+    identities: Mapping[str, Identity] | None = None,
 ) -> UnitGrouping:
     """Connected components of the identities of (patient, path) labeled and path unlabeled
-    samples. Used by training and by `emixer data check`, so both count the same units."""
+    samples. Used by training and by `emixer data check`, so both count the same units. Each
+    file's DICOM identity comes from `identities` (the decode cache's) or else its header."""
     root = Path(site_dir).resolve()
     extra = read_unlabeled_csv(site_dir)
 
     def keys(patient: str, rel: str) -> set[tuple[str, ...]]:
         found: set[tuple[str, ...]] = {("patient", patient)} if patient else set()
-        identity = dicom_identity(root / rel)
+        identity = identities.get(rel) if identities is not None else dicom_identity(root / rel)
         if identity is not None:
             found.add(("dicom", *identity))
         return found
@@ -352,8 +364,10 @@ def load_site(
     site_dir, state_dir = Path(site_dir), Path(state_dir)
     _check_folders(site_dir, state_dir)
     found = find_site_files(site_dir)
-    decoded, pixels = decode_studies(site_dir, state_dir, found, model_cfg.resolution, progress)
-    kept, grouping = privacy_units(site_dir, decoded)
+    decoded, pixels, identities = decode_studies(
+        site_dir, state_dir, found, model_cfg.resolution, progress
+    )
+    kept, grouping = privacy_units(site_dir, decoded, identities)
     if not kept.labeled:
         raise SiteDataError(
             f"{site_dir} has no usable labeled study ({kept.csv_rows} rows in {STUDIES_CSV}, "
@@ -410,31 +424,36 @@ def decode_studies(
     found: SiteFiles,
     resolution: int,
     progress: ProgressFn | None = None,
-) -> tuple[SiteFiles, dict[str, torch.Tensor]]:
-    """The found samples whose files decode, and their pixels by relative path (from the cache
-    under state_dir while no file changed: decoding is the slow part); a failure is a skip."""
+) -> tuple[SiteFiles, dict[str, torch.Tensor], dict[str, Identity]]:
+    """The found samples whose files decode, with their pixels and DICOM identities by relative
+    path (from the cache under state_dir while no file changed: decoding and header reads are
+    the slow part); a failure is a skip."""
     files = sorted({rel for _, rel in found.labeled} | set(found.unlabeled))
-    pixels, failures = _decode_cached(site_dir.resolve(), state_dir, files, resolution, progress)
+    pixels, failures, identities = _decode_cached(
+        site_dir.resolve(), state_dir, files, resolution, progress
+    )
     decoded = SiteFiles(
         labeled=[(study, rel) for study, rel in found.labeled if rel in pixels],
         unlabeled=[rel for rel in found.unlabeled if rel in pixels],
         skipped=found.skipped + [(rel, *failures[rel]) for rel in files if rel in failures],
         csv_rows=found.csv_rows,
     )
-    return decoded, pixels
+    return decoded, pixels, identities
 
 
-def privacy_units(site_dir: Path, decoded: SiteFiles) -> tuple[SiteFiles, UnitGrouping]:
+def privacy_units(
+    site_dir: Path, decoded: SiteFiles, identities: Mapping[str, Identity] | None = None
+) -> tuple[SiteFiles, UnitGrouping]:
     """The privacy units (invariant 6) over the decoded samples, and the samples they cover.
 
     The unit is the patient, labeled and unlabeled scans together, whenever any labeled scan
     names one; then a scan with no identity is skipped (`no-patient-id`), never a unit of its own.
     Only when no labeled scan names anyone is every image its own unit. The units' indices are
-    into the returned samples.
+    into the returned samples. `identities` are the files' DICOM identities (read from the
+    headers when not given).
     """
-    grouping = group_units(
-        site_dir, [(study.patient, rel) for study, rel in decoded.labeled], decoded.unlabeled
-    )
+    labeled = [(study.patient, rel) for study, rel in decoded.labeled]
+    grouping = group_units(site_dir, labeled, decoded.unlabeled, identities)
     if not grouping.per_patient:
         log.warning("no scan names a patient; the privacy unit is the image")
         return decoded, grouping
@@ -500,13 +519,14 @@ def _decode_cached(
     files: list[str],
     resolution: int,
     progress: ProgressFn | None,
-) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, str]]]:
-    """Decode `files` (relative to root) or load them from the cache; returns (pixels, failures)."""
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, str]], dict[str, Identity]]:
+    """Decode `files` (relative to root) and read their DICOM identities, or load both from the
+    cache (keyed on every file's size and mtime); returns (pixels, failures, identities)."""
     stats = []
     for rel in files:
         st = (root / rel).stat()
         stats.append([rel, st.st_size, st.st_mtime_ns])
-    key_text = json.dumps([resolution, NORMALISATION_VERSION, stats])
+    key_text = json.dumps([resolution, NORMALISATION_VERSION, CACHE_FORMAT, stats])
     key = hashlib.sha256(key_text.encode()).hexdigest()
     cache_dir = state_dir / "cache"
     cache_file = cache_dir / f"{key}.pt"
@@ -515,17 +535,21 @@ def _decode_cached(
             cached = torch.load(cache_file, weights_only=True)
             paths, pixels = cached["paths"], cached["pixels"]
             failures = {rel: (reason, detail) for rel, reason, detail in cached["skipped"]}
+            identities = {rel: None for rel in paths}
+            identities.update({rel: (issuer, pid) for rel, issuer, pid in cached["identities"]})
             if progress is not None:
                 progress(len(files), len(files))
-            return dict(zip(paths, pixels, strict=True)), failures
+            return dict(zip(paths, pixels, strict=True)), failures, identities
         except Exception as err:  # a damaged cache is only lost time: decode again
             log.warning("decoded-image cache %s is damaged (%s); rebuilding it", cache_file, err)
 
     decoded: dict[str, torch.Tensor] = {}
     failures = {}
+    identities = {}
     for done, rel in enumerate(files, start=1):
         try:
             decoded[rel] = torch.from_numpy(decode_dicom(root / rel, resolution).pixels)
+            identities[rel] = dicom_identity(root / rel)
         except SkipFile as skip:
             failures[rel] = (skip.reason, skip.detail)
         if progress is not None:
@@ -539,6 +563,7 @@ def _decode_cached(
         if paths
         else torch.zeros(0, resolution, resolution),
         "skipped": [[rel, reason, detail] for rel, (reason, detail) in failures.items()],
+        "identities": [[rel, *found] for rel, found in identities.items() if found is not None],
     }
     tmp = cache_file.with_suffix(".tmp")
     torch.save(payload, tmp)
@@ -546,4 +571,4 @@ def _decode_cached(
     for old in cache_dir.glob("*.pt"):
         if old != cache_file:
             old.unlink(missing_ok=True)  # an older key: its files changed, it can never hit again
-    return decoded, failures
+    return decoded, failures, identities
