@@ -212,10 +212,13 @@ class ModeRun:
         }
 
 
-def setup(batch: int) -> tuple[EmixerConfig, SiteData, list[training.Row], dict]:
+def setup(
+    batch: int, dp_trainable: str = "all"
+) -> tuple[EmixerConfig, SiteData, list[training.Row], dict]:
     """Config, data, the fixed batch of rows and the shared initial weights."""
     cfg = EmixerConfig()
     cfg.train.batch_size = batch
+    cfg.train.dp_trainable = dp_trainable
     n_unlabeled = max(1, batch // 5)
     data = synthetic_site(cfg, 10 * batch - n_unlabeled, n_unlabeled)  # q = 0.1
     rows = [(True, i) for i in range(batch - n_unlabeled)]
@@ -225,18 +228,18 @@ def setup(batch: int) -> tuple[EmixerConfig, SiteData, list[training.Row], dict]
     return cfg, data, rows, state
 
 
-def peak_memory_in_child(mode: str, batch: int, threads: int) -> float | None:
+def peak_memory_in_child(mode: str, batch: int, threads: int, dp_trainable: str) -> float | None:
     """Peak RSS of a fresh process taking two steps in `mode` (freed memory is never returned to
     the OS, so modes measured one after another in one process would hide each other's peaks)."""
     command = [sys.executable, "-m", "bench.dp_overhead", "--memory-of", mode]
-    command += ["--batch", str(batch), "--threads", str(threads)]
+    command += ["--batch", str(batch), "--threads", str(threads), "--dp-trainable", dp_trainable]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = done.stdout.strip().splitlines()
     return float(lines[-1]) if done.returncode == 0 and lines else None
 
 
-def _child_memory(mode: str, batch: int) -> None:
-    cfg, data, rows, state = setup(batch)
+def _child_memory(mode: str, batch: int, dp_trainable: str) -> None:
+    cfg, data, rows, state = setup(batch, dp_trainable)
     run = ModeRun(mode, cfg, state, data)
     run.step(rows)
     run.step(rows)
@@ -252,11 +255,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads"
     )
+    parser.add_argument(
+        "--dp-trainable",
+        choices=("all", "top"),
+        default="all",
+        help="train.dp_trainable: every private parameter (all) or the demo's top layers",
+    )
     parser.add_argument("--memory-of", choices=MODES, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_of:
-        _child_memory(args.memory_of, args.batch)
+        _child_memory(args.memory_of, args.batch, args.dp_trainable)
         return
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
@@ -264,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown mode {unknown[0] if unknown else ''!r}; choose from {MODES}")
     modes = ["plain", "hooks"] + [m for m in modes if m not in ("plain", "hooks")]
 
-    cfg, data, rows, state = setup(args.batch)
+    cfg, data, rows, state = setup(args.batch, args.dp_trainable)
     runs: dict[str, ModeRun] = {}
     errors: dict[str, str] = {}
     for mode in modes:
@@ -282,7 +291,10 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.warmup - 1 + args.repeats):
         for run in runs.values():
             run.step(rows)
-    memory = {mode: peak_memory_in_child(mode, args.batch, args.threads) for mode in runs}
+    memory = {
+        mode: peak_memory_in_child(mode, args.batch, args.threads, args.dp_trainable)
+        for mode in runs
+    }
 
     stats = {mode: run.summary(skip=args.warmup) for mode, run in runs.items()}
     plain = stats["plain"]["step"]
@@ -313,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     n_unlabeled = max(1, args.batch // 5)
     notes.append(
-        f"default ModelConfig, batch {args.batch} ({args.batch - n_unlabeled} labeled + "
+        f"default ModelConfig, dp_trainable {args.dp_trainable}, batch {args.batch} "
+        f"({args.batch - n_unlabeled} labeled + "
         f"{n_unlabeled} unlabeled rows); median of {args.repeats} steps after {args.warmup}, modes "
         f"interleaved; peak RSS of a separate process per mode; {machine()}"
     )
