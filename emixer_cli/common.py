@@ -28,7 +28,8 @@ class CommandError(UserError):
 @contextmanager
 def progress_bars(*labels: str) -> Iterator[list[ProgressFn]]:
     """One rich live display with a bar per label; yields an update(done, total, losses=None)
-    per bar (rich shows one live display at a time, so stages share it)."""
+    per bar (rich shows one live display at a time, so stages share it). The display appears
+    at the first update, so work that fails before it starts prints its error alone."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -36,19 +37,25 @@ def progress_bars(*labels: str) -> Iterator[list[ProgressFn]]:
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
     )
-    with Progress(*columns, console=console, transient=False) as progress:
+    progress = Progress(*columns, console=console, transient=False)
 
-        def updater(label: str) -> ProgressFn:
-            task = progress.add_task(label, total=None, info="", start=False)
+    def updater(label: str) -> ProgressFn:
+        task = progress.add_task(label, total=None, info="", start=False)
 
-            def update(done: int, total: int, losses: Mapping[str, float] | None = None) -> None:
-                info = "  ".join(f"{k} {v:.3f}" for k, v in (losses or {}).items())
-                progress.start_task(task)
-                progress.update(task, completed=done, total=total, info=info)
+        def update(done: int, total: int, losses: Mapping[str, float] | None = None) -> None:
+            if not progress.live.is_started:
+                progress.start()
+            info = "  ".join(f"{k} {v:.3f}" for k, v in (losses or {}).items())
+            progress.start_task(task)
+            progress.update(task, completed=done, total=total, info=info)
 
-            return update
+        return update
 
+    try:
         yield [updater(label) for label in labels]
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 @contextmanager
