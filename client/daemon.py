@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import tomli_w
 
-from emixer_model.config import ConfigError, load_yaml_as
+from emixer_model.config import ConfigError, config_key, load_yaml_as
 from emixer_model.shared import app_hash, sigterm_as_interrupt, stop_process_group
 from emixer_model.site_privacy import SitePolicy, log_site_event
 
@@ -27,28 +26,35 @@ DEFAULT_RUNTIME_PORT = 9094
 NOT_ENROLLED = 305  # flower-supernode's exit code when the SuperLink refuses the node's key
 
 
-def _key(meaning: str, default: Any = MISSING) -> Any:
-    """A site.yaml key: its meaning (said when it is missing) and its default, if it has one."""
-    return field(default=default, metadata={"help": meaning})
-
-
 @dataclass
 class SiteFile:
     """site.yaml as written (deploy/site.yaml): every key, its type and its meaning. Keys
     without a default must be given; `epsilon_budget` is one: the site states its own."""
 
-    superlink: str = _key("coordinator address host:port, e.g. emixer.example.org:9092")
-    root_certificate: str = _key("the federation's CA certificate (ca.crt from make-certs.sh)")
-    private_key: str = _key("this site's own private key (`emixer keygen`); only its .pub travels")
-    data_path: str = _key("the site folder (studies.csv, DICOMs, unlabeled/)")
-    state_dir: str = _key("where caches, the privacy accountant and the audit log live")
-    site_name: str = _key("the name the coordinator knows this site by")
-    epsilon_budget: float = _key("this site's epsilon budget (a run may ask for less, never more)")
-    max_delta: float | None = _key("the largest delta this site accepts (default 1/(10 N))", None)
-    min_noise_multiplier: float | None = _key("a floor on the noise multiplier", None)
-    share_losses: bool = _key("send mean training losses to the coordinator (not DP)", False)
-    approved_app_hash: str | None = _key("`emixer app-hash` of the reviewed app version", None)
-    runtime_port: int = _key("local port of the SuperNode's app runtime API", DEFAULT_RUNTIME_PORT)
+    superlink: str = config_key("coordinator address host:port, e.g. emixer.example.org:9092")
+    root_certificate: str = config_key(
+        "the federation's CA certificate (ca.crt from make-certs.sh)"
+    )
+    private_key: str = config_key(
+        "this site's own private key (`emixer keygen`); only its .pub travels"
+    )
+    data_path: str = config_key("the site folder (studies.csv, DICOMs, unlabeled/)")
+    state_dir: str = config_key("where caches, the privacy accountant and the audit log live")
+    site_name: str = config_key("the name the coordinator knows this site by")
+    epsilon_budget: float = config_key(
+        "this site's epsilon budget (a run may ask for less, never more)"
+    )
+    max_delta: float | None = config_key(
+        "the largest delta this site accepts (default 1/(10 N))", None
+    )
+    min_noise_multiplier: float | None = config_key("a floor on the noise multiplier", None)
+    share_losses: bool = config_key("send mean training losses to the coordinator (not DP)", False)
+    approved_app_hash: str | None = config_key(
+        "`emixer app-hash` of the reviewed app version", None
+    )
+    runtime_port: int = config_key(
+        "local port of the SuperNode's app runtime API", DEFAULT_RUNTIME_PORT
+    )
 
 
 @dataclass

@@ -215,6 +215,12 @@ class EmixerConfig:
 T = TypeVar("T")
 
 
+def config_key(meaning: str, default: Any = MISSING) -> Any:
+    """A dataclass field for a key of a config file: its default (none: the key is required)
+    and its meaning, which `from_dict` says when a required key is missing."""
+    return field(default=default, metadata={"help": meaning})
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """Build dataclass `cls` from a mapping, strictly: unknown keys are refused by name, a field
     without a default must be given (its `metadata["help"]` says what it is), and each value must

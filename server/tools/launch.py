@@ -27,7 +27,7 @@ from typing import Any
 
 import tomli_w
 
-from emixer_model.config import ConfigError, EmixerConfig, load_yaml_as
+from emixer_model.config import ConfigError, EmixerConfig, config_key, load_yaml_as
 from emixer_model.shared import (
     APP_PACKAGES,
     UserError,
@@ -45,11 +45,6 @@ class LaunchError(UserError, RuntimeError):
     """The SuperLink or the flwr CLI failed; the message says which step and what to check."""
 
 
-def _key(meaning: str) -> Any:
-    """A required server.yaml key and its meaning (said when it is missing)."""
-    return field(metadata={"help": meaning})
-
-
 @dataclass
 class ListenFile:
     """server.yaml `listen`: where the SuperLink's one HTTPS port listens."""
@@ -62,26 +57,30 @@ class ListenFile:
 class CertificatesFile:
     """server.yaml `certificates`: the files deploy/make-certs.sh writes."""
 
-    ca: str = _key("the federation CA certificate (deploy/make-certs.sh writes it)")
-    cert: str = _key("the SuperLink's certificate (deploy/make-certs.sh writes it)")
-    key: str = _key("the SuperLink's private key (deploy/make-certs.sh writes it)")
+    ca: str = config_key("the federation CA certificate (deploy/make-certs.sh writes it)")
+    cert: str = config_key("the SuperLink's certificate (deploy/make-certs.sh writes it)")
+    key: str = config_key("the SuperLink's private key (deploy/make-certs.sh writes it)")
 
 
 @dataclass
 class SiteEntryFile:
     """One entry of server.yaml `sites`."""
 
-    name: str = _key("the site's name, for logs and its ledger")
-    public_key: str = _key("the site's OpenSSH ECDSA public key file (its `emixer keygen` .pub)")
+    name: str = config_key("the site's name, for logs and its ledger")
+    public_key: str = config_key(
+        "the site's OpenSSH ECDSA public key file (its `emixer keygen` .pub)"
+    )
 
 
 @dataclass
 class ServerFile:
     """server.yaml as written (deploy/server.yaml): every key, its type and its meaning."""
 
-    certificates: CertificatesFile = _key("a section with ca, cert and key (deploy/make-certs.sh)")
-    sites: list[SiteEntryFile] = _key("a list of {name, public_key}: the sites that may join")
-    state_dir: str = _key("the SuperLink database, logs, staged app and checkpoints")
+    certificates: CertificatesFile = config_key(
+        "a section with ca, cert and key (deploy/make-certs.sh)"
+    )
+    sites: list[SiteEntryFile] = config_key("a list of {name, public_key}: the sites that may join")
+    state_dir: str = config_key("the SuperLink database, logs, staged app and checkpoints")
     listen: ListenFile = field(default_factory=ListenFile)
     resume: bool = False
     run: EmixerConfig = field(default_factory=EmixerConfig)
