@@ -33,9 +33,14 @@ from emixer_model.membership_audit import (
     unresolved_note,
 )
 from emixer_model.networks import EmixerNets, build_networks
-from emixer_model.privacy import SiteAccountant, default_delta, plan_noise_multiplier
+from emixer_model.privacy.accounting import (
+    SiteAccountant,
+    default_delta,
+    plan_noise_multiplier,
+    steps_per_epoch,
+)
 from emixer_model.text.vocabulary import VOCAB_SIZE
-from emixer_model.training import PrivateTrainer, steps_per_epoch
+from emixer_model.training import PrivateTrainer
 
 HOLDOUT = 0.5
 TARGET_EPSILON = 10.0

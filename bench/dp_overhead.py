@@ -35,7 +35,7 @@ from bench.common import machine, peak_rss_mb, print_table, ratio, verdict
 from emixer_model.config import FINDINGS, EmixerConfig
 from emixer_model.data.site import SiteData
 from emixer_model.networks import build_networks
-from emixer_model.privacy import SiteAccountant
+from emixer_model.privacy.accounting import SiteAccountant
 from emixer_model.text.vocabulary import EOS, PAD, VOCAB_SIZE
 
 TARGET_RATIO = 1.5

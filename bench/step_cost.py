@@ -24,7 +24,7 @@ from bench.common import Timing, machine, print_table, ratio, time_calls, verdic
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, TrainConfig
 from emixer_model.data.site import SiteData
 from emixer_model.networks import build_networks
-from emixer_model.privacy import SiteAccountant
+from emixer_model.privacy.accounting import SiteAccountant
 from emixer_model.text.vocabulary import EOS, PAD, VOCAB_SIZE
 
 TARGET = 2.0  # full step <= 2x the image-only step (issue 11)

@@ -44,11 +44,16 @@ from emixer_model.data.public import load_public
 from emixer_model.data.site import SiteData, load_site
 from emixer_model.evaluation.utility import Judge, LabeledSet, SyntheticSet, labeled_from_site
 from emixer_model.networks import build_networks, get_weights, set_weights
-from emixer_model.privacy import SiteAccountant, default_delta, plan_noise_multiplier
+from emixer_model.privacy.accounting import (
+    SiteAccountant,
+    default_delta,
+    plan_noise_multiplier,
+    steps_per_epoch,
+)
 from emixer_model.public_pretrain import pretrained_networks
 from emixer_model.synthesis import synthesize
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
-from emixer_model.training import PrivateTrainer, steps_per_epoch
+from emixer_model.training import PrivateTrainer
 
 NO_NOISE = 1e-9  # PrivateTrainer needs sigma > 0; sigma x clip = 1e-9 is no noise at all
 HOLDOUT = 0.4  # share of each site's labeled patients no generator sees (the judge's)

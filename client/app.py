@@ -6,7 +6,7 @@ Where a site's settings come from:
 - deployment (`flower-supernode --node-config`, written by `emixer site` from site.yaml):
   `data-path`, `state-dir`, `site-name`, `signing-key` (the node-auth key that signs the ledger)
   and the site's privacy policy (`epsilon-budget`, `max-delta`, `min-noise-multiplier`,
-  `share-losses`; see emixer_model.site_privacy.SitePolicy);
+  `share-losses`; see emixer_model.privacy.policy.SitePolicy);
 - simulation: Flower gives only `partition-id`; the run's `federation.site_dirs` and
   `federation.state_root` map it to a phantom site folder and a state directory; the policy takes
   its defaults (no budget of its own: the run's applies; delta at most 1/(10 N); no noise floor;
@@ -26,8 +26,9 @@ from flwr.clientapp import ClientApp
 from client.served_runs import AppNotApproved, check_app_approved, log_served_round
 from emixer_model.config import ConfigError, EmixerConfig
 from emixer_model.data.site import SiteDataError
+from emixer_model.privacy.ledger import SiteKey
+from emixer_model.privacy.policy import SitePolicy
 from emixer_model.records import from_array_record, to_array_record
-from emixer_model.site_privacy import SiteKey, SitePolicy
 from emixer_model.site_training import train_site_round
 
 log = logging.getLogger("emixer.site")

@@ -17,8 +17,9 @@ from pathlib import Path
 import tomli_w
 
 from emixer_model.config import ConfigError, config_key, load_yaml_as
+from emixer_model.privacy.policy import SitePolicy
+from emixer_model.privacy.state import log_site_event
 from emixer_model.shared import app_hash, sigterm_as_interrupt, stop_process_group
-from emixer_model.site_privacy import SitePolicy, log_site_event
 
 log = logging.getLogger("emixer.site")
 

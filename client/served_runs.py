@@ -12,8 +12,8 @@ from pathlib import Path
 
 from flwr.app import Context
 
+from emixer_model.privacy.state import log_site_event
 from emixer_model.shared import app_hash
-from emixer_model.site_privacy import log_site_event
 
 
 class AppNotApproved(RuntimeError):

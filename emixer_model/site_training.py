@@ -2,7 +2,7 @@
 ClientApp both call, so the federated run and the local run share every privacy decision.
 
 It loads the site's data, restores the site's accountant from its state directory, takes q, sigma
-and steps from the site's plan (emixer_model.site_privacy: re-planned whenever a privacy-relevant
+and steps from the site's plan (emixer_model.privacy.plan: re-planned whenever a privacy-relevant
 input changed), refuses a round the site's policy forbids or that would pass the budget on
 exactly those numbers (docs/PRIVACY.md invariants 3 and 6), trains through the private step, and
 persists the accountant and an append-only ledger before returning. What it returns is what may
@@ -28,20 +28,12 @@ from emixer_model.networks import (
     pick_device,
     set_weights,
 )
-from emixer_model.privacy import SiteAccountant
+from emixer_model.privacy.accounting import SiteAccountant
+from emixer_model.privacy.ledger import SiteKey, arrays_sha256, ledger_entry
+from emixer_model.privacy.plan import BudgetExhausted, PrivacyPlan, refuse_over_budget
+from emixer_model.privacy.policy import PolicyViolation, SitePolicy
+from emixer_model.privacy.state import SiteState, log_site_event
 from emixer_model.shared import ProgressFn
-from emixer_model.site_privacy import (
-    BudgetExhausted,
-    PolicyViolation,
-    PrivacyPlan,
-    SiteKey,
-    SitePolicy,
-    SiteState,
-    arrays_sha256,
-    ledger_entry,
-    log_site_event,
-    refuse_over_budget,
-)
 from emixer_model.text.vocabulary import VOCAB_SIZE
 from emixer_model.training import PrivateTrainer
 
@@ -287,7 +279,7 @@ def record_trained_round(
         model_sha256=arrays_sha256(global_weights),
         budget=budget,
     )
-    signer = key or SiteKey.for_state(state.root)
+    signer = key or state.signing_key()
     signed = signer.sign(entry)
     state.append_ledger({"time": time.time(), "status": "trained", **entry, **signed})
     return signed, signer

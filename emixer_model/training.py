@@ -45,7 +45,7 @@ from torch import nn
 from emixer_model.config import FINDINGS, EmixerConfig
 from emixer_model.data.site import SiteData
 from emixer_model.networks import EmixerNets
-from emixer_model.privacy import SiteAccountant, poisson_units
+from emixer_model.privacy.accounting import SiteAccountant
 from emixer_model.shared import ProgressFn
 from emixer_model.text.vocabulary import PAD
 
@@ -77,6 +77,15 @@ def sample_prior(n: int, generator: torch.Generator) -> torch.Tensor:
         y[no_finding] = 0.0
         y[no_finding, FINDINGS.index("No Finding")] = 1.0
     return y
+
+
+def poisson_units(n_units: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of the units in one Poisson batch: each included independently with probability q.
+
+    The batch may be empty; the step must still be taken (and noised) then.
+    """
+    keep = torch.rand(n_units, generator=generator, device=generator.device) < sample_rate
+    return keep.nonzero().flatten().cpu()
 
 
 def _rotate(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -384,8 +393,3 @@ class PrivateTrainer:
                 progress(step, steps, losses)
         means = {name: sums[name] / counts[name] if counts[name] else 0.0 for name in LOSS_NAMES}
         return {"steps": steps, "losses": means}
-
-
-def steps_per_epoch(sample_rate: float) -> int:
-    """Private steps in one expected pass over the units: round(1 / q)."""
-    return max(1, round(1 / sample_rate))

@@ -1,6 +1,6 @@
 """The server's privacy ledger: the entries each site signed, and which sites each round aggregated.
 
-The server stores what the sites signed (emixer_model.site_privacy.ledger_entry) and pins each
+The server stores what the sites signed (emixer_model.privacy.ledger.ledger_entry) and pins each
 site's public key at its first entry; it never computes a site's epsilon itself. Epsilon, delta
 and the per-round history shown in checkpoints and logs are read from the signed entries; the
 release gate re-verifies all of it (docs/PRIVACY.md invariant 7). Losses are kept only when a site's
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from emixer_model.site_privacy import verify_signed
+from emixer_model.privacy.ledger import verify_signed
 
 HISTORY_KEYS = ("round", "noise_multiplier", "sample_rate", "steps", "epsilon")
 

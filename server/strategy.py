@@ -14,8 +14,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg, Strategy
 
 from emixer_model.config import EmixerConfig
+from emixer_model.privacy.ledger import arrays_sha256
 from emixer_model.records import from_array_record, to_array_record
-from emixer_model.site_privacy import arrays_sha256
 from server.checkpoint import Checkpoint, save_checkpoint
 from server.ledger import PrivacyLedger
 from server.validation import update_problem

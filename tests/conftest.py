@@ -51,7 +51,7 @@ def tiny_sites(tmp_path_factory) -> list[Path]:
 def signed_checkpoint(site: Path, root: Path, cfg: EmixerConfig, rounds: int) -> Path:
     """A checkpoint after `rounds` private rounds at one phantom site, with its real signed
     ledger, as the server's strategy records it."""
-    from emixer_model.site_privacy import arrays_sha256
+    from emixer_model.privacy.ledger import arrays_sha256
     from emixer_model.site_training import train_site_round
     from server.checkpoint import Checkpoint, save_checkpoint
     from server.ledger import PrivacyLedger
@@ -91,7 +91,8 @@ def evaluated_release(tmp_path_factory, tiny_sites) -> Path:
 def signed_round(key, site: str, server_round: int, model, accountant, seq: int, **plan) -> dict:
     """A ledger entry `site` signed with `key` after `plan["steps"]` more steps on `accountant`,
     as a reply's "ledger" record carries it (tests of the server side need no training)."""
-    from emixer_model.site_privacy import PrivacyPlan, arrays_sha256, ledger_entry
+    from emixer_model.privacy.ledger import arrays_sha256, ledger_entry
+    from emixer_model.privacy.plan import PrivacyPlan
 
     values = {"noise_multiplier": 1.0, "sample_rate": 0.2, "steps": 5, "delta": 1e-3} | plan
     for _ in range(values["steps"]):

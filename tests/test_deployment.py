@@ -31,8 +31,8 @@ from client.daemon import (
 from emixer_cli.commands.site import check_site
 from emixer_cli.main import main
 from emixer_model.config import ConfigError, EmixerConfig, ModelConfig, TrainConfig
+from emixer_model.privacy.ledger import SiteKey
 from emixer_model.shared import app_hash, stop_process_group
-from emixer_model.site_privacy import SiteKey
 from server.checkpoint import latest_checkpoint
 from server.tools.launch import (
     FlwrCli,

@@ -10,7 +10,7 @@ import pytest
 
 from emixer_model.data.phantoms import CANARY
 from emixer_model.data.site import load_site
-from emixer_model.privacy import SiteAccountant, epsilon_from_history
+from emixer_model.privacy.accounting import SiteAccountant, epsilon_from_history
 from server.checkpoint import load_checkpoint
 from server.strategy import EmixerStrategy
 from server.tools.release import check_privacy_gate

@@ -8,12 +8,11 @@ import logging
 import pytest
 import torch
 
-from emixer_model.privacy import (
+from emixer_model.privacy.accounting import (
     SiteAccountant,
     default_delta,
     epsilon_from_history,
     plan_noise_multiplier,
-    poisson_units,
 )
 
 DELTA = 1e-4
@@ -135,16 +134,6 @@ def test_plan_refuses_a_spent_budget() -> None:
     accountant = _stepped("rdp", 200, sigma=0.6, q=0.5)
     with pytest.raises(ValueError, match="already spent"):
         plan_noise_multiplier(accountant, 1.0, DELTA, 0.5, 10)
-
-
-def test_poisson_units() -> None:
-    generator = torch.Generator().manual_seed(0)
-    assert poisson_units(50, 1.0, generator).tolist() == list(range(50))
-    sizes = [len(poisson_units(1000, 0.1, generator)) for _ in range(20)]
-    assert 80 < sum(sizes) / len(sizes) < 120 and len(set(sizes)) > 1
-    empties = sum(len(poisson_units(5, 0.05, generator)) == 0 for _ in range(100))
-    assert empties > 50  # empty batches happen and are returned, not skipped
-    assert poisson_units(5, 0.05, generator).dtype == torch.long
 
 
 def test_secure_mode_reaches_the_dp_optimizer_and_training_still_steps() -> None:

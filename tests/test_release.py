@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from emixer_cli.main import main
 from emixer_model.data.dicom import SOP_CLASSES
 from emixer_model.data.phantoms import CANARY
-from emixer_model.site_privacy import SiteKey
+from emixer_model.privacy.ledger import SiteKey
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from tests.conftest import signed_checkpoint, tiny_config
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from emixer_model.privacy import SiteAccountant
-from emixer_model.site_privacy import SiteKey, arrays_sha256, verify_site_history
+from emixer_model.privacy.accounting import SiteAccountant
+from emixer_model.privacy.ledger import SiteKey, arrays_sha256, verify_site_history
 from server.checkpoint import (
     Checkpoint,
     CheckpointError,

@@ -9,10 +9,14 @@ from dataclasses import replace
 import pytest
 
 from emixer_model.data.site import load_site
-from emixer_model.privacy import SiteAccountant, epsilon_from_history
-from emixer_model.site_privacy import PolicyViolation, SitePolicy, SiteState
+from emixer_model.privacy.accounting import (
+    SiteAccountant,
+    epsilon_from_history,
+    steps_per_epoch,
+)
+from emixer_model.privacy.policy import PolicyViolation, SitePolicy
+from emixer_model.privacy.state import SiteState
 from emixer_model.site_training import train_site_round
-from emixer_model.training import steps_per_epoch
 from tests.conftest import tiny_config
 
 

@@ -10,9 +10,9 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from emixer_model.config import EmixerConfig, FederationConfig
-from emixer_model.privacy import SiteAccountant
+from emixer_model.privacy.accounting import SiteAccountant
+from emixer_model.privacy.ledger import SiteKey, arrays_sha256
 from emixer_model.records import to_array_record
-from emixer_model.site_privacy import SiteKey, arrays_sha256
 from server.checkpoint import latest_checkpoint
 from server.ledger import PrivacyLedger
 from server.strategy import make_strategy

@@ -10,9 +10,9 @@ import torch
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, PrivacyConfig, TrainConfig
 from emixer_model.data.site import SiteData
 from emixer_model.networks import build_networks
-from emixer_model.privacy import SiteAccountant
+from emixer_model.privacy.accounting import SiteAccountant
 from emixer_model.text.vocabulary import EOS, PAD
-from emixer_model.training import PrivateTrainer, sample_prior
+from emixer_model.training import PrivateTrainer, poisson_units, sample_prior
 from tests.conftest import TINY_MODEL
 
 V, L = 24, len(FINDINGS)
@@ -101,6 +101,16 @@ def test_every_private_parameter_gets_one_clipped_row_per_real_row() -> None:
     assert all(p.grad is None for p in nets.g.parameters())
     assert all(torch.equal(a, b) for a, b in zip(g_before, snapshot(nets.g), strict=True))
     assert accountant.history == [(0.0001, 4 / len(data.units), 2)]
+
+
+def test_poisson_units() -> None:
+    generator = torch.Generator().manual_seed(0)
+    assert poisson_units(50, 1.0, generator).tolist() == list(range(50))
+    sizes = [len(poisson_units(1000, 0.1, generator)) for _ in range(20)]
+    assert 80 < sum(sizes) / len(sizes) < 120 and len(set(sizes)) > 1
+    empties = sum(len(poisson_units(5, 0.05, generator)) == 0 for _ in range(100))
+    assert empties > 50  # empty batches happen and are returned, not skipped
+    assert poisson_units(5, 0.05, generator).dtype == torch.long
 
 
 def test_one_row_per_patient() -> None:

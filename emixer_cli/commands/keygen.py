@@ -21,7 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emixer_model.site_privacy import SiteKey
+    from emixer_model.privacy.ledger import SiteKey
 
     path = Path(args.out)
     if path.exists():

@@ -44,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emixer_model.site_privacy import SitePolicy
+    from emixer_model.privacy.policy import SitePolicy
     from emixer_model.site_training import train_site_round
 
     cfg = command_config(args)

@@ -23,9 +23,10 @@ import torch
 from emixer_model.config import FINDINGS, EmixerConfig, from_dict
 from emixer_model.data.dicom import ReleaseSeries, write_secondary_capture
 from emixer_model.networks import build_networks, set_weights
-from emixer_model.privacy import epsilon_from_history
+from emixer_model.privacy.accounting import epsilon_from_history
+from emixer_model.privacy.ledger import verify_site_history
+from emixer_model.privacy.state import read_site_ledger
 from emixer_model.shared import ProgressFn, UserError, app_hash
-from emixer_model.site_privacy import read_site_ledger, verify_site_history
 from emixer_model.synthesis import synthesize
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
 from server.checkpoint import Checkpoint, file_sha256, load_checkpoint

@@ -1,8 +1,9 @@
-"""A site's privacy accounting: the accountant it keeps on disk, the noise plan, Poisson sampling.
+"""A site's privacy accounting: the accountant it keeps on disk and the noise it plans.
 
 One function, `epsilon_from_history`, turns a history of (noise multiplier, sample rate, steps)
 into epsilon; the site's accountant and the release gate both call it, so the epsilon a site
 reports and the one the gate recomputes from the ledger agree exactly (docs/PRIVACY.md invariant 7).
+The server imports this module (to recompute epsilon), so it holds no site policy or site state.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 
@@ -233,10 +233,6 @@ def plan_noise_multiplier(
     return hi
 
 
-def poisson_units(n_units: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of the units in one Poisson batch: each included independently with probability q.
-
-    The batch may be empty; the step must still be taken (and noised) then.
-    """
-    keep = torch.rand(n_units, generator=generator, device=generator.device) < sample_rate
-    return keep.nonzero().flatten().cpu()
+def steps_per_epoch(sample_rate: float) -> int:
+    """Private steps in one expected pass over the units: round(1 / q)."""
+    return max(1, round(1 / sample_rate))

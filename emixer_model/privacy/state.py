@@ -1,0 +1,145 @@
+"""A site's privacy state on its own disk: plan, accountant, append-only ledger, audit log, key.
+
+Everything here lives in the site's state directory and never leaves it; the coordinator's code
+never imports this module (an import-linter contract in pyproject.toml keeps it so).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from emixer_model.config import EmixerConfig
+from emixer_model.privacy.accounting import SiteAccountant
+from emixer_model.privacy.ledger import SiteKey
+from emixer_model.privacy.plan import PrivacyPlan, make_plan, plan_inputs
+from emixer_model.privacy.policy import PolicyViolation, SitePolicy
+from emixer_model.shared import write_json_atomic
+
+log = logging.getLogger("emixer.site")
+
+AUDIT_LOG = "audit.log"
+SIMULATION_KEY = "signing.key"  # in <state_dir>/privacy/ when the site has no node-auth key
+LEDGER_FILE = Path("privacy") / "ledger.jsonl"  # in a site's state dir
+
+
+def log_site_event(state_dir: Path, entry: dict) -> None:
+    """Append one JSON line to the site's audit log (never rewritten, never sent anywhere)."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with (state_dir / AUDIT_LOG).open("a") as f:
+        f.write(json.dumps({"time": time.time(), **entry}) + "\n")
+
+
+def read_site_ledger(state_dir: Path) -> list[dict] | None:
+    """Every entry of a site's append-only ledger (trained and refused rounds, with the signed
+    body of each trained one); None when `state_dir` holds no ledger. Reads, never creates."""
+    path = Path(state_dir) / LEDGER_FILE
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+class SiteState:
+    """A site's privacy state on its own disk: plan, accountant, append-only ledger, key."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = Path(state_dir)
+        self.dir = self.root / "privacy"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.plan_path = self.dir / "plan.json"
+        self.accountant_path = self.dir / "accountant.json"
+        self.ledger_path = self.root / LEDGER_FILE
+
+    def load_plan(self) -> PrivacyPlan | None:
+        """The saved plan; None when there is none or it predates the current plan format."""
+        if not self.plan_path.is_file():
+            return None
+        try:
+            return PrivacyPlan(**json.loads(self.plan_path.read_text()))
+        except (TypeError, ValueError):
+            return None  # an older format: re-planned from the accountant, like any change
+
+    def save_plan(self, plan: PrivacyPlan) -> None:
+        write_json_atomic(self.plan_path, asdict(plan), fsync=True)
+
+    def load_accountant(self, kind: str) -> SiteAccountant:
+        if self.accountant_path.is_file() or self.accountant_path.with_suffix(".prev").is_file():
+            return SiteAccountant.load(self.accountant_path, kind)
+        return SiteAccountant(kind)
+
+    def check_accountant(self, accountant: SiteAccountant) -> None:
+        """Refuse an accountant that counts fewer steps than the site's own ledger (e.g. restored
+        from the .prev copy after a crash): training on it would under-report epsilon."""
+        counted = sum(int(steps) for _, _, steps in accountant.history)
+        trained = sum(int(e.get("steps", 0)) for e in self.ledger() if e["status"] == "trained")
+        if counted < trained:
+            raise ValueError(
+                f"the site's accountant counts {counted} private steps but its ledger "
+                f"{self.ledger_path} records {trained}; the accountant file was lost or rolled "
+                "back. Restore accountant.json from a backup before training again"
+            )
+
+    def append_ledger(self, entry: dict) -> None:
+        with self.ledger_path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def ledger(self) -> list[dict]:
+        return read_site_ledger(self.root) or []
+
+    def trained_rounds(self) -> int:
+        return sum(e["status"] == "trained" for e in self.ledger())
+
+    def signing_key(self) -> SiteKey:
+        """Simulation and `train-local`: the key in the state dir, made on first use."""
+        path = self.dir / SIMULATION_KEY
+        return SiteKey.load(path) if path.is_file() else SiteKey.generate(path)
+
+    def plan_round(
+        self,
+        cfg: EmixerConfig,
+        policy: SitePolicy,
+        n_units: int,
+        per_patient: bool,
+        accountant: SiteAccountant,
+        rounds_left: int,
+    ) -> PrivacyPlan:
+        """The saved plan if its inputs still hold, else a new one from what was spent.
+
+        Raises PolicyViolation (the run asks what the policy forbids) or BudgetExhausted.
+        """
+        inputs = plan_inputs(cfg, policy, n_units, per_patient)
+        old = self.load_plan()
+        if old is not None and old.inputs() == inputs:
+            floor = policy.min_noise_multiplier
+            if floor is not None and old.noise_multiplier < floor:
+                raise PolicyViolation(
+                    f"the plan's noise multiplier {old.noise_multiplier:.3f} is below this "
+                    f"site's floor {floor:.3f}; refused"
+                )
+            return old
+        fresh = make_plan(inputs, policy, accountant, rounds_left)
+        if old is not None:
+            changed = sorted(k for k, v in inputs.items() if old.inputs().get(k) != v)
+            log.warning(
+                "privacy inputs changed (%s): re-planned from the epsilon already spent; "
+                "noise multiplier %.3f -> %.3f",
+                ", ".join(changed),
+                old.noise_multiplier,
+                fresh.noise_multiplier,
+            )
+            log_site_event(
+                self.root,
+                {
+                    "event": "re-planned",
+                    "changed": changed,
+                    "noise_multiplier": fresh.noise_multiplier,
+                    "sample_rate": fresh.sample_rate,
+                    "steps_per_round": fresh.steps_per_round,
+                },
+            )
+        self.save_plan(fresh)
+        return fresh
