@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from emixer_model.privacy.ledger import verify_signed
-
-HISTORY_KEYS = ("round", "noise_multiplier", "sample_rate", "steps", "epsilon")
+from emixer_model.privacy.ledger import HISTORY_KEYS, verify_signed
 
 
 @dataclass

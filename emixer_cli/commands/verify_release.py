@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from emixer_cli.common import console
+from emixer_cli.common import CommandError, console
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from emixer_model.privacy.state import read_site_ledger
     from server.tools.release import check_site_ledger, read_public_keys, verify_release
 
     keys = read_public_keys([Path(p) for p in args.site_keys]) if args.site_keys else None
@@ -56,7 +57,13 @@ def run(args: argparse.Namespace) -> int:
         + ("" if keys else " (pass --site-keys to check the keys against the sites' own)")
     )
     if args.site_state:
-        own = check_site_ledger(Path(args.dir), Path(args.site_state), result)
+        ledger = read_site_ledger(Path(args.site_state))
+        if ledger is None:
+            raise CommandError(
+                f"{args.site_state} holds no ledger.jsonl: give this site's state dir (site.yaml's "
+                "state_dir, or the --state-dir of train-local)"
+            )
+        own = check_site_ledger(Path(args.dir), ledger, result)
         if own["site"] is None:
             console.print(
                 f"this site signed no round of run {', '.join(own['runs'])} up to round "

@@ -3,7 +3,8 @@
 Each trained round becomes an entry the site signs with its ECDSA key (its node-auth key in
 deployment, one made in its state dir in simulation), carrying the site's whole accountant
 history, so anyone can recompute its epsilon from signed data alone. The server, the release gate
-and `emixer verify-release` import this module to verify; it reads no site state.
+(`verify_ledger`) and `emixer verify-release` import this module to verify; it reads no site
+state: a site's own ledger file reaches `check_against_own_ledger` as entries.
 """
 
 from __future__ import annotations
@@ -24,9 +25,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from emixer_model.privacy.accounting import SiteAccountant, epsilon_from_history, normalise_history
+from emixer_model.shared import UserError
 
 if TYPE_CHECKING:  # the plan only as a type: the coordinator's code never imports the plan
     from emixer_model.privacy.plan import PrivacyPlan
+
+# A signed entry's per-round figures, as the server's ledger and a release's manifest list them.
+HISTORY_KEYS = ("round", "noise_multiplier", "sample_rate", "steps", "epsilon")
+
+
+class LedgerRefused(UserError):
+    """The signed ledger does not prove the privacy claimed for a model; nothing is released."""
 
 
 def arrays_sha256(weights: Mapping[str, np.ndarray] | None) -> str:
@@ -191,3 +200,131 @@ def verify_site_history(site: str, signed: list[Mapping[str, str]], public_key: 
             )
         previous, last_seq = history, entry["seq"]
     return entries
+
+
+def verify_ledger(
+    ledger: Mapping, last_round: int, budget: float | None, enrolled: Mapping[str, str] | None
+) -> dict[str, dict]:
+    """Each site's privacy as its signed entries prove it, or LedgerRefused naming site and rule.
+
+    `ledger` is the server's (`server.ledger.PrivacyLedger.to_dict`, or a manifest's sites and
+    rounds) after `last_round` rounds. Nothing the coordinator stored is trusted: every entry's
+    signature is verified against the site's key (the enrolled one when `enrolled` is given),
+    each site's epsilon is recomputed with Opacus from its signed accountant history, every round
+    up to `last_round` must be recorded and each site it aggregated must have signed an entry for
+    that round and that global model, and no site's recomputed epsilon may exceed its signed
+    budget or `budget`.
+    """
+    sites = ledger.get("sites")
+    if not sites:
+        raise LedgerRefused(
+            "the checkpoint has no privacy ledger: a model whose privacy cost is unknown "
+            "is never released"
+        )
+    verified: dict[str, dict] = {}
+    entries: dict[str, list[dict]] = {}
+    for name, site in sorted(sites.items()):
+        key = site.get("public_key", "")
+        if enrolled is not None:
+            if name not in enrolled:
+                raise LedgerRefused(f"site {name} is not among the enrolled sites")
+            if key and key.split()[:2] != enrolled[name].split()[:2]:
+                raise LedgerRefused(f"site {name} signed with a key that is not its enrolled key")
+        if not site.get("signed"):
+            continue
+        try:
+            entries[name] = verify_site_history(name, site["signed"], key)
+        except (ValueError, KeyError, TypeError) as err:
+            raise LedgerRefused(f"site {name}: the signed ledger does not verify: {err}") from None
+        last = entries[name][-1]
+        epsilon = epsilon_from_history(last["history"], last["delta"], last["accountant"])
+        limit = min(last["budget"], budget) if budget is not None else last["budget"]
+        if epsilon > limit:
+            raise LedgerRefused(
+                f"site {name}: epsilon {epsilon:.4f} is over the budget {limit:.4f} "
+                "(recomputed from its signed history)"
+            )
+        verified[name] = {
+            "epsilon": epsilon,
+            "delta": last["delta"],
+            "accountant": last["accountant"],
+            "opacus": last["opacus"],
+            "privacy_unit": last["privacy_unit"],
+            "max_grad_norm": last["max_grad_norm"],
+            "budget": last["budget"],
+            "public_key": key,
+            "history": [{k: e[k] for k in HISTORY_KEYS} for e in entries[name]],
+            "signed": site["signed"],
+        }
+    if not verified:
+        raise LedgerRefused("the privacy ledger shows no trained round at any site")
+    _check_coverage(last_round, ledger.get("rounds") or {}, entries)
+    return verified
+
+
+def _check_coverage(last_round: int, rounds: Mapping, entries: Mapping[str, list[dict]]) -> None:
+    """Every round up to `last_round` is recorded, and each site it aggregated signed for it."""
+    for number in range(1, last_round + 1):
+        record = rounds.get(str(number))
+        if record is None:
+            raise LedgerRefused(f"round {number} of the checkpoint has no record of its sites")
+        for name in record["sites"]:
+            if not any(
+                e["round"] == number and e["model_sha256"] == record["model_sha256"]
+                for e in entries.get(name, [])
+            ):
+                raise LedgerRefused(
+                    f"round {number} aggregated site {name}, but no entry signed by {name} "
+                    "covers that round and model: rounds are missing from its ledger"
+                )
+
+
+def check_against_own_ledger(
+    own: list[dict], release_round: int, verified: Mapping[str, dict]
+) -> dict:
+    """A site's own check of a release against the ledger it keeps in its state dir.
+
+    The manifest alone cannot show one thing (docs/PRIVACY.md, threat (e)): a coordinator that
+    leaves out a site's trailing rounds and records them as rounds that did not aggregate the
+    site. The site's `ledger.jsonl` (`own`) holds every entry it signed, so this compares the two:
+    the epsilon the release counts for the site must be at least what the site's own last entry in
+    the release's run, up to `release_round`, says. `verified` is the release's verified sites
+    (`verify_ledger`). Returns what was compared; LedgerRefused when the release counts less.
+    """
+    runs = {
+        str(json.loads(signed["entry"])["run"])
+        for site in verified.values()
+        for signed in site["signed"]
+    }
+    mine = [
+        e
+        for e in own
+        if e.get("status") == "trained"
+        and str(e.get("run")) in runs
+        and int(e.get("round", 0)) <= release_round
+    ]
+    if not mine:
+        return {"site": None, "rounds": [], "runs": sorted(runs), "release_round": release_round}
+    name, last = mine[-1]["site"], mine[-1]
+    epsilon_own = epsilon_from_history(last["history"], last["delta"], last["accountant"])
+    counted = verified.get(name, {"signed": [], "epsilon": 0.0})
+    bodies = {signed["entry"] for signed in counted["signed"]}
+    uncounted = [e["round"] for e in mine if e["entry"] not in bodies]
+    if epsilon_own > counted["epsilon"] * (1 + 1e-9) + 1e-12:
+        raise LedgerRefused(
+            f"site {name}: the release counts epsilon {counted['epsilon']:.4f} for this site, but "
+            f"this site's own ledger says {epsilon_own:.4f} after round {last['round']} of run "
+            f"{last['run']}; the rounds it signed and the release leaves out: "
+            f"{', '.join(map(str, uncounted))}. Either their replies never reached the "
+            "coordinator or were not aggregated, or the coordinator left them out: ask it, and "
+            f"until it explains, take {epsilon_own:.4f} as this release's epsilon for this site"
+        )
+    return {
+        "site": name,
+        "rounds": [e["round"] for e in mine],
+        "uncounted": uncounted,
+        "epsilon_own": epsilon_own,
+        "epsilon_release": counted["epsilon"],
+        "runs": sorted(runs),
+        "release_round": release_round,
+    }

@@ -23,14 +23,11 @@ import torch
 from emixer_model.config import FINDINGS, EmixerConfig, from_dict
 from emixer_model.data.dicom import ReleaseSeries, write_secondary_capture
 from emixer_model.networks import build_networks, set_weights
-from emixer_model.privacy.accounting import epsilon_from_history
-from emixer_model.privacy.ledger import verify_site_history
-from emixer_model.privacy.state import read_site_ledger
+from emixer_model.privacy.ledger import LedgerRefused, check_against_own_ledger, verify_ledger
 from emixer_model.shared import ProgressFn, UserError, app_hash
 from emixer_model.synthesis import synthesize
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
 from server.checkpoint import Checkpoint, file_sha256, load_checkpoint
-from server.ledger import HISTORY_KEYS
 from server.tools.release_page import png_bytes, write_index_html
 
 # Findings that often appear together in chest X-ray reports; released besides each single finding.
@@ -80,87 +77,25 @@ def check_privacy_gate(
 ) -> dict:
     """The manifest's privacy section, or ReleaseRefused saying which site breaks which rule.
 
-    Nothing the coordinator stored is trusted: every entry's signature is verified against the
-    site's key (the enrolled one when `enrolled` is given), each site's epsilon is recomputed
-    with Opacus from its signed accountant history, every round up to the checkpoint's must be
-    recorded and each site it aggregated must have signed an entry for that round and that global
-    model, and no site's recomputed epsilon may exceed its signed budget or `budget`.
+    The checks are `emixer_model.privacy.ledger.verify_ledger`'s: signatures against the
+    (enrolled) keys, epsilon recomputed from each site's signed history, every aggregated round
+    covered, no site over its budget or `budget`.
     """
     ledger = ckpt.ledger or {}
-    sites = ledger.get("sites")
-    if not sites:
-        raise ReleaseRefused(
-            "the checkpoint has no privacy ledger: a model whose privacy cost is unknown "
-            "is never released"
-        )
-    verified: dict[str, dict] = {}
-    for name, site in sorted(sites.items()):
-        key = site.get("public_key", "")
-        if enrolled is not None:
-            if name not in enrolled:
-                raise ReleaseRefused(f"site {name} is not among the enrolled sites")
-            if key and key.split()[:2] != enrolled[name].split()[:2]:
-                raise ReleaseRefused(f"site {name} signed with a key that is not its enrolled key")
-        if not site.get("signed"):
-            continue
-        try:
-            entries = verify_site_history(name, site["signed"], key)
-        except (ValueError, KeyError, TypeError) as err:
-            raise ReleaseRefused(f"site {name}: the signed ledger does not verify: {err}") from None
-        last = entries[-1]
-        epsilon = epsilon_from_history(last["history"], last["delta"], last["accountant"])
-        limit = min(last["budget"], budget) if budget is not None else last["budget"]
-        if epsilon > limit:
-            raise ReleaseRefused(
-                f"site {name}: epsilon {epsilon:.4f} is over the budget {limit:.4f} "
-                "(recomputed from its signed history)"
-            )
-        verified[name] = {
-            "epsilon": epsilon,
-            "delta": last["delta"],
-            "accountant": last["accountant"],
-            "opacus": last["opacus"],
-            "privacy_unit": last["privacy_unit"],
-            "max_grad_norm": last["max_grad_norm"],
-            "budget": last["budget"],
-            "public_key": key,
-            "history": [{k: e[k] for k in HISTORY_KEYS} for e in entries],
-            "signed": site["signed"],
-            "_entries": entries,
-        }
-    if not verified:
-        raise ReleaseRefused("the privacy ledger shows no trained round at any site")
-    _check_coverage(ckpt.server_round, ledger.get("rounds") or {}, verified)
-    for site in verified.values():
-        del site["_entries"]
+    try:
+        sites = verify_ledger(ledger, ckpt.server_round, budget, enrolled)
+    except LedgerRefused as err:
+        raise ReleaseRefused(str(err)) from None
     return {
-        "release_epsilon": max(s["epsilon"] for s in verified.values()),
-        "delta": max(s["delta"] for s in verified.values()),
+        "release_epsilon": max(s["epsilon"] for s in sites.values()),
+        "delta": max(s["delta"] for s in sites.values()),
         "note": "each site's (epsilon, delta) is recomputed with Opacus from the accountant "
         "history it signed (ECDSA P-256, SHA-256, over the canonical JSON of each entry); the "
         "release's epsilon is the maximum over sites. `emixer verify-release DIR` re-checks "
         "all of it offline. Training losses are site-local and never part of a release.",
         "rounds": ledger.get("rounds") or {},
-        "sites": verified,
+        "sites": sites,
     }
-
-
-def _check_coverage(last_round: int, rounds: dict, verified: dict[str, dict]) -> None:
-    """Every round up to `last_round` is recorded, and each site it aggregated signed for it."""
-    for number in range(1, last_round + 1):
-        record = rounds.get(str(number))
-        if record is None:
-            raise ReleaseRefused(f"round {number} of the checkpoint has no record of its sites")
-        for name in record["sites"]:
-            entries = verified.get(name, {}).get("_entries", [])
-            if not any(
-                e["round"] == number and e["model_sha256"] == record["model_sha256"]
-                for e in entries
-            ):
-                raise ReleaseRefused(
-                    f"round {number} aggregated site {name}, but no entry signed by {name} "
-                    "covers that round and model: rounds are missing from its ledger"
-                )
 
 
 def verify_release(folder: Path, enrolled: dict[str, str] | None = None) -> dict:
@@ -196,61 +131,16 @@ def verify_release(folder: Path, enrolled: dict[str, str] | None = None) -> dict
     return result
 
 
-def check_site_ledger(folder: Path, site_state: Path, verified: dict) -> dict:
-    """A site's own check of a release against the ledger it keeps in its state dir.
-
-    The manifest alone cannot show one thing (docs/PRIVACY.md, threat (e)): a coordinator that
-    leaves out a site's trailing rounds and records them as rounds that did not aggregate the
-    site. The site's `ledger.jsonl` holds every entry it signed, so this compares the two: the
-    epsilon the release counts for the site must be at least what the site's own last entry in
-    the release's run, up to the release's round, says. `verified` is `verify_release`'s result.
-    Returns what was compared; ReleaseRefused when the release counts less.
+def check_site_ledger(folder: Path, own: list[dict], verified: dict) -> dict:
+    """A site's own check of the release in `folder` against `own`, the ledger it keeps in its
+    state dir (`emixer_model.privacy.ledger.check_against_own_ledger`); `verified` is
+    `verify_release`'s result. ReleaseRefused when the release counts less than the site signed.
     """
-    ledger = read_site_ledger(site_state)
-    if ledger is None:
-        raise ReleaseRefused(
-            f"{site_state} holds no ledger.jsonl: give this site's state dir (site.yaml's "
-            "state_dir, or the --state-dir of train-local)"
-        )
     manifest = json.loads((Path(folder) / "manifest.json").read_text())
-    release_round = int(manifest["model"]["round"])
-    runs = {
-        str(json.loads(signed["entry"])["run"])
-        for site in verified["sites"].values()
-        for signed in site["signed"]
-    }
-    mine = [
-        e
-        for e in ledger
-        if e.get("status") == "trained"
-        and str(e.get("run")) in runs
-        and int(e.get("round", 0)) <= release_round
-    ]
-    if not mine:
-        return {"site": None, "rounds": [], "runs": sorted(runs), "release_round": release_round}
-    name, last = mine[-1]["site"], mine[-1]
-    own = epsilon_from_history(last["history"], last["delta"], last["accountant"])
-    counted = verified["sites"].get(name, {"signed": [], "epsilon": 0.0})
-    bodies = {signed["entry"] for signed in counted["signed"]}
-    uncounted = [e["round"] for e in mine if e["entry"] not in bodies]
-    if own > counted["epsilon"] * (1 + 1e-9) + 1e-12:
-        raise ReleaseRefused(
-            f"site {name}: the release counts epsilon {counted['epsilon']:.4f} for this site, but "
-            f"this site's own ledger says {own:.4f} after round {last['round']} of run "
-            f"{last['run']}; the rounds it signed and the release leaves out: "
-            f"{', '.join(map(str, uncounted))}. Either their replies never reached the "
-            "coordinator or were not aggregated, or the coordinator left them out: ask it, and "
-            f"until it explains, take {own:.4f} as this release's epsilon for this site"
-        )
-    return {
-        "site": name,
-        "rounds": [e["round"] for e in mine],
-        "uncounted": uncounted,
-        "epsilon_own": own,
-        "epsilon_release": counted["epsilon"],
-        "runs": sorted(runs),
-        "release_round": release_round,
-    }
+    try:
+        return check_against_own_ledger(own, int(manifest["model"]["round"]), verified["sites"])
+    except LedgerRefused as err:
+        raise ReleaseRefused(str(err)) from None
 
 
 def read_public_keys(paths: list[Path]) -> dict[str, str]:
