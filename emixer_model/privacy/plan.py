@@ -9,50 +9,49 @@ accountant has already spent (`emixer_model.privacy.state.SiteState.plan_round`)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 from emixer_model.config import EmixerConfig
 from emixer_model.privacy.accounting import SiteAccountant, plan_noise_multiplier, steps_per_epoch
 from emixer_model.privacy.policy import SitePolicy
 
 
-@dataclass
-class PrivacyPlan:
-    """The noise plan of a site: q, sigma and steps per round, and the inputs it was made from.
+@dataclass(frozen=True)
+class PlanInputs:
+    """The privacy-relevant inputs of a plan (config, data, policy); a change in any re-plans."""
 
-    When any input differs at a later round the site re-plans (see `plan_round`).
+    batch_size: int
+    epochs: int
+    n_units: int
+    privacy_unit: str  # "patient" or "image" (docs/PRIVACY.md invariant 6)
+    delta: float
+    max_grad_norm: float
+    requested_noise: float | None  # the run config's sigma, if it gave one
+    accountant: str
+    target_epsilon: float
+
+    def changed(self, other: PlanInputs) -> list[str]:
+        """The names of the inputs that differ from `other`'s, for the audit log's re-plan line."""
+        return sorted(
+            f.name for f in fields(PlanInputs) if getattr(self, f.name) != getattr(other, f.name)
+        )
+
+
+@dataclass(frozen=True)
+class PrivacyPlan(PlanInputs):
+    """The noise plan of a site: its inputs, and the q, sigma and steps per round made from them.
+
+    When any input differs at a later round the site re-plans (`SiteState.plan_round`).
     """
 
     noise_multiplier: float
     sample_rate: float
     steps_per_round: int
     planned_rounds: int
-    target_epsilon: float
-    delta: float
-    accountant: str
-    max_grad_norm: float
-    privacy_unit: str  # "patient" or "image" (docs/PRIVACY.md invariant 6)
-    batch_size: int
-    epochs: int
-    n_units: int
-    requested_noise: float | None  # the run config's sigma, if it gave one
 
-    def inputs(self) -> dict[str, object]:
-        """The privacy-relevant inputs (`plan_inputs`); a change in any of them re-plans."""
-        return {key: getattr(self, key) for key in INPUT_KEYS}
-
-
-INPUT_KEYS = (
-    "batch_size",
-    "epochs",
-    "n_units",
-    "privacy_unit",
-    "delta",
-    "max_grad_norm",
-    "requested_noise",
-    "accountant",
-    "target_epsilon",
-)
+    def inputs(self) -> PlanInputs:
+        """The inputs this plan was made from, to compare with today's (`plan_inputs`)."""
+        return PlanInputs(**{f.name: getattr(self, f.name) for f in fields(PlanInputs)})
 
 
 class BudgetExhausted(Exception):
@@ -61,41 +60,42 @@ class BudgetExhausted(Exception):
 
 def plan_inputs(
     cfg: EmixerConfig, policy: SitePolicy, n_units: int, per_patient: bool
-) -> dict[str, object]:
+) -> PlanInputs:
     """The privacy-relevant inputs of a plan from today's config, data and policy."""
-    unit = "patient" if per_patient else "image"  # what q is computed over, as the ledger names it
     budget = policy.budget_for(cfg.privacy.epsilon_budget)
     requested = cfg.privacy.noise_multiplier
     if requested is not None:
         policy.check_noise(requested, requested=True)
-    return {
-        "batch_size": cfg.train.batch_size,
-        "epochs": cfg.train.epochs,
-        "n_units": n_units,
-        "privacy_unit": unit,
-        "delta": policy.delta_for(n_units, cfg.privacy.delta),
-        "max_grad_norm": cfg.privacy.max_grad_norm,
-        "requested_noise": requested,
-        "accountant": cfg.privacy.accountant,
-        "target_epsilon": min(cfg.privacy.target_epsilon or budget, budget),
-    }
+    return PlanInputs(
+        batch_size=cfg.train.batch_size,
+        epochs=cfg.train.epochs,
+        n_units=n_units,
+        # what q is computed over, as the ledger names it
+        privacy_unit="patient" if per_patient else "image",
+        delta=policy.delta_for(n_units, cfg.privacy.delta),
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        requested_noise=requested,
+        accountant=cfg.privacy.accountant,
+        target_epsilon=min(cfg.privacy.target_epsilon or budget, budget),
+    )
 
 
 def make_plan(
-    inputs: dict[str, object], policy: SitePolicy, accountant: SiteAccountant, rounds_left: int
+    inputs: PlanInputs, policy: SitePolicy, accountant: SiteAccountant, rounds_left: int
 ) -> PrivacyPlan:
     """Fix sigma for `rounds_left` rounds of these inputs, counting epsilon already spent."""
-    n_units, batch_size = int(inputs["n_units"]), int(inputs["batch_size"])  # type: ignore[call-overload]
-    sample_rate = min(1.0, batch_size / n_units)
-    steps_per_round = int(inputs["epochs"]) * steps_per_epoch(sample_rate)  # type: ignore[call-overload]
-    delta, target = float(inputs["delta"]), float(inputs["target_epsilon"])  # type: ignore[arg-type]
-    requested = inputs["requested_noise"]
-    if requested is not None:
-        sigma = float(requested)  # type: ignore[arg-type]
+    sample_rate = min(1.0, inputs.batch_size / inputs.n_units)
+    steps_per_round = inputs.epochs * steps_per_epoch(sample_rate)
+    if inputs.requested_noise is not None:
+        sigma = float(inputs.requested_noise)
     else:
         try:
             sigma = plan_noise_multiplier(
-                accountant, target, delta, sample_rate, steps_per_round * rounds_left
+                accountant,
+                inputs.target_epsilon,
+                inputs.delta,
+                sample_rate,
+                steps_per_round * rounds_left,
             )
         except ValueError as err:
             raise BudgetExhausted(f"budget exhausted: {err}") from None
@@ -105,7 +105,7 @@ def make_plan(
         sample_rate=sample_rate,
         steps_per_round=steps_per_round,
         planned_rounds=rounds_left,
-        **inputs,  # type: ignore[arg-type]
+        **asdict(inputs),
     )
 
 

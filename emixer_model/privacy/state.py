@@ -123,7 +123,7 @@ class SiteState:
             return old
         fresh = make_plan(inputs, policy, accountant, rounds_left)
         if old is not None:
-            changed = sorted(k for k, v in inputs.items() if old.inputs().get(k) != v)
+            changed = inputs.changed(old.inputs())
             log.warning(
                 "privacy inputs changed (%s): re-planned from the epsilon already spent; "
                 "noise multiplier %.3f -> %.3f",
