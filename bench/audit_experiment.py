@@ -17,12 +17,13 @@ import csv
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.common import console, machine, print_table, write_phantoms
+from bench.common import console, machine, print_table, site_plan, write_phantoms
 from emixer_model.config import FINDINGS, EmixerConfig, from_dict
 from emixer_model.data.site import SiteData, load_site
 from emixer_model.membership_audit import (
@@ -100,20 +101,18 @@ def train(
     torch.manual_seed(seed)  # the same initial weights for both models
     nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
     accountant = SiteAccountant(cfg.privacy.accountant)
-    n_units = len(train_data.units)
-    sample_rate = min(1.0, cfg.train.batch_size / n_units)
+    cfg = replace(cfg, privacy=replace(cfg.privacy, noise_multiplier=noise))
+    plan = site_plan(cfg, train_data, accountant)
     trainer = PrivateTrainer(
         nets,
         cfg,
-        n_units=n_units,
-        noise_multiplier=noise,
-        sample_rate=sample_rate,
-        accountant=accountant,
-        device=torch.device("cpu"),
+        accountant,
+        torch.device("cpu"),
+        plan=plan,
         secret_seed=seed,  # reproducible sampling and noise: an experiment, not a deployment
     )
     start = time.perf_counter()
-    steps = epochs * steps_per_epoch(sample_rate)
+    steps = epochs * steps_per_epoch(plan.sample_rate)
     summary = trainer.train_steps(train_data, steps, sampler_seed=seed)
     return nets, accountant, summary["steps"], time.perf_counter() - start
 

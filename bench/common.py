@@ -16,12 +16,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:  # imported where used: most benchmarks never load the privacy code
+    from emixer_model.config import EmixerConfig
+    from emixer_model.data.site import SiteData
+    from emixer_model.privacy.accounting import SiteAccountant
+    from emixer_model.privacy.plan import PrivacyPlan
 
 # Wide enough for every table when the output is a file or a pipe (rich would assume 80 columns).
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -184,6 +190,19 @@ def machine() -> str:
         f"{os.cpu_count()} cores, {cuda}, torch {torch.__version__}, {threads} torch threads, "
         f"load average {load:.1f} at the end (other processes share the cores)"
     )
+
+
+def site_plan(
+    cfg: EmixerConfig, data: SiteData, accountant: SiteAccountant, rounds_left: int = 1
+) -> PrivacyPlan:
+    """The plan a site with the default policy (delta 1/(10 N), no noise floor) makes for `cfg`
+    and `data`: the trainer takes sigma, q and the clip norm from nowhere else."""
+    from emixer_model.privacy.plan import make_plan, plan_inputs
+    from emixer_model.privacy.policy import SitePolicy
+
+    policy = SitePolicy()
+    inputs = plan_inputs(cfg, policy, len(data.units), data.per_patient)
+    return make_plan(inputs, policy, accountant, rounds_left)
 
 
 def write_phantoms(

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from torch import nn
 
 import emixer_model.training as training
-from bench.common import machine, peak_rss_mb, print_table, ratio, verdict
+from bench.common import machine, peak_rss_mb, print_table, ratio, site_plan, verdict
 from emixer_model.config import FINDINGS, EmixerConfig
 from emixer_model.data.site import SiteData
 from emixer_model.networks import build_networks
@@ -178,15 +179,15 @@ class ModeRun:
         cls, names = _swaps(mode, cfg)
         nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
         nets.load_state_dict(state)
+        cfg = replace(cfg, privacy=replace(cfg.privacy, noise_multiplier=TINY_NOISE))
+        accountant = SiteAccountant("rdp")
         with _patched(names):
             self.trainer = cls(
                 nets,
                 cfg,
-                n_units=len(data.units),
-                noise_multiplier=TINY_NOISE,
-                sample_rate=min(1.0, cfg.train.batch_size / len(data.units)),
-                accountant=SiteAccountant("rdp"),
-                device=torch.device("cpu"),
+                accountant,
+                torch.device("cpu"),
+                plan=site_plan(cfg, data, accountant),
                 secret_seed=0,
             )
         self.data = data

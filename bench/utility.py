@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import console, machine, print_table
+from bench.common import console, machine, print_table, site_plan
 from emixer_cli.commands.demo import DEMO_MODEL, DEMO_TRAIN
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, PrivacyConfig, TrainConfig
 from emixer_model.data.phantoms import write_phantom_sites, write_public_collection
@@ -44,12 +44,7 @@ from emixer_model.data.public import load_public
 from emixer_model.data.site import SiteData, load_site
 from emixer_model.evaluation.utility import Judge, LabeledSet, SyntheticSet, labeled_from_site
 from emixer_model.networks import build_networks, get_weights, set_weights
-from emixer_model.privacy.accounting import (
-    SiteAccountant,
-    default_delta,
-    plan_noise_multiplier,
-    steps_per_epoch,
-)
+from emixer_model.privacy.accounting import SiteAccountant
 from emixer_model.public_pretrain import pretrained_networks
 from emixer_model.synthesis import synthesize
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
@@ -136,34 +131,31 @@ def federate(
     epsilon: float | None,
 ) -> tuple[dict, float, int]:
     """FedAvg over `sites` for `rounds`; returns (global weights, max epsilon, steps per site)."""
+    privacy = (
+        replace(cfg.privacy, noise_multiplier=NO_NOISE)
+        if epsilon is None
+        else replace(cfg.privacy, target_epsilon=epsilon, epsilon_budget=epsilon)
+    )
+    cfg = replace(cfg, privacy=privacy)
     plans = []
-    for data in sites:
-        n = len(data.units)
-        q = min(1.0, cfg.train.batch_size / n)
-        steps = cfg.train.epochs * steps_per_epoch(q)
-        sigma = (
-            NO_NOISE
-            if epsilon is None
-            else plan_noise_multiplier(
-                SiteAccountant(), epsilon, default_delta(n), q, rounds * steps
-            )
-        )
-        plans.append((n, q, steps, sigma, SiteAccountant()))
+    for data in sites:  # sigma planned for the whole horizon, as a site does
+        accountant = SiteAccountant()
+        plans.append((site_plan(cfg, data, accountant, rounds_left=rounds), accountant))
     weights = start
     for round_number in range(1, rounds + 1):
         updates = []
-        for data, (n, q, steps, sigma, accountant) in zip(sites, plans, strict=True):
+        for data, (plan, accountant) in zip(sites, plans, strict=True):
             nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
             set_weights(nets, weights)
-            trainer = PrivateTrainer(nets, cfg, n, sigma, q, accountant, torch.device("cpu"))
-            trainer.train_steps(data, steps, sampler_seed=round_number)
-            updates.append((n, get_weights(nets)))
+            trainer = PrivateTrainer(nets, cfg, accountant, torch.device("cpu"), plan=plan)
+            trainer.train_steps(data, plan.steps_per_round, sampler_seed=round_number)
+            updates.append((plan.n_units, get_weights(nets)))
         total = sum(n for n, _ in updates)
         weights = {k: sum(n * w[k] for n, w in updates) / total for k in weights}
     spent = 0.0
     if epsilon is not None:
-        spent = max(a.epsilon(default_delta(n)) for n, _, _, _, a in plans)
-    return weights, spent, plans[0][2] * rounds
+        spent = max(accountant.epsilon(plan.delta) for plan, accountant in plans)
+    return weights, spent, plans[0][0].steps_per_round * rounds
 
 
 def synthetic_for(judge: Judge, cfg: EmixerConfig, weights: dict, per: int) -> SyntheticSet:

@@ -233,15 +233,7 @@ def train_planned_round(
     nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
     if global_weights is not None:
         set_weights(nets, global_weights)
-    trainer = PrivateTrainer(
-        nets,
-        cfg,
-        n_units=plan.n_units,
-        noise_multiplier=plan.noise_multiplier,
-        sample_rate=plan.sample_rate,
-        accountant=accountant,
-        device=device,
-    )
+    trainer = PrivateTrainer(nets, cfg, accountant, device, plan=plan)
     summary = trainer.train_steps(
         data,
         plan.steps_per_round,

@@ -46,6 +46,7 @@ from emixer_model.config import FINDINGS, EmixerConfig
 from emixer_model.data.site import SiteData
 from emixer_model.networks import EmixerNets
 from emixer_model.privacy.accounting import SiteAccountant
+from emixer_model.privacy.plan import PrivacyPlan
 from emixer_model.shared import ProgressFn
 from emixer_model.text.vocabulary import PAD
 
@@ -212,38 +213,34 @@ class PrivateTrainer:
     """DP-SGD training of D, E, R (Opacus) and post-processing training of G at one site.
 
     Parameters: nets (built by build_networks; moved to `device`), cfg (lr, betas, batch size,
-    rotation weight, clipping norm, report temperature, d_steps, EMA, dp_trainable), n_units
-    (privacy units at the site), noise_multiplier and sample_rate (from the site's privacy plan:
-    the trainer never derives them itself), accountant (stepped once per private step, empty
-    batches included), secret_seed (tests only: makes sampling and noise reproducible, which
-    voids the guarantee).
+    rotation weight, report temperature, d_steps, EMA, dp_trainable, secure_mode), accountant
+    (stepped once per private step, empty batches included), plan (the site's privacy plan: the
+    ONLY source of the noise multiplier, sample rate, clipping norm and unit count, the figures
+    the site signs; the trainer never derives them itself), secret_seed (tests only: makes
+    sampling and noise reproducible, which voids the guarantee).
     """
 
     def __init__(
         self,
         nets: EmixerNets,
         cfg: EmixerConfig,
-        n_units: int,
-        noise_multiplier: float,
-        sample_rate: float,
         accountant: SiteAccountant,
         device: torch.device,
         *,
+        plan: PrivacyPlan,
         secret_seed: int | None = None,
     ) -> None:
-        if n_units < 1:
-            raise ValueError(f"a site needs at least one privacy unit to train, got {n_units}")
-        if noise_multiplier <= 0:
-            raise ValueError(f"noise multiplier must be positive, not {noise_multiplier}")
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"sample rate must be in (0, 1], not {sample_rate}")
+        if plan.n_units < 1:
+            raise ValueError(f"a site needs at least one privacy unit to train, got {plan.n_units}")
+        if plan.noise_multiplier <= 0:
+            raise ValueError(f"noise multiplier must be positive, not {plan.noise_multiplier}")
+        if not 0 < plan.sample_rate <= 1:
+            raise ValueError(f"sample rate must be in (0, 1], not {plan.sample_rate}")
         self.nets = nets.to(device)
         self.cfg = cfg
         self.device = device
-        self.n_units = n_units
-        self.noise_multiplier = noise_multiplier
+        self.plan = plan
         self.accountant = accountant
-        self.sample_rate = sample_rate
         seed = secrets.randbits(63) if secret_seed is None else secret_seed
         self.secret = torch.Generator().manual_seed(seed)
         noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
@@ -272,9 +269,9 @@ class PrivateTrainer:
             inner = torch.optim.SGD(groups, momentum=t.beta1)
         self.optimizer = DPOptimizer(
             inner,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=cfg.privacy.max_grad_norm,
-            expected_batch_size=max(1, round(self.sample_rate * n_units)),
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            expected_batch_size=max(1, round(plan.sample_rate * plan.n_units)),
             loss_reduction="mean",
             generator=noise_generator,
             secure_mode=cfg.privacy.secure_mode,
@@ -288,7 +285,7 @@ class PrivateTrainer:
         from all of the unit's scans, so a patient's unlabeled follow-ups serve the
         self-supervision too, not only patients who have nothing but unlabeled scans."""
         rows: list[Row] = []
-        for unit in poisson_units(len(data.units), self.sample_rate, self.secret).tolist():
+        for unit in poisson_units(len(data.units), self.plan.sample_rate, self.secret).tolist():
             labeled, unlabeled = data.units[unit]
             pool = [(True, i) for i in labeled] + [(False, j) for j in unlabeled]
             if pool:
@@ -321,7 +318,7 @@ class PrivateTrainer:
 
     def _dp_step(self) -> None:
         self.optimizer.step()
-        self.accountant.step(self.noise_multiplier, self.sample_rate)
+        self.accountant.step(self.plan.noise_multiplier, self.plan.sample_rate)
         self.optimizer.zero_grad(set_to_none=True)
 
     def _row_losses(
@@ -371,10 +368,10 @@ class PrivateTrainer:
     ) -> dict:
         """`steps` private steps (the number the site's plan accounted for); G steps after every
         `train.d_steps` of them. Returns {"steps", "losses": batch-mean losses}."""
-        if len(data.units) != self.n_units:
+        if len(data.units) != self.plan.n_units:
             raise ValueError(
                 f"the data has {len(data.units)} privacy units but the trainer was planned for "
-                f"{self.n_units}; build the trainer from the same SiteData"
+                f"{self.plan.n_units}; build the trainer from the same SiteData"
             )
         if steps < 0:
             raise ValueError(f"steps must be >= 0, not {steps}")

@@ -141,16 +141,19 @@ def test_secure_mode_reaches_the_dp_optimizer_and_training_still_steps() -> None
     from emixer_model.networks import build_networks
     from emixer_model.training import PrivateTrainer
     from tests.conftest import TINY_MODEL
-    from tests.test_training import L, V, make_data
+    from tests.test_training import L, V, make_data, site_plan
 
     data = make_data()
     cfg = EmixerConfig(
-        model=TINY_MODEL, privacy=PrivacyConfig(secure_mode=True), train=TrainConfig(batch_size=4)
+        model=TINY_MODEL,
+        privacy=PrivacyConfig(secure_mode=True, noise_multiplier=1.0),
+        train=TrainConfig(batch_size=4),
     )
     accountant = SiteAccountant("rdp")
     n = len(data.units)
     nets = build_networks(TINY_MODEL, V, L)
-    trainer = PrivateTrainer(nets, cfg, n, 1.0, 4 / n, accountant, torch.device("cpu"))
+    plan = site_plan(cfg, data, accountant)
+    trainer = PrivateTrainer(nets, cfg, accountant, torch.device("cpu"), plan=plan)
     assert trainer.optimizer.secure_mode is True
     assert trainer.train_steps(data, 2, sampler_seed=0)["steps"] == 2
     assert accountant.history == [(1.0, 4 / n, 2)]

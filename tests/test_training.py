@@ -11,6 +11,8 @@ from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, PrivacyConf
 from emixer_model.data.site import SiteData
 from emixer_model.networks import build_networks
 from emixer_model.privacy.accounting import SiteAccountant
+from emixer_model.privacy.plan import PrivacyPlan, make_plan, plan_inputs
+from emixer_model.privacy.policy import SitePolicy
 from emixer_model.text.vocabulary import EOS, PAD
 from emixer_model.training import PrivateTrainer, poisson_units, sample_prior
 from tests.conftest import TINY_MODEL
@@ -52,23 +54,21 @@ def make_trainer(
     torch.manual_seed(0)
     cfg = EmixerConfig(
         model=model,
-        privacy=PrivacyConfig(max_grad_norm=clip),
+        privacy=PrivacyConfig(max_grad_norm=clip, noise_multiplier=sigma),
         train=TrainConfig(batch_size=batch_size, lr_text=lr, **train),
     )
     accountant = SiteAccountant("rdp")
     nets = build_networks(model, V, L)
-    n = len(data.units)
-    trainer = PrivateTrainer(
-        nets,
-        cfg,
-        n,
-        sigma,
-        min(1.0, batch_size / n),
-        accountant,
-        torch.device("cpu"),
-        secret_seed=1,
-    )
+    plan = site_plan(cfg, data, accountant)
+    trainer = PrivateTrainer(nets, cfg, accountant, torch.device("cpu"), plan=plan, secret_seed=1)
     return trainer, accountant
+
+
+def site_plan(cfg: EmixerConfig, data: SiteData, accountant: SiteAccountant) -> PrivacyPlan:
+    """The plan a site with the default policy makes for `cfg` (q = batch size / units)."""
+    policy = SitePolicy()
+    inputs = plan_inputs(cfg, policy, len(data.units), data.per_patient)
+    return make_plan(inputs, policy, accountant, rounds_left=1)
 
 
 def snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -101,6 +101,24 @@ def test_every_private_parameter_gets_one_clipped_row_per_real_row() -> None:
     assert all(p.grad is None for p in nets.g.parameters())
     assert all(torch.equal(a, b) for a, b in zip(g_before, snapshot(nets.g), strict=True))
     assert accountant.history == [(0.0001, 4 / len(data.units), 2)]
+
+
+def test_the_trainer_takes_sigma_q_and_the_clip_norm_only_from_the_plan() -> None:
+    """What the optimizer uses is what the site signs: a config that says otherwise is ignored."""
+    data = make_data()
+    plan = make_trainer(data, sigma=0.5, clip=0.01)[0].plan
+    other = EmixerConfig(
+        model=TINY_MODEL,
+        privacy=PrivacyConfig(max_grad_norm=5.0, noise_multiplier=3.0),
+        train=TrainConfig(batch_size=16),
+    )
+    nets = build_networks(TINY_MODEL, V, L)
+    trainer = PrivateTrainer(nets, other, SiteAccountant("rdp"), torch.device("cpu"), plan=plan)
+    optimizer = trainer.optimizer
+    assert (optimizer.noise_multiplier, optimizer.max_grad_norm) == (0.5, 0.01)
+    assert optimizer.expected_batch_size == round(plan.sample_rate * plan.n_units) == 4
+    trainer.train_steps(data, 1, sampler_seed=0)
+    assert trainer.accountant.history == [(0.5, 4 / len(data.units), 1)]
 
 
 def test_poisson_units() -> None:
