@@ -33,6 +33,7 @@ from __future__ import annotations
 import secrets
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,9 +47,11 @@ from emixer_model.config import FINDINGS, EmixerConfig
 from emixer_model.data.site import SiteData
 from emixer_model.networks import EmixerNets
 from emixer_model.privacy.accounting import SiteAccountant
-from emixer_model.privacy.plan import PrivacyPlan
 from emixer_model.shared import ProgressFn
 from emixer_model.text.vocabulary import PAD
+
+if TYPE_CHECKING:  # the plan only as a type: the server imports this module's objective
+    from emixer_model.privacy.plan import PrivacyPlan
 
 LOSS_NAMES = ("d_real", "d_fake", "findings", "rotation", "report", "g")
 
