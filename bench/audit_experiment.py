@@ -17,13 +17,12 @@ import csv
 import tempfile
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.common import console, machine, print_table, site_plan, write_phantoms
+from bench.common import console, machine, planned_trainer, print_table, write_phantoms
 from emixer_model.config import FINDINGS, EmixerConfig, from_dict
 from emixer_model.data.site import SiteData, load_site
 from emixer_model.membership_audit import (
@@ -41,7 +40,6 @@ from emixer_model.privacy.accounting import (
     steps_per_epoch,
 )
 from emixer_model.text.vocabulary import VOCAB_SIZE
-from emixer_model.training import PrivateTrainer
 
 HOLDOUT = 0.5
 TARGET_EPSILON = 10.0
@@ -100,21 +98,12 @@ def train(
     """Train one model on the members; returns (nets, accountant, steps, seconds)."""
     torch.manual_seed(seed)  # the same initial weights for both models
     nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
-    accountant = SiteAccountant(cfg.privacy.accountant)
-    cfg = replace(cfg, privacy=replace(cfg.privacy, noise_multiplier=noise))
-    plan = site_plan(cfg, train_data, accountant)
-    trainer = PrivateTrainer(
-        nets,
-        cfg,
-        accountant,
-        torch.device("cpu"),
-        plan=plan,
-        secret_seed=seed,  # reproducible sampling and noise: an experiment, not a deployment
-    )
+    # reproducible sampling and noise: an experiment, not a deployment
+    trainer = planned_trainer(nets, cfg, train_data, noise, secret_seed=seed)
     start = time.perf_counter()
-    steps = epochs * steps_per_epoch(plan.sample_rate)
+    steps = epochs * steps_per_epoch(trainer.plan.sample_rate)
     summary = trainer.train_steps(train_data, steps, sampler_seed=seed)
-    return nets, accountant, summary["steps"], time.perf_counter() - start
+    return nets, trainer.accountant, summary["steps"], time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:

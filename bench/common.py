@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +26,10 @@ from rich.table import Table
 if TYPE_CHECKING:  # imported where used: most benchmarks never load the privacy code
     from emixer_model.config import EmixerConfig
     from emixer_model.data.site import SiteData
+    from emixer_model.networks import EmixerNets
     from emixer_model.privacy.accounting import SiteAccountant
     from emixer_model.privacy.plan import PrivacyPlan
+    from emixer_model.training import PrivateTrainer
 
 # Wide enough for every table when the output is a file or a pipe (rich would assume 80 columns).
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -203,6 +205,31 @@ def site_plan(
     policy = SitePolicy()
     inputs = plan_inputs(cfg, policy, len(data.units), data.per_patient)
     return make_plan(inputs, policy, accountant, rounds_left)
+
+
+def planned_trainer(
+    nets: EmixerNets,
+    cfg: EmixerConfig,
+    data: SiteData,
+    noise_multiplier: float,
+    *,
+    secret_seed: int | None = 0,
+    trainer_class: type[PrivateTrainer] | None = None,
+) -> PrivateTrainer:
+    """A trainer (PrivateTrainer, or `trainer_class`) at `noise_multiplier` on `site_plan`, with
+    a fresh accountant of the config's kind. `secret_seed` makes sampling and noise
+    reproducible: a measurement, never a deployment."""
+    import torch
+
+    from emixer_model.privacy.accounting import SiteAccountant
+    from emixer_model.training import PrivateTrainer
+
+    cfg = replace(cfg, privacy=replace(cfg.privacy, noise_multiplier=noise_multiplier))
+    accountant = SiteAccountant(cfg.privacy.accountant)
+    plan = site_plan(cfg, data, accountant)
+    return (trainer_class or PrivateTrainer)(
+        nets, cfg, accountant, torch.device("cpu"), plan=plan, secret_seed=secret_seed
+    )
 
 
 def write_phantoms(

@@ -21,7 +21,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -32,11 +31,10 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from torch import nn
 
 import emixer_model.training as training
-from bench.common import machine, peak_rss_mb, print_table, ratio, site_plan, verdict
+from bench.common import machine, peak_rss_mb, planned_trainer, print_table, ratio, verdict
 from emixer_model.config import FINDINGS, EmixerConfig
 from emixer_model.data.site import SiteData
 from emixer_model.networks import build_networks
-from emixer_model.privacy.accounting import SiteAccountant
 from emixer_model.text.vocabulary import EOS, PAD, VOCAB_SIZE
 
 TARGET_RATIO = 1.5
@@ -179,17 +177,8 @@ class ModeRun:
         cls, names = _swaps(mode, cfg)
         nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
         nets.load_state_dict(state)
-        cfg = replace(cfg, privacy=replace(cfg.privacy, noise_multiplier=TINY_NOISE))
-        accountant = SiteAccountant("rdp")
         with _patched(names):
-            self.trainer = cls(
-                nets,
-                cfg,
-                accountant,
-                torch.device("cpu"),
-                plan=site_plan(cfg, data, accountant),
-                secret_seed=0,
-            )
+            self.trainer = planned_trainer(nets, cfg, data, TINY_NOISE, trainer_class=cls)
         self.data = data
         self.grads = _capture_adam_grads(self.trainer)
         self.generator = torch.Generator().manual_seed(1)

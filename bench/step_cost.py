@@ -16,16 +16,14 @@ import argparse
 import statistics
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
 
 import torch
 
 import emixer_model.training as training
-from bench.common import Timing, machine, print_table, ratio, site_plan, time_calls, verdict
+from bench.common import Timing, machine, planned_trainer, print_table, ratio, time_calls, verdict
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, TrainConfig
 from emixer_model.data.site import SiteData
 from emixer_model.networks import build_networks
-from emixer_model.privacy.accounting import SiteAccountant
 from emixer_model.text.vocabulary import EOS, PAD, VOCAB_SIZE
 
 TARGET = 2.0  # full step <= 2x the image-only step (issue 11)
@@ -75,16 +73,7 @@ def make_step(cfg: EmixerConfig, data: SiteData, image_only: bool) -> Callable[[
     if image_only:
         nets.e.requires_grad_(False)
         nets.r.requires_grad_(False)
-    accountant = SiteAccountant()
-    cfg = replace(cfg, privacy=replace(cfg.privacy, noise_multiplier=1.0))
-    trainer = training.PrivateTrainer(
-        nets,
-        cfg,
-        accountant,
-        torch.device("cpu"),
-        plan=site_plan(cfg, data, accountant),
-        secret_seed=0,
-    )
+    trainer = planned_trainer(nets, cfg, data, 1.0)
     private, g_stream = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
 
     def step() -> None:
