@@ -110,6 +110,14 @@ class TrainConfig:
     public_warm_start_steps: int = 0  # coordinator: steps of the report decoder on the public
     #   report grammar before round 1 (no site data, no privacy cost); 0 turns it off
     d_steps: int = 1  # private D/E/R steps per generator step (each one is accounted)
+    g_steps: int = 1  # generator steps after each group of d_steps private steps: G learns
+    #   from generated data only, so its extra steps cost compute, never privacy
+    clip_per_network: bool = False  # clip D's and E+R's per-sample gradients separately, each
+    #   to max_grad_norm / sqrt(2) (the whole row's norm, the sensitivity, stays max_grad_norm);
+    #   off: one clip over D, E and R, where D's large gradient leaves R little of the norm
+    report_label_smoothing: float = 0.0  # label smoothing of R's word loss (public pretraining
+    #   and sites): bounds how far words no public report uses are pushed down, so a site's
+    #   own words can still be learned from a pretrained model
     ema_decay: float = 0.99  # EMA of G's weights, which releases sample from; 0: EMA = G
     private_optimizer: str = "adam"  # "adam" or "sgd" (momentum beta1) for D, E, R
     dp_trainable: str = "all"  # private parameters that move: "all", or "top" (norm affines,
@@ -126,8 +134,10 @@ class TrainConfig:
             raise ConfigError("train.holdout_fraction must be in [0, 1)")
         if self.public_warm_start_steps < 0:
             raise ConfigError("train.public_warm_start_steps must be >= 0 (0 turns it off)")
-        if self.d_steps < 1:
-            raise ConfigError("train.d_steps must be at least 1")
+        if self.d_steps < 1 or self.g_steps < 1:
+            raise ConfigError("train.d_steps and train.g_steps must be at least 1")
+        if not 0.0 <= self.report_label_smoothing < 1.0:
+            raise ConfigError("train.report_label_smoothing must be in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("train.ema_decay must be in [0, 1)")
         if self.private_optimizer not in ("adam", "sgd"):

@@ -216,14 +216,24 @@ class ReportDecoder(nn.Module):
         return self.head(self.word_ln(self.word_blocks(x)))
 
     def teacher_forced_loss(
-        self, embedding: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor
+        self,
+        embedding: torch.Tensor,
+        labels: torch.Tensor,
+        tokens: torch.Tensor,
+        smoothing: float = 0.0,
     ) -> torch.Tensor:
-        """Per-sample loss [B]: mean word cross-entropy over non-PAD targets + stop loss."""
+        """Per-sample loss [B]: mean word cross-entropy over non-PAD targets + stop loss.
+
+        `smoothing` (label smoothing of the word targets) keeps a floor under every word's
+        probability, so words the training text never used stay within reach of later training.
+        """
         topics, stop_logits = self.sentences(embedding, labels)
         bos = torch.full_like(tokens[..., :1], BOS)
         inputs = F.one_hot(torch.cat([bos, tokens[..., :-1]], dim=-1), self.V).to(topics.dtype)
         logits = self.words(inputs, topics)
-        ce = F.cross_entropy(logits.flatten(0, 2), tokens.flatten(), reduction="none")
+        ce = F.cross_entropy(
+            logits.flatten(0, 2), tokens.flatten(), reduction="none", label_smoothing=smoothing
+        )
         mask = (tokens != PAD).to(ce.dtype)
         ce = ce.view_as(mask)
         word_loss = (ce * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp(min=1.0)

@@ -67,12 +67,17 @@ def public_reports(
 
 
 def public_report_loss(
-    nets: EmixerNets, model_cfg: ModelConfig, labels: torch.Tensor, tokens: torch.Tensor
+    nets: EmixerNets,
+    model_cfg: ModelConfig,
+    labels: torch.Tensor,
+    tokens: torch.Tensor,
+    smoothing: float = 0.0,
 ) -> torch.Tensor:
     """R's mean teacher-forced loss on `tokens` [B,S,W] given `labels`, zero image embedding."""
     device = next(nets.r.parameters()).device
     zero = torch.zeros(len(tokens), model_cfg.embed_dim, device=device)
-    return nets.r.teacher_forced_loss(zero, labels.to(device), tokens.to(device)).mean()
+    loss = nets.r.teacher_forced_loss(zero, labels.to(device), tokens.to(device), smoothing)
+    return loss.mean()
 
 
 def _check(
@@ -102,8 +107,11 @@ def warm_start_report_decoder(
     batch_size: int = 64,
     lr: float = 1e-3,
     progress: ProgressFn | None = None,
+    smoothing: float = 0.0,
 ) -> dict:
     """Train R alone for `steps` Adam steps on fresh public grammar reports (no noise needed).
+
+    `smoothing` is train.report_label_smoothing: the label smoothing of R's word loss.
 
     Returns {"first_loss": loss of the first batch, "last_loss": mean loss of the last
     LAST_LOSS_WINDOW steps, "steps", "seconds"}. Deterministic for a seed (same initial weights,
@@ -117,7 +125,7 @@ def warm_start_report_decoder(
     losses: list[float] = []
     for step in range(1, steps + 1):
         labels, tokens = public_reports(batch_size, model_cfg, rng, generator)
-        loss = public_report_loss(nets, model_cfg, labels, tokens)
+        loss = public_report_loss(nets, model_cfg, labels, tokens, smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -234,7 +242,10 @@ def pretrained_networks(
     the utility bench start the sites from. Returns (nets, pretrain_public's summary)."""
     torch.manual_seed(seed)
     nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
-    warm_start_report_decoder(nets, cfg.model, warm_start, seed, progress=warm_progress)
+    smoothing = cfg.train.report_label_smoothing
+    warm_start_report_decoder(
+        nets, cfg.model, warm_start, seed, progress=warm_progress, smoothing=smoothing
+    )
     filled = fill_missing_reports(labels, tokens, has_report, cfg.model, seed)
     result = pretrain_public(nets, cfg, images, labels, filled, steps, seed, progress=progress)
     return nets, result

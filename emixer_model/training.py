@@ -17,8 +17,9 @@ One step:
    + rotation_weight * CE(D.rotation_logits(rot_k(x)), k) + BCE(D(fake, fake report, y'), fake).
    Every forward runs on all B rows and masks by row, so row i's gradient stays at index i.
 4. One backward, one DPOptimizer step (an empty batch still steps: noise only), one accountant
-   step. After every `train.d_steps` private steps G steps once with the private module's hooks
-   disabled, and the EMA copy of G follows it.
+   step. After every `train.d_steps` private steps G steps `train.g_steps` times with the
+   private module's hooks disabled, and the EMA copy of G follows it. With
+   `train.clip_per_network` the clip is per network (D | E and R), same total norm.
 
 Randomness that touches real data (which units are sampled, which of a unit's rows, the DP noise)
 comes from a secret generator seeded from the OS: the sampler seed travels in the run config, and
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 from torch import nn
 
@@ -172,7 +174,7 @@ def real_row_losses(
     real_score, real_findings = nets.d.score_and_labels(x, tokens, y)
     fake_score = nets.d(fake, fake_text, y_fake)
     rotation = F.cross_entropy(nets.d.rotation_logits(_rotate(x, k)), k, reduction="none")
-    report = nets.r.teacher_forced_loss(nets.e(x), y, tokens)
+    report = nets.r.teacher_forced_loss(nets.e(x), y, tokens, cfg.train.report_label_smoothing)
     bce = F.binary_cross_entropy_with_logits
     findings = bce(real_findings, y, reduction="none").mean(dim=1)
     return {
@@ -210,6 +212,44 @@ def update_ema(nets: EmixerNets, decay: float) -> None:
         nets.g_ema.state_dict().values(), nets.g.state_dict().values(), strict=True
     ):
         ema.lerp_(live, 1.0 - decay) if ema.is_floating_point() else ema.copy_(live)
+
+
+class NetworkClippedDPOptimizer(DPOptimizer):
+    """DP-SGD that clips each group of parameters' per-sample gradient to its own norm.
+
+    With one clip over D, E and R together, D's gradient takes almost all of a row's norm and
+    the report decoder's share is scaled to nearly nothing before the noise is added. Here
+    group k is clipped to max_grad_norm / sqrt(K), so every group keeps a fixed share, while a
+    row's whole clipped gradient still has norm <= max_grad_norm: the sensitivity, the noise
+    (std noise_multiplier x max_grad_norm on every coordinate) and the accounting are those of
+    plain DP-SGD.
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, *, groups: list[list[nn.Parameter]], **kwargs
+    ) -> None:
+        super().__init__(optimizer, **kwargs)
+        index = {id(p): k for k, group in enumerate(groups) for p in group}
+        missing = [p for p in self.params if id(p) not in index]
+        if missing:
+            raise ValueError(f"{len(missing)} private parameters belong to no clipping group")
+        self._group_of = [index[id(p)] for p in self.params]
+        self._groups = len(groups)
+
+    def clip_and_accumulate(self) -> None:
+        """Per-sample clip factors per group, then the clipped sum, as Opacus' own method."""
+        rows = len(self.grad_samples[0])
+        share = self.max_grad_norm / self._groups**0.5
+        squares = torch.zeros(self._groups, rows, device=self.grad_samples[0].device)
+        for k, g in zip(self._group_of, self.grad_samples, strict=True):
+            squares[k] += g.reshape(rows, -1).pow(2).sum(dim=1).to(squares.device)
+        factors = (share / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+        for k, p in zip(self._group_of, self.params, strict=True):
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            grad = torch.einsum("i,i...", factors[k].to(grad_sample.device, p.dtype), grad_sample)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
 
 
 class PrivateTrainer:
@@ -270,15 +310,19 @@ class PrivateTrainer:
             inner: torch.optim.Optimizer = torch.optim.Adam(groups, betas=(t.beta1, t.beta2))
         else:
             inner = torch.optim.SGD(groups, momentum=t.beta1)
-        self.optimizer = DPOptimizer(
-            inner,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm,
-            expected_batch_size=max(1, round(plan.sample_rate * plan.n_units)),
-            loss_reduction="mean",
-            generator=noise_generator,
-            secure_mode=cfg.privacy.secure_mode,
-        )
+        dp_settings = {
+            "noise_multiplier": plan.noise_multiplier,
+            "max_grad_norm": plan.max_grad_norm,
+            "expected_batch_size": max(1, round(plan.sample_rate * plan.n_units)),
+            "loss_reduction": "mean",
+            "generator": noise_generator,
+            "secure_mode": cfg.privacy.secure_mode,
+        }
+        if t.clip_per_network:
+            clip_groups = [group["params"] for group in groups]
+            self.optimizer = NetworkClippedDPOptimizer(inner, groups=clip_groups, **dp_settings)
+        else:
+            self.optimizer = DPOptimizer(inner, **dp_settings)
         self.g_optimizer = torch.optim.Adam(
             nets.g.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2)
         )
@@ -370,7 +414,8 @@ class PrivateTrainer:
         progress: ProgressFn | None = None,
     ) -> dict:
         """`steps` private steps (the number the site's plan accounted for); G steps after every
-        `train.d_steps` of them. Returns {"steps", "losses": batch-mean losses}."""
+        `train.d_steps` of them (`train.g_steps` times). Returns {"steps", "losses": batch-mean
+        losses}."""
         if len(data.units) != self.plan.n_units:
             raise ValueError(
                 f"the data has {len(data.units)} privacy units but the trainer was planned for "
@@ -385,7 +430,8 @@ class PrivateTrainer:
         for step in range(1, steps + 1):
             losses = self.private_step(data, self.sample_rows(data), private_stream)
             if step % self.cfg.train.d_steps == 0 or step == steps:
-                losses["g"] = self.generator_step(g_stream)
+                for _ in range(self.cfg.train.g_steps):
+                    losses["g"] = self.generator_step(g_stream)
             for name, value in losses.items():
                 sums[name] += value
                 counts[name] += 1

@@ -40,7 +40,13 @@ def serve(grid: Grid, cfg: EmixerConfig) -> None:
         nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
         steps = cfg.train.public_warm_start_steps
         if steps > 0:  # public data only: costs no site any privacy
-            warm = warm_start_report_decoder(nets, cfg.model, steps, cfg.train.seed)
+            warm = warm_start_report_decoder(
+                nets,
+                cfg.model,
+                steps,
+                cfg.train.seed,
+                smoothing=cfg.train.report_label_smoothing,
+            )
             log.info(
                 "public warm start of the report decoder: %d steps in %.1f s, "
                 "report loss %.3f -> %.3f",

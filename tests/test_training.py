@@ -274,3 +274,61 @@ def test_d_steps_private_steps_per_generator_step(monkeypatch) -> None:
     trainer.train_steps(data, 7, sampler_seed=0)
     assert sum(steps for _, _, steps in accountant.history) == 7
     assert len(calls) == 3  # after steps 3 and 6, and after the last one
+
+
+def test_g_steps_generator_steps_per_group_cost_no_privacy(monkeypatch) -> None:
+    data = make_data()
+    trainer, accountant = make_trainer(data, d_steps=2, g_steps=3)
+    calls = []
+    original = trainer.generator_step
+    monkeypatch.setattr(trainer, "generator_step", lambda g: calls.append(1) or original(g))
+    trainer.train_steps(data, 4, sampler_seed=0)
+    assert sum(steps for _, _, steps in accountant.history) == 4  # only private steps count
+    assert len(calls) == 6  # 3 G steps after steps 2 and 4
+
+
+def _clipped_norms(trainer: PrivateTrainer, data: SiteData) -> dict[str, torch.Tensor]:
+    """Each network group's norm of one labeled row's clipped gradient, and the whole row's."""
+    nets, seen = trainer.nets, {}
+
+    def inspect(optimizer) -> None:
+        seen.update({id(p): p.summed_grad.norm() for p in optimizer.params})
+
+    trainer.optimizer.attach_step_hook(inspect)
+    trainer.private_step(data, [(True, 0)], torch.Generator().manual_seed(0))
+
+    def norm(*modules: torch.nn.Module) -> torch.Tensor:
+        squares = [seen[id(p)] ** 2 for m in modules for p in m.parameters() if id(p) in seen]
+        return torch.stack(squares).sum().sqrt()
+
+    return {"d": norm(nets.d), "text": norm(nets.e, nets.r), "row": norm(nets.d, nets.e, nets.r)}
+
+
+def test_per_network_clipping_keeps_the_row_norm_and_gives_each_network_its_share() -> None:
+    """Sensitivity stays C (the row's clipped norm), each network gets at most C / sqrt(2), and
+    the report side keeps a real share, where one joint clip leaves it only what D leaves."""
+    data, clip = make_data(), 1e-4
+    joint = _clipped_norms(make_trainer(data, sigma=1e-6, clip=clip)[0], data)
+    split_trainer = make_trainer(data, sigma=1e-6, clip=clip, clip_per_network=True)[0]
+    split = _clipped_norms(split_trainer, data)
+    assert joint["row"] <= clip * 1.001 and split["row"] <= clip * 1.001
+    assert split["d"] <= clip / 2**0.5 * 1.001 and split["text"] <= clip / 2**0.5 * 1.001
+    assert split["text"] == pytest.approx(clip / 2**0.5, rel=1e-2)  # the share binds
+    assert split["text"] > joint["text"]
+
+
+def test_report_label_smoothing_keeps_a_floor_under_unused_words() -> None:
+    """Trained with smoothing, R keeps every word's probability far above what plain cross-
+    entropy leaves, so a site's own words stay learnable from a pretrained model."""
+    data = make_data()
+    floors = {}
+    for smoothing in (0.0, 0.2):
+        trainer, _ = make_trainer(data, sigma=1e-6, lr=1e-2, report_label_smoothing=smoothing)
+        trainer.train_steps(data, 60, sampler_seed=0)
+        r, e = trainer.nets.r, trainer.nets.e
+        with torch.no_grad():
+            topics, _ = r.sentences(e(data.images[:1]), data.labels[:1])
+            bos = torch.nn.functional.one_hot(torch.tensor([[[1]]]), V).float()
+            probs = torch.softmax(r.words(bos.expand(1, r.S, 1, V), topics)[0, 0, 0], dim=-1)
+        floors[smoothing] = probs[10:].min().item()  # words 10+ never appear in the reports
+    assert floors[0.2] > 10 * floors[0.0]
