@@ -3,8 +3,9 @@
 Sites hold whatever their PACS exported, so decoding never trusts a file: anything that cannot
 serve as one grey-scale X-ray raises `SkipFile` with a reason code, and the caller records it
 instead of crashing. Compressed files (JPEG Lossless and Extended, JPEG-LS, JPEG 2000, RLE) decode
-through pydicom's pixel-data plugins, pylibjpeg (+ its libjpeg, openjpeg and rle plugins) and
-pyjpegls, which are default dependencies. The pixel normalisation is fixed in code (privacy
+through pydicom's pixel-data plugins, pylibjpeg (+ its libjpeg, openjpeg and rle plugins),
+pyjpegls and Pillow, then GDCM as the tolerant fallback for slightly non-conformant streams
+(`decoders.py`); all are default dependencies. The pixel normalisation is fixed in code (privacy
 invariant 5 in docs/PRIVACY.md) so every site maps intensities the same way and nothing is fitted
 on a site's data: modality LUT, then the file's own VOI LUT / window when it has one (else a robust
 0.5-99.5 percentile stretch of that image alone), MONOCHROME1 inverted, aspect-preserving resize,
@@ -28,13 +29,15 @@ import torch.nn.functional as F
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from emixer_model.data.decoders import decode_pixels, has_decoder
 
 log = logging.getLogger("emixer.data.dicom")
 
 # Bump when the decoding pipeline changes: decoded caches keyed on it are then rebuilt.
-NORMALISATION_VERSION = 1
+NORMALISATION_VERSION = 2  # 2: GDCM decodes files that were skipped before
 
 # Percentiles of the fallback intensity stretch (images without a window): robust to a few hot or
 # dead pixels and burned-in markers, which a plain min-max would let set the contrast.
@@ -47,7 +50,8 @@ SKIP_REASONS: dict[str, str] = {
     "colour": "colour image (RGB/YBR/palette); only grey-scale X-rays are used",
     "multi-frame": "multi-frame DICOM; only single-frame radiographs are used",
     "compressed-no-decoder": "compressed transfer syntax that none of the installed decoders "
-    "(pylibjpeg, pylibjpeg-libjpeg/-openjpeg/-rle, pyjpegls) handles; decompress the file",
+    "(pylibjpeg, pylibjpeg-libjpeg/-openjpeg/-rle, pyjpegls, Pillow, GDCM) handles; "
+    "decompress the file",
     "unreadable": "the file is damaged or inconsistent (e.g. truncated)",
     "empty-image": "the image has one constant value",
     "outside-site-folder": "the studies.csv path points outside the site folder",
@@ -87,6 +91,7 @@ class Decoded:
     bits_stored: int
     photometric: str
     transfer_syntax: str = ""  # pydicom's keyword for it, e.g. "JPEGLosslessSV1"
+    decoder: str = ""  # what read the pixel data, e.g. "pylibjpeg" or "gdcm" (decoders.py)
 
 
 class _PydicomRecords(logging.Handler):
@@ -139,7 +144,7 @@ def _decode(path: Path, resolution: int) -> Decoded:
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     name = (syntax.keyword or str(syntax)) if syntax else "missing"
     try:
-        return _pixels(ds, syntax, name, resolution)
+        return _pixels(ds, syntax, name, path, resolution)
     except SkipFile as skip:
         skip.transfer_syntax = name
         raise
@@ -147,7 +152,9 @@ def _decode(path: Path, resolution: int) -> Decoded:
         raise SkipFile("unreadable", f"{type(err).__name__}: {err}", name) from None
 
 
-def _pixels(ds: Dataset, syntax: pydicom.uid.UID | None, name: str, resolution: int) -> Decoded:
+def _pixels(
+    ds: Dataset, syntax: pydicom.uid.UID | None, name: str, path: Path, resolution: int
+) -> Decoded:
     if "PixelData" not in ds:
         raise SkipFile("no-pixel-data")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
@@ -160,10 +167,10 @@ def _pixels(ds: Dataset, syntax: pydicom.uid.UID | None, name: str, resolution: 
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise SkipFile("multi-frame", f"{frames} frames")
-    if syntax is not None and syntax.is_compressed and not _decoder_available(syntax):
+    if syntax is not None and syntax.is_compressed and not has_decoder(syntax):
         raise SkipFile("compressed-no-decoder", f"{syntax.name} has no installed decoder")
 
-    raw = ds.pixel_array
+    raw, decoder = decode_pixels(ds, syntax, path)
     if raw.ndim != 2:
         raise SkipFile("unreadable", f"pixel array has shape {raw.shape}, expected 2-D")
     image = apply_modality_lut(raw.astype(np.float64), ds).astype(np.float64)
@@ -181,14 +188,8 @@ def _pixels(ds: Dataset, syntax: pydicom.uid.UID | None, name: str, resolution: 
         bits_stored=int(ds.get("BitsStored", 0) or 0),
         photometric=photometric,
         transfer_syntax=name,
+        decoder=decoder,
     )
-
-
-def _decoder_available(syntax: pydicom.uid.UID) -> bool:
-    try:
-        return bool(get_decoder(syntax).is_available)
-    except NotImplementedError:  # a transfer syntax pydicom has no decoder for at all
-        return False
 
 
 def _to_unit_range(image: np.ndarray, ds: Dataset) -> np.ndarray:
