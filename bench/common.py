@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,11 +19,11 @@ from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from rich.console import Console
 from rich.table import Table
 
-# Wide enough for every table when the output is a file or a pipe (rich would assume 80 columns).
-console = Console(width=None if sys.stdout.isatty() else 160)
+from emixer_cli.common import new_console
+
+console = new_console()
 
 
 @dataclass
