@@ -1,12 +1,15 @@
 """`emixer release`: valid synthetic DICOMs with fresh UIDs and no source identifiers, files that
-agree with reports.jsonl and the manifest, a sample sheet that references only existing files, and
-a privacy gate that refuses bad ledgers with exit 2 and writes nothing."""
+agree with reports.jsonl and the manifest, a sample sheet that references only existing files, a
+privacy gate that refuses bad ledgers with exit 2 and writes nothing, and writer threads whose
+files keep generation's order, whose errors stop the release, and which leave no half release
+behind when it fails or is interrupted."""
 
 from __future__ import annotations
 
 import copy
 import json
 import re
+import threading
 from pathlib import Path
 
 import pydicom
@@ -18,6 +21,9 @@ from emixer_model.data.dicom import SOP_CLASSES
 from emixer_model.data.phantoms import CANARY
 from emixer_model.site_privacy import SiteKey
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from server.tools import release as release_module
+from server.tools import release_files
+from server.tools.release import parse_conditions, release
 from tests.conftest import signed_checkpoint, tiny_config
 
 
@@ -208,3 +214,61 @@ def test_a_site_catches_rounds_left_out_of_a_release_with_its_own_ledger(
     assert main(["verify-release", str(honest), "--site-state", str(tmp_path / "nowhere")]) == 2
     assert "holds no ledger.jsonl" in capsys.readouterr().out
     assert not (tmp_path / "nowhere").exists()  # a check never creates a state dir
+
+
+def test_files_keep_generation_order_across_batches_and_writer_threads(
+    tmp_path, trained_checkpoint
+):
+    conditions = parse_conditions("Edema,Cardiomegaly+Pleural Effusion,No Finding")
+    out = tmp_path / "release"
+    release(trained_checkpoint, out, per_label=3, conditions=conditions, batch_size=2)
+    rows = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in rows] == [f"{n:06d}" for n in range(1, 10)]
+    for row in rows:
+        ds = pydicom.dcmread(out / row["dicom"])
+        assert int(ds.InstanceNumber) == int(row["id"]) and ds.PatientID.endswith(row["id"])
+        assert ds.DerivationDescription.endswith("+".join(row["labels"]))
+        assert (out / row["png"]).is_file()
+    assert not list(out.rglob("*.tmp"))
+
+
+def _writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("release-writer")]
+
+
+def _nothing_left(tmp_path: Path) -> None:
+    assert not (tmp_path / "release").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".release")]
+    assert not _writer_threads()  # joined: none can write after the work folder is gone
+
+
+def test_a_failing_writer_stops_the_release_with_its_error(
+    tmp_path, trained_checkpoint, monkeypatch
+):
+    calls = []
+
+    def failing_png(image01):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("No space left on device")
+        return b"png"
+
+    monkeypatch.setattr(release_files, "png_bytes", failing_png)
+    with pytest.raises(OSError, match="No space left on device"):
+        release(trained_checkpoint, tmp_path / "release", 2, parse_conditions(None), batch_size=4)
+    _nothing_left(tmp_path)
+
+
+def test_ctrl_c_while_writers_run_leaves_no_half_release(tmp_path, trained_checkpoint, monkeypatch):
+    synthesize, batches = release_module.synthesize, []
+
+    def interrupted(*args, **kwargs):
+        batches.append(1)
+        if len(batches) == 3:  # two batches are with the writers by now
+            raise KeyboardInterrupt
+        return synthesize(*args, **kwargs)
+
+    monkeypatch.setattr(release_module, "synthesize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        release(trained_checkpoint, tmp_path / "release", 2, parse_conditions(None), batch_size=4)
+    _nothing_left(tmp_path)
