@@ -2,13 +2,15 @@
 
 The checkpoint is a freshly initialised default model (same shapes and cost as a trained one) with
 a small but valid privacy ledger, so the release passes the privacy gate exactly as a real one.
-Generation runs in the main thread; writer threads (server.tools.release_files) write each
-batch's DICOM and PNG files meanwhile. The main thread's time is split by wrapping G, E,
-R.sample_ids, decode_report and ReleaseFiles' waits for its writers; the writers' DICOM and PNG
-work is counted in their threads' CPU seconds (they overlap generation and each other). Writing
-limits the rate when the main thread waits for the writers, generation when it does not.
+Generation threads (emixer_model.synthesis.synthesize_batches) compute whole batches, and writer
+threads (server.tools.release_files) write each batch's DICOM and PNG files meanwhile; the main
+thread hands batches from one to the other. The time is split by wrapping G, E and R.sample_ids
+(CPU seconds of the generation threads), the writers' DICOM and PNG work (CPU seconds of the
+writer threads; all these overlap) and, in the main thread, decode_report and the waits for the
+writers. Writing limits the rate when the main thread waits for the writers, generation when it
+does not.
 
-    python -m bench.synthesis_rate [--pairs 2000] [--resolution 64] [--writers 2]
+    python -m bench.synthesis_rate [--pairs 2000] [--resolution 64] [--writers 2] [--threads 2]
 Target: >= 500 pairs/s. With fewer than 10,000 pairs the 10,000-pair time is extrapolated.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import tempfile
 import threading
 import time
@@ -30,6 +33,7 @@ import server.tools.release_files as files_module
 from bench.common import machine, print_table, verdict
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig
 from emixer_model.networks import build_networks, get_weights
+from emixer_model.synthesis import GENERATION_THREADS
 from emixer_model.text.vocabulary import VOCAB_SIZE
 from server.checkpoint import Checkpoint, save_checkpoint
 
@@ -83,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="generation batch size")
     parser.add_argument("--no-png", action="store_true", help="DICOM only")
     parser.add_argument("--writers", type=int, default=files_module.WRITERS, help="writer threads")
+    parser.add_argument(
+        "--threads", type=int, default=GENERATION_THREADS, help="generation threads"
+    )
     args = parser.parse_args(argv)
 
     conditions = release_module.parse_conditions(None)
@@ -93,9 +100,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def timed_networks(*a: Any, **k: Any) -> torch.nn.Module:
         nets = build(*a, **k)
-        nets.g_ema.forward = watch.wrap("g", nets.g_ema.forward)  # releases sample G_ema
-        nets.e.forward = watch.wrap("e", nets.e.forward)
-        nets.r.sample_ids = watch.wrap("r", nets.r.sample_ids)
+        cpu = time.thread_time  # the generation threads overlap: count each one's CPU time
+        nets.g_ema.forward = watch.wrap("g", nets.g_ema.forward, cpu)  # releases sample G_ema
+        nets.e.forward = watch.wrap("e", nets.e.forward, cpu)
+        nets.r.sample_ids = watch.wrap("r", nets.r.sample_ids, cpu)
         return nets
 
     patches = [  # (module or class, attribute, clock)
@@ -108,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     originals = [getattr(owner, name) for owner, name, _ in patches]
     gate, release_files = release_module.check_privacy_gate, release_module.ReleaseFiles
+    generate = release_module.synthesize_batches
     with tempfile.TemporaryDirectory(prefix="bench-release-") as tmp:
         root = Path(tmp)
         checkpoint = fresh_checkpoint(root / "ckpt", ModelConfig(resolution=args.resolution))
@@ -116,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         release_module.build_networks = timed_networks
         release_module.check_privacy_gate = open_gate
         release_module.ReleaseFiles = functools.partial(release_files, writers=args.writers)
+        release_module.synthesize_batches = functools.partial(generate, threads=args.threads)
         try:
             start = time.perf_counter()
             summary = release_module.release(
@@ -133,39 +143,44 @@ def main(argv: list[str] | None = None) -> None:
             release_module.build_networks = build
             release_module.check_privacy_gate = gate
             release_module.ReleaseFiles = release_files
+            release_module.synthesize_batches = generate
 
     n = summary.count
     seconds = watch.seconds
     loop = seconds["_generate"]
     waiting = seconds.get("submit", 0.0) + seconds.get("__exit__", 0.0)
-    generation = loop - waiting
     rows = [
         [part, spent, spent / total, n / spent if spent > 0 else "-"]
         for part, spent in (
-            ("generation (main thread: G + E + R sample + decode)", generation),
-            ("  of which G_ema (image)", seconds.get("g", 0.0)),
-            ("  of which E (image -> embedding)", seconds.get("e", 0.0)),
-            ("  of which R.sample_ids (report)", seconds.get("r", 0.0)),
-            ("  of which decode_report (ids -> text)", seconds.get("decode_report", 0.0)),
+            ("G_ema (generation threads' CPU s)", seconds.get("g", 0.0)),
+            ("E (generation threads' CPU s)", seconds.get("e", 0.0)),
+            ("R.sample_ids: reports (generation threads' CPU s)", seconds.get("r", 0.0)),
+            ("decode_report: ids -> text (main thread)", seconds.get("decode_report", 0.0)),
             ("main thread waiting for the writers", waiting),
             ("DICOM writing (writer threads' CPU s)", seconds.get("write", 0.0)),
             ("PNG encoding (writer threads' CPU s)", seconds.get("png_bytes", 0.0)),
             ("checkpoint, manifest, page, rename (no gate)", total - loop),
-            ("total", total),
+            ("total (wall)", total),
         )
     ]
     rate = n / total
+    cpu = sum(seconds.get(k, 0.0) for k in ("g", "e", "r", "decode_report", "write", "png_bytes"))
+    cores = os.cpu_count() or 1
     scale = "measured" if n >= FULL_RELEASE else f"extrapolated from {n}"
     limit = "writing (generation waited for the writers)" if waiting > 0.1 * loop else "generation"
     print_table(
         f"synthesis_rate: release of {n} pairs ({len(conditions)} conditions x {per_label}), "
-        f"{args.resolution}px, formats {'+'.join(formats)}, {args.writers} writer threads",
-        ["part", "seconds", "share", "pairs/s if alone"],
+        f"{args.resolution}px, formats {'+'.join(formats)}, {args.threads} generation threads, "
+        f"{args.writers} writer threads",
+        ["part", "seconds", "share of wall", "pairs/s if alone"],
         rows,
         [
             f"rate {rate:.1f} pairs/s; target >= {TARGET_RATE:.0f}/s: "
             f"{verdict(rate, TARGET_RATE, higher_is_better=True)}; limited by {limit}",
             f"10,000 pairs: {FULL_RELEASE / rate:.1f} s ({scale})",
+            f"CPU of generation and writing: {1000 * cpu / n:.2f} ms a pair; {cores} cores kept "
+            f"busy by it alone would give {cores * n / cpu:.0f} pairs/s (the ceiling on an idle "
+            "machine, if the CPU costs stay as measured)",
             f"batch size {args.batch_size}; {machine()}",
         ],
     )

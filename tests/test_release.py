@@ -14,14 +14,18 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import torch
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from emixer_cli.main import main
+from emixer_model import synthesis
+from emixer_model.config import FINDINGS
 from emixer_model.data.dicom import SOP_CLASSES
 from emixer_model.data.phantoms import CANARY
+from emixer_model.networks import build_networks
 from emixer_model.site_privacy import SiteKey
+from emixer_model.text.vocabulary import VOCAB_SIZE
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from server.tools import release as release_module
 from server.tools import release_files
 from server.tools.release import parse_conditions, release
 from tests.conftest import signed_checkpoint, tiny_config
@@ -233,13 +237,15 @@ def test_files_keep_generation_order_across_batches_and_writer_threads(
 
 
 def _writer_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("release-writer")]
+    names = ("release-writer", "synthesis")
+    return [t for t in threading.enumerate() if t.name.startswith(names)]
 
 
-def _nothing_left(tmp_path: Path) -> None:
+def _nothing_left(tmp_path: Path, intra_op_threads: int) -> None:
     assert not (tmp_path / "release").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".release")]
     assert not _writer_threads()  # joined: none can write after the work folder is gone
+    assert torch.get_num_threads() == intra_op_threads  # restored after synthesis
 
 
 def test_a_failing_writer_stops_the_release_with_its_error(
@@ -254,21 +260,39 @@ def test_a_failing_writer_stops_the_release_with_its_error(
         return b"png"
 
     monkeypatch.setattr(release_files, "png_bytes", failing_png)
+    threads = torch.get_num_threads()
     with pytest.raises(OSError, match="No space left on device"):
         release(trained_checkpoint, tmp_path / "release", 2, parse_conditions(None), batch_size=4)
-    _nothing_left(tmp_path)
+    _nothing_left(tmp_path, threads)
 
 
 def test_ctrl_c_while_writers_run_leaves_no_half_release(tmp_path, trained_checkpoint, monkeypatch):
-    synthesize, batches = release_module.synthesize, []
+    synthesize, batches = synthesis.synthesize, []
 
     def interrupted(*args, **kwargs):
         batches.append(1)
-        if len(batches) == 3:  # two batches are with the writers by now
+        if len(batches) == 4:  # the writers have had batches by now
             raise KeyboardInterrupt
         return synthesize(*args, **kwargs)
 
-    monkeypatch.setattr(release_module, "synthesize", interrupted)
+    monkeypatch.setattr(synthesis, "synthesize", interrupted)
+    threads = torch.get_num_threads()
     with pytest.raises(KeyboardInterrupt):
         release(trained_checkpoint, tmp_path / "release", 2, parse_conditions(None), batch_size=4)
-    _nothing_left(tmp_path)
+    _nothing_left(tmp_path, threads)
+
+
+def test_pairs_do_not_depend_on_the_number_of_generation_threads() -> None:
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS)).eval()
+    labels = [torch.eye(len(FINDINGS))[i : i + 3] for i in range(0, 9, 3)]
+    with torch.no_grad():
+        one, two = (
+            list(synthesis.synthesize_batches(nets, cfg.model, labels, seed=5, threads=n))
+            for n in (1, 2)
+        )
+    assert len(one) == len(two) == 3
+    for (images_1, ids_1), (images_2, ids_2) in zip(one, two, strict=True):
+        assert torch.equal(images_1, images_2) and torch.equal(ids_1, ids_2)
+    assert not torch.equal(one[0][0], one[1][0])  # each batch has its own draws

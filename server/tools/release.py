@@ -13,6 +13,7 @@ import datetime
 import json
 import shutil
 import tempfile
+from contextlib import closing
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -25,7 +26,7 @@ from emixer_model.networks import build_networks, set_weights
 from emixer_model.privacy import epsilon_from_history
 from emixer_model.shared import ProgressFn, UserError, app_hash
 from emixer_model.site_privacy import read_site_ledger, verify_site_history
-from emixer_model.synthesis import synthesize
+from emixer_model.synthesis import synthesize_batches
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
 from server.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from server.ledger import HISTORY_KEYS
@@ -354,18 +355,18 @@ def _generate(
     progress: ProgressFn | None,
 ) -> list[dict]:
     """The release's rows; writer threads write each batch's files while the next is generated."""
-    generator = torch.Generator().manual_seed(seed)
     wanted = [c for c in conditions for _ in range(per_label)]
+    batches = [wanted[start : start + batch_size] for start in range(0, len(wanted), batch_size)]
+    labels = [torch.from_numpy(np.stack([label_vector(c) for c in batch])) for batch in batches]
     rows: list[dict] = []
     shape = (cfg.model.resolution, cfg.model.resolution)
-    with ReleaseFiles(work, formats, shape) as files:
-        for start in range(0, len(wanted), batch_size):
-            batch = wanted[start : start + batch_size]
-            y = torch.from_numpy(np.stack([label_vector(c) for c in batch]))
-            images, token_ids = synthesize(nets, cfg.model, y, generator, batch_size)
-            files.submit(start + 1, ((images[:, 0].numpy() + 1.0) / 2.0).clip(0.0, 1.0), batch)
+    generated = synthesize_batches(nets, cfg.model, labels, seed)
+    with ReleaseFiles(work, formats, shape) as files, closing(generated):
+        for batch, (images, token_ids) in zip(batches, generated, strict=True):
+            first = len(rows) + 1
+            files.submit(first, ((images[:, 0].numpy() + 1.0) / 2.0).clip(0.0, 1.0), batch)
             for number, condition, ids in zip(
-                range(start + 1, start + len(batch) + 1), batch, token_ids.numpy(), strict=True
+                range(first, first + len(batch)), batch, token_ids.numpy(), strict=True
             ):
                 dicom, png = file_names(number, formats)
                 rows.append(
