@@ -28,12 +28,8 @@ from pydicom.uid import (
     JPEG2000,
     UID,
     JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
     RLELossless,
 )
 
@@ -50,17 +46,7 @@ PYDICOM_PLUGINS = ("pylibjpeg", "pyjpegls", "pydicom", "pillow")
 GDCM_SYNTAXES: frozenset[UID] = frozenset(
     ()
     if gdcm is None
-    else (
-        JPEGBaseline8Bit,
-        JPEGExtended12Bit,
-        JPEGLossless,
-        JPEGLosslessSV1,
-        JPEGLSLossless,
-        JPEGLSNearLossless,
-        JPEG2000Lossless,
-        JPEG2000,
-        RLELossless,
-    )
+    else (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, JPEG2000Lossless, JPEG2000, RLELossless)
 )
 # how pydicom's error starts when the one plugin it was given failed (the plugin's message follows)
 PYDICOM_FAILED = "Unable to decode as exceptions were raised by all available plugins:"
