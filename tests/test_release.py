@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -280,6 +285,34 @@ def test_ctrl_c_while_writers_run_leaves_no_half_release(tmp_path, trained_check
     with pytest.raises(KeyboardInterrupt):
         release(trained_checkpoint, tmp_path / "release", 2, parse_conditions(None), batch_size=4)
     _nothing_left(tmp_path, threads)
+
+
+def test_a_real_ctrl_c_exits_130_and_leaves_no_half_release(tmp_path, trained_checkpoint):
+    """SIGINT to `emixer release` as soon as its writers have written a file."""
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    args = ["--model", str(trained_checkpoint), "--out", "release", "--per-label", "1000"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "emixer_cli", "release", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".release.partial-*/png/*.png")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no file written in 300 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, out + err
+    assert "interrupted" in out and "Traceback" not in out + err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".release", "release"))]
 
 
 def test_pairs_do_not_depend_on_the_number_of_generation_threads() -> None:
