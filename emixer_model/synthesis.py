@@ -19,7 +19,7 @@ import torch
 from emixer_model.config import ModelConfig
 from emixer_model.networks import EmixerNets
 
-GENERATION_THREADS = 2  # the machines we target have 2 cores
+GENERATION_THREADS = 2  # batches computed at once (each holds its activations in memory)
 
 
 @torch.no_grad()
@@ -56,18 +56,19 @@ def synthesize_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """synthesize() of each label batch, yielded in order, `threads` batches computed at once.
 
-    Each thread runs torch with one intra-op thread. Two OpenMP threads on 2 cores meet at a
-    barrier after every operator, and R samples in hundreds of small ones: whenever anything else
-    takes a core (the release's writer threads, another process) they wait for each other, and
-    a release ran 4x slower than with one thread on a busy machine (bench/README.md). Whole
-    batches on separate threads need no barrier; torch releases the GIL in its kernels.
+    The caller's torch threads are shared out between the batch threads: one each on 2 cores.
+    Two OpenMP threads on 2 cores meet at a barrier after every operator, and R samples in
+    hundreds of small ones: whenever anything else takes a core (the release's writer threads,
+    another process) they wait for each other, and a release ran 3x slower than this way on a
+    busy machine (bench/README.md). Whole batches on separate threads need no barrier between
+    them; torch releases the GIL in its kernels.
 
     Batch i draws from its own generator, seeded by numpy's SeedSequence(seed) child i, so the
     pairs do not depend on the number of threads or on which thread ran which batch.
     """
     seeds = np.random.SeedSequence(seed).spawn(len(label_batches))
     intra_op = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, intra_op // threads))
     pool = ThreadPoolExecutor(threads, thread_name_prefix="synthesis")
     running: deque[Future[tuple[torch.Tensor, torch.Tensor]]] = deque()
     try:
