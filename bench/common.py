@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:  # imported where used: most benchmarks never load the privacy code
@@ -31,8 +29,9 @@ if TYPE_CHECKING:  # imported where used: most benchmarks never load the privacy
     from emixer_model.privacy.plan import PrivacyPlan
     from emixer_model.training import PrivateTrainer
 
-# Wide enough for every table when the output is a file or a pipe (rich would assume 80 columns).
-console = Console(width=None if sys.stdout.isatty() else 160)
+from emixer_cli.common import new_console
+
+console = new_console()
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +17,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from emixer_model.config import EmixerConfig, load_config
 from emixer_model.shared import ProgressFn, UserError
 
-console = Console()
+# Piped (a log file, CI, systemd, `| tee`) rich assumes 80 columns, and a wide table such as the
+# evaluation's then wraps its cells, numbers mid-way. A log has no screen to fit: its lines may be
+# as long as the tables need. An explicit COLUMNS still wins.
+PIPED_WIDTH = 160
+
+
+def new_console() -> Console:
+    """A rich console at the terminal's width, or PIPED_WIDTH when stdout is no terminal."""
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(width=PIPED_WIDTH if piped else None)
+
+
+console = new_console()
 EXIT_FAILED = 1  # the work ran and failed (a federated run that did not complete)
 EXIT_USAGE = 2  # a problem the user can fix: bad input, a refusal, an unusable folder
 EXIT_INTERRUPTED = 130  # Ctrl-C or a systemd stop, as a shell reports SIGINT

@@ -7,12 +7,17 @@ so `_jpeg_lossless_sv1` below writes one (about 40 lines: first-order prediction
 Huffman table); the decoded pixels must equal the original exactly. Nothing here encodes JPEG
 Extended 12-bit (Pillow refuses 12-bit), so that syntax is tested on pydicom's own sample
 `JPGExtended.dcm` (decoded and range-checked only: no uncompressed original ships with it).
+
+GDCM is the fallback for streams the strict decoders refuse: pydicom's `JPEG-lossy.dcm` is the
+same image as `JPGExtended.dcm` with a non-conformant scan header, and GDCM alone reads it; GDCM
+also reads every lossless file above back to the original pixels.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
+from pydicom.pixels import pixel_array
 from pydicom.uid import (
     JPEG2000,
     JPEG2000Lossless,
@@ -34,6 +40,7 @@ from pydicom.uid import (
 
 from emixer_cli.main import main
 from emixer_model.data.check import check_folder
+from emixer_model.data.decoders import gdcm_pixels
 from emixer_model.data.dicom import decode_dicom, write_dicom
 
 R = 16
@@ -77,6 +84,8 @@ def test_lossless_syntaxes_decode_to_the_original_pixels(tmp_path, syntax, bits)
     decoded = decode_dicom(path, R)
     assert decoded.transfer_syntax == syntax.keyword and decoded.bits_stored == bits
     np.testing.assert_array_equal(decoded.pixels, decode_dicom(plain, R).pixels)
+    # the fallback alone reads the same pixels
+    np.testing.assert_array_equal(gdcm_pixels(path), pydicom.dcmread(plain).pixel_array)
 
 
 LOSSY = [
@@ -184,7 +193,26 @@ def test_jpeg_extended_12_bit_decodes() -> None:
     assert raw.shape == (1024, 256) and 0 <= raw.min() < raw.max() < 2**12
     decoded = decode_dicom(path, R)
     assert decoded.transfer_syntax == "JPEGExtended12Bit" and decoded.bits_stored == 12
+    assert decoded.decoder == "pylibjpeg"
     assert decoded.pixels.std() > 0.05
+
+
+def test_a_jpeg_stream_the_strict_decoders_refuse_decodes_through_gdcm() -> None:
+    """`JPEG-lossy.dcm`'s scan header ends the spectral selection at 0 where sequential JPEG
+    needs 63; otherwise it is `JPGExtended.dcm`, whose pylibjpeg decode is the reference."""
+    quirky = Path(get_testdata_file("JPEG-lossy.dcm"))
+    reference = Path(get_testdata_file("JPGExtended.dcm"))
+    with pytest.raises(RuntimeError, match="misplaced marker"):
+        pixel_array(quirky, decoding_plugin="pylibjpeg")
+    with pytest.raises(RuntimeError, match="12-bit"):
+        pixel_array(quirky, decoding_plugin="pillow")
+    raw = gdcm_pixels(quirky)
+    expected = pydicom.dcmread(reference).pixel_array
+    assert raw.shape == (1024, 256) and raw.dtype == np.uint16 and raw.max() < 2**12
+    assert np.abs(raw.astype(np.int64) - expected).max() <= 1  # the two IDCTs round apart
+    decoded = decode_dicom(quirky, R)
+    assert decoded.transfer_syntax == "JPEGExtended12Bit" and decoded.decoder == "gdcm"
+    assert np.abs(decoded.pixels - decode_dicom(reference, R).pixels).max() < 0.01
 
 
 def test_data_check_counts_files_per_transfer_syntax(tmp_path, capsys) -> None:
@@ -197,12 +225,24 @@ def test_data_check_counts_files_per_transfer_syntax(tmp_path, capsys) -> None:
     broken.PixelData = encapsulate([b"\xff\xd8 not really jpeg-ls \xff\xd9"])
     broken["PixelData"].VR = "OB"
     broken.save_as(folder / "broken-jpegls.dcm")
+    shutil.copy(get_testdata_file("JPEG-lossy.dcm"), folder)
     report = check_folder(folder, resolution=R)
     assert report.transfer_syntaxes == {
         "ExplicitVRLittleEndian": 2,
         "RLELossless": 1,
         "JPEGLSLossless": 2,  # the broken one is counted too: it was read, then skipped
+        "JPEGExtended12Bit": 1,
     }
-    assert report.accepted == 4 and report.skipped_counts == {"unreadable": 1}
+    assert report.decoders == {
+        "ExplicitVRLittleEndian": {"pydicom": 2},
+        "RLELossless": {"pylibjpeg": 1},
+        "JPEGLSLossless": {"pylibjpeg": 1},
+        "JPEGExtended12Bit": {"gdcm": 1},
+    }
+    assert report.accepted == 5 and report.skipped_counts == {"unreadable": 1}
     assert main(["data", "check", str(folder), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["transfer_syntaxes"] == report.transfer_syntaxes
+    checked = json.loads(capsys.readouterr().out)
+    assert checked["transfer_syntaxes"] == report.transfer_syntaxes
+    assert checked["decoders"] == report.decoders
+    assert main(["data", "check", str(folder)]) == 0
+    assert "JPEGExtended12Bit: 1 (read by gdcm 1)" in " ".join(capsys.readouterr().out.split())

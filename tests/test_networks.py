@@ -13,6 +13,7 @@ from torch import nn
 from emixer_model.config import ModelConfig
 from emixer_model.networks import (
     CausalSelfAttention,
+    _draw,
     build_networks,
     get_weights,
     pick_device,
@@ -165,6 +166,15 @@ def test_teacher_forced_loss_is_per_sample(nets) -> None:
     by_label = nets.r.teacher_forced_loss(e, relabeled, tokens)
     assert by_label[2] != loss[2]  # the report decoder reads the labels ...
     torch.testing.assert_close(by_label[3:], loss[3:])  # ... of its own row only
+
+
+def test_draw_follows_the_probabilities_and_never_draws_a_zero() -> None:
+    """sample_ids' inverse-CDF draw: zero entries first, inside and last are never drawn."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(60_000, 1)
+    drawn = _draw(probs, torch.Generator().manual_seed(0))
+    frequency = torch.bincount(drawn, minlength=6) / len(drawn)
+    assert frequency[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(frequency, probs[0], atol=0.01, rtol=0)  # 5 standard errors
 
 
 def test_sampled_reports_differ_and_greedy_ones_repeat(nets) -> None:

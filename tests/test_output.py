@@ -1,8 +1,9 @@
 """The CLI's output reads like one tool's, also when piped: no library tracebacks, no duplicated
-Flower lines, no deprecation banners, warnings or DEBUG lines; those go to the run's log file.
+Flower lines, no deprecation banners, warnings or DEBUG lines; those go to the run's log file;
+and tables as wide as they need, not wrapped mid-number at rich's 80-column guess.
 
-Both tests run the real `emixer` entry point in a subprocess with stdout and stderr piped, as
-`| tee log`, systemd and CI do (a TTY is what hid the duplicated lines before).
+The tests run the real `emixer` entry point (or its console) in a subprocess with stdout and
+stderr piped, as `| tee log`, systemd and CI do (a TTY is what hid the duplicated lines before).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import pydicom
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
+from emixer_cli.common import PIPED_WIDTH
 from emixer_model.data.dicom import write_dicom
+from emixer_model.evaluation.evaluate import HEADLINE
 from tests.test_codecs import _phantom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,3 +140,52 @@ def test_app_processes_print_each_flower_line_once(tmp_path: Path) -> None:
     done = python("-c", script, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (done.stdout + done.stderr).count("hello from the app") == 1
+
+
+def _wide_evaluation(path: Path) -> list[str]:
+    """An evaluation result with long numbers and the longest verdicts the code writes, saved
+    to `path`; returns every value and interval as the table prints them."""
+    verdicts = [
+        "not distinguishable from chance (0.5)",
+        "no chance level; lower is closer to the real images (judge-train vs held-out real "
+        "images: 123.4)",
+        "above chance (0); the judge itself is not distinguishable from chance, so this means "
+        "nothing",
+    ]
+    inputs = {"synthetic_pairs": 26000, "real_train": 3840, "real_test": 960}
+    result: dict = {"inputs": {**inputs, "real_test_units": 912}}
+    cells = []
+    for i, (_, keys) in enumerate(HEADLINE):
+        value, low, high = -0.0001234567 * (i + 1), -0.01234567, 12345.678 + i
+        node = result
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        verdict = verdicts[i % len(verdicts)]
+        node[keys[-1]] = {
+            "value": value,
+            "low": low,
+            "high": high,
+            "n": 26000 + i,
+            "verdict": verdict,
+        }
+        cells += [f"{value:.4g}", f"[{low:.4g}, {high:.4g}]"]
+    path.write_text(json.dumps(result))
+    return cells
+
+
+def test_a_piped_evaluation_table_keeps_every_number_whole(tmp_path: Path, monkeypatch) -> None:
+    """The demo's evaluation table, piped, once wrapped at 80 columns and broke cells mid-number."""
+    cells = _wide_evaluation(tmp_path / "evaluation.json")
+    script = (
+        "import json\n"
+        "from emixer_cli.common import console\n"
+        "from emixer_model.evaluation.evaluate import summary_table\n"
+        "console.print(summary_table(json.loads(open('evaluation.json').read())))\n"
+    )
+    monkeypatch.delenv("COLUMNS", raising=False)
+    done = python("-c", script, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert max(len(line) for line in lines) <= PIPED_WIDTH
+    broken = [cell for cell in cells if not any(cell in line for line in lines)]
+    assert not broken, f"cells split over lines: {broken}\n{done.stdout}"

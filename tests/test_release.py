@@ -1,23 +1,38 @@
 """`emixer release`: valid synthetic DICOMs with fresh UIDs and no source identifiers, files that
-agree with reports.jsonl and the manifest, a sample sheet that references only existing files, and
-a privacy gate that refuses bad ledgers with exit 2 and writes nothing."""
+agree with reports.jsonl and the manifest, a sample sheet that references only existing files, a
+privacy gate that refuses bad ledgers with exit 2 and writes nothing, and writer threads whose
+files keep generation's order, whose errors stop the release, and which leave no half release
+behind when it fails or is interrupted."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pydicom
 import pytest
+import torch
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from emixer_cli.main import main
+from emixer_model import synthesis
+from emixer_model.config import FINDINGS
 from emixer_model.data.dicom import SOP_CLASSES
 from emixer_model.data.phantoms import CANARY
+from emixer_model.networks import build_networks
 from emixer_model.privacy.ledger import SiteKey
+from emixer_model.text.vocabulary import VOCAB_SIZE
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from server.tools import release_files
+from server.tools.release import parse_conditions, release
 from tests.conftest import signed_checkpoint, tiny_config
 
 
@@ -208,3 +223,109 @@ def test_a_site_catches_rounds_left_out_of_a_release_with_its_own_ledger(
     assert main(["verify-release", str(honest), "--site-state", str(tmp_path / "nowhere")]) == 2
     assert "holds no ledger.jsonl" in capsys.readouterr().out
     assert not (tmp_path / "nowhere").exists()  # a check never creates a state dir
+
+
+def test_files_keep_generation_order_across_batches_and_writer_threads(
+    tmp_path, trained_checkpoint
+):
+    conditions = parse_conditions("Edema,Cardiomegaly+Pleural Effusion,No Finding")
+    out = tmp_path / "release"
+    release(trained_checkpoint, out, per_label=3, conditions=conditions, batch_size=2)
+    rows = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in rows] == [f"{n:06d}" for n in range(1, 10)]
+    for row in rows:
+        ds = pydicom.dcmread(out / row["dicom"])
+        assert int(ds.InstanceNumber) == int(row["id"]) and ds.PatientID.endswith(row["id"])
+        assert ds.DerivationDescription.endswith("+".join(row["labels"]))
+        assert (out / row["png"]).is_file()
+    assert not list(out.rglob("*.tmp"))
+
+
+def _writer_threads() -> list[threading.Thread]:
+    names = ("release-writer", "synthesis")
+    return [t for t in threading.enumerate() if t.name.startswith(names)]
+
+
+def _nothing_left(tmp_path: Path, intra_op_threads: int) -> None:
+    assert not (tmp_path / "release").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".release")]
+    assert not _writer_threads()  # joined: none can write after the work folder is gone
+    assert torch.get_num_threads() == intra_op_threads  # restored after synthesis
+
+
+def test_a_failing_writer_stops_the_release_with_its_error(
+    tmp_path, trained_checkpoint, monkeypatch
+):
+    calls = []
+
+    def failing_png(image01):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("No space left on device")
+        return b"png"
+
+    monkeypatch.setattr(release_files, "png_bytes", failing_png)
+    threads = torch.get_num_threads()
+    with pytest.raises(OSError, match="No space left on device"):
+        release(trained_checkpoint, tmp_path / "release", 2, parse_conditions(None), batch_size=4)
+    _nothing_left(tmp_path, threads)
+
+
+def test_ctrl_c_while_writers_run_leaves_no_half_release(tmp_path, trained_checkpoint, monkeypatch):
+    synthesize, batches = synthesis.synthesize, []
+
+    def interrupted(*args, **kwargs):
+        batches.append(1)
+        if len(batches) == 4:  # the writers have had batches by now
+            raise KeyboardInterrupt
+        return synthesize(*args, **kwargs)
+
+    monkeypatch.setattr(synthesis, "synthesize", interrupted)
+    threads = torch.get_num_threads()
+    with pytest.raises(KeyboardInterrupt):
+        release(trained_checkpoint, tmp_path / "release", 2, parse_conditions(None), batch_size=4)
+    _nothing_left(tmp_path, threads)
+
+
+def test_a_real_ctrl_c_exits_130_and_leaves_no_half_release(tmp_path, trained_checkpoint):
+    """SIGINT to `emixer release` as soon as its writers have written a file."""
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    args = ["--model", str(trained_checkpoint), "--out", "release", "--per-label", "1000"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "emixer_cli", "release", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".release.partial-*/png/*.png")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no file written in 300 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, out + err
+    assert "interrupted" in out and "Traceback" not in out + err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".release", "release"))]
+
+
+def test_pairs_do_not_depend_on_the_number_of_generation_threads() -> None:
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS)).eval()
+    labels = [torch.eye(len(FINDINGS))[i : i + 3] for i in range(0, 9, 3)]
+    with torch.no_grad():
+        one, two = (
+            list(synthesis.synthesize_batches(nets, cfg.model, labels, seed=5, threads=n))
+            for n in (1, 2)
+        )
+    assert len(one) == len(two) == 3
+    for (images_1, ids_1), (images_2, ids_2) in zip(one, two, strict=True):
+        assert torch.equal(images_1, images_2) and torch.equal(ids_1, ids_2)
+    assert not torch.equal(one[0][0], one[1][0])  # each batch has its own draws

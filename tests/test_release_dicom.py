@@ -1,5 +1,7 @@
 """A release's DICOM files pass dciodvfy (dicom3tools, the usual DICOM conformance checker) with
-zero errors, and form one study with one series, so the synthetic set imports as one unit.
+zero errors, and form one study with one series, so the synthetic set imports as one unit. The
+fast writer that encodes highdicom's dataset once per release writes, file by file, what highdicom
+builds for that file.
 
 Warnings are allowed (dicom3tools 1.00~20220618 printed none on these files when this was
 written); the test prints any it sees, for the record.
@@ -12,10 +14,17 @@ import subprocess
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from pydicom.filebase import DicomBytesIO
 
-from emixer_model.data.dicom import decode_dicom
+from emixer_model.data.dicom import (
+    ReleaseSeries,
+    SecondaryCaptureWriter,
+    decode_dicom,
+    secondary_capture,
+)
 
 
 def _dciodvfy() -> str:
@@ -56,3 +65,52 @@ def test_a_release_is_one_study_and_one_series(evaluated_release: Path) -> None:
     assert first.ConversionType == "SYN" and first.BurnedInAnnotation == "NO"
     assert first.PatientSex == "" and first.PatientBirthDate == ""  # no patient is depicted
     assert decode_dicom(files[0], 16).pixels.shape == (16, 16)
+
+
+# set when a dataset is built or a file written: no two files share them
+PER_BUILD = {
+    "SOPInstanceUID",
+    "MediaStorageSOPInstanceUID",
+    "InstanceCreationTime",
+    "ContentTime",
+    "TimeOfSecondaryCapture",
+    "ContributionDateTime",
+    "InstanceCreationDate",
+    "ContentDate",
+    "DateOfSecondaryCapture",
+}
+
+
+def _elements(ds: pydicom.Dataset) -> dict[str, object]:
+    """Every attribute's value as a file stores it, sequences' items flattened, less PER_BUILD."""
+    out = {}
+    for elem in ds.iterall():
+        if elem.keyword not in PER_BUILD and elem.VR != "SQ":
+            out[elem.keyword] = elem.value
+    return out
+
+
+def test_the_release_writer_writes_what_highdicom_builds(tmp_path: Path) -> None:
+    series = ReleaseSeries.new()
+    fixed = {"BurnedInAnnotation": "NO", "ImageComments": "synthetic"}
+    writer = SecondaryCaptureWriter(series, (12, 10), patient_name="SYNTHETIC^X", extra=fixed)
+    image = np.random.default_rng(0).random((12, 10))
+    own = {"DerivationDescription": "conditioned on Edema"}
+    writer.write(tmp_path / "a.dcm", image, instance_number=7, patient_id="SYNTHETIC-7", extra=own)
+    written = pydicom.dcmread(tmp_path / "a.dcm")
+    built = secondary_capture(
+        image,
+        series=series,
+        instance_number=7,
+        patient_id="SYNTHETIC-7",
+        patient_name="SYNTHETIC^X",
+        extra=fixed | own,
+    )
+    out = DicomBytesIO()
+    built.save_as(out, enforce_file_format=True)
+    expected = pydicom.dcmread(DicomBytesIO(out.getvalue()))
+    assert _elements(written) == _elements(expected)
+    assert _elements(written.file_meta) == _elements(expected.file_meta)
+    assert written.file_meta.MediaStorageSOPInstanceUID == written.SOPInstanceUID
+    with pytest.raises(ValueError, match="shape"):
+        writer.write(tmp_path / "b.dcm", np.zeros((4, 4)), instance_number=8, patient_id="8")

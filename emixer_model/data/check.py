@@ -54,6 +54,9 @@ class CheckReport:
     # every DICOM file read, accepted or skipped, by pydicom's transfer syntax keyword: a PACS
     # export that compresses shows here first
     transfer_syntaxes: dict[str, int] = field(default_factory=dict)
+    # the accepted files of each transfer syntax by the decoder that read them (GDCM is the
+    # fallback for streams the strict decoders refuse: a count here flags a quirky export)
+    decoders: dict[str, dict[str, int]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -80,9 +83,19 @@ class CheckReport:
         bits = str(decoded.bits_stored)
         self.bits_stored[bits] = self.bits_stored.get(bits, 0) + 1
         self._count_syntax(decoded.transfer_syntax)
+        by_decoder = self.decoders.setdefault(decoded.transfer_syntax, {})
+        by_decoder[decoded.decoder] = by_decoder.get(decoded.decoder, 0) + 1
 
     def _count_syntax(self, name: str) -> None:
         self.transfer_syntaxes[name] = self.transfer_syntaxes.get(name, 0) + 1
+
+    def _syntax_counts(self) -> str:
+        """Files per transfer syntax, with the decoders that read the accepted ones."""
+        parts = []
+        for name, count in sorted(self.transfer_syntaxes.items()):
+            read = _counts(self.decoders.get(name, {}), " ")
+            parts.append(f"{name}: {count}" + (f" (read by {read})" if read != "-" else ""))
+        return "\n".join(parts) or "-"
 
     def as_dict(self) -> dict[str, object]:
         """JSON-able form for `emixer data check --json`."""
@@ -109,6 +122,7 @@ class CheckReport:
             "photometric": self.photometric,
             "bits_stored": self.bits_stored,
             "transfer_syntaxes": self.transfer_syntaxes,
+            "decoders": self.decoders,
             "errors": self.errors,
             "warnings": self.warnings,
         }
@@ -131,7 +145,7 @@ class CheckReport:
         summary.add_row("skipped", str(sum(self.skipped_counts.values())))
         summary.add_row("photometric", _counts(self.photometric))
         summary.add_row("bits stored", _counts(self.bits_stored))
-        summary.add_row("transfer syntax", _counts(self.transfer_syntaxes))
+        summary.add_row("transfer syntax", self._syntax_counts())
         verdict = "[green]yes[/green]" if self.usable else "[red]no[/red]"
         summary.add_row("usable for training", verdict)
         console.print(summary)
@@ -162,8 +176,8 @@ class CheckReport:
             console.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
 
 
-def _counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "-"
+def _counts(counts: dict[str, int], separator: str = ": ") -> str:
+    return ", ".join(f"{k}{separator}{v}" for k, v in sorted(counts.items())) or "-"
 
 
 def check_folder(folder: Path, resolution: int = 64) -> CheckReport:

@@ -3,8 +3,9 @@
 Sites hold whatever their PACS exported, so decoding never trusts a file: anything that cannot
 serve as one grey-scale X-ray raises `SkipFile` with a reason code, and the caller records it
 instead of crashing. Compressed files (JPEG Lossless and Extended, JPEG-LS, JPEG 2000, RLE) decode
-through pydicom's pixel-data plugins, pylibjpeg (+ its libjpeg, openjpeg and rle plugins) and
-pyjpegls, which are default dependencies. The pixel normalisation is fixed in code (privacy
+through pydicom's pixel-data plugins, pylibjpeg (+ its libjpeg, openjpeg and rle plugins),
+pyjpegls and Pillow, then GDCM as the tolerant fallback for slightly non-conformant streams
+(`decoders.py`); all are default dependencies. The pixel normalisation is fixed in code (privacy
 invariant 5 in docs/PRIVACY.md) so every site maps intensities the same way and nothing is fitted
 on a site's data: modality LUT, then the file's own VOI LUT / window when it has one (else a robust
 0.5-99.5 percentile stretch of that image alone), MONOCHROME1 inverted, aspect-preserving resize,
@@ -26,15 +27,20 @@ import pydicom
 import torch
 import torch.nn.functional as F
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from emixer_model.data.decoders import decode_pixels, has_decoder
 
 log = logging.getLogger("emixer.data.dicom")
 
 # Bump when the decoding pipeline changes: decoded caches keyed on it are then rebuilt.
-NORMALISATION_VERSION = 1
+NORMALISATION_VERSION = 2  # 2: GDCM decodes files that were skipped before
 
 # Percentiles of the fallback intensity stretch (images without a window): robust to a few hot or
 # dead pixels and burned-in markers, which a plain min-max would let set the contrast.
@@ -47,7 +53,8 @@ SKIP_REASONS: dict[str, str] = {
     "colour": "colour image (RGB/YBR/palette); only grey-scale X-rays are used",
     "multi-frame": "multi-frame DICOM; only single-frame radiographs are used",
     "compressed-no-decoder": "compressed transfer syntax that none of the installed decoders "
-    "(pylibjpeg, pylibjpeg-libjpeg/-openjpeg/-rle, pyjpegls) handles; decompress the file",
+    "(pylibjpeg, pylibjpeg-libjpeg/-openjpeg/-rle, pyjpegls, Pillow, GDCM) handles; "
+    "decompress the file",
     "unreadable": "the file is damaged or inconsistent (e.g. truncated)",
     "empty-image": "the image has one constant value",
     "outside-site-folder": "the studies.csv path points outside the site folder",
@@ -87,6 +94,7 @@ class Decoded:
     bits_stored: int
     photometric: str
     transfer_syntax: str = ""  # pydicom's keyword for it, e.g. "JPEGLosslessSV1"
+    decoder: str = ""  # what read the pixel data, e.g. "pylibjpeg" or "gdcm" (decoders.py)
 
 
 class _PydicomRecords(logging.Handler):
@@ -139,7 +147,7 @@ def _decode(path: Path, resolution: int) -> Decoded:
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     name = (syntax.keyword or str(syntax)) if syntax else "missing"
     try:
-        return _pixels(ds, syntax, name, resolution)
+        return _pixels(ds, syntax, name, path, resolution)
     except SkipFile as skip:
         skip.transfer_syntax = name
         raise
@@ -147,7 +155,9 @@ def _decode(path: Path, resolution: int) -> Decoded:
         raise SkipFile("unreadable", f"{type(err).__name__}: {err}", name) from None
 
 
-def _pixels(ds: Dataset, syntax: pydicom.uid.UID | None, name: str, resolution: int) -> Decoded:
+def _pixels(
+    ds: Dataset, syntax: pydicom.uid.UID | None, name: str, path: Path, resolution: int
+) -> Decoded:
     if "PixelData" not in ds:
         raise SkipFile("no-pixel-data")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
@@ -160,10 +170,10 @@ def _pixels(ds: Dataset, syntax: pydicom.uid.UID | None, name: str, resolution: 
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise SkipFile("multi-frame", f"{frames} frames")
-    if syntax is not None and syntax.is_compressed and not _decoder_available(syntax):
+    if syntax is not None and syntax.is_compressed and not has_decoder(syntax):
         raise SkipFile("compressed-no-decoder", f"{syntax.name} has no installed decoder")
 
-    raw = ds.pixel_array
+    raw, decoder = decode_pixels(ds, syntax, path)
     if raw.ndim != 2:
         raise SkipFile("unreadable", f"pixel array has shape {raw.shape}, expected 2-D")
     image = apply_modality_lut(raw.astype(np.float64), ds).astype(np.float64)
@@ -181,14 +191,8 @@ def _pixels(ds: Dataset, syntax: pydicom.uid.UID | None, name: str, resolution: 
         bits_stored=int(ds.get("BitsStored", 0) or 0),
         photometric=photometric,
         transfer_syntax=name,
+        decoder=decoder,
     )
-
-
-def _decoder_available(syntax: pydicom.uid.UID) -> bool:
-    try:
-        return bool(get_decoder(syntax).is_available)
-    except NotImplementedError:  # a transfer syntax pydicom has no decoder for at all
-        return False
 
 
 def _to_unit_range(image: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -242,7 +246,7 @@ def write_dicom(
     """Write a grey-scale image as an explicit little-endian DICOM file with fresh UIDs.
 
     Phantom sites go through here (and tests that need odd files), so every file we produce is
-    one pydicom reads back. A release's images go through `write_secondary_capture`, which writes
+    one pydicom reads back. A release's images go through `SecondaryCaptureWriter`, which writes
     the full Secondary Capture IOD.
     """
     if sop_class not in SOP_CLASSES:
@@ -295,17 +299,8 @@ class ReleaseSeries:
         return cls(generate_uid(), generate_uid(), datetime.datetime.now())
 
 
-def write_secondary_capture(
-    path: Path,
-    image01: np.ndarray,
-    *,
-    series: ReleaseSeries,
-    instance_number: int,
-    patient_id: str,
-    patient_name: str,
-    extra: dict[str, object] | None = None,
-) -> None:
-    """Write one released image as an 8-bit DICOM Secondary Capture that `dciodvfy` accepts.
+class SecondaryCaptureWriter:
+    """Writes a release's images as 8-bit DICOM Secondary Captures that `dciodvfy` accepts.
 
     highdicom builds the SC Image IOD, so its Type 2 attributes (patient birth date and sex,
     study date/time/ID, accession number, referring physician, patient orientation) are present;
@@ -313,7 +308,78 @@ def write_secondary_capture(
     says the image is synthetic. BodyPartExamined CHEST settles Laterality (Type 2C): the chest
     is not a paired organ, so the attribute must be absent (without a body part, dciodvfy asks
     for it).
+
+    Building that dataset cost 2.4-2.8 ms a file (bench/README.md), as much as generating the
+    pair, while a release's files differ only in their SOP instance UID, instance number,
+    patient ID, per-file `extra` attributes and pixels. So highdicom builds one dataset per
+    release, pydicom encodes each of its attributes once, and a file is those bytes with its own
+    attributes encoded in their place (tests/test_release_dicom.py compares the two). The
+    writer only reads its state after __init__, so threads may share it.
     """
+
+    def __init__(
+        self,
+        series: ReleaseSeries,
+        shape: tuple[int, int],
+        *,
+        patient_name: str,
+        extra: dict[str, object] | None = None,
+    ) -> None:
+        built = secondary_capture(
+            np.zeros(shape),
+            series=series,
+            instance_number=1,
+            patient_id="",
+            patient_name=patient_name,
+            extra=extra,
+        )
+        out = DicomBytesIO()
+        built.save_as(out, enforce_file_format=True)  # settles the VRs highdicom leaves open
+        template = pydicom.dcmread(DicomBytesIO(out.getvalue()))
+        self.shape = tuple(shape)
+        self._pixel_vr = template["PixelData"].VR
+        self._meta = {e.tag: _encode(e) for e in template.file_meta if e.tag != META_LENGTH}
+        self._encoded = {elem.tag: _encode(elem) for elem in template}
+
+    def write(
+        self,
+        path: Path,
+        image01: np.ndarray,
+        *,
+        instance_number: int,
+        patient_id: str,
+        extra: dict[str, object] | None = None,
+    ) -> None:
+        """Write one image in [0, 1] of the writer's shape with a fresh SOP instance UID."""
+        stored = _stored_pixels(image01, 8, "MONOCHROME2")
+        if stored.shape != self.shape:
+            raise ValueError(f"image of shape {stored.shape}; this release's are {self.shape}")
+        _check_keywords(extra)
+        own = Dataset()
+        own.SOPInstanceUID = generate_uid()
+        own.InstanceNumber = instance_number
+        own.PatientID = patient_id
+        for keyword, value in (extra or {}).items():
+            setattr(own, keyword, value)
+        own.PixelData = stored.tobytes()
+        own["PixelData"].VR = self._pixel_vr
+        uid = DataElement(META_INSTANCE_UID, "UI", own.SOPInstanceUID)
+        meta = _joined({**self._meta, uid.tag: _encode(uid)})
+        length = _encode(DataElement(META_LENGTH, "UL", len(meta)))
+        body = _joined({**self._encoded, **{elem.tag: _encode(elem) for elem in own}})
+        write_atomically(Path(path), b"\0" * 128 + b"DICM" + length + meta + body)
+
+
+def secondary_capture(
+    image01: np.ndarray,
+    *,
+    series: ReleaseSeries,
+    instance_number: int,
+    patient_id: str,
+    patient_name: str,
+    extra: dict[str, object] | None = None,
+) -> Dataset:
+    """highdicom's Secondary Capture of one image (see SecondaryCaptureWriter for what is in it)."""
     from highdicom.sc import SCImage
 
     stored = _stored_pixels(image01, 8, "MONOCHROME2")
@@ -344,7 +410,23 @@ def write_secondary_capture(
     ds.SeriesDescription = "EMIXER-FL synthetic release"
     for keyword, value in (extra or {}).items():
         setattr(ds, keyword, value)
-    _save_atomically(ds, Path(path))
+    return ds
+
+
+META_LENGTH, META_INSTANCE_UID = 0x00020000, 0x00020003  # FileMetaInformationGroupLength, ...
+
+
+def _joined(encoded: dict[int, bytes]) -> bytes:
+    """Encoded elements in ascending tag order, as a DICOM group or dataset stores them."""
+    return b"".join(encoded[tag] for tag in sorted(encoded))
+
+
+def _encode(elem: DataElement) -> bytes:
+    """One data element as explicit VR little endian bytes (a release's transfer syntax)."""
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    write_data_element(out, elem)
+    return out.getvalue()
 
 
 def _stored_pixels(image01: np.ndarray, bits_stored: int, photometric: str) -> np.ndarray:
@@ -374,11 +456,17 @@ def _check_keywords(extra: dict[str, object] | None) -> None:
 
 
 def _save_atomically(ds: Dataset, path: Path) -> None:
+    out = DicomBytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    write_atomically(path, out.getvalue())
+
+
+def write_atomically(path: Path, data: bytes) -> None:
     """Write to a temporary name then rename, so a crash never leaves a half-written file that a
     later data check would have to skip."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
