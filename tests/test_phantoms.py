@@ -1,6 +1,7 @@
 """Phantom hospitals: deterministic, findings visible, DICOM variety, canary tags, non-IID sites."""
 
 import csv
+import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +11,15 @@ import pytest
 
 from emixer_model.config import FINDINGS
 from emixer_model.data.dicom import decode_dicom
-from emixer_model.data.phantoms import CANARY, render_phantom, write_phantom_sites
+from emixer_model.data.phantoms import (
+    BASE_PREVALENCE,
+    CANARY,
+    MIN_POSITIVES,
+    render_phantom,
+    site_knowledge,
+    write_phantom_sites,
+)
+from emixer_model.text.grammar import SITE_ONLY_FINDING
 from emixer_model.text.labeler import label_report
 
 SIZE = 64
@@ -33,6 +42,8 @@ EFFECTS = {
     "Lung Lesion": lambda d: float(d.max()),
     "Edema": lambda d: _side(d, 1, 0.1, 0.4, -0.2, 0.2) + _side(d, -1, 0.1, 0.4, -0.2, 0.2),
     "Support Devices": lambda d: float(d.max()),
+    # free air: a dark crescent under a hemidiaphragm
+    "Pneumoperitoneum": lambda d: -min(_side(d, s, 0.25, 0.55, 0.3, 0.55) for s in (-1, 1)),
 }
 
 
@@ -62,7 +73,7 @@ def test_each_finding_is_visible_where_expected(finding):
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory) -> list[Path]:
     out = tmp_path_factory.mktemp("phantoms")
-    return write_phantom_sites(out, sites=2, per_site=60, unlabeled=4, seed=3, size=SIZE)
+    return write_phantom_sites(out, sites=3, per_site=60, unlabeled=4, seed=3, size=SIZE)
 
 
 def _rows(site: Path) -> list[dict[str, str]]:
@@ -71,16 +82,18 @@ def _rows(site: Path) -> list[dict[str, str]]:
 
 
 def test_site_layout_labels_and_reports(sites):
-    assert [s.name for s in sites] == ["site_1", "site_2"]
+    assert [s.name for s in sites] == ["site_1", "site_2", "site_3"]
     assert not [p for p in sites[0].parent.iterdir() if p.name.startswith(".")]
     mixes = []
-    for site in sites:
+    for number, site in enumerate(sites, start=1):
         rows = _rows(site)
         assert list(rows[0]) == ["dicom", "report", "patient", *FINDINGS]
         assert len(rows) == 60 and len(list((site / "unlabeled").glob("*.dcm"))) == 4
         assert all((site / r["dicom"]).is_file() for r in rows)
         counts = Counter(f for r in rows for f in FINDINGS if r[f] == "1")
-        assert all(counts[f] >= 3 for f in FINDINGS[1:])
+        sees = [*BASE_PREVALENCE]
+        sees += [SITE_ONLY_FINDING] if site_knowledge(number).site_only_prevalence else []
+        assert all(counts[f] >= MIN_POSITIVES for f in sees)
         cells = [r[f] for r in rows for f in FINDINGS]
         assert {"1", "0", "-1", ""} <= set(cells)
         for r in rows:  # the report states exactly the positive and uncertain labels
@@ -92,8 +105,9 @@ def test_site_layout_labels_and_reports(sites):
         per_patient = Counter(r["patient"] for r in rows)
         assert all(CANARY in p for p in per_patient) and set(per_patient.values()) <= {1, 2, 3}
         assert max(per_patient.values()) > 1
-        mixes.append(np.array([counts[f] for f in FINDINGS[1:]]))
-    assert np.abs(mixes[0] - mixes[1]).sum() >= 10  # non-IID label mixes
+        mixes.append(np.array([counts[f] for f in BASE_PREVALENCE]))
+    for a, b in itertools.combinations(mixes, 2):
+        assert np.abs(a - b).sum() >= 10  # non-IID label mixes
 
 
 def test_dicom_variety_and_canary_tags(sites):
@@ -129,3 +143,17 @@ def test_bad_arguments_say_what_is_wrong(tmp_path):
         write_phantom_sites(tmp_path, sites=0)
     with pytest.raises(ValueError, match="at least 16"):
         write_phantom_sites(tmp_path, size=4)
+
+
+def test_only_the_sites_that_see_the_site_only_finding_have_or_name_it(sites):
+    column = {}
+    for number, site in enumerate(sites, start=1):
+        rows = _rows(site)
+        column[number] = Counter(r[SITE_ONLY_FINDING] for r in rows)
+        named = [r for r in rows if SITE_ONLY_FINDING in label_report(r["report"])]
+        if site_knowledge(number).site_only_prevalence == 0:
+            assert set(column[number]) == {""} and named == []  # never seen, never named
+        else:
+            assert column[number]["1"] + column[number]["-1"] >= 0.1 * len(rows)
+            assert column[number]["0"] > 0  # some reports deny it
+    assert {n for n, k in column.items() if k["1"]} == {1, 2}

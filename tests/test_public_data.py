@@ -28,8 +28,9 @@ from emixer_model.data.phantoms import (
     write_public_collection,
 )
 from emixer_model.data.public import PublicDataError, decode_image, load_public
-from emixer_model.data.public_convert import convert_nih, nih_labels
+from emixer_model.data.public_convert import NIH_UNLABELED, convert_nih, nih_labels
 from emixer_model.data.site import load_site
+from emixer_model.text.grammar import SITE_ONLY_FINDING
 from emixer_model.text.labeler import label_report
 from emixer_model.text.vocabulary import PAD, UNK, encode_report, fits_caps
 
@@ -135,10 +136,12 @@ def test_public_look_and_label_mix_differ_from_the_sites(public, site, tmp_path)
     assert dark[0] < 0.7 * dark[1]  # cropped closer: less black background
     prevalence = pub.labels.mean(0) - real.labels.mean(0)
     assert prevalence.abs().sum() > 0.4  # another label mix
-    assert (pub.labels.sum(0)[1:] >= 3).all()  # yet every finding is there to learn
+    shared = [FINDINGS.index(f) for f in FINDINGS[1:] if f != SITE_ONLY_FINDING]
+    assert (pub.labels.sum(0)[shared] >= 3).all()  # yet every shared finding is there to learn
+    assert pub.labels[:, FINDINGS.index(SITE_ONLY_FINDING)].sum() == 0  # never the site-only one
 
 
-@pytest.mark.parametrize("finding", FINDINGS[1:])
+@pytest.mark.parametrize("finding", [f for f in FINDINGS[1:] if f != SITE_ONLY_FINDING])
 def test_findings_are_drawn_in_the_public_look(finding):
     positive, uncertain = [], []
     for i in range(10):  # paired: the same seed with and without the finding
@@ -308,7 +311,7 @@ def test_nih_labels_map_to_our_findings():
         "Pneumothorax": 0,
         "Lung Lesion": 0,
         "Edema": 0,
-    }  # Support Devices is not an NIH label: left out (blank), never a negative
+    }  # Support Devices and Pneumoperitoneum are no NIH labels: left out (blank), never negative
     assert nih_labels("Nodule")["Lung Lesion"] == nih_labels("Mass")["Lung Lesion"] == 1
     assert set(nih_labels("Atelectasis|Hernia").values()) == {0}  # unmapped findings ignored
     assert nih_labels("No Finding")["No Finding"] == 1
@@ -339,8 +342,11 @@ def test_convert_nih_writes_a_loadable_collection_and_skips_bad_rows(nih, tmp_pa
         "images/00000004_000.png",
     ]
     assert [r["patient"] for r in rows] == ["NIH-1", "NIH-1", "NIH-2", "NIH-5"]
-    assert all(r["report"] == "" and r["Support Devices"] == "" for r in rows)
-    table = [[r[f] for f in FINDINGS[:-1]] for r in rows]
+    assert all(r["report"] == "" for r in rows)
+    assert all(r[f] == "" for r in rows for f in NIH_UNLABELED)
+    assert set(NIH_UNLABELED) == {"Support Devices", "Pneumoperitoneum"}
+    mapped = [i for i, f in enumerate(FINDINGS) if f not in NIH_UNLABELED]
+    table = [[r[FINDINGS[i]] for i in mapped] for r in rows]
     assert table == [
         ["0", "1", "1", "0", "0", "0", "0"],
         ["0", "0", "0", "0", "0", "1", "0"],
@@ -349,7 +355,7 @@ def test_convert_nih_writes_a_loadable_collection_and_skips_bad_rows(nih, tmp_pa
     ]
     data = load_public(result.out, CFG)
     assert data.name == "NIH ChestX-ray14" and not data.has_report.any() and not data.skipped
-    assert data.labels[:, :-1].tolist() == [[float(c) for c in row] for row in table]
+    assert data.labels[:, mapped].tolist() == [[float(c) for c in row] for row in table]
     assert data.images.shape == (4, 1, CFG.resolution, CFG.resolution)
     assert json.loads((result.out / "source.json").read_text())["label_mapping"]["Mass"] == (
         "Lung Lesion"

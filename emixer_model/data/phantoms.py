@@ -32,7 +32,13 @@ from PIL import Image
 
 from emixer_model.config import FINDINGS
 from emixer_model.data.dicom import write_dicom
-from emixer_model.text.grammar import write_report
+from emixer_model.text.grammar import (
+    PUBLIC_GRAMMAR,
+    SITE_GRAMMAR,
+    SITE_ONLY_FINDING,
+    Grammar,
+    write_report,
+)
 from emixer_model.text.labeler import label_report
 
 CANARY = "ZZCANARY"
@@ -48,7 +54,7 @@ BASE_PREVALENCE: dict[str, float] = {
     "Support Devices": 0.25,
 }
 UNCERTAIN_RATE = 0.3  # share of a finding's draws that come out uncertain (-1) instead of positive
-MIN_POSITIVES = 3  # each finding is positive at least this often per site (when per_site >= 60)
+MIN_POSITIVES = 3  # each finding a site sees is positive at least this often (per_site >= 60)
 
 # The public collection: an archive-like mix (effusions and nodules common, devices and edema
 # rare), few hedged labels, 40% of studies without a report, 60% of images as PNG.
@@ -114,6 +120,36 @@ PUBLIC_LOOK = Look(
     zoom=(0.8, 0.9),
     shift=0.06,
 )
+
+
+@dataclass(frozen=True)
+class SiteKnowledge:
+    """What a phantom site knows that the public collection does not (docs/PHANTOM_WORLD.md).
+
+    site_only_prevalence: share of the site's studies drawn with SITE_ONLY_FINDING (0: the site
+    never sees it, and its reports never name it). The default knows nothing more than the
+    public collection.
+    """
+
+    site_only_prevalence: float = 0.0
+
+    @property
+    def grammar(self) -> Grammar:
+        """The site's report grammar: the public one plus the site-only parts it uses."""
+        return SITE_GRAMMAR if self.site_only_prevalence > 0 else PUBLIC_GRAMMAR
+
+
+# Site number (from 1) -> what it knows; a site not listed knows nothing more than the public
+# collection (its scanner look and label mix still differ).
+SITE_KNOWLEDGE: dict[int, SiteKnowledge] = {
+    1: SiteKnowledge(site_only_prevalence=0.25),
+    2: SiteKnowledge(site_only_prevalence=0.2),
+}
+
+
+def site_knowledge(site: int) -> SiteKnowledge:
+    """What phantom site number `site` (from 1) knows beyond the public collection."""
+    return SITE_KNOWLEDGE.get(site, SiteKnowledge())
 
 
 @dataclass
@@ -221,10 +257,8 @@ def _render(
     torso = _ramp(1 - _ellipse(x, y, 0, 0.15, 0.95, 1.25), 0.08)
     lungs = []
     for side in (-1, 1):
-        cx = side * 0.4
-        inside = _ramp(1 - _ellipse(x, y, cx, -0.12, body.lung_w, body.lung_h), 0.1)
-        dome = body.dome + 0.04 * side - 0.16 * (1 - np.clip(((x - cx) / body.lung_w) ** 2, 0, 1))
-        lungs.append(inside * _ramp(dome - y, 0.05))
+        inside = _ramp(1 - _ellipse(x, y, side * 0.4, -0.12, body.lung_w, body.lung_h), 0.1)
+        lungs.append(inside * _ramp(_dome(x, body, side)[0] - y, 0.05))
     mediastinum = _ramp(0.12 - np.abs(x - 0.02), 0.04) * _ramp(0.5 - y, 0.1)
 
     grow = 1.0 + 0.45 * strength("Cardiomegaly")
@@ -280,11 +314,34 @@ def _render(
     if s := strength("Support Devices"):
         for device in rng.permutation(4)[: int(rng.integers(1, 3))]:
             img += 0.4 * s * _device(int(device), x, y, rng)
+    if s := strength(SITE_ONLY_FINDING):
+        img -= 0.35 * s * _free_air(x, y, body, rng)
 
     gamma = texture.uniform(*look.gamma)
     img = np.clip(img, 0, 1) ** gamma * texture.uniform(*look.gain) + texture.uniform(*look.offset)
     img += texture.normal(0, texture.uniform(*look.noise), img.shape).astype(F32)
     return np.clip(img, 0, 1).astype(F32)
+
+
+def _dome(x: np.ndarray, body: _Anatomy, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The hemidiaphragm of one side (-1 or 1): its height y at each x (the lung's lower edge),
+    and where across the lung each x is (0 at the dome's top, 1 at and beyond the lung's edge)."""
+    across = np.clip(((x - side * 0.4) / body.lung_w) ** 2, 0, 1)
+    return body.dome + 0.04 * side - 0.16 * (1 - across), across
+
+
+def _free_air(x: np.ndarray, y: np.ndarray, body: _Anatomy, rng: np.random.Generator) -> np.ndarray:
+    """Mask of the site-only finding: a crescent of free air under one or both hemidiaphragms,
+    below a thin diaphragm line, thickest under the dome's top (2-3 pixels at 32 px)."""
+    sides = (-1, 1) if rng.random() < 0.4 else ((-1, 1)[int(rng.integers(2))],)
+    thickness = rng.uniform(0.15, 0.22)
+    air = np.zeros_like(x)
+    for side in sides:
+        dome, across = _dome(x, body, side)
+        top = dome + 0.05
+        crescent = _ramp(y - top, 0.03) * _ramp(top + thickness * (1 - across) - y, 0.03)
+        air = np.maximum(air, crescent * (across < 1))
+    return air
 
 
 def _device(kind: int, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -313,13 +370,16 @@ def render_phantom(
     return _render(labels, _anatomy(rng), rng, size, size, look)
 
 
-def _site_prevalence(rng: np.random.Generator) -> dict[str, float]:
-    """Non-IID label mix: each site scales the base prevalences and favours one specialty."""
+def _site_prevalence(rng: np.random.Generator, knows: SiteKnowledge) -> dict[str, float]:
+    """Non-IID label mix: each site scales the base prevalences and favours one specialty; the
+    site-only finding only where the site sees it."""
     specialty = list(BASE_PREVALENCE)[rng.integers(len(BASE_PREVALENCE))]
     out = {}
     for finding, base in BASE_PREVALENCE.items():
         factor = np.exp(rng.normal(0, 0.5)) * (2.2 if finding == specialty else 1.0)
         out[finding] = float(np.clip(base * factor, 0.06, 0.6))
+    if knows.site_only_prevalence > 0:
+        out[SITE_ONLY_FINDING] = knows.site_only_prevalence
     return out
 
 
@@ -336,9 +396,12 @@ def _draw_labels(
     return labels
 
 
-def _ensure_each_finding(studies: list[dict[str, int]], rng: np.random.Generator) -> None:
-    """Make every finding positive at least MIN_POSITIVES times: each site sees each label."""
-    for finding in BASE_PREVALENCE:
+def _ensure_each_finding(
+    studies: list[dict[str, int]], prevalence: dict[str, float], rng: np.random.Generator
+) -> None:
+    """Make every finding of `prevalence` positive at least MIN_POSITIVES times: a collection
+    sees each label it can show; one it never shows (absent from `prevalence`) stays absent."""
+    for finding in prevalence:
         have = sum(labels.get(finding) == 1 for labels in studies)
         candidates = [i for i, labels in enumerate(studies) if labels.get(finding) != 1]
         for i in rng.permutation(candidates)[: max(0, MIN_POSITIVES - have)]:
@@ -420,21 +483,21 @@ def _patient_numbers(n: int, rng: np.random.Generator) -> list[int]:
 
 def _write_site(folder: Path, site: int, per_site: int, unlabeled: int, seed: int, size: int):
     rng = np.random.default_rng([seed, site])
-    prevalence = _site_prevalence(rng)
+    knows = site_knowledge(site)
+    prevalence = _site_prevalence(rng, knows)
     studies = [_draw_labels(prevalence, rng) for _ in range(per_site)]
     if per_site >= 60:
-        _ensure_each_finding(studies, rng)
+        _ensure_each_finding(studies, prevalence, rng)
     (folder / "images").mkdir(parents=True)
     (folder / "unlabeled").mkdir()
     rows = []
-    _anatomy(rng)  # an unused draw, kept so the site phantoms stay byte-identical to earlier ones
     for i, (labels, patient_no) in enumerate(
         zip(studies, _patient_numbers(per_site, rng), strict=True)
     ):
         body = _anatomy(np.random.default_rng([seed, site, 1, patient_no]))
         patient = f"{CANARY}-{site}{patient_no:05d}"
         study_rng = np.random.default_rng([seed, site, 2, i])
-        report = write_report(labels, study_rng)
+        report = write_report(labels, study_rng, knows.grammar)
         name = f"images/study_{i + 1:05d}.dcm"
         _write_scan(folder / name, labels, body, study_rng, size, site, patient)
         rows.append([name, report, patient, *_csv_row(labels, report)])
@@ -528,7 +591,7 @@ def _write_public(folder: Path, n: int, seed: int, size: int) -> None:
     rng = np.random.default_rng([seed, PUBLIC_STREAM])
     studies = [_draw_labels(PUBLIC_PREVALENCE, rng, PUBLIC_UNCERTAIN_RATE) for _ in range(n)]
     if n >= 60:
-        _ensure_each_finding(studies, rng)
+        _ensure_each_finding(studies, PUBLIC_PREVALENCE, rng)
     (folder / "images").mkdir(parents=True)
     rows = []
     for i, (labels, patient_no) in enumerate(zip(studies, _patient_numbers(n, rng), strict=True)):
