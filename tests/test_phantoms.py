@@ -15,11 +15,13 @@ from emixer_model.data.phantoms import (
     BASE_PREVALENCE,
     CANARY,
     MIN_POSITIVES,
+    SITE_APPEARANCE_FINDING,
+    SITE_KNOWLEDGE,
     render_phantom,
     site_knowledge,
     write_phantom_sites,
 )
-from emixer_model.text.grammar import SITE_ONLY_FINDING
+from emixer_model.text.grammar import SITE_ONLY_FINDING, SITE_PHRASING, uses_site_phrasing
 from emixer_model.text.labeler import label_report
 
 SIZE = 64
@@ -157,3 +159,35 @@ def test_only_the_sites_that_see_the_site_only_finding_have_or_name_it(sites):
             assert column[number]["1"] + column[number]["-1"] >= 0.1 * len(rows)
             assert column[number]["0"] > 0  # some reports deny it
     assert {n for n, k in column.items() if k["1"]} == {1, 2}
+
+
+def test_site_phrasing_appears_only_at_its_site(sites):
+    for number, site in enumerate(sites, start=1):
+        rows = _rows(site)
+        for finding in SITE_PHRASING:
+            positive = [r["report"] for r in rows if r[finding] == "1"]
+            share = np.mean([uses_site_phrasing(report, finding) for report in positive])
+            if site_knowledge(number).own_phrasing:
+                assert len(positive) >= MIN_POSITIVES and share >= 0.8, (number, finding)
+            else:
+                assert not any(uses_site_phrasing(r["report"], finding) for r in rows), number
+    assert [n for n in SITE_KNOWLEDGE if SITE_KNOWLEDGE[n].own_phrasing] == [2]
+
+
+# Where the two ways of drawing an effusion put their fluid: the public basal meniscus fills the
+# costophrenic region, site 3's loculated lens the lateral mid zone.
+BASE = (0.3, 0.65, 0.15, 0.35)
+LATERAL_MID_ZONE = (0.5, 0.75, -0.45, -0.15)
+
+
+def test_site_appearance_differs_from_the_public_rendering():
+    labels = {SITE_APPEARANCE_FINDING: 1}
+    for i in range(20):  # the same seed drawn both ways: a paired comparison
+        public = render_phantom(labels, np.random.default_rng(200 + i), SIZE)
+        site = render_phantom(labels, np.random.default_rng(200 + i), SIZE, loculated_effusion=True)
+        normal = render_phantom({"No Finding": 1}, np.random.default_rng(200 + i), SIZE)
+        lateral = max(_side(site - public, s, *LATERAL_MID_ZONE) for s in (-1, 1))
+        basal = max(_side(public - site, s, *BASE) for s in (-1, 1))
+        assert lateral > 0.05 and basal > 0.03, i
+        assert max(_side(site - normal, s, *LATERAL_MID_ZONE) for s in (-1, 1)) > 0.05  # visible
+    assert [n for n in SITE_KNOWLEDGE if SITE_KNOWLEDGE[n].loculated_effusion] == [3]

@@ -8,6 +8,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +21,12 @@ from PIL import Image
 
 from emixer_cli.main import main
 from emixer_model.config import FINDINGS, ModelConfig
+from emixer_model.data import phantoms
 from emixer_model.data.dicom import decode_dicom, write_dicom
 from emixer_model.data.phantoms import (
     CANARY,
     PUBLIC_LOOK,
+    PUBLIC_PREVALENCE,
     render_phantom,
     write_phantom_sites,
     write_public_collection,
@@ -33,6 +37,7 @@ from emixer_model.data.site import load_site
 from emixer_model.text.grammar import SITE_ONLY_FINDING
 from emixer_model.text.labeler import label_report
 from emixer_model.text.vocabulary import PAD, UNK, encode_report, fits_caps
+from tests.conftest import site_knowledge_in
 
 SIZE = 64
 CFG = ModelConfig(resolution=32)
@@ -88,12 +93,8 @@ def test_public_collection_is_deterministic_and_mixes_png_and_dicom(public, tmp_
     assert not any(CANARY in str(pydicom.dcmread(p).PatientID) for p in dicoms)
 
 
-def test_public_reports_are_phrased_differently_but_state_their_labels(public, site):
+def test_public_reports_use_the_public_grammar_and_state_their_labels(public):
     rows = [r for r in _rows(public) if r["report"]]
-    site_text = " ".join(r["report"] for r in _rows(site)).lower()
-    public_text = " ".join(r["report"] for r in rows).lower()
-    assert "impression:" in site_text and "impression:" not in public_text
-    assert site_text.count("there is") > 20 and public_text.count("there is") == 0
     for r in rows:
         ids = encode_report(r["report"], 6, 12)
         assert UNK not in ids and fits_caps(r["report"], 6, 12), r["report"]
@@ -101,6 +102,35 @@ def test_public_reports_are_phrased_differently_but_state_their_labels(public, s
         for f in FINDINGS[1:]:
             if r[f] in ("1", "-1"):
                 assert stated.get(f) == int(r[f]), (f, r["report"])
+        assert site_knowledge_in(r["report"]) == [], r["report"]
+    assert sum("cardiomegaly" in r["report"].lower() for r in rows) >= 3
+
+
+def test_public_collection_never_shows_what_only_sites_know(public, tmp_path, monkeypatch):
+    """No study labels or names the site-only finding, and the renderer never draws it or a
+    site's own appearance of a shared finding for the public collection."""
+    rows = _rows(public)
+    assert {r[SITE_ONLY_FINDING] for r in rows} == {""}  # never labeled, not even negative
+    assert SITE_ONLY_FINDING not in PUBLIC_PREVALENCE
+
+    calls = Counter()
+    for name in ("_free_air", "_loculated_effusion"):
+        drawing = getattr(phantoms, name)
+        monkeypatch.setattr(phantoms, name, _counted(drawing, name, calls))
+    write_public_collection(tmp_path / "public", n=120, size=32)
+    assert calls == Counter()
+    write_phantom_sites(tmp_path / "sites", sites=3, per_site=60, unlabeled=0, size=32)
+    assert calls["_free_air"] > 0 and calls["_loculated_effusion"] > 0  # the sites draw them
+
+
+def _counted(function: Callable, name: str, calls: Counter) -> Callable:
+    """`function`, counting its calls in calls[name]."""
+
+    def counting(*args, **kwargs):
+        calls[name] += 1
+        return function(*args, **kwargs)
+
+    return counting
 
 
 def test_report_text_does_not_depend_on_the_hash_seed():

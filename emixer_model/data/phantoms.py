@@ -9,10 +9,15 @@ whether synthetic images and reports carry their label (docs/DESIGN.md section 5
 Every patient identifier written (DICOM tags and the `patient` column) contains CANARY, so a
 test can search anything that leaves a site for it.
 
+The sites know things the public collection does not (SITE_KNOWLEDGE, docs/PHANTOM_WORLD.md):
+sites 1 and 2 see a site-only finding (SITE_ONLY_FINDING), site 2 writes cardiomegaly in its own
+words (grammar.SITE_PHRASING), site 3 draws pleural effusions its own way (a loculated lateral
+lens instead of the public basal meniscus).
+
 `write_public_collection` writes the stand-in for a public chest X-ray collection that the
-coordinator pretrains on (issue 11): the same anatomy and findings, but another scanner look
-(PUBLIC_LOOK), other label prevalences, PNG beside DICOM, and reports phrased in another style or
-missing, so site training still has something to add. It carries no CANARY: it is not site data.
+coordinator pretrains on (issue 11): the same anatomy and shared findings, but another scanner
+look (PUBLIC_LOOK), other label prevalences, PNG beside DICOM, reports in the public grammar or
+missing, and nothing any site knows beyond it. It carries no CANARY: it is not site data.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from emixer_model.text.grammar import (
     PUBLIC_GRAMMAR,
     SITE_GRAMMAR,
     SITE_ONLY_FINDING,
+    SITE_PHRASING_PARTS,
     Grammar,
     write_report,
 )
@@ -72,22 +78,6 @@ PUBLIC_REPORT_SHARE = 0.6
 PUBLIC_PNG_SHARE = 0.6
 PUBLIC_STREAM = 0  # the public collection's seed words are [seed, 0]: sites count from 1
 PUBLIC_PATIENT = "PUBLIC"  # patient ids PUBLIC-00001...; no CANARY, this is not site data
-# Its reporting style: terser wording, no "impression:" header and the impression first.
-# Every replacement uses words of the fixed vocabulary and keeps what the labeler reads
-# (tests/test_public_data.py checks both).
-PUBLIC_PHRASES: tuple[tuple[str, str], ...] = (
-    ("there is no ", "no "),
-    ("there are no ", "no "),
-    ("there is a ", ""),
-    ("there is ", ""),
-    (" is present", " is noted"),
-    (" are present", " are noted"),
-    (" is seen", " is identified"),
-    ("no evidence of ", "no definite "),
-    ("terminates", "ends"),
-    ("the lungs are clear", "clear lungs"),
-    ("heart size is normal", "normal heart size"),
-)
 
 F32 = np.float32
 
@@ -127,24 +117,31 @@ class SiteKnowledge:
     """What a phantom site knows that the public collection does not (docs/PHANTOM_WORLD.md).
 
     site_only_prevalence: share of the site's studies drawn with SITE_ONLY_FINDING (0: the site
-    never sees it, and its reports never name it). The default knows nothing more than the
-    public collection.
+    never sees it, and its reports never name it). own_phrasing: its reports state the findings
+    of grammar.SITE_PHRASING in its own words (grammar.SITE_PHRASING_PARTS). loculated_effusion:
+    it draws SITE_APPEARANCE_FINDING as a lens against the lateral chest wall, where the public
+    renderer draws a basal meniscus. The default knows nothing more than the public collection.
     """
 
     site_only_prevalence: float = 0.0
+    own_phrasing: bool = False
+    loculated_effusion: bool = False
 
     @property
     def grammar(self) -> Grammar:
         """The site's report grammar: the public one plus the site-only parts it uses."""
-        return SITE_GRAMMAR if self.site_only_prevalence > 0 else PUBLIC_GRAMMAR
+        grammar = SITE_GRAMMAR if self.site_only_prevalence > 0 else PUBLIC_GRAMMAR
+        return grammar.plus(SITE_PHRASING_PARTS) if self.own_phrasing else grammar
 
 
 # Site number (from 1) -> what it knows; a site not listed knows nothing more than the public
 # collection (its scanner look and label mix still differ).
 SITE_KNOWLEDGE: dict[int, SiteKnowledge] = {
     1: SiteKnowledge(site_only_prevalence=0.25),
-    2: SiteKnowledge(site_only_prevalence=0.2),
+    2: SiteKnowledge(site_only_prevalence=0.2, own_phrasing=True),
+    3: SiteKnowledge(loculated_effusion=True),
 }
+SITE_APPEARANCE_FINDING = "Pleural Effusion"  # the shared finding a site may draw its own way
 
 
 def site_knowledge(site: int) -> SiteKnowledge:
@@ -227,6 +224,7 @@ def _render(
     height: int,
     width: int,
     look: Look = SITE_LOOK,
+    loculated_effusion: bool = False,
 ) -> np.ndarray:
     """Draw one study: anatomy from `body`, findings and noise from `rng`; float32 [H, W].
 
@@ -234,6 +232,7 @@ def _render(
     state with and without a finding renders the same image apart from the finding (a paired
     comparison), and the field of view's draws never move the others (the site look's fixed
     field of view renders the pixels it rendered before the look was a parameter).
+    loculated_effusion draws a pleural effusion as site 3 does (SiteKnowledge).
     """
     rng, texture, view = rng.spawn(3)
     zoom = view.uniform(*look.zoom)
@@ -284,7 +283,9 @@ def _render(
     img += 0.14 * clavicle * (np.abs(x) > 0.08) * (np.abs(x) < 0.62)
 
     sides = (-1, 1)
-    if s := strength("Pleural Effusion"):
+    if (s := strength("Pleural Effusion")) and loculated_effusion:
+        img += 0.4 * s * _loculated_effusion(x, y, body, field, rng)
+    elif s:
         chosen = (0, 1) if rng.random() < 0.3 else (int(rng.integers(2)),)
         for k in chosen:
             lateral = np.clip((sides[k] * x - 0.1) / 0.6, 0, 1)
@@ -330,6 +331,21 @@ def _dome(x: np.ndarray, body: _Anatomy, side: int) -> tuple[np.ndarray, np.ndar
     return body.dome + 0.04 * side - 0.16 * (1 - across), across
 
 
+def _loculated_effusion(
+    x: np.ndarray,
+    y: np.ndarray,
+    body: _Anatomy,
+    field: list[np.ndarray],
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Mask of site 3's pleural effusion: fluid loculated against the lateral chest wall of one
+    lung, a lens in the mid zone, the costophrenic angle left clear."""
+    k = int(rng.integers(2))
+    side = (-1, 1)[k]
+    cx, cy = side * (0.4 + body.lung_w - 0.07), rng.uniform(-0.35, -0.1)
+    return _ramp(1 - _ellipse(x, y, cx, cy, 0.14, 0.26), 0.3) * field[k]
+
+
 def _free_air(x: np.ndarray, y: np.ndarray, body: _Anatomy, rng: np.random.Generator) -> np.ndarray:
     """Mask of the site-only finding: a crescent of free air under one or both hemidiaphragms,
     below a thin diaphragm line, thickest under the dome's top (2-3 pixels at 32 px)."""
@@ -361,13 +377,18 @@ def _device(kind: int, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -
 
 
 def render_phantom(
-    labels: dict[str, int], rng: np.random.Generator, size: int, look: Look = SITE_LOOK
+    labels: dict[str, int],
+    rng: np.random.Generator,
+    size: int,
+    look: Look = SITE_LOOK,
+    loculated_effusion: bool = False,
 ) -> np.ndarray:
     """One chest-like phantom [size, size] in [0, 1] showing the positive (and, faintly, the
-    uncertain) findings of `labels`; anatomy, findings, contrast and noise are drawn from rng."""
+    uncertain) findings of `labels`; anatomy, findings, contrast and noise are drawn from rng.
+    loculated_effusion: draw an effusion as site 3 does instead of the public way."""
     if size < 16:
         raise ValueError(f"phantom size must be at least 16 pixels, not {size}")
-    return _render(labels, _anatomy(rng), rng, size, size, look)
+    return _render(labels, _anatomy(rng), rng, size, size, look, loculated_effusion)
 
 
 def _site_prevalence(rng: np.random.Generator, knows: SiteKnowledge) -> dict[str, float]:
@@ -438,11 +459,17 @@ def _dicom_style(rng: np.random.Generator, size: int) -> dict[str, object]:
 
 
 def _draw_scan(
-    labels: dict[str, int], body: _Anatomy, rng: np.random.Generator, size: int, look: Look
+    labels: dict[str, int],
+    body: _Anatomy,
+    rng: np.random.Generator,
+    size: int,
+    look: Look,
+    knows: SiteKnowledge,
 ) -> tuple[np.ndarray, dict[str, object]]:
     """One study's image in [0, 1] and the DICOM style (modality, photometry, bits) it came in."""
     style = _dicom_style(rng, size)
-    image = _render(labels, body, rng, style.pop("height"), style.pop("width"), look)
+    height, width = style.pop("height"), style.pop("width")
+    image = _render(labels, body, rng, height, width, look, knows.loculated_effusion)
     return image, style
 
 
@@ -454,8 +481,9 @@ def _write_scan(
     size: int,
     site: int,
     patient: str,
+    knows: SiteKnowledge,
 ) -> None:
-    image, style = _draw_scan(labels, body, rng, size, SITE_LOOK)
+    image, style = _draw_scan(labels, body, rng, size, SITE_LOOK, knows)
     write_dicom(
         path,
         image,
@@ -499,14 +527,14 @@ def _write_site(folder: Path, site: int, per_site: int, unlabeled: int, seed: in
         study_rng = np.random.default_rng([seed, site, 2, i])
         report = write_report(labels, study_rng, knows.grammar)
         name = f"images/study_{i + 1:05d}.dcm"
-        _write_scan(folder / name, labels, body, study_rng, size, site, patient)
+        _write_scan(folder / name, labels, body, study_rng, size, site, patient, knows)
         rows.append([name, report, patient, *_csv_row(labels, report)])
     for j in range(unlabeled):
         scan_rng = np.random.default_rng([seed, site, 3, j])
         labels = _draw_labels(prevalence, scan_rng)
         patient = f"{CANARY}-{site}U{j + 1:04d}"
         path = folder / f"unlabeled/scan_{j + 1:05d}.dcm"
-        _write_scan(path, labels, _anatomy(scan_rng), scan_rng, size, site, patient)
+        _write_scan(path, labels, _anatomy(scan_rng), scan_rng, size, site, patient, knows)
     _write_studies_csv(folder, rows)
 
 
@@ -567,20 +595,6 @@ def write_phantom_sites(
     return folders
 
 
-def public_phrasing(report: str) -> str:
-    """A grammar report in the public collection's style: PUBLIC_PHRASES applied, no
-    "impression:" header and the impression moved to the front."""
-    sentences = [part.strip().lower() for part in report.split(".") if part.strip()]
-    impressions = [s.removeprefix("impression: ") for s in sentences if s.startswith("impression")]
-    findings = [s for s in sentences if not s.startswith("impression")]
-    out = []
-    for sentence in impressions + findings:
-        for old, new in PUBLIC_PHRASES:
-            sentence = sentence.replace(old, new)
-        out.append(sentence[0].upper() + sentence[1:] + ".")
-    return " ".join(out)
-
-
 def _write_png(path: Path, image01: np.ndarray, bits: int) -> None:
     """A grey-scale PNG of an image in [0, 1], 8-bit (mode L) or 16-bit (mode I;16)."""
     stored = np.rint(np.clip(image01, 0.0, 1.0) * (2**bits - 1))
@@ -599,8 +613,8 @@ def _write_public(folder: Path, n: int, seed: int, size: int) -> None:
         study_rng = np.random.default_rng([seed, PUBLIC_STREAM, 2, i])
         report = ""
         if study_rng.random() < PUBLIC_REPORT_SHARE:
-            report = public_phrasing(write_report(labels, study_rng))
-        image, style = _draw_scan(labels, body, study_rng, size, PUBLIC_LOOK)
+            report = write_report(labels, study_rng, PUBLIC_GRAMMAR)
+        image, style = _draw_scan(labels, body, study_rng, size, PUBLIC_LOOK, SiteKnowledge())
         patient = f"{PUBLIC_PATIENT}-{patient_no:05d}"
         if study_rng.random() < PUBLIC_PNG_SHARE:
             name = f"images/{i + 1:05d}.png"
