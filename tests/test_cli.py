@@ -38,6 +38,18 @@ def test_phantoms_then_data_check_counts_every_file(tmp_path):
     assert report["label_counts"]["Cardiomegaly"]["positive"] == positives
 
 
+def test_phantoms_pseudo_sites_write_the_public_style_control(tmp_path):
+    done = emixer("phantoms", "--pseudo-sites", "--out", str(tmp_path), "--sites", "1",
+                  "--per-site", "6", "--unlabeled", "1", "--size", "32")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader((tmp_path / "site_1" / "studies.csv").open()))
+    assert len(rows) == 6 and {r["Pneumoperitoneum"] for r in rows} == {"0"}
+    both = emixer("phantoms", "--pseudo-sites", "--public", "--out", str(tmp_path / "x"))
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+    none = emixer("phantoms", "--out", str(tmp_path / "y"), "--sites", "0")
+    assert none.returncode == 2 and "sites >= 1" in none.stdout and "Traceback" not in none.stderr
+
+
 def test_data_check_of_a_folder_with_nothing_usable_exits_2(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     done = emixer("data", "check", str(tmp_path))

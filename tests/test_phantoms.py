@@ -20,9 +20,11 @@ from emixer_model.data.phantoms import (
     render_phantom,
     site_knowledge,
     write_phantom_sites,
+    write_pseudo_sites,
 )
 from emixer_model.text.grammar import SITE_ONLY_FINDING, SITE_PHRASING, uses_site_phrasing
 from emixer_model.text.labeler import label_report
+from tests.conftest import site_knowledge_in
 
 SIZE = 64
 AXIS = np.linspace(-1, 1, SIZE)
@@ -191,3 +193,47 @@ def test_site_appearance_differs_from_the_public_rendering():
         assert lateral > 0.05 and basal > 0.03, i
         assert max(_side(site - normal, s, *LATERAL_MID_ZONE) for s in (-1, 1)) > 0.05  # visible
     assert [n for n in SITE_KNOWLEDGE if SITE_KNOWLEDGE[n].loculated_effusion] == [3]
+
+
+@pytest.fixture(scope="module")
+def pseudo_sites(tmp_path_factory) -> list[Path]:
+    """The control for the `sites` fixture: the same arguments, public style."""
+    out = tmp_path_factory.mktemp("pseudo")
+    return write_pseudo_sites(out, sites=3, per_site=60, unlabeled=4, seed=3, size=SIZE)
+
+
+def _stated(row: dict[str, str]) -> dict[str, str]:
+    """The positive and uncertain cells of a row's shared findings."""
+    return {f: row[f] for f in BASE_PREVALENCE if row[f] in ("1", "-1")}
+
+
+def test_pseudo_sites_have_the_sites_sizes_patients_and_label_mixes(sites, pseudo_sites):
+    assert [p.name for p in pseudo_sites] == [s.name for s in sites]
+    for site, pseudo in zip(sites, pseudo_sites, strict=True):
+        real_rows, pseudo_rows = _rows(site), _rows(pseudo)
+        assert list(pseudo_rows[0]) == list(real_rows[0])  # the same csv columns
+        assert [r["dicom"] for r in pseudo_rows] == [r["dicom"] for r in real_rows]
+        assert [r["patient"] for r in pseudo_rows] == [r["patient"] for r in real_rows]
+        assert [_stated(r) for r in pseudo_rows] == [_stated(r) for r in real_rows]
+        for real, control in zip(real_rows, pseudo_rows, strict=True):
+            only_site_only = real[SITE_ONLY_FINDING] in ("1", "-1") and not _stated(real)
+            assert control["No Finding"] == ("1" if only_site_only else real["No Finding"])
+        unlabeled = [sorted(p.name for p in (f / "unlabeled").iterdir()) for f in (site, pseudo)]
+        assert unlabeled[0] == unlabeled[1]
+
+
+def test_pseudo_sites_know_nothing_the_public_collection_does_not(sites, pseudo_sites):
+    for site, pseudo in zip(sites, pseudo_sites, strict=True):
+        rows = _rows(pseudo)
+        assert {r[SITE_ONLY_FINDING] for r in rows} == {"0"}  # known absent at every study
+        for r in rows:
+            assert site_knowledge_in(r["report"]) == [], r["report"]
+            stated = label_report(r["report"])
+            assert all(stated.get(f) == int(v) for f, v in _stated(r).items()), r["report"]
+        # the site format, in the public look: brighter mid-tones (gamma < 1) than the site's
+        mean = [
+            np.mean([decode_dicom(path, SIZE).pixels.mean() for path in folder.glob("*/*.dcm")])
+            for folder in (site, pseudo)
+        ]
+        assert mean[1] - mean[0] > 0.15
+        assert CANARY in str(pydicom.dcmread(next(pseudo.glob("images/*.dcm"))).PatientID)

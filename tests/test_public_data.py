@@ -106,9 +106,10 @@ def test_public_reports_use_the_public_grammar_and_state_their_labels(public):
     assert sum("cardiomegaly" in r["report"].lower() for r in rows) >= 3
 
 
-def test_public_collection_never_shows_what_only_sites_know(public, tmp_path, monkeypatch):
-    """No study labels or names the site-only finding, and the renderer never draws it or a
-    site's own appearance of a shared finding for the public collection."""
+def test_public_style_never_shows_what_only_sites_know(public, tmp_path, monkeypatch):
+    """No public study labels or names the site-only finding, and the renderer never draws it
+    or a site's own appearance of a shared finding for the public collection or the control
+    pseudo-sites."""
     rows = _rows(public)
     assert {r[SITE_ONLY_FINDING] for r in rows} == {""}  # never labeled, not even negative
     assert SITE_ONLY_FINDING not in PUBLIC_PREVALENCE
@@ -118,6 +119,7 @@ def test_public_collection_never_shows_what_only_sites_know(public, tmp_path, mo
         drawing = getattr(phantoms, name)
         monkeypatch.setattr(phantoms, name, _counted(drawing, name, calls))
     write_public_collection(tmp_path / "public", n=120, size=32)
+    phantoms.write_pseudo_sites(tmp_path / "pseudo", sites=3, per_site=60, unlabeled=4, size=32)
     assert calls == Counter()
     write_phantom_sites(tmp_path / "sites", sites=3, per_site=60, unlabeled=0, size=32)
     assert calls["_free_air"] > 0 and calls["_loculated_effusion"] > 0  # the sites draw them

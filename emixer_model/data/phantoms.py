@@ -12,7 +12,8 @@ test can search anything that leaves a site for it.
 The sites know things the public collection does not (SITE_KNOWLEDGE, docs/PHANTOM_WORLD.md):
 sites 1 and 2 see a site-only finding (SITE_ONLY_FINDING), site 2 writes cardiomegaly in its own
 words (grammar.SITE_PHRASING), site 3 draws pleural effusions its own way (a loculated lateral
-lens instead of the public basal meniscus).
+lens instead of the public basal meniscus). `write_pseudo_sites` writes the control: the same
+sites drawn and written as the public world can, without any of that.
 
 `write_public_collection` writes the stand-in for a public chest X-ray collection that the
 coordinator pretrains on (issue 11): the same anatomy and shared findings, but another scanner
@@ -473,17 +474,10 @@ def _draw_scan(
     return image, style
 
 
-def _write_scan(
-    path: Path,
-    labels: dict[str, int],
-    body: _Anatomy,
-    rng: np.random.Generator,
-    size: int,
-    site: int,
-    patient: str,
-    knows: SiteKnowledge,
+def _write_site_dicom(
+    path: Path, image: np.ndarray, style: dict[str, object], site: int, patient: str
 ) -> None:
-    image, style = _draw_scan(labels, body, rng, size, SITE_LOOK, knows)
+    """A site's DICOM file of one scan, with fake patient and institution tags (CANARY)."""
     write_dicom(
         path,
         image,
@@ -509,32 +503,52 @@ def _patient_numbers(n: int, rng: np.random.Generator) -> list[int]:
     return numbers
 
 
-def _write_site(folder: Path, site: int, per_site: int, unlabeled: int, seed: int, size: int):
+def _as_public(labels: dict[str, int]) -> dict[str, int]:
+    """A study's labels as the public world can show them: the site-only finding known absent
+    (0), "No Finding" where nothing else is left."""
+    shown = {f: v for f, v in labels.items() if f != SITE_ONLY_FINDING}
+    return (shown or {"No Finding": 1}) | {SITE_ONLY_FINDING: 0}
+
+
+def _write_site(
+    folder: Path, site: int, per_site: int, unlabeled: int, seed: int, size: int, pseudo: bool
+) -> None:
+    """Site number `site` into `folder`; a pseudo-site draws the same studies and patients, but
+    shows them as the public world can (the public look and grammar, no site knowledge)."""
     rng = np.random.default_rng([seed, site])
     knows = site_knowledge(site)
     prevalence = _site_prevalence(rng, knows)
     studies = [_draw_labels(prevalence, rng) for _ in range(per_site)]
     if per_site >= 60:
         _ensure_each_finding(studies, prevalence, rng)
+    look = SITE_LOOK
+    if pseudo:
+        knows, look = SiteKnowledge(), PUBLIC_LOOK
+
+    def shown(labels: dict[str, int]) -> dict[str, int]:
+        return _as_public(labels) if pseudo else labels
+
     (folder / "images").mkdir(parents=True)
     (folder / "unlabeled").mkdir()
     rows = []
     for i, (labels, patient_no) in enumerate(
         zip(studies, _patient_numbers(per_site, rng), strict=True)
     ):
+        labels = shown(labels)
         body = _anatomy(np.random.default_rng([seed, site, 1, patient_no]))
         patient = f"{CANARY}-{site}{patient_no:05d}"
         study_rng = np.random.default_rng([seed, site, 2, i])
         report = write_report(labels, study_rng, knows.grammar)
         name = f"images/study_{i + 1:05d}.dcm"
-        _write_scan(folder / name, labels, body, study_rng, size, site, patient, knows)
+        image, style = _draw_scan(labels, body, study_rng, size, look, knows)
+        _write_site_dicom(folder / name, image, style, site, patient)
         rows.append([name, report, patient, *_csv_row(labels, report)])
     for j in range(unlabeled):
         scan_rng = np.random.default_rng([seed, site, 3, j])
-        labels = _draw_labels(prevalence, scan_rng)
-        patient = f"{CANARY}-{site}U{j + 1:04d}"
+        labels = shown(_draw_labels(prevalence, scan_rng))
+        image, style = _draw_scan(labels, _anatomy(scan_rng), scan_rng, size, look, knows)
         path = folder / f"unlabeled/scan_{j + 1:05d}.dcm"
-        _write_scan(path, labels, _anatomy(scan_rng), scan_rng, size, site, patient, knows)
+        _write_site_dicom(path, image, style, site, f"{CANARY}-{site}U{j + 1:04d}")
     _write_studies_csv(folder, rows)
 
 
@@ -574,9 +588,36 @@ def write_phantom_sites(
     """Write phantom hospital folders out/site_1 ... with studies.csv, images/ and unlabeled/.
 
     Deterministic for a seed (pixel data and text; DICOM UIDs are fresh). Sites differ in their
-    label mix (non-IID). Each site is written to a temporary folder and renamed at the end, so a
-    crash never leaves a half site behind; an existing site folder is replaced.
+    label mix (non-IID), and site k knows what SITE_KNOWLEDGE[k] says beyond the public
+    collection. Each site is written to a temporary folder and renamed at the end, so a crash
+    never leaves a half site behind; an existing site folder is replaced.
     """
+    return _write_sites(out, sites, per_site, unlabeled, seed, size, pseudo=False)
+
+
+def write_pseudo_sites(
+    out: Path,
+    sites: int = 3,
+    per_site: int = 160,
+    unlabeled: int = 40,
+    seed: int = 0,
+    size: int = 256,
+) -> list[Path]:
+    """Write the control for write_phantom_sites: public-style pseudo-sites out/site_1 ...
+
+    The same folder format, names, study and scan counts, patients and label mixes as
+    write_phantom_sites with the same arguments, but drawn and written as the public world can:
+    PUBLIC_LOOK, the public grammar, no site's own appearance, and no site-only finding (its
+    column is 0, known absent; a study whose only finding it was is "No Finding"). The same
+    federated run on them measures what more training steps alone give: site transfer is the
+    real sites' gain minus the pseudo-sites' gain.
+    """
+    return _write_sites(out, sites, per_site, unlabeled, seed, size, pseudo=True)
+
+
+def _write_sites(
+    out: Path, sites: int, per_site: int, unlabeled: int, seed: int, size: int, pseudo: bool
+) -> list[Path]:
     if sites < 1 or per_site < 1 or unlabeled < 0:
         raise ValueError(
             f"need sites >= 1, per_site >= 1 and unlabeled >= 0; got {sites}, {per_site}, "
@@ -588,7 +629,13 @@ def write_phantom_sites(
     for site in range(1, sites + 1):
         final = Path(out) / f"site_{site}"
         write = partial(
-            _write_site, site=site, per_site=per_site, unlabeled=unlabeled, seed=seed, size=size
+            _write_site,
+            site=site,
+            per_site=per_site,
+            unlabeled=unlabeled,
+            seed=seed,
+            size=size,
+            pseudo=pseudo,
         )
         write_replacing(final, write)
         folders.append(final)
