@@ -135,3 +135,20 @@ def test_pretrain_on_a_folder_that_is_no_collection_is_one_line(tmp_path):
     assert "error:" in done.stdout and "studies.csv" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_demo_caches_are_named_by_the_phantom_version(tmp_path, monkeypatch):
+    """A new phantom world never reuses the sites, public collection or pretrained model an
+    older one cached (the public folder's name is part of the pretrained model's key)."""
+    from emixer_cli.commands.demo import phantom_folder, public_folder
+    from emixer_cli.main import build_parser
+    from emixer_model.data import phantoms
+
+    args = build_parser().parse_args(["demo"])
+    before = {phantom_folder(tmp_path, args), public_folder(tmp_path, args)}
+    assert all(f"-v{phantoms.PHANTOM_VERSION}-" in folder.name for folder in before)
+    monkeypatch.setattr(phantoms, "PHANTOM_VERSION", phantoms.PHANTOM_VERSION + 1)
+    after = {phantom_folder(tmp_path, args), public_folder(tmp_path, args)}
+    assert len(before | after) == 4
+    args.unlabeled += 1  # every setting the sites depend on names their folder
+    assert phantom_folder(tmp_path, args) not in after

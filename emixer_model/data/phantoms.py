@@ -49,6 +49,10 @@ from emixer_model.text.grammar import (
 from emixer_model.text.labeler import label_report
 
 CANARY = "ZZCANARY"
+# Bump when what the phantom writers draw or write changes (findings, knowledge, grammar, looks):
+# the demo's and the bench's cached phantom folders carry it in their names, so a stale cache is
+# never reused.
+PHANTOM_VERSION = 2
 
 # Typical prevalence of each finding (other than "No Finding") before a site's own skew.
 BASE_PREVALENCE: dict[str, float] = {
