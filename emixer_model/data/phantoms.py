@@ -528,6 +528,7 @@ def _write_site(
     look = SITE_LOOK
     if pseudo:
         knows, look = SiteKnowledge(), PUBLIC_LOOK
+    grammar = knows.grammar
 
     def shown(labels: dict[str, int]) -> dict[str, int]:
         return _as_public(labels) if pseudo else labels
@@ -542,7 +543,7 @@ def _write_site(
         body = _anatomy(np.random.default_rng([seed, site, 1, patient_no]))
         patient = f"{CANARY}-{site}{patient_no:05d}"
         study_rng = np.random.default_rng([seed, site, 2, i])
-        report = write_report(labels, study_rng, knows.grammar)
+        report = write_report(labels, study_rng, grammar)
         name = f"images/study_{i + 1:05d}.dcm"
         image, style = _draw_scan(labels, body, study_rng, size, look, knows)
         _write_site_dicom(folder / name, image, style, site, patient)
