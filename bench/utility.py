@@ -39,7 +39,11 @@ import torch
 from bench.common import console, machine, print_table, site_plan
 from emixer_cli.commands.demo import DEMO_MODEL, DEMO_TRAIN
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, PrivacyConfig, TrainConfig
-from emixer_model.data.phantoms import write_phantom_sites, write_public_collection
+from emixer_model.data.phantoms import (
+    PHANTOM_VERSION,
+    write_phantom_sites,
+    write_public_collection,
+)
 from emixer_model.data.public import load_public
 from emixer_model.data.site import SiteData, load_site
 from emixer_model.evaluation.utility import Judge, LabeledSet, SyntheticSet, labeled_from_site
@@ -80,13 +84,14 @@ class Site:
 
 def prepare(setup: Setup, cache: Path, model: ModelConfig) -> tuple[list[Site], Path]:
     """Phantom sites (cached) split into training data and the judge's patients; public folder."""
-    data_dir = cache / f"sites-{setup.sites}x{setup.per_site}-{setup.size}px"
+    version = f"v{PHANTOM_VERSION}"  # a stale cache of another phantom world is never reused
+    data_dir = cache / f"sites-{version}-{setup.sites}x{setup.per_site}-{setup.size}px"
     if not (data_dir / "COMPLETE").is_file():
         write_phantom_sites(
             data_dir, setup.sites, setup.per_site, setup.unlabeled, seed=0, size=setup.size
         )
         (data_dir / "COMPLETE").write_text("complete\n")
-    public = cache / f"public-{setup.public}-{setup.size}px"
+    public = cache / f"public-{version}-{setup.public}-{setup.size}px"
     if not (public / "studies.csv").is_file():
         write_public_collection(public, n=setup.public, seed=0, size=setup.size)
     sites = []

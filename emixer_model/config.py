@@ -19,7 +19,9 @@ import yaml
 
 from emixer_model.shared import UserError
 
-# CheXpert-style findings, in the column order of `studies.csv` and of every label vector.
+# CheXpert-style findings, in the column order of `studies.csv` and of every label vector. The
+# last, Pneumoperitoneum, is the phantom world's site-only finding: some phantom sites show it,
+# no public collection does (docs/PHANTOM_WORLD.md).
 FINDINGS: tuple[str, ...] = (
     "No Finding",
     "Cardiomegaly",
@@ -29,6 +31,7 @@ FINDINGS: tuple[str, ...] = (
     "Lung Lesion",
     "Edema",
     "Support Devices",
+    "Pneumoperitoneum",
 )
 
 # Epochs of the judge (the finding classifier `emixer evaluate` and bench/utility.py train on a

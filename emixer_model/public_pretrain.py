@@ -14,10 +14,14 @@ report grammar shipped with the package (emixer_model.text.grammar) is public an
 site's privacy budget, the standard DP practice of pretraining on public data.
 
 R is trained as a conditional language model of grammar reports: labels from the fixed public
-prior of emixer_model.training (never a site statistic), reports `write_report` writes for them,
-and a constant zero image embedding, so R learns how labels become report sentences and the
-private rounds only have to teach it how the image changes the report. Only R's parameters move
-in the warm start; G, E and D are not touched (not even run).
+prior of emixer_model.training (never a site statistic), reports `write_report` writes for them
+in the public grammar, and a constant zero image embedding, so R learns how labels become report
+sentences and the private rounds only have to teach it how the image changes the report. Only
+R's parameters move in the warm start; G, E and D are not touched (not even run).
+
+Public text never names what only sites know (docs/PHANTOM_WORLD.md): the warm start and the
+reports written for public studies without one use the public grammar, which has no sentences
+for the site-only finding and none of a site's own phrasing.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig
 from emixer_model.networks import EmixerNets, build_networks
 from emixer_model.shared import ProgressFn
-from emixer_model.text.grammar import write_report
+from emixer_model.text.grammar import PUBLIC_GRAMMAR, write_report
 from emixer_model.text.vocabulary import VOCAB_SIZE, encode_report
 from emixer_model.training import (
     generator_loss,
@@ -44,14 +48,22 @@ from emixer_model.training import (
 # ...") are part of the report language too, so a fixed share of positives is written hedged.
 UNCERTAIN_PROBABILITY = 0.15
 LAST_LOSS_WINDOW = 20  # last_loss averages this many final steps: one batch is noisy
+# Findings the public grammar never names (the site-only finding): no public text states them.
+PUBLIC_UNNAMED: tuple[str, ...] = tuple(
+    f for f in FINDINGS if f != "No Finding" and f not in PUBLIC_GRAMMAR.findings
+)
 
 
 def public_reports(
     n: int, model_cfg: ModelConfig, rng: np.random.Generator, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """n grammar reports written for labels from the public prior: (labels [n, L], the
-    reports' token ids [n, S, W]). Hedged findings are trained as positive, as at the sites."""
+    """n public grammar reports written for labels from the public prior: (labels [n, L], the
+    reports' token ids [n, S, W]). Hedged findings are trained as positive, as at the sites.
+    PUBLIC_UNNAMED findings are off in every label row ("No Finding" where nothing is left), so
+    R never learns that a label on means saying nothing about it."""
     labels = sample_prior(n, generator)
+    labels[:, [FINDINGS.index(f) for f in PUBLIC_UNNAMED]] = 0.0
+    labels[labels.sum(dim=1) == 0, FINDINGS.index("No Finding")] = 1.0
     hedged = torch.rand(labels.shape, generator=generator) < UNCERTAIN_PROBABILITY
     hedged[:, FINDINGS.index("No Finding")] = False  # "No Finding" is never hedged
     values = torch.where(hedged & (labels > 0), -1, labels.long())
@@ -150,16 +162,21 @@ def fill_missing_reports(
     model_cfg: ModelConfig,
     seed: int,
 ) -> torch.Tensor:
-    """Token ids with every missing report replaced by a grammar report for its labels.
+    """Token ids with every missing report replaced by a public grammar report for its labels.
 
     Public collections often have labels but no reports (NIH ChestX-ray14); D judges image and
     report together, so a real row without text would teach it that empty text means real. The
-    grammar is public, so writing the text from the labels costs nothing.
+    grammar is public, so writing the text from the labels costs nothing. A PUBLIC_UNNAMED
+    finding a collection labels is left unsaid: no public text names it.
     """
     rng = np.random.default_rng([seed, 31])
     filled = tokens.clone()
     for i in (~has_report.bool()).nonzero().flatten().tolist():
-        row = dict(zip(FINDINGS, (int(v) for v in labels[i].tolist()), strict=True))
+        row = {
+            finding: int(value)
+            for finding, value in zip(FINDINGS, labels[i].tolist(), strict=True)
+            if finding not in PUBLIC_UNNAMED
+        }
         report = write_report(row, rng)
         filled[i] = torch.from_numpy(
             encode_report(report, model_cfg.max_sentences, model_cfg.max_words)

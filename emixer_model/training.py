@@ -59,6 +59,9 @@ LOSS_NAMES = ("d_real", "d_fake", "findings", "rotation", "report", "g")
 
 # Labels of generated rows that are not paired with a labeled real row: a FIXED public prior
 # (roughly chest X-ray practice), never a site statistic. "No Finding" excludes the others.
+# Public pretraining uses the same prior, so G is asked for the site-only finding there too
+# (its conditioning exists but no public image teaches it); the report warm start leaves it out
+# (public_pretrain.public_reports: no public text names it).
 NO_FINDING_PROBABILITY = 0.3
 FINDING_PROBABILITY = {
     "Cardiomegaly": 0.2,
@@ -68,6 +71,7 @@ FINDING_PROBABILITY = {
     "Lung Lesion": 0.1,
     "Edema": 0.15,
     "Support Devices": 0.3,
+    "Pneumoperitoneum": 0.1,
 }
 
 Row = tuple[bool, int]  # (labeled, index into data.images if labeled else into data.unlabeled)

@@ -31,6 +31,27 @@ TINY = {
 }
 
 
+def site_knowledge_in(report: str) -> list[str]:
+    """What only phantom sites know that a report names: words only the site-only finding's
+    sentences use, the site-only finding as the labeler reads it, a site's own phrasing. Any
+    public text must give []."""
+    from emixer_model.text.grammar import (
+        PUBLIC_GRAMMAR,
+        SITE_ONLY_FINDING,
+        SITE_ONLY_PARTS,
+        SITE_PHRASING,
+        grammar_words,
+        uses_site_phrasing,
+    )
+    from emixer_model.text.labeler import label_report
+    from emixer_model.text.vocabulary import tokenize
+
+    site_only_words = grammar_words(SITE_ONLY_PARTS) - grammar_words(PUBLIC_GRAMMAR)
+    found = sorted({word for words in tokenize(report) for word in words} & site_only_words)
+    found += [SITE_ONLY_FINDING] if SITE_ONLY_FINDING in label_report(report) else []
+    return found + [f"{f} phrasing" for f in SITE_PHRASING if uses_site_phrasing(report, f)]
+
+
 def tiny_config(**sections: dict) -> EmixerConfig:
     """The tiny config with per-section overrides, e.g. tiny_config(privacy={"delta": 1e-3})."""
     merged = {name: dict(values) for name, values in TINY.items()}

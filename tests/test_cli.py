@@ -38,6 +38,18 @@ def test_phantoms_then_data_check_counts_every_file(tmp_path):
     assert report["label_counts"]["Cardiomegaly"]["positive"] == positives
 
 
+def test_phantoms_pseudo_sites_write_the_public_style_control(tmp_path):
+    done = emixer("phantoms", "--pseudo-sites", "--out", str(tmp_path), "--sites", "1",
+                  "--per-site", "6", "--unlabeled", "1", "--size", "32")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader((tmp_path / "site_1" / "studies.csv").open()))
+    assert len(rows) == 6 and {r["Pneumoperitoneum"] for r in rows} == {"0"}
+    both = emixer("phantoms", "--pseudo-sites", "--public", "--out", str(tmp_path / "x"))
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+    none = emixer("phantoms", "--out", str(tmp_path / "y"), "--sites", "0")
+    assert none.returncode == 2 and "sites >= 1" in none.stdout and "Traceback" not in none.stderr
+
+
 def test_data_check_of_a_folder_with_nothing_usable_exits_2(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     done = emixer("data", "check", str(tmp_path))
@@ -123,3 +135,20 @@ def test_pretrain_on_a_folder_that_is_no_collection_is_one_line(tmp_path):
     assert "error:" in done.stdout and "studies.csv" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_demo_caches_are_named_by_the_phantom_version(tmp_path, monkeypatch):
+    """A new phantom world never reuses the sites, public collection or pretrained model an
+    older one cached (the public folder's name is part of the pretrained model's key)."""
+    from emixer_cli.commands.demo import phantom_folder, public_folder
+    from emixer_cli.main import build_parser
+    from emixer_model.data import phantoms
+
+    args = build_parser().parse_args(["demo"])
+    before = {phantom_folder(tmp_path, args), public_folder(tmp_path, args)}
+    assert all(f"-v{phantoms.PHANTOM_VERSION}-" in folder.name for folder in before)
+    monkeypatch.setattr(phantoms, "PHANTOM_VERSION", phantoms.PHANTOM_VERSION + 1)
+    after = {phantom_folder(tmp_path, args), public_folder(tmp_path, args)}
+    assert len(before | after) == 4
+    args.unlabeled += 1  # every setting the sites depend on names their folder
+    assert phantom_folder(tmp_path, args) not in after

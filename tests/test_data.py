@@ -344,7 +344,9 @@ def test_privacy_units_without_labeled_identities_are_single_images(tmp_path: Pa
 
 def test_bad_studies_csv_names_what_to_fix(tmp_path: Path) -> None:
     site = _make_site(tmp_path)
-    _write_csv(site, ["dicom", "patient", *FINDINGS], [["images/s0.dcm", "p1", *[""] * 8]])
+    _write_csv(
+        site, ["dicom", "patient", *FINDINGS], [["images/s0.dcm", "p1", *[""] * len(FINDINGS)]]
+    )
     with pytest.raises(SiteDataError, match="report") as info:
         load_site(site, tmp_path / "state", CFG)
     assert "found: dicom, patient" in str(info.value)

@@ -159,7 +159,7 @@ def write_release(out: Path, rows: list[tuple[np.ndarray, list[str], str]]) -> P
 def phantom_world(tmp_path_factory) -> dict[str, Path]:
     """One real phantom site, a faithful release and the same pairs with labels moved along."""
     from emixer_model.data.phantoms import render_phantom, write_phantom_sites
-    from emixer_model.text.grammar import write_report
+    from emixer_model.text.grammar import SITE_GRAMMAR, write_report
 
     root = tmp_path_factory.mktemp("evaluation")
     (site,) = write_phantom_sites(root / "real", sites=1, per_site=150, unlabeled=2, size=64)
@@ -168,7 +168,12 @@ def phantom_world(tmp_path_factory) -> dict[str, Path]:
     pairs = []
     for condition in conditions:
         labels = {f: int(f in condition) for f in FINDINGS}
-        pairs.append((render_phantom(labels, rng, RESOLUTION), write_report(labels, rng)))
+        pairs.append(
+            (
+                render_phantom(labels, rng, RESOLUTION),
+                write_report(labels, rng, SITE_GRAMMAR),
+            )
+        )
     faithful = [(img, cond, rep) for (img, rep), cond in zip(pairs, conditions, strict=True)]
     # every pair gets the next finding's label: images and reports no longer match their labels
     moved = conditions[1:] + conditions[:1]

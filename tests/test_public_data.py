@@ -8,6 +8,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +21,23 @@ from PIL import Image
 
 from emixer_cli.main import main
 from emixer_model.config import FINDINGS, ModelConfig
+from emixer_model.data import phantoms
 from emixer_model.data.dicom import decode_dicom, write_dicom
 from emixer_model.data.phantoms import (
     CANARY,
     PUBLIC_LOOK,
+    PUBLIC_PREVALENCE,
     render_phantom,
     write_phantom_sites,
     write_public_collection,
 )
 from emixer_model.data.public import PublicDataError, decode_image, load_public
-from emixer_model.data.public_convert import convert_nih, nih_labels
+from emixer_model.data.public_convert import NIH_UNLABELED, convert_nih, nih_labels
 from emixer_model.data.site import load_site
+from emixer_model.text.grammar import SITE_ONLY_FINDING
 from emixer_model.text.labeler import label_report
 from emixer_model.text.vocabulary import PAD, UNK, encode_report, fits_caps
+from tests.conftest import site_knowledge_in
 
 SIZE = 64
 CFG = ModelConfig(resolution=32)
@@ -87,12 +93,8 @@ def test_public_collection_is_deterministic_and_mixes_png_and_dicom(public, tmp_
     assert not any(CANARY in str(pydicom.dcmread(p).PatientID) for p in dicoms)
 
 
-def test_public_reports_are_phrased_differently_but_state_their_labels(public, site):
+def test_public_reports_use_the_public_grammar_and_state_their_labels(public):
     rows = [r for r in _rows(public) if r["report"]]
-    site_text = " ".join(r["report"] for r in _rows(site)).lower()
-    public_text = " ".join(r["report"] for r in rows).lower()
-    assert "impression:" in site_text and "impression:" not in public_text
-    assert site_text.count("there is") > 20 and public_text.count("there is") == 0
     for r in rows:
         ids = encode_report(r["report"], 6, 12)
         assert UNK not in ids and fits_caps(r["report"], 6, 12), r["report"]
@@ -100,6 +102,37 @@ def test_public_reports_are_phrased_differently_but_state_their_labels(public, s
         for f in FINDINGS[1:]:
             if r[f] in ("1", "-1"):
                 assert stated.get(f) == int(r[f]), (f, r["report"])
+        assert site_knowledge_in(r["report"]) == [], r["report"]
+    assert sum("cardiomegaly" in r["report"].lower() for r in rows) >= 3
+
+
+def test_public_style_never_shows_what_only_sites_know(public, tmp_path, monkeypatch):
+    """No public study labels or names the site-only finding, and the renderer never draws it
+    or a site's own appearance of a shared finding for the public collection or the control
+    pseudo-sites."""
+    rows = _rows(public)
+    assert {r[SITE_ONLY_FINDING] for r in rows} == {""}  # never labeled, not even negative
+    assert SITE_ONLY_FINDING not in PUBLIC_PREVALENCE
+
+    calls = Counter()
+    for name in ("_free_air", "_loculated_effusion"):
+        drawing = getattr(phantoms, name)
+        monkeypatch.setattr(phantoms, name, _counted(drawing, name, calls))
+    write_public_collection(tmp_path / "public", n=120, size=32)
+    phantoms.write_pseudo_sites(tmp_path / "pseudo", sites=3, per_site=60, unlabeled=4, size=32)
+    assert calls == Counter()
+    write_phantom_sites(tmp_path / "sites", sites=3, per_site=60, unlabeled=0, size=32)
+    assert calls["_free_air"] > 0 and calls["_loculated_effusion"] > 0  # the sites draw them
+
+
+def _counted(function: Callable, name: str, calls: Counter) -> Callable:
+    """`function`, counting its calls in calls[name]."""
+
+    def counting(*args, **kwargs):
+        calls[name] += 1
+        return function(*args, **kwargs)
+
+    return counting
 
 
 def test_report_text_does_not_depend_on_the_hash_seed():
@@ -135,10 +168,12 @@ def test_public_look_and_label_mix_differ_from_the_sites(public, site, tmp_path)
     assert dark[0] < 0.7 * dark[1]  # cropped closer: less black background
     prevalence = pub.labels.mean(0) - real.labels.mean(0)
     assert prevalence.abs().sum() > 0.4  # another label mix
-    assert (pub.labels.sum(0)[1:] >= 3).all()  # yet every finding is there to learn
+    shared = [FINDINGS.index(f) for f in FINDINGS[1:] if f != SITE_ONLY_FINDING]
+    assert (pub.labels.sum(0)[shared] >= 3).all()  # yet every shared finding is there to learn
+    assert pub.labels[:, FINDINGS.index(SITE_ONLY_FINDING)].sum() == 0  # never the site-only one
 
 
-@pytest.mark.parametrize("finding", FINDINGS[1:])
+@pytest.mark.parametrize("finding", [f for f in FINDINGS[1:] if f != SITE_ONLY_FINDING])
 def test_findings_are_drawn_in_the_public_look(finding):
     positive, uncertain = [], []
     for i in range(10):  # paired: the same seed with and without the finding
@@ -308,7 +343,7 @@ def test_nih_labels_map_to_our_findings():
         "Pneumothorax": 0,
         "Lung Lesion": 0,
         "Edema": 0,
-    }  # Support Devices is not an NIH label: left out (blank), never a negative
+    }  # Support Devices and Pneumoperitoneum are no NIH labels: left out (blank), never negative
     assert nih_labels("Nodule")["Lung Lesion"] == nih_labels("Mass")["Lung Lesion"] == 1
     assert set(nih_labels("Atelectasis|Hernia").values()) == {0}  # unmapped findings ignored
     assert nih_labels("No Finding")["No Finding"] == 1
@@ -339,8 +374,11 @@ def test_convert_nih_writes_a_loadable_collection_and_skips_bad_rows(nih, tmp_pa
         "images/00000004_000.png",
     ]
     assert [r["patient"] for r in rows] == ["NIH-1", "NIH-1", "NIH-2", "NIH-5"]
-    assert all(r["report"] == "" and r["Support Devices"] == "" for r in rows)
-    table = [[r[f] for f in FINDINGS[:-1]] for r in rows]
+    assert all(r["report"] == "" for r in rows)
+    assert all(r[f] == "" for r in rows for f in NIH_UNLABELED)
+    assert set(NIH_UNLABELED) == {"Support Devices", "Pneumoperitoneum"}
+    mapped = [i for i, f in enumerate(FINDINGS) if f not in NIH_UNLABELED]
+    table = [[r[FINDINGS[i]] for i in mapped] for r in rows]
     assert table == [
         ["0", "1", "1", "0", "0", "0", "0"],
         ["0", "0", "0", "0", "0", "1", "0"],
@@ -349,7 +387,7 @@ def test_convert_nih_writes_a_loadable_collection_and_skips_bad_rows(nih, tmp_pa
     ]
     data = load_public(result.out, CFG)
     assert data.name == "NIH ChestX-ray14" and not data.has_report.any() and not data.skipped
-    assert data.labels[:, :-1].tolist() == [[float(c) for c in row] for row in table]
+    assert data.labels[:, mapped].tolist() == [[float(c) for c in row] for row in table]
     assert data.images.shape == (4, 1, CFG.resolution, CFG.resolution)
     assert json.loads((result.out / "source.json").read_text())["label_mapping"]["Mass"] == (
         "Lung Lesion"

@@ -18,7 +18,11 @@ from emixer_model.public_pretrain import (
     public_reports,
     warm_start_report_decoder,
 )
-from emixer_model.text.vocabulary import EOS, PAD, VOCAB_SIZE
+from emixer_model.text.grammar import SITE_ONLY_FINDING
+from emixer_model.text.labeler import label_report
+from emixer_model.text.vocabulary import EOS, PAD, VOCAB_SIZE, decode_report
+from emixer_model.training import sample_prior
+from tests.conftest import site_knowledge_in
 
 CFG = ModelConfig(
     resolution=16, width=8, embed_dim=32, max_sentences=3, max_words=8, heads=2, groups=4
@@ -172,3 +176,35 @@ def test_fill_missing_reports_writes_grammar_text_only_where_missing():
     filled = fill_missing_reports(labels, blank, has_report, CFG, seed=0)
     assert torch.equal(filled[has_report], blank[has_report])
     assert (filled[~has_report][:, 0, 0] != PAD).all()  # a first sentence was written
+
+
+def test_warm_start_and_filled_in_reports_never_name_what_only_sites_know():
+    """The warm start's text and the reports written for public studies use the public grammar:
+    no site-only finding (though the fixed prior asks for it) and no site phrasing."""
+    caps = ModelConfig()  # the default text caps: nothing a sentence says is cut off
+    column = FINDINGS.index(SITE_ONLY_FINDING)
+    prior = sample_prior(400, torch.Generator().manual_seed(3))
+    assert prior[:, column].sum() > 20  # the prior the warm start draws from does ask for it
+    labels, tokens = public_reports(
+        400, caps, np.random.default_rng(3), torch.Generator().manual_seed(3)
+    )
+    assert labels[:, column].sum() == 0 and (labels.sum(dim=1) >= 1).all()
+    warm = [decode_report(ids) for ids in tokens]
+    assert [r for r in warm if site_knowledge_in(r)] == []
+    assert sum("cardiomegaly" in r.lower() for r in warm) > 40  # the shared finding is written
+
+    # public labels that include the site-only finding (no phantom collection has it, a real one
+    # might): the filled-in text leaves it unsaid
+    n = 200
+    public = sample_prior(n, torch.Generator().manual_seed(4))
+    public[: n // 2, column] = 1.0
+    empty = torch.full((n, caps.max_sentences, caps.max_words), PAD)
+    filled = fill_missing_reports(public, empty, torch.zeros(n, dtype=torch.bool), caps, seed=0)
+    reports = [decode_report(ids) for ids in filled]
+    assert all(reports) and [r for r in reports if site_knowledge_in(r)] == []
+    only_site_only = (public[:, 1:].sum(dim=1) == 1) & (public[:, column] == 1)
+    assert only_site_only.any()  # rows whose one finding is unsaid get a normal report
+    assert all(
+        label_report(reports[i]).get("No Finding") == 1
+        for i in only_site_only.nonzero().flatten().tolist()
+    )

@@ -1,12 +1,27 @@
 """Report grammar, fixed vocabulary codec and rule labeler agree with each other."""
 
+import itertools
+import string
+
 import numpy as np
 import pytest
 import torch
 
 from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.text import vocabulary
-from emixer_model.text.grammar import grammar_words, write_report
+from emixer_model.text.grammar import (
+    NEGATION_FORMS,
+    PUBLIC_GRAMMAR,
+    SITE_GRAMMAR,
+    SITE_ONLY_FINDING,
+    SITE_ONLY_PARTS,
+    SITE_PHRASING,
+    SITE_PHRASING_PARTS,
+    SLOTS,
+    grammar_words,
+    uses_site_phrasing,
+    write_report,
+)
 from emixer_model.text.labeler import label_report
 from emixer_model.text.vocabulary import (
     EOS,
@@ -18,15 +33,19 @@ from emixer_model.text.vocabulary import (
     encode_report,
     tokenize,
 )
+from tests.conftest import site_knowledge_in
 
-OTHERS = FINDINGS[1:]
+# The public grammar, and a site's with every site-only part (the site-only finding's sentences
+# and its own phrasing of a shared finding).
+PHRASING_GRAMMAR = SITE_GRAMMAR.plus(SITE_PHRASING_PARTS)
+GRAMMARS = (PUBLIC_GRAMMAR, PHRASING_GRAMMAR)
 
 
-def _labels(rng: np.random.Generator) -> dict[str, int]:
+def _labels(rng: np.random.Generator, findings: tuple[str, ...]) -> dict[str, int]:
     """Random ground truth: a spread from normal studies to every finding at once."""
     p = rng.choice((0.1, 0.3, 0.9))
     labels = {}
-    for finding in OTHERS:
+    for finding in findings:
         u = rng.random()
         if u < p:
             labels[finding] = -1 if rng.random() < 0.25 else 1
@@ -39,8 +58,14 @@ def _labels(rng: np.random.Generator) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def corpus() -> list[tuple[dict[str, int], str]]:
+    """Reports of random labels, every other one in the public grammar, the rest a site's."""
     rng = np.random.default_rng(7)
-    return [(labels, write_report(labels, rng)) for labels in (_labels(rng) for _ in range(2000))]
+    out = []
+    for i in range(2000):
+        grammar = GRAMMARS[i % 2]
+        labels = _labels(rng, grammar.findings)
+        out.append((labels, write_report(labels, rng, grammar)))
+    return out
 
 
 def _f1(pairs: list[tuple[bool, bool]]) -> float:
@@ -52,10 +77,10 @@ def _f1(pairs: list[tuple[bool, bool]]) -> float:
 def test_labeler_recovers_grammar_labels(corpus):
     found = [(labels, label_report(report)) for labels, report in corpus]
     for finding in FINDINGS:
-        for value in (1, -1):
+        for value in (1,) if finding == "No Finding" else (1, -1):
             pairs = [(t.get(finding) == value, g.get(finding) == value) for t, g in found]
-            if any(t for t, _ in pairs):
-                assert _f1(pairs) >= 0.95, (finding, value)
+            assert sum(t for t, _ in pairs) >= 20, (finding, value)  # every label is exercised
+            assert _f1(pairs) >= 0.95, (finding, value)
     # Negations: a finding the grammar denies is labeled 0, never positive or uncertain.
     negated = [(t, g) for t, g in found if 0 in g.values()]
     assert len(negated) > len(found) // 2
@@ -93,7 +118,9 @@ def test_vocabulary_file_is_clean_and_covers_the_grammar():
     assert len(WORDS) == len(set(WORDS))
     assert VOCAB_SIZE == 4 + len(WORDS)
     assert all(w.isalnum() and w == w.lower() for w in WORDS)
-    assert grammar_words() <= set(WORDS)
+    assert list(WORDS) == sorted(WORDS)
+    for grammar in (PUBLIC_GRAMMAR, SITE_ONLY_PARTS, SITE_PHRASING_PARTS):
+        assert grammar_words(grammar) <= set(WORDS), grammar.name
     assert 300 <= len(WORDS) <= 700
 
 
@@ -128,6 +155,87 @@ def test_write_report_refuses_bad_labels():
         write_report({"Pneumonia": 1}, rng)
     with pytest.raises(ValueError, match="uncertain"):
         write_report({"Edema": 2}, rng)
+    for value in (1, -1):  # the public grammar never names the site-only finding
+        with pytest.raises(ValueError, match="public grammar never names 'Pneumoperitoneum'"):
+            write_report({SITE_ONLY_FINDING: value}, rng)
+    assert SITE_ONLY_FINDING in FINDINGS and SITE_ONLY_FINDING not in PUBLIC_GRAMMAR.findings
+
+
+def _filled(template: str) -> list[str]:
+    """Every way a template's {slots} can be filled."""
+    names = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    choices = itertools.product(*(SLOTS[name] for name in names))
+    return [template.format(**dict(zip(names, choice, strict=True))) for choice in choices]
+
+
+SITE_SENTENCES = [
+    *(
+        (text, {finding: value})
+        for kind, value in (("positive", 1), ("uncertain", -1))
+        for parts in (SITE_ONLY_PARTS, SITE_PHRASING_PARTS)
+        for finding, templates in getattr(parts, kind).items()
+        for template in templates
+        for text in _filled(template)
+    ),
+    *(
+        (form.format(a=phrase, be="is"), {SITE_ONLY_FINDING: 0})
+        for phrase in SITE_ONLY_PARTS.negated[SITE_ONLY_FINDING]
+        for form in NEGATION_FORMS
+    ),
+    (
+        f"Small effusion without {SITE_ONLY_PARTS.negated[SITE_ONLY_FINDING][0]}",
+        {
+            "Pleural Effusion": 1,
+            SITE_ONLY_FINDING: 0,
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), SITE_SENTENCES)
+def test_labeler_reads_every_site_only_sentence(text, expected):
+    assert "{" not in text
+    got = label_report(text)
+    assert {f: got.get(f) for f in expected} == expected, text
+    assert all(f in expected for f in got), (text, got)  # nothing else is read into it
+
+
+def test_every_finding_a_grammar_names_has_all_its_parts():
+    for grammar in (PUBLIC_GRAMMAR, SITE_GRAMMAR, PHRASING_GRAMMAR):
+        for finding in grammar.findings:
+            assert grammar.uncertain[finding] and grammar.negated[finding], finding
+            assert grammar.short[finding], finding
+    assert SITE_GRAMMAR.findings == PHRASING_GRAMMAR.findings == FINDINGS[1:]
+    assert set(PUBLIC_GRAMMAR.findings) == set(FINDINGS[1:]) - {SITE_ONLY_FINDING}
+
+
+def test_site_phrasing_marks_every_site_sentence_and_no_public_one():
+    for finding, templates in SITE_PHRASING_PARTS.positive.items():
+        assert finding in SITE_PHRASING and finding in PUBLIC_GRAMMAR.findings  # a shared finding
+        for text in (t for template in templates for t in _filled(template)):
+            assert uses_site_phrasing(text.capitalize() + ".", finding), text
+    public_sentences = [
+        text
+        for group in (PUBLIC_GRAMMAR.positive, PUBLIC_GRAMMAR.uncertain, PUBLIC_GRAMMAR.negated)
+        for templates in group.values()
+        for template in templates
+        for text in _filled(template)
+    ]
+    for finding in SITE_PHRASING:
+        assert not any(uses_site_phrasing(text, finding) for text in public_sentences)
+    with pytest.raises(ValueError, match="no site phrasing is defined for 'Edema'"):
+        uses_site_phrasing("Mild edema.", "Edema")
+
+
+def test_public_reports_never_name_what_only_sites_know(corpus):
+    site_only_words = grammar_words(SITE_ONLY_PARTS) - grammar_words(PUBLIC_GRAMMAR)
+    assert {"pneumoperitoneum", "subdiaphragmatic", "hemidiaphragm"} <= site_only_words
+    public = [report for i, (_, report) in enumerate(corpus) if i % 2 == 0]
+    site = [report for i, (_, report) in enumerate(corpus) if i % 2 == 1]
+    assert [r for r in public if site_knowledge_in(r)] == []
+    # the site grammar does write them, so the check above could fail
+    assert sum(SITE_ONLY_FINDING in site_knowledge_in(r) for r in site) > 100
+    assert sum("Cardiomegaly phrasing" in site_knowledge_in(r) for r in site) > 50
 
 
 def test_normal_report_for_no_finding():
@@ -153,6 +261,12 @@ def test_normal_report_for_no_finding():
         ),
         ("Lungs are clear. No acute disease.", {"No Finding": 1}),
         ("Chest free of masses; no edema.", {"Lung Lesion": 0, "Edema": 0}),
+        (
+            "Free air under the right hemidiaphragm, but no pneumothorax.",
+            {"Pneumoperitoneum": 1, "Pneumothorax": 0},
+        ),
+        ("Dense consolidation with air bronchograms.", {"Consolidation": 1}),
+        ("Subdiaphragmatic free air has resolved.", {"Pneumoperitoneum": 0}),
     ],
 )
 def test_labeler_on_hand_written_sentences(text, expected):

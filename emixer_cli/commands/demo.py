@@ -91,13 +91,31 @@ def demo_config(args: argparse.Namespace) -> EmixerConfig:
     )
 
 
+def phantom_folder(out: Path, args: argparse.Namespace) -> Path:
+    """Where the demo keeps its phantom sites, named by everything they depend on."""
+    from emixer_model.data.phantoms import PHANTOM_VERSION
+
+    return out / (
+        f"phantoms-v{PHANTOM_VERSION}-{args.sites}sites-{args.per_site}x{args.size}px-"
+        f"{args.unlabeled}unlabeled-seed{args.seed}"
+    )
+
+
+def public_folder(out: Path, args: argparse.Namespace) -> Path:
+    """Where the demo keeps its phantom public collection, named by everything it depends on
+    (its name is part of the pretrained model's cache key too)."""
+    from emixer_model.data.phantoms import PHANTOM_VERSION
+
+    return out / f"public-v{PHANTOM_VERSION}-{args.public_studies}x{args.size}px-seed{args.seed}"
+
+
 def cached_pretrained_model(out: Path, cfg: EmixerConfig, args: argparse.Namespace) -> Path:
     """The demo's public collection and its pretrained model, made once and reused: the key is
-    everything the model depends on (collection seed and size, model and train config, steps).
-    The report-grammar warm start takes half as many steps as the pretraining."""
+    everything the model depends on (phantom version, collection seed and size, model and train
+    config, steps). The report-grammar warm start takes half as many steps as the pretraining."""
     from emixer_model.data.phantoms import write_public_collection
 
-    public = out / f"public-{args.public_studies}x{args.size}px-seed{args.seed}"
+    public = public_folder(out, args)
     if not (public / "studies.csv").is_file():
         write_public_collection(public, n=args.public_studies, seed=args.seed, size=args.size)
     steps, warm = args.pretrain_steps, args.pretrain_steps // 2
@@ -149,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     run_dir = out / "runs" / time.strftime("%Y%m%d-%H%M%S")
     log_path = log_to_file(run_dir / LOG_FILE)
-    data_dir = out / f"phantoms-{args.sites}sites-{args.per_site}x{args.size}px-seed{args.seed}"
+    data_dir = phantom_folder(out, args)
     if not (data_dir / "COMPLETE").is_file():
         console.rule("1/5 phantom hospitals")
         write_phantom_sites(

@@ -17,7 +17,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Write a public collection (studies.csv with our finding columns, images/, "
         "source.json) from NIH ChestX-ray14. Labels only: reports are left empty. Effusion -> "
         "Pleural Effusion, Nodule/Mass -> Lung Lesion; Cardiomegaly, Consolidation, Pneumothorax, "
-        "Edema, No Finding as named; other NIH findings are ignored. Images are hard-linked when "
+        "Edema, No Finding as named; other NIH findings are ignored; Support Devices and "
+        "Pneumoperitoneum (no NIH labels) stay blank. Images are hard-linked when "
         "possible, else copied. See docs/PUBLIC_DATA.md.",
     )
     p.add_argument("--csv", required=True, help="Data_Entry_2017.csv")

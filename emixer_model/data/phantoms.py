@@ -9,10 +9,16 @@ whether synthetic images and reports carry their label (docs/DESIGN.md section 5
 Every patient identifier written (DICOM tags and the `patient` column) contains CANARY, so a
 test can search anything that leaves a site for it.
 
+The sites know things the public collection does not (SITE_KNOWLEDGE, docs/PHANTOM_WORLD.md):
+sites 1 and 2 see a site-only finding (SITE_ONLY_FINDING), site 2 writes cardiomegaly in its own
+words (grammar.SITE_PHRASING), site 3 draws pleural effusions its own way (a loculated lateral
+lens instead of the public basal meniscus). `write_pseudo_sites` writes the control: the same
+sites drawn and written as the public world can, without any of that.
+
 `write_public_collection` writes the stand-in for a public chest X-ray collection that the
-coordinator pretrains on (issue 11): the same anatomy and findings, but another scanner look
-(PUBLIC_LOOK), other label prevalences, PNG beside DICOM, and reports phrased in another style or
-missing, so site training still has something to add. It carries no CANARY: it is not site data.
+coordinator pretrains on (issue 11): the same anatomy and shared findings, but another scanner
+look (PUBLIC_LOOK), other label prevalences, PNG beside DICOM, reports in the public grammar or
+missing, and nothing any site knows beyond it. It carries no CANARY: it is not site data.
 """
 
 from __future__ import annotations
@@ -32,10 +38,21 @@ from PIL import Image
 
 from emixer_model.config import FINDINGS
 from emixer_model.data.dicom import write_dicom
-from emixer_model.text.grammar import write_report
+from emixer_model.text.grammar import (
+    PUBLIC_GRAMMAR,
+    SITE_GRAMMAR,
+    SITE_ONLY_FINDING,
+    SITE_PHRASING_PARTS,
+    Grammar,
+    write_report,
+)
 from emixer_model.text.labeler import label_report
 
 CANARY = "ZZCANARY"
+# Bump when what the phantom writers draw or write changes (findings, knowledge, grammar, looks):
+# the demo's and the bench's cached phantom folders carry it in their names, so a stale cache is
+# never reused.
+PHANTOM_VERSION = 2
 
 # Typical prevalence of each finding (other than "No Finding") before a site's own skew.
 BASE_PREVALENCE: dict[str, float] = {
@@ -48,7 +65,7 @@ BASE_PREVALENCE: dict[str, float] = {
     "Support Devices": 0.25,
 }
 UNCERTAIN_RATE = 0.3  # share of a finding's draws that come out uncertain (-1) instead of positive
-MIN_POSITIVES = 3  # each finding is positive at least this often per site (when per_site >= 60)
+MIN_POSITIVES = 3  # each finding a site sees is positive at least this often (per_site >= 60)
 
 # The public collection: an archive-like mix (effusions and nodules common, devices and edema
 # rare), few hedged labels, 40% of studies without a report, 60% of images as PNG.
@@ -66,22 +83,6 @@ PUBLIC_REPORT_SHARE = 0.6
 PUBLIC_PNG_SHARE = 0.6
 PUBLIC_STREAM = 0  # the public collection's seed words are [seed, 0]: sites count from 1
 PUBLIC_PATIENT = "PUBLIC"  # patient ids PUBLIC-00001...; no CANARY, this is not site data
-# Its reporting style: terser wording, no "impression:" header and the impression first.
-# Every replacement uses words of the fixed vocabulary and keeps what the labeler reads
-# (tests/test_public_data.py checks both).
-PUBLIC_PHRASES: tuple[tuple[str, str], ...] = (
-    ("there is no ", "no "),
-    ("there are no ", "no "),
-    ("there is a ", ""),
-    ("there is ", ""),
-    (" is present", " is noted"),
-    (" are present", " are noted"),
-    (" is seen", " is identified"),
-    ("no evidence of ", "no definite "),
-    ("terminates", "ends"),
-    ("the lungs are clear", "clear lungs"),
-    ("heart size is normal", "normal heart size"),
-)
 
 F32 = np.float32
 
@@ -114,6 +115,43 @@ PUBLIC_LOOK = Look(
     zoom=(0.8, 0.9),
     shift=0.06,
 )
+
+
+@dataclass(frozen=True)
+class SiteKnowledge:
+    """What a phantom site knows that the public collection does not (docs/PHANTOM_WORLD.md).
+
+    site_only_prevalence: share of the site's studies drawn with SITE_ONLY_FINDING (0: the site
+    never sees it, and its reports never name it). own_phrasing: its reports state the findings
+    of grammar.SITE_PHRASING in its own words (grammar.SITE_PHRASING_PARTS). loculated_effusion:
+    it draws SITE_APPEARANCE_FINDING as a lens against the lateral chest wall, where the public
+    renderer draws a basal meniscus. The default knows nothing more than the public collection.
+    """
+
+    site_only_prevalence: float = 0.0
+    own_phrasing: bool = False
+    loculated_effusion: bool = False
+
+    @property
+    def grammar(self) -> Grammar:
+        """The site's report grammar: the public one plus the site-only parts it uses."""
+        grammar = SITE_GRAMMAR if self.site_only_prevalence > 0 else PUBLIC_GRAMMAR
+        return grammar.plus(SITE_PHRASING_PARTS) if self.own_phrasing else grammar
+
+
+# Site number (from 1) -> what it knows; a site not listed knows nothing more than the public
+# collection (its scanner look and label mix still differ).
+SITE_KNOWLEDGE: dict[int, SiteKnowledge] = {
+    1: SiteKnowledge(site_only_prevalence=0.25),
+    2: SiteKnowledge(site_only_prevalence=0.2, own_phrasing=True),
+    3: SiteKnowledge(loculated_effusion=True),
+}
+SITE_APPEARANCE_FINDING = "Pleural Effusion"  # the shared finding a site may draw its own way
+
+
+def site_knowledge(site: int) -> SiteKnowledge:
+    """What phantom site number `site` (from 1) knows beyond the public collection."""
+    return SITE_KNOWLEDGE.get(site, SiteKnowledge())
 
 
 @dataclass
@@ -191,6 +229,7 @@ def _render(
     height: int,
     width: int,
     look: Look = SITE_LOOK,
+    loculated_effusion: bool = False,
 ) -> np.ndarray:
     """Draw one study: anatomy from `body`, findings and noise from `rng`; float32 [H, W].
 
@@ -198,6 +237,7 @@ def _render(
     state with and without a finding renders the same image apart from the finding (a paired
     comparison), and the field of view's draws never move the others (the site look's fixed
     field of view renders the pixels it rendered before the look was a parameter).
+    loculated_effusion draws a pleural effusion as site 3 does (SiteKnowledge).
     """
     rng, texture, view = rng.spawn(3)
     zoom = view.uniform(*look.zoom)
@@ -221,10 +261,8 @@ def _render(
     torso = _ramp(1 - _ellipse(x, y, 0, 0.15, 0.95, 1.25), 0.08)
     lungs = []
     for side in (-1, 1):
-        cx = side * 0.4
-        inside = _ramp(1 - _ellipse(x, y, cx, -0.12, body.lung_w, body.lung_h), 0.1)
-        dome = body.dome + 0.04 * side - 0.16 * (1 - np.clip(((x - cx) / body.lung_w) ** 2, 0, 1))
-        lungs.append(inside * _ramp(dome - y, 0.05))
+        inside = _ramp(1 - _ellipse(x, y, side * 0.4, -0.12, body.lung_w, body.lung_h), 0.1)
+        lungs.append(inside * _ramp(_dome(x, body, side)[0] - y, 0.05))
     mediastinum = _ramp(0.12 - np.abs(x - 0.02), 0.04) * _ramp(0.5 - y, 0.1)
 
     grow = 1.0 + 0.45 * strength("Cardiomegaly")
@@ -250,7 +288,9 @@ def _render(
     img += 0.14 * clavicle * (np.abs(x) > 0.08) * (np.abs(x) < 0.62)
 
     sides = (-1, 1)
-    if s := strength("Pleural Effusion"):
+    if (s := strength("Pleural Effusion")) and loculated_effusion:
+        img += 0.4 * s * _loculated_effusion(x, y, body, field, rng)
+    elif s:
         chosen = (0, 1) if rng.random() < 0.3 else (int(rng.integers(2)),)
         for k in chosen:
             lateral = np.clip((sides[k] * x - 0.1) / 0.6, 0, 1)
@@ -280,11 +320,49 @@ def _render(
     if s := strength("Support Devices"):
         for device in rng.permutation(4)[: int(rng.integers(1, 3))]:
             img += 0.4 * s * _device(int(device), x, y, rng)
+    if s := strength(SITE_ONLY_FINDING):
+        img -= 0.35 * s * _free_air(x, y, body, rng)
 
     gamma = texture.uniform(*look.gamma)
     img = np.clip(img, 0, 1) ** gamma * texture.uniform(*look.gain) + texture.uniform(*look.offset)
     img += texture.normal(0, texture.uniform(*look.noise), img.shape).astype(F32)
     return np.clip(img, 0, 1).astype(F32)
+
+
+def _dome(x: np.ndarray, body: _Anatomy, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The hemidiaphragm of one side (-1 or 1): its height y at each x (the lung's lower edge),
+    and where across the lung each x is (0 at the dome's top, 1 at and beyond the lung's edge)."""
+    across = np.clip(((x - side * 0.4) / body.lung_w) ** 2, 0, 1)
+    return body.dome + 0.04 * side - 0.16 * (1 - across), across
+
+
+def _loculated_effusion(
+    x: np.ndarray,
+    y: np.ndarray,
+    body: _Anatomy,
+    field: list[np.ndarray],
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Mask of site 3's pleural effusion: fluid loculated against the lateral chest wall of one
+    lung, a lens in the mid zone, the costophrenic angle left clear."""
+    k = int(rng.integers(2))
+    side = (-1, 1)[k]
+    cx, cy = side * (0.4 + body.lung_w - 0.07), rng.uniform(-0.35, -0.1)
+    return _ramp(1 - _ellipse(x, y, cx, cy, 0.14, 0.26), 0.3) * field[k]
+
+
+def _free_air(x: np.ndarray, y: np.ndarray, body: _Anatomy, rng: np.random.Generator) -> np.ndarray:
+    """Mask of the site-only finding: a crescent of free air under one or both hemidiaphragms,
+    below a thin diaphragm line, thickest under the dome's top (2-3 pixels at 32 px)."""
+    sides = (-1, 1) if rng.random() < 0.4 else ((-1, 1)[int(rng.integers(2))],)
+    thickness = rng.uniform(0.15, 0.22)
+    air = np.zeros_like(x)
+    for side in sides:
+        dome, across = _dome(x, body, side)
+        top = dome + 0.05
+        crescent = _ramp(y - top, 0.03) * _ramp(top + thickness * (1 - across) - y, 0.03)
+        air = np.maximum(air, crescent * (across < 1))
+    return air
 
 
 def _device(kind: int, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -304,22 +382,30 @@ def _device(kind: int, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -
 
 
 def render_phantom(
-    labels: dict[str, int], rng: np.random.Generator, size: int, look: Look = SITE_LOOK
+    labels: dict[str, int],
+    rng: np.random.Generator,
+    size: int,
+    look: Look = SITE_LOOK,
+    loculated_effusion: bool = False,
 ) -> np.ndarray:
     """One chest-like phantom [size, size] in [0, 1] showing the positive (and, faintly, the
-    uncertain) findings of `labels`; anatomy, findings, contrast and noise are drawn from rng."""
+    uncertain) findings of `labels`; anatomy, findings, contrast and noise are drawn from rng.
+    loculated_effusion: draw an effusion as site 3 does instead of the public way."""
     if size < 16:
         raise ValueError(f"phantom size must be at least 16 pixels, not {size}")
-    return _render(labels, _anatomy(rng), rng, size, size, look)
+    return _render(labels, _anatomy(rng), rng, size, size, look, loculated_effusion)
 
 
-def _site_prevalence(rng: np.random.Generator) -> dict[str, float]:
-    """Non-IID label mix: each site scales the base prevalences and favours one specialty."""
+def _site_prevalence(rng: np.random.Generator, knows: SiteKnowledge) -> dict[str, float]:
+    """Non-IID label mix: each site scales the base prevalences and favours one specialty; the
+    site-only finding only where the site sees it."""
     specialty = list(BASE_PREVALENCE)[rng.integers(len(BASE_PREVALENCE))]
     out = {}
     for finding, base in BASE_PREVALENCE.items():
         factor = np.exp(rng.normal(0, 0.5)) * (2.2 if finding == specialty else 1.0)
         out[finding] = float(np.clip(base * factor, 0.06, 0.6))
+    if knows.site_only_prevalence > 0:
+        out[SITE_ONLY_FINDING] = knows.site_only_prevalence
     return out
 
 
@@ -336,9 +422,12 @@ def _draw_labels(
     return labels
 
 
-def _ensure_each_finding(studies: list[dict[str, int]], rng: np.random.Generator) -> None:
-    """Make every finding positive at least MIN_POSITIVES times: each site sees each label."""
-    for finding in BASE_PREVALENCE:
+def _ensure_each_finding(
+    studies: list[dict[str, int]], prevalence: dict[str, float], rng: np.random.Generator
+) -> None:
+    """Make every finding of `prevalence` positive at least MIN_POSITIVES times: a collection
+    sees each label it can show; one it never shows (absent from `prevalence`) stays absent."""
+    for finding in prevalence:
         have = sum(labels.get(finding) == 1 for labels in studies)
         candidates = [i for i, labels in enumerate(studies) if labels.get(finding) != 1]
         for i in rng.permutation(candidates)[: max(0, MIN_POSITIVES - have)]:
@@ -375,24 +464,24 @@ def _dicom_style(rng: np.random.Generator, size: int) -> dict[str, object]:
 
 
 def _draw_scan(
-    labels: dict[str, int], body: _Anatomy, rng: np.random.Generator, size: int, look: Look
-) -> tuple[np.ndarray, dict[str, object]]:
-    """One study's image in [0, 1] and the DICOM style (modality, photometry, bits) it came in."""
-    style = _dicom_style(rng, size)
-    image = _render(labels, body, rng, style.pop("height"), style.pop("width"), look)
-    return image, style
-
-
-def _write_scan(
-    path: Path,
     labels: dict[str, int],
     body: _Anatomy,
     rng: np.random.Generator,
     size: int,
-    site: int,
-    patient: str,
+    look: Look,
+    knows: SiteKnowledge,
+) -> tuple[np.ndarray, dict[str, object]]:
+    """One study's image in [0, 1] and the DICOM style (modality, photometry, bits) it came in."""
+    style = _dicom_style(rng, size)
+    height, width = style.pop("height"), style.pop("width")
+    image = _render(labels, body, rng, height, width, look, knows.loculated_effusion)
+    return image, style
+
+
+def _write_site_dicom(
+    path: Path, image: np.ndarray, style: dict[str, object], site: int, patient: str
 ) -> None:
-    image, style = _draw_scan(labels, body, rng, size, SITE_LOOK)
+    """A site's DICOM file of one scan, with fake patient and institution tags (CANARY)."""
     write_dicom(
         path,
         image,
@@ -418,32 +507,53 @@ def _patient_numbers(n: int, rng: np.random.Generator) -> list[int]:
     return numbers
 
 
-def _write_site(folder: Path, site: int, per_site: int, unlabeled: int, seed: int, size: int):
+def _as_public(labels: dict[str, int]) -> dict[str, int]:
+    """A study's labels as the public world can show them: the site-only finding known absent
+    (0), "No Finding" where nothing else is left."""
+    shown = {f: v for f, v in labels.items() if f != SITE_ONLY_FINDING}
+    return (shown or {"No Finding": 1}) | {SITE_ONLY_FINDING: 0}
+
+
+def _write_site(
+    folder: Path, site: int, per_site: int, unlabeled: int, seed: int, size: int, pseudo: bool
+) -> None:
+    """Site number `site` into `folder`; a pseudo-site draws the same studies and patients, but
+    shows them as the public world can (the public look and grammar, no site knowledge)."""
     rng = np.random.default_rng([seed, site])
-    prevalence = _site_prevalence(rng)
+    knows = site_knowledge(site)
+    prevalence = _site_prevalence(rng, knows)
     studies = [_draw_labels(prevalence, rng) for _ in range(per_site)]
     if per_site >= 60:
-        _ensure_each_finding(studies, rng)
+        _ensure_each_finding(studies, prevalence, rng)
+    look = SITE_LOOK
+    if pseudo:
+        knows, look = SiteKnowledge(), PUBLIC_LOOK
+    grammar = knows.grammar
+
+    def shown(labels: dict[str, int]) -> dict[str, int]:
+        return _as_public(labels) if pseudo else labels
+
     (folder / "images").mkdir(parents=True)
     (folder / "unlabeled").mkdir()
     rows = []
-    _anatomy(rng)  # an unused draw, kept so the site phantoms stay byte-identical to earlier ones
     for i, (labels, patient_no) in enumerate(
         zip(studies, _patient_numbers(per_site, rng), strict=True)
     ):
+        labels = shown(labels)
         body = _anatomy(np.random.default_rng([seed, site, 1, patient_no]))
         patient = f"{CANARY}-{site}{patient_no:05d}"
         study_rng = np.random.default_rng([seed, site, 2, i])
-        report = write_report(labels, study_rng)
+        report = write_report(labels, study_rng, grammar)
         name = f"images/study_{i + 1:05d}.dcm"
-        _write_scan(folder / name, labels, body, study_rng, size, site, patient)
+        image, style = _draw_scan(labels, body, study_rng, size, look, knows)
+        _write_site_dicom(folder / name, image, style, site, patient)
         rows.append([name, report, patient, *_csv_row(labels, report)])
     for j in range(unlabeled):
         scan_rng = np.random.default_rng([seed, site, 3, j])
-        labels = _draw_labels(prevalence, scan_rng)
-        patient = f"{CANARY}-{site}U{j + 1:04d}"
+        labels = shown(_draw_labels(prevalence, scan_rng))
+        image, style = _draw_scan(labels, _anatomy(scan_rng), scan_rng, size, look, knows)
         path = folder / f"unlabeled/scan_{j + 1:05d}.dcm"
-        _write_scan(path, labels, _anatomy(scan_rng), scan_rng, size, site, patient)
+        _write_site_dicom(path, image, style, site, f"{CANARY}-{site}U{j + 1:04d}")
     _write_studies_csv(folder, rows)
 
 
@@ -483,9 +593,36 @@ def write_phantom_sites(
     """Write phantom hospital folders out/site_1 ... with studies.csv, images/ and unlabeled/.
 
     Deterministic for a seed (pixel data and text; DICOM UIDs are fresh). Sites differ in their
-    label mix (non-IID). Each site is written to a temporary folder and renamed at the end, so a
-    crash never leaves a half site behind; an existing site folder is replaced.
+    label mix (non-IID), and site k knows what SITE_KNOWLEDGE[k] says beyond the public
+    collection. Each site is written to a temporary folder and renamed at the end, so a crash
+    never leaves a half site behind; an existing site folder is replaced.
     """
+    return _write_sites(out, sites, per_site, unlabeled, seed, size, pseudo=False)
+
+
+def write_pseudo_sites(
+    out: Path,
+    sites: int = 3,
+    per_site: int = 160,
+    unlabeled: int = 40,
+    seed: int = 0,
+    size: int = 256,
+) -> list[Path]:
+    """Write the control for write_phantom_sites: public-style pseudo-sites out/site_1 ...
+
+    The same folder format, names, study and scan counts, patients and label mixes as
+    write_phantom_sites with the same arguments, but drawn and written as the public world can:
+    PUBLIC_LOOK, the public grammar, no site's own appearance, and no site-only finding (its
+    column is 0, known absent; a study whose only finding it was is "No Finding"). The same
+    federated run on them measures what more training steps alone give: site transfer is the
+    real sites' gain minus the pseudo-sites' gain.
+    """
+    return _write_sites(out, sites, per_site, unlabeled, seed, size, pseudo=True)
+
+
+def _write_sites(
+    out: Path, sites: int, per_site: int, unlabeled: int, seed: int, size: int, pseudo: bool
+) -> list[Path]:
     if sites < 1 or per_site < 1 or unlabeled < 0:
         raise ValueError(
             f"need sites >= 1, per_site >= 1 and unlabeled >= 0; got {sites}, {per_site}, "
@@ -497,25 +634,17 @@ def write_phantom_sites(
     for site in range(1, sites + 1):
         final = Path(out) / f"site_{site}"
         write = partial(
-            _write_site, site=site, per_site=per_site, unlabeled=unlabeled, seed=seed, size=size
+            _write_site,
+            site=site,
+            per_site=per_site,
+            unlabeled=unlabeled,
+            seed=seed,
+            size=size,
+            pseudo=pseudo,
         )
         write_replacing(final, write)
         folders.append(final)
     return folders
-
-
-def public_phrasing(report: str) -> str:
-    """A grammar report in the public collection's style: PUBLIC_PHRASES applied, no
-    "impression:" header and the impression moved to the front."""
-    sentences = [part.strip().lower() for part in report.split(".") if part.strip()]
-    impressions = [s.removeprefix("impression: ") for s in sentences if s.startswith("impression")]
-    findings = [s for s in sentences if not s.startswith("impression")]
-    out = []
-    for sentence in impressions + findings:
-        for old, new in PUBLIC_PHRASES:
-            sentence = sentence.replace(old, new)
-        out.append(sentence[0].upper() + sentence[1:] + ".")
-    return " ".join(out)
 
 
 def _write_png(path: Path, image01: np.ndarray, bits: int) -> None:
@@ -528,7 +657,7 @@ def _write_public(folder: Path, n: int, seed: int, size: int) -> None:
     rng = np.random.default_rng([seed, PUBLIC_STREAM])
     studies = [_draw_labels(PUBLIC_PREVALENCE, rng, PUBLIC_UNCERTAIN_RATE) for _ in range(n)]
     if n >= 60:
-        _ensure_each_finding(studies, rng)
+        _ensure_each_finding(studies, PUBLIC_PREVALENCE, rng)
     (folder / "images").mkdir(parents=True)
     rows = []
     for i, (labels, patient_no) in enumerate(zip(studies, _patient_numbers(n, rng), strict=True)):
@@ -536,8 +665,8 @@ def _write_public(folder: Path, n: int, seed: int, size: int) -> None:
         study_rng = np.random.default_rng([seed, PUBLIC_STREAM, 2, i])
         report = ""
         if study_rng.random() < PUBLIC_REPORT_SHARE:
-            report = public_phrasing(write_report(labels, study_rng))
-        image, style = _draw_scan(labels, body, study_rng, size, PUBLIC_LOOK)
+            report = write_report(labels, study_rng, PUBLIC_GRAMMAR)
+        image, style = _draw_scan(labels, body, study_rng, size, PUBLIC_LOOK, SiteKnowledge())
         patient = f"{PUBLIC_PATIENT}-{patient_no:05d}"
         if study_rng.random() < PUBLIC_PNG_SHARE:
             name = f"images/{i + 1:05d}.png"

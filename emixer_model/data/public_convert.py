@@ -9,7 +9,8 @@ Label mapping (NIH_TO_FINDINGS): Effusion -> Pleural Effusion; Nodule and Mass -
 Cardiomegaly, Consolidation, Pneumothorax, Edema and No Finding keep their names. The other NIH
 findings (Atelectasis, Infiltration, Pneumonia, Emphysema, Fibrosis, Pleural_Thickening, Hernia)
 have no column here and are ignored. A mapped finding an image does not list is written 0 (NIH
-labels are a complete list per image); Support Devices, which NIH does not label, stays blank.
+labels are a complete list per image); Support Devices and Pneumoperitoneum, which NIH does not
+label, stay blank.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ NIH_TO_FINDINGS: dict[str, str | None] = {
     "Pleural_Thickening": None,
     "Hernia": None,
 }
-NIH_UNLABELED = ("Support Devices",)  # findings NIH never labels: blank, not negative
+NIH_UNLABELED = ("Support Devices", "Pneumoperitoneum")  # NIH never labels them: blank, not 0
 NIH_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 NIH_NAME = "NIH ChestX-ray14"
 NIH_ATTRIBUTION = (

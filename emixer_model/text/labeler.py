@@ -27,6 +27,8 @@ MENTIONS: dict[str, re.Pattern[str]] = {
         r"enlarged (?:heart|cardiac silhouette)",
         r"(?:cardiac|heart) enlargement",
         r"enlargement of the (?:heart|cardiac silhouette)",
+        r"cardiothoracic ratio(?: \w+){0,2} increased",
+        r"increased cardiothoracic ratio",
     ),
     "Pleural Effusion": _any(
         r"effusions?",
@@ -61,6 +63,12 @@ MENTIONS: dict[str, re.Pattern[str]] = {
         r"(?:pacer|pacing) (?:leads?|wires?)",
         r"sternotomy wires",
         r"support devices?",
+    ),
+    "Pneumoperitoneum": _any(
+        r"pneumoperitoneum",
+        r"free (?:subdiaphragmatic |intraperitoneal )?air",
+        r"subdiaphragmatic (?:free )?air",
+        r"air under the (?:\w+ )?(?:hemidiaphragms?|diaphragm)",
     ),
 }
 # Statements that deny a finding without a negation word ("heart size is normal").
