@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from emixer_model.config import FINDINGS, ModelConfig
+from emixer_model.evaluation.bootstrap import Resampler, bootstrap
 from emixer_model.evaluation.utility import (
     Judge,
     LabeledSet,
-    Resampler,
     SyntheticSet,
     auroc_per_label,
-    bootstrap,
     chance_f1,
     figure,
     kappa_per_label,

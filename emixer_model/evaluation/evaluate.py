@@ -30,6 +30,7 @@ from emixer_model.config import FINDINGS, JUDGE_EPOCHS, ModelConfig, TrainConfig
 from emixer_model.data.dicom import SkipFile, decode_dicom
 from emixer_model.data.site import load_site
 from emixer_model.evaluation import figures
+from emixer_model.evaluation.bootstrap import CONFIDENCE, DEFAULT_RESAMPLES
 from emixer_model.evaluation.text_metrics import (
     ReferenceReports,
     copy_rate,
@@ -38,8 +39,6 @@ from emixer_model.evaluation.text_metrics import (
 )
 from emixer_model.evaluation.utility import (
     BOOTSTRAP_NOTE,
-    CONFIDENCE,
-    DEFAULT_RESAMPLES,
     Figure,
     Judge,
     LabeledSet,

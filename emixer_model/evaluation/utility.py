@@ -19,9 +19,8 @@ is conservative, and a small loss can be dilution rather than harm.
 
 from __future__ import annotations
 
-import zlib
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -29,6 +28,12 @@ import numpy as np
 import torch
 
 from emixer_model.config import FINDINGS, JUDGE_EPOCHS
+from emixer_model.evaluation.bootstrap import (
+    DEFAULT_RESAMPLES,
+    Resampler,
+    bootstrap,
+    percentile_interval,
+)
 from emixer_model.evaluation.classifier import FindingClassifier, score_images, train_classifier
 from emixer_model.evaluation.image_metrics import auroc, f1_score, frechet_distance
 from emixer_model.text.labeler import label_report
@@ -37,10 +42,7 @@ from emixer_model.text.vocabulary import tokenize
 if TYPE_CHECKING:
     from emixer_model.data.site import SiteData
 
-CONFIDENCE = 0.95
-DEFAULT_RESAMPLES = 300
 BATCH_SIZE = 32
-MIN_DEFINED_DRAWS = 0.5  # below this share of resamples with a defined value, no interval
 IMAGE_THRESHOLD = 0.5  # the judge says a finding is in an image above this probability
 BOOTSTRAP_NOTE = (
     "percentile intervals from resampling cached predictions: held-out real studies by whole "
@@ -90,58 +92,6 @@ def verdict(
     return f"{'above' if low > chance else 'below'} {null} ({chance:.3g})"
 
 
-class Resampler:
-    """Bootstrap draws of row indices: whole units with replacement, every row of a drawn unit.
-
-    Resampling patients rather than images keeps one patient's studies together, as they are
-    correlated; rows with their own unit id are resampled one by one. Each stream ("pairs",
-    "heldout", ...) has its own random numbers, so two samples of equal size are not drawn in
-    lockstep, while every figure resampling the same stream sees the same draws.
-    """
-
-    def __init__(self, units: np.ndarray, stream: str) -> None:
-        self.stream = zlib.crc32(stream.encode())
-        _, inverse = np.unique(np.asarray(units), return_inverse=True)
-        order = np.argsort(inverse, kind="stable")
-        bounds = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0, True])
-        self.groups = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        self.rows = len(inverse)
-
-    @property
-    def units(self) -> int:
-        return len(self.groups)
-
-    def everything(self) -> np.ndarray:
-        return np.arange(self.rows)
-
-    def generator(self, seed: int) -> np.random.Generator:
-        return np.random.default_rng([seed, self.stream])
-
-    def draw(self, rng: np.random.Generator) -> np.ndarray:
-        picked = rng.integers(0, len(self.groups), len(self.groups))
-        return np.concatenate([self.groups[i] for i in picked])
-
-
-def bootstrap(
-    statistic: Callable[..., np.ndarray],
-    resamplers: Sequence[Resampler],
-    resamples: int,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """statistic(*index_arrays) -> [K] (nan where undefined) on all rows and on each resample.
-
-    Several resamplers are drawn independently per resample (e.g. synthetic pairs and held-out
-    patients); a paired comparison passes one resampler and computes both sides from its draw.
-    Returns the point values [K] and the draws [resamples, K].
-    """
-    rngs = [r.generator(seed) for r in resamplers]
-    point = np.atleast_1d(np.asarray(statistic(*(r.everything() for r in resamplers)), float))
-    draws = np.empty((resamples, len(point)))
-    for b in range(resamples):
-        draws[b] = statistic(*(r.draw(rng) for r, rng in zip(resamplers, rngs, strict=True)))
-    return point, draws
-
-
 def figure(
     point: float,
     draws: np.ndarray,
@@ -153,11 +103,8 @@ def figure(
 ) -> Figure:
     """A Figure from a point value (nan = undefined) and its bootstrap draws [B]."""
     value = None if np.isnan(point) else float(point)
-    defined = draws[~np.isnan(draws)]
-    low = high = None
-    if value is not None and len(defined) >= MIN_DEFINED_DRAWS * len(draws):
-        tail = 100 * (1 - CONFIDENCE) / 2
-        low, high = (float(v) for v in np.percentile(defined, [tail, 100 - tail]))
+    interval = None if value is None else percentile_interval(draws)
+    low, high = interval if interval is not None else (None, None)
     if verdict_text is None:
         verdict_text = "undefined" if value is None else ""
         if chance is not None:
