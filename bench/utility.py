@@ -42,7 +42,13 @@ from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, PrivacyConf
 from emixer_model.data.phantoms import write_phantom_sites, write_public_collection
 from emixer_model.data.public import load_public
 from emixer_model.data.site import SiteData, load_site
-from emixer_model.evaluation.utility import Judge, LabeledSet, SyntheticSet, labeled_from_site
+from emixer_model.data.splits import (
+    LabeledSet,
+    create_or_load_split,
+    split_labeled,
+    training_data,
+)
+from emixer_model.evaluation.utility import Judge, SyntheticSet
 from emixer_model.networks import build_networks, get_weights, set_weights
 from emixer_model.privacy import SiteAccountant, default_delta, plan_noise_multiplier
 from emixer_model.public_pretrain import pretrained_networks
@@ -51,7 +57,7 @@ from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
 from emixer_model.training import PrivateTrainer, steps_per_epoch
 
 NO_NOISE = 1e-9  # PrivateTrainer needs sigma > 0; sigma x clip = 1e-9 is no noise at all
-HOLDOUT = 0.4  # share of each site's labeled patients no generator sees (the judge's)
+HOLDOUT = 0.4  # share of each site's patients no generator sees (the judge's), recorded
 
 
 @dataclass(frozen=True)
@@ -91,13 +97,11 @@ def prepare(setup: Setup, cache: Path, model: ModelConfig) -> tuple[list[Site], 
         write_public_collection(public, n=setup.public, seed=0, size=setup.size)
     sites = []
     for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
-        data = load_site(folder, cache / "state" / folder.name, model)
-        labeled = [k for k, (rows, _) in enumerate(data.units) if rows]
-        order = np.random.default_rng([0, len(sites)]).permutation(labeled)
-        held = {int(k) for k in order[: round(HOLDOUT * len(labeled))]}
-        everything = labeled_from_site(data, folder.name)
-        _, heldout = everything.split({f"{folder.name}/{k}" for k in held})
-        sites.append(Site(folder.name, data.without_units(held), heldout))
+        state = cache / "state" / folder.name
+        data = load_site(folder, state, model)
+        split = create_or_load_split(data, state, HOLDOUT)
+        _, heldout = split_labeled(data, split, folder.name)
+        sites.append(Site(folder.name, training_data(data, split), heldout))
     return sites, public
 
 

@@ -34,6 +34,7 @@ from rich.table import Table
 
 from emixer_model.config import FINDINGS
 from emixer_model.data.site import SiteData, holdout_units
+from emixer_model.data.splits import unit_of_row
 from emixer_model.evaluation.bootstrap import Resampler, bootstrap, percentile_interval
 from emixer_model.evaluation.image_metrics import auroc
 from emixer_model.networks import EmixerNets
@@ -299,8 +300,16 @@ def membership_attacks(
         "nearest-neighbour": nn_scores,
     }
     cut = split.members.size
+    unit = unit_of_row(data)
     metrics = {
-        name: attack_metrics(s[:cut], s[cut:], resamples=resamples, seed=seed)
+        name: attack_metrics(
+            s[:cut],
+            s[cut:],
+            resamples=resamples,
+            seed=seed,
+            member_units=unit[split.members],
+            nonmember_units=unit[split.nonmembers],
+        )
         for name, s in scores.items()
     }
     return metrics, generated, generated_labels

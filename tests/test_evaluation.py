@@ -4,6 +4,7 @@ phantom releases, where a faithful release must score clearly better than a labe
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import shutil
@@ -13,7 +14,19 @@ import numpy as np
 import pytest
 
 from emixer_cli.commands.evaluate import add_parser
-from emixer_model.config import FINDINGS
+from emixer_model.config import FINDINGS, ModelConfig
+from emixer_model.data.site import load_site
+from emixer_model.data.splits import (
+    SPLIT_FILE,
+    EvaluationSplit,
+    SplitError,
+    choose_held_out,
+    create_or_load_split,
+    load_split,
+    split_labeled,
+    training_data,
+    unit_files,
+)
 from emixer_model.evaluation.evaluate import HEADLINE, EvaluationError, evaluate_release
 from emixer_model.evaluation.image_metrics import (
     accuracy,
@@ -110,6 +123,127 @@ def test_duplicate_copy_and_distinct():
     assert duplicate_rate(reports) == 0.5
     assert copy_rate(reports, [("c",), ("a", "b", "c")]) == 0.25
     assert distinct_tokens(reports) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# the evaluation split: held out before round 1, recorded, reused
+
+SPLIT_MODEL = ModelConfig(resolution=32)
+
+
+def _patients(site: Path) -> dict[str, str]:
+    """{file: patient} of a site's labeled studies and of unlabeled.csv's scans."""
+    patient = {r["dicom"]: r["patient"] for r in csv.DictReader((site / "studies.csv").open())}
+    if (site / "unlabeled.csv").is_file():
+        patient |= {r["dicom"]: r["patient"] for r in csv.DictReader(open(site / "unlabeled.csv"))}
+    return patient
+
+
+@pytest.fixture
+def linked_site(tmp_path, tiny_sites) -> Path:
+    """A copy of a phantom site whose unlabeled scans belong to labeled patients (unlabeled.csv)."""
+    site = tmp_path / "site"
+    shutil.copytree(tiny_sites[0], site)
+    patients = sorted(set(_patients(site).values()))
+    scans = sorted((site / "unlabeled").glob("*.dcm"))
+    with (site / "unlabeled.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dicom", "patient"])
+        for number, scan in enumerate(scans):
+            writer.writerow([f"unlabeled/{scan.name}", patients[number]])
+    return site
+
+
+def _add_study(site: Path, name: str, patient: str, dicom_patient: str) -> str:
+    """A new labeled study: a copy of the first image with DICOM PatientID `dicom_patient`."""
+    import pydicom
+
+    first = next(csv.DictReader((site / "studies.csv").open()))
+    ds = pydicom.dcmread(site / first["dicom"])
+    ds.PatientID = dicom_patient
+    ds.save_as(site / "images" / name)
+    row = dict(first, dicom=f"images/{name}", patient=patient)
+    with (site / "studies.csv").open("a", newline="") as f:
+        csv.DictWriter(f, fieldnames=list(first)).writerow(row)
+    return f"images/{name}"
+
+
+def _side_files(split: EvaluationSplit) -> tuple[set[str], set[str]]:
+    return {f for u in split.evaluation for f in u}, {f for u in split.training for f in u}
+
+
+def test_evaluation_split_keeps_every_patient_on_one_side(tmp_path, linked_site):
+    data = load_site(linked_site, tmp_path / "state", SPLIT_MODEL)
+    split = create_or_load_split(data, tmp_path / "state", 0.3, seed=0)
+    patient = _patients(linked_site)
+    held_files, trained_files = _side_files(split)
+    held = {patient[f] for f in held_files}
+    trained = {patient[f] for f in trained_files}
+    assert held and trained and held.isdisjoint(trained)
+    # a patient's unlabeled scan went where the patient's labeled studies went
+    linked = [f for f in held_files | trained_files if f.startswith("unlabeled/")]
+    assert linked and all((f in held_files) == (patient[f] in held) for f in linked)
+    # training sees none of the held-out files; the evaluation set is exactly their studies
+    train = training_data(data, split)
+    assert set(unit_files(train)).isdisjoint(split.evaluation)
+    judge_train, evaluation = split_labeled(data, split, "site")
+    labeled_held = [f for f in held_files if not f.startswith("unlabeled/")]
+    assert len(evaluation.images) == len(labeled_held) > 0
+    assert len(judge_train.images) + len(evaluation.images) == len(data.images)
+    assert set(judge_train.units).isdisjoint(evaluation.units)
+
+
+def test_evaluation_split_is_recorded_reloaded_and_never_changed(tmp_path, linked_site):
+    state = tmp_path / "state"
+    data = load_site(linked_site, state, SPLIT_MODEL)
+    assert create_or_load_split(data, state, 0.0) is None and not (state / SPLIT_FILE).exists()
+    split = create_or_load_split(data, state, 0.3, seed=4)
+    record = json.loads((state / SPLIT_FILE).read_text())
+    assert record["fraction"] == 0.3 and record["seed"] == 4
+    assert all(len(u["id"]) == 16 and u["files"] for u in record["evaluation"])
+    assert load_split(state) == split == create_or_load_split(data, state, 0.3, seed=9)
+    with pytest.raises(SplitError, match="holds out 0.3 .* asks for holdout_fraction 0.2"):
+        create_or_load_split(data, state, 0.2)
+    with pytest.raises(SplitError, match="holdout_fraction 0"):
+        create_or_load_split(data, state, 0.0)
+    with pytest.raises(SplitError, match="has trained rounds without an evaluation split"):
+        create_or_load_split(data, tmp_path / "trained", 0.3, already_trained=True)
+
+
+def test_evaluation_split_is_stable_when_studies_are_added(tmp_path, linked_site):
+    state = tmp_path / "state"
+    split = create_or_load_split(load_site(linked_site, state, SPLIT_MODEL), state, 0.3)
+    held_files, trained_files = _side_files(split)
+    patient = _patients(linked_site)
+    held_patient = patient[min(f for f in held_files if f.startswith("images/"))]
+    trained_patient = patient[min(f for f in trained_files if f.startswith("images/"))]
+    new_patient = _add_study(linked_site, "new.dcm", "NEW-PATIENT", "NEW-PATIENT")
+    more_of_held = _add_study(linked_site, "held.dcm", held_patient, held_patient)
+    linking = _add_study(linked_site, "link.dcm", trained_patient, held_patient)
+
+    grown = load_site(linked_site, state, SPLIT_MODEL)
+    assert create_or_load_split(grown, state, 0.3) == split  # the record, not a new choice
+    scored, never_trained = split.sides(grown)
+    files = unit_files(grown)
+    unit_of = {f: number for number, unit in enumerate(files) for f in unit}
+    # the new patient trains; a new study of a held-out patient stays held out
+    assert unit_of[new_patient] not in never_trained
+    assert unit_of[more_of_held] in never_trained
+    # a study linking a held-out and a trained patient: neither trained on nor scored
+    assert unit_of[linking] in never_trained and unit_of[linking] not in scored
+    trained_units = set(unit_files(training_data(grown, split)))
+    assert trained_units.isdisjoint(files[u] for u in never_trained)
+
+
+def test_the_splitter_ranks_units_by_identity_not_position():
+    keys = [f"images/p{i}.dcm" for i in range(40)]
+    held = {keys[i] for i in choose_held_out(keys, 0.25, seed=1)}
+    assert len(held) == 10
+    assert {keys[::-1][i] for i in choose_held_out(keys[::-1], 0.25, seed=1)} == held
+    grown = keys + ["images/p40.dcm"]
+    assert len(held - {grown[i] for i in choose_held_out(grown, 0.25, seed=1)}) <= 1
+    assert {keys[i] for i in choose_held_out(keys, 0.25, seed=2)} != held
+    assert choose_held_out(keys[:2], 0.9, seed=0) == {choose_held_out(keys[:2], 0.9, seed=0).pop()}
 
 
 # ---------------------------------------------------------------------------------------------

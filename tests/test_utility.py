@@ -8,16 +8,15 @@ import pytest
 import torch
 
 from emixer_model.config import FINDINGS, ModelConfig
+from emixer_model.data.splits import EvaluationSplit, LabeledSet, split_labeled
 from emixer_model.evaluation.bootstrap import Resampler, bootstrap
 from emixer_model.evaluation.utility import (
     Judge,
-    LabeledSet,
     SyntheticSet,
     auroc_per_label,
     chance_f1,
     figure,
     kappa_per_label,
-    labeled_from_site,
     nanmean,
 )
 
@@ -105,13 +104,12 @@ SIZE = 32
 def phantom_sets(tmp_path_factory) -> tuple[LabeledSet, LabeledSet]:
     """Judge-train and held-out patients of one 160-study phantom site at 32 px."""
     from emixer_model.data.phantoms import write_phantom_sites
-    from emixer_model.data.site import holdout_units, load_site
+    from emixer_model.data.site import load_site
 
     root = tmp_path_factory.mktemp("utility")
     (site_dir,) = write_phantom_sites(root / "real", sites=1, per_site=160, unlabeled=0, size=SIZE)
     site = load_site(site_dir, root / "state", ModelConfig(resolution=SIZE))
-    held = {f"site_1/{k}" for k in holdout_units(len(site.units), 0.25, seed=0)}
-    return labeled_from_site(site, "site_1").split(held)
+    return split_labeled(site, EvaluationSplit.choose(site, 0.25, seed=0), "site_1")
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,14 @@ is conservative, and a small loss can be dilution rather than harm.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from emixer_model.config import FINDINGS, JUDGE_EPOCHS
+from emixer_model.data.splits import LabeledSet
 from emixer_model.evaluation.bootstrap import (
     DEFAULT_RESAMPLES,
     Resampler,
@@ -38,9 +38,6 @@ from emixer_model.evaluation.classifier import FindingClassifier, score_images, 
 from emixer_model.evaluation.image_metrics import auroc, f1_score, frechet_distance
 from emixer_model.text.labeler import label_report
 from emixer_model.text.vocabulary import tokenize
-
-if TYPE_CHECKING:
-    from emixer_model.data.site import SiteData
 
 BATCH_SIZE = 32
 IMAGE_THRESHOLD = 0.5  # the judge says a finding is in an image above this probability
@@ -170,51 +167,6 @@ def labeler_positives(reports: Sequence[str]) -> np.ndarray:
 def report_key(text: str) -> tuple[tuple[str, ...], ...]:
     """A report as the vocabulary reads it (lowercased words per sentence): what a duplicate is."""
     return tuple(tuple(words) for words in tokenize(text))
-
-
-@dataclass(frozen=True)
-class LabeledSet:
-    """Real labeled studies: images [N,1,R,R] in [-1,1], multi-hot labels [N,L] over FINDINGS,
-    one privacy-unit id per row (patient where known; any hashable, e.g. "site_1/17")."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    units: np.ndarray
-
-    def __post_init__(self) -> None:
-        if not len(self.images) == len(self.labels) == len(self.units):
-            raise ValueError(
-                f"LabeledSet needs one label row and one unit per image; got {len(self.images)} "
-                f"images, {len(self.labels)} label rows, {len(self.units)} units"
-            )
-        if self.labels.shape[1:] != (len(FINDINGS),):
-            raise ValueError(f"labels must be [N, {len(FINDINGS)}] over FINDINGS")
-
-    @staticmethod
-    def concat(sets: Sequence[LabeledSet]) -> LabeledSet:
-        """Several sites' sets as one (unit ids must already differ, as labeled_from_site's do)."""
-        return LabeledSet(
-            torch.cat([s.images for s in sets]),
-            torch.cat([s.labels for s in sets]),
-            np.concatenate([np.asarray(s.units, dtype=object) for s in sets]),
-        )
-
-    def subset(self, rows: np.ndarray) -> LabeledSet:
-        return LabeledSet(self.images[rows], self.labels[rows], np.asarray(self.units)[rows])
-
-    def split(self, heldout_units: Collection) -> tuple[LabeledSet, LabeledSet]:
-        """(judge-train, held-out): rows of the given units go to the held-out side, whole."""
-        held = np.array([u in heldout_units for u in np.asarray(self.units).tolist()], bool)
-        return self.subset(np.flatnonzero(~held)), self.subset(np.flatnonzero(held))
-
-
-def labeled_from_site(site: SiteData, name: str) -> LabeledSet:
-    """A site's labeled studies with unit ids "name/k", k indexing site.units: the numbering
-    `holdout_units` uses, so a caller can hold out the units site training left out."""
-    units = np.empty(len(site.images), dtype=object)
-    for number, (rows, _) in enumerate(site.units):
-        units[rows] = f"{name}/{number}"
-    return LabeledSet(site.images, site.labels, units)
 
 
 @dataclass(frozen=True)
