@@ -27,7 +27,13 @@ from emixer_model.data.splits import (
     training_data,
     unit_files,
 )
-from emixer_model.evaluation.evaluate import HEADLINE, EvaluationError, evaluate_release
+from emixer_model.evaluation.evaluate import (
+    HEADLINE,
+    HELD_OUT_PATIENTS,
+    TRAINING_PATIENTS,
+    EvaluationError,
+    evaluate_release,
+)
 from emixer_model.evaluation.image_metrics import (
     accuracy,
     auroc,
@@ -307,9 +313,11 @@ def phantom_world(tmp_path_factory) -> dict[str, Path]:
     # every pair gets the next finding's label: images and reports no longer match their labels
     moved = conditions[1:] + conditions[:1]
     shuffled = [(img, cond, rep) for (img, rep), cond in zip(pairs, moved, strict=True)]
+    state = root / "state"
+    create_or_load_split(load_site(site, state, ModelConfig(resolution=RESOLUTION)), state, 0.2)
     return {
         "site": site,
-        "state": root / "state",
+        "state": state,
         "faithful": write_release(root / "faithful", faithful),
         "shuffled": write_release(root / "shuffled", shuffled),
     }
@@ -381,6 +389,36 @@ def test_evaluation_json_has_every_section(phantom_world, faithful_result):
         assert "same positive label set" in text[key]["method"]
     assert text["distinct_words"]["synthetic"] > 5
     assert 0.0 <= text["duplicate_rate"]["value"] <= 1.0 and 0.0 <= text["copy_rate"] <= 1.0
+
+
+def test_scores_exactly_the_recorded_evaluation_patients(phantom_world, faithful_result):
+    split = load_split(phantom_world["state"])
+    held = [f for unit in split.evaluation for f in unit if not f.startswith("unlabeled/")]
+    inputs = faithful_result["inputs"]
+    assert inputs["real_test"] == len(held) and inputs["scored_on"] == HELD_OUT_PATIENTS
+    assert inputs["real_train"] + inputs["real_test"] == inputs["real_studies"]
+    assert not any(
+        TRAINING_PATIENTS in line for line in map(str, faithful_result["summary"].values())
+    )
+
+
+def test_evaluation_refuses_training_patients(phantom_world, tmp_path):
+    release, unsplit = copy_release(phantom_world, tmp_path), tmp_path / "trained-without-holdout"
+    with pytest.raises(EvaluationError, match="records no evaluation split.*training-patients"):
+        evaluate_release(release, [phantom_world["site"]], [unsplit])
+    result = evaluate_release(
+        release, [phantom_world["site"]], [unsplit], epochs=2, allow_training_patients=True
+    )
+    assert result["inputs"]["scored_on"] == TRAINING_PATIENTS
+
+    def verdicts(entry: dict) -> list[str]:
+        if "verdict" in entry and "n" in entry:
+            return [entry["verdict"]]
+        return [v for child in entry.values() if isinstance(child, dict) for v in verdicts(child)]
+
+    labelled = verdicts({k: v for k, v in result.items() if k != "summary"})
+    assert len(labelled) > 20 and all(v.startswith(TRAINING_PATIENTS) for v in labelled)
+    assert TRAINING_PATIENTS in result["summary"]["label fidelity: mean AUROC of synthetic images"]
 
 
 def test_figures_are_png_files(phantom_world, faithful_result):
@@ -469,7 +507,9 @@ def test_real_site_missing_or_too_small(phantom_world, tmp_path):
         evaluate_release(phantom_world["faithful"], [tmp_path / "nowhere"], [tmp_path / "s"])
     (tiny,) = write_phantom_sites(tmp_path / "tiny", sites=1, per_site=4, unlabeled=1, size=64)
     with pytest.raises(EvaluationError, match="give 4 usable labeled studies"):
-        evaluate_release(phantom_world["faithful"], [tiny], [tmp_path / "s"])
+        evaluate_release(
+            phantom_world["faithful"], [tiny], [tmp_path / "s"], allow_training_patients=True
+        )
 
 
 def test_command_turns_errors_into_one_line(phantom_world, tmp_path, capsys):

@@ -15,8 +15,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "evaluate",
         help="utility of a synthetic release against a site's real data (run at the site)",
         description="Score a synthetic release (from `emixer release`) against real labeled "
-        "studies of this site: do synthetic images show their labels (a small CNN trained on 80%% "
-        "of the real images), do synthetic reports state them (the rule-based labeler), do image "
+        "studies of this site, on the patients the site held out before round 1 (recorded in its "
+        "state dir; the judge trains on the others): do synthetic images show their labels (a "
+        "small CNN, the judge), do synthetic reports state them (the rule-based labeler), do image "
         "and report agree, does training on synthetic data help (train-on-synthetic/test-on-real "
         "and real + synthetic vs real alone on the same held-out real images), a Frechet distance "
         "on the classifier's features, and BLEU-4/ROUGE-L, vocabulary, duplicate and copy rates "
@@ -43,7 +44,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(default ~/.emixer/state/<site>-<hash>; never inside the data or release folder)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the split and of every classifier (0)"
+        "--allow-training-patients",
+        action="store_true",
+        help="score a site whose state dir records no evaluation split (trained without "
+        "holdout_fraction) on an ad hoc 20%% of its patients, which the generator trained on; "
+        "every figure is then labelled as scored on training patients",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of every classifier (and of an ad hoc split) (0)"
     )
     parser.add_argument(
         "--epochs",
@@ -64,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
         if args.state_dir
         else [default_state_dir(p) for p in real_dirs]
     )
-    result = evaluate_with_page(release_dir, real_dirs, state_dirs, args.seed, args.epochs)
+    result = evaluate_with_page(
+        release_dir, real_dirs, state_dirs, args.seed, args.epochs, args.allow_training_patients
+    )
     console.print(
         f"wrote {release_dir / 'evaluation.json'} and {len(result['figures'])} figures in "
         f"{release_dir / 'figures'}"
@@ -78,6 +88,7 @@ def evaluate_with_page(
     state_dirs: Sequence[Path],
     seed: int,
     epochs: int = JUDGE_EPOCHS,
+    allow_training_patients: bool = False,
 ) -> dict:
     """Evaluate with progress lines, put the figures on the release page (when the folder has
     one) and print the summary table: `emixer evaluate` and the demo's last stage."""
@@ -91,6 +102,7 @@ def evaluate_with_page(
         seed=seed,
         epochs=epochs,
         log=lambda message: console.print(f"[dim]{message}...[/dim]"),
+        allow_training_patients=allow_training_patients,
     )
     if (release_dir / "index.html").is_file():
         write_index_html(release_dir)

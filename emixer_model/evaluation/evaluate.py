@@ -29,6 +29,13 @@ from rich.table import Table
 from emixer_model.config import FINDINGS, JUDGE_EPOCHS, ModelConfig, TrainConfig, from_dict
 from emixer_model.data.dicom import SkipFile, decode_dicom
 from emixer_model.data.site import load_site
+from emixer_model.data.splits import (
+    SPLIT_FILE,
+    EvaluationSplit,
+    LabeledSet,
+    load_split,
+    split_labeled,
+)
 from emixer_model.evaluation import figures
 from emixer_model.evaluation.bootstrap import CONFIDENCE, DEFAULT_RESAMPLES
 from emixer_model.evaluation.text_metrics import (
@@ -41,15 +48,16 @@ from emixer_model.evaluation.utility import (
     BOOTSTRAP_NOTE,
     Figure,
     Judge,
-    LabeledSet,
     Scores,
     SyntheticSet,
 )
 from emixer_model.shared import UserError, write_json_atomic
 from emixer_model.text.vocabulary import BOS, EOS, PAD, UNK, encode_report
 
-TEST_FRACTION = 0.2
+TEST_FRACTION = 0.2  # the ad hoc split's share when a site recorded none (and it is allowed)
 MIN_REAL_IMAGES = 10  # fewer cannot give both a training set and a held-out test set
+TRAINING_PATIENTS = "SCORED ON TRAINING PATIENTS (no recorded evaluation split)"
+HELD_OUT_PATIENTS = "the sites' recorded evaluation patients, held out before round 1"
 GRID_IMAGES = 24
 GRID_PER_LABEL_SET = 3
 FRECHET_NOTE = (
@@ -79,16 +87,16 @@ class SyntheticRelease:
 
 @dataclass
 class RealData:
-    """Labeled real studies of one or more site folders, concatenated, with their split."""
+    """Labeled real studies of one or more site folders: each site's recorded evaluation
+    patients (held out before round 1) and the rest, and every report for the text figures."""
 
-    images: torch.Tensor  # [N,1,R,R]
-    labels: torch.Tensor  # [N,L]
-    tokens: torch.Tensor  # [N,S,W] reports in the fixed vocabulary
-    train: np.ndarray  # indices
-    test: np.ndarray  # indices, disjoint from train by privacy unit (patient where known)
-    units: np.ndarray  # [N] privacy-unit number of each study, what the bootstrap resamples
+    train: LabeledSet  # training-side patients: what the judge learns from
+    heldout: LabeledSet  # evaluation patients: what every real-data figure is scored on
+    tokens: torch.Tensor  # [N,S,W] every labeled report in the fixed vocabulary
+    labels: torch.Tensor  # [N,L] their labels
     sites: int
     skipped: int
+    on_training_patients: bool  # a site had no recorded split: its held-out side was trained on
 
 
 def _labels_vector(names: Sequence[str], where: str) -> np.ndarray:
@@ -159,21 +167,15 @@ def load_release(release_dir: Path) -> SyntheticRelease:
     )
 
 
-def split_by_unit(
-    units: Sequence[Sequence[int]], test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out whole privacy units (patients where known) until test_fraction of the images.
-
-    Splitting by image would put one patient's other studies in training and flatter the test.
-    """
-    order = np.random.default_rng(seed).permutation(len(units))
-    total = sum(len(u) for u in units)
-    test: list[int] = []
-    train: list[int] = []
-    for index in order:
-        target = test if len(test) < test_fraction * total else train
-        target.extend(units[index])
-    return np.array(sorted(train), dtype=np.int64), np.array(sorted(test), dtype=np.int64)
+def no_split_message(site_dir: Path, state_dir: Path) -> str:
+    return (
+        f"{state_dir} records no evaluation split, so the release's generator may have trained "
+        f"on every patient of {site_dir} and scoring on them would flatter it. Train with a "
+        "held-out fraction (holdout_fraction in site.yaml or the run config, e.g. 0.2): the "
+        "site then holds its evaluation patients out before round 1 and records them in "
+        f"{state_dir / SPLIT_FILE}. Or pass --allow-training-patients to score anyway, every "
+        "figure labelled as scored on training patients"
+    )
 
 
 def load_real(
@@ -182,42 +184,63 @@ def load_real(
     model_cfg: ModelConfig,
     uncertain_as: str,
     seed: int,
+    allow_training_patients: bool = False,
 ) -> RealData:
-    """Load every site folder at the release's resolution and split it 80/20 by privacy unit."""
-    images, labels, tokens, units = [], [], [], []
-    skipped = offset = 0
-    for site_dir, state_dir in zip(site_dirs, state_dirs, strict=True):
+    """Load every site folder at the release's resolution and split it as its state dir records:
+    exactly the recorded evaluation units are held out. A site without a record is refused, or
+    with allow_training_patients split ad hoc (TEST_FRACTION of its units, by the same splitter)."""
+    trains, heldouts, tokens, labels = [], [], [], []
+    skipped = 0
+    adhoc = False
+    for number, (site_dir, state_dir) in enumerate(zip(site_dirs, state_dirs, strict=True)):
         site = load_site(site_dir, state_dir, model_cfg, uncertain_as)
-        images.append(site.images)
-        labels.append(site.labels)
+        split = load_split(state_dir)
+        if split is None:
+            if not allow_training_patients:
+                raise EvaluationError(no_split_message(site_dir, state_dir))
+            split, adhoc = EvaluationSplit.choose(site, TEST_FRACTION, seed), True
+        train, heldout = split_labeled(site, split, f"{number}:{site_dir.name}")
+        if len(heldout.images) == 0 and split.recorded is not None:
+            raise EvaluationError(
+                f"the evaluation split recorded in {split.recorded} names none of the labeled "
+                f"studies of {site_dir}: is {state_dir} this site's state dir?"
+            )
+        trains.append(train)
+        heldouts.append(heldout)
         tokens.append(site.tokens)
-        units += [[offset + i for i in labeled] for labeled, _ in site.units if labeled]
+        labels.append(site.labels)
         skipped += len(site.skipped)
-        offset += len(site.images)
-    if offset < MIN_REAL_IMAGES:
-        raise EvaluationError(
-            f"the real site folder(s) give {offset} usable labeled studies; the evaluation needs "
-            f"at least {MIN_REAL_IMAGES} (80% to train its classifier, 20% to test). "
-            "Run `emixer data check SITE` to see what was skipped and why."
-        )
-    train, test = split_by_unit(units, TEST_FRACTION, seed)
-    if len(train) == 0 or len(test) == 0:
-        raise EvaluationError(
-            "the real studies belong to too few patients to hold 20% of them out for testing"
-        )
-    unit_of_row = np.empty(offset, dtype=np.int64)
-    for number, rows in enumerate(units):
-        unit_of_row[rows] = number
-    return RealData(
-        images=torch.cat(images),
-        labels=torch.cat(labels),
-        tokens=torch.cat(tokens),
-        train=train,
-        test=test,
-        units=unit_of_row,
-        sites=len(site_dirs),
-        skipped=skipped,
+    real = RealData(
+        LabeledSet.concat(trains),
+        LabeledSet.concat(heldouts),
+        torch.cat(tokens),
+        torch.cat(labels),
+        len(site_dirs),
+        skipped,
+        adhoc,
     )
+    if len(real.labels) < MIN_REAL_IMAGES:
+        raise EvaluationError(
+            f"the real site folder(s) give {len(real.labels)} usable labeled studies; the "
+            f"evaluation needs at least {MIN_REAL_IMAGES} (to train its classifier and to test "
+            "it on held-out patients). Run `emixer data check SITE` to see what was skipped."
+        )
+    if len(real.train.images) == 0 or len(real.heldout.images) == 0:
+        raise EvaluationError(
+            f"{len(real.train.images)} labeled studies on the training side and "
+            f"{len(real.heldout.images)} held out: the evaluation needs both"
+        )
+    return real
+
+
+def label_training_patients(result: dict) -> None:
+    """Prefix every figure's verdict (any dict with a verdict and an n) with TRAINING_PATIENTS."""
+    for value in result.values():
+        if isinstance(value, dict):
+            if "verdict" in value and "n" in value:
+                value["verdict"] = f"{TRAINING_PATIENTS}; {value['verdict']}"
+            else:
+                label_training_patients(value)
 
 
 def _round(value: float | None) -> float | None:
@@ -314,9 +337,9 @@ def score_sections(scores: Scores) -> dict:
     fig, per_label = scores.figures, scores.per_label
     return {
         "label_fidelity": {
-            "method": "a CNN trained on 80% of the real studies (the judge) scores each synthetic "
-            "image; AUROC against the labels the image was generated for, mean over findings "
-            "where both classes occur; lift_fraction = (fidelity - 0.5) / (judge's real "
+            "method": "a CNN trained on the training-side real patients (the judge) scores each "
+            "synthetic image; AUROC against the labels the image was generated for, mean over "
+            "findings where both classes occur; lift_fraction = (fidelity - 0.5) / (judge's real "
             "held-out AUROC - 0.5), 1 meaning the images carry their labels as well as real ones",
             "mean_auroc": fig["label_fidelity"].as_dict(),
             "lift_fraction": fig["fidelity_lift_fraction"].as_dict(),
@@ -339,9 +362,10 @@ def score_sections(scores: Scores) -> dict:
         },
         "tstr": {
             "method": "three classifiers with the same architecture, seed and number of "
-            "optimiser steps, trained on real (80%), synthetic, and real + synthetic, all tested "
-            "on the same held-out real studies; mean AUROC over findings defined there. Ratio "
-            "and gain are paired: each resample draws one set of held-out patients for both",
+            "optimiser steps, trained on real (training side), synthetic, and real + synthetic, "
+            "all tested on the same held-out real studies; mean AUROC over findings defined "
+            "there. Ratio and gain are paired: each resample draws one set of held-out patients "
+            "for both",
             "mean_auroc": {
                 "real": fig["real_heldout_auroc"].as_dict(),
                 "synthetic": fig["tstr_auroc"].as_dict(),
@@ -455,8 +479,16 @@ def evaluate_release(
     epochs: int = JUDGE_EPOCHS,
     log: Callable[[str], None] = lambda message: None,
     resamples: int = DEFAULT_RESAMPLES,
+    allow_training_patients: bool = False,
 ) -> dict:
-    """Run every evaluation, write release_dir/evaluation.json and figures/; return the result."""
+    """Run every evaluation, write release_dir/evaluation.json and figures/; return the result.
+
+    The judge trains on the sites' training-side patients and is tested on their recorded
+    evaluation patients, which no generator trained on: the synthetic images are scored by a
+    judge that never saw the test patients, and train-on-synthetic competes with train-on-real
+    on patients neither saw. Training the judge on the generator's training patients is fine:
+    the judge is not the generator, and the test patients stay unseen by both.
+    """
     if epochs < 1:
         raise EvaluationError("--epochs must be at least 1")
     if len(state_dirs) != len(real_dirs):
@@ -468,23 +500,22 @@ def evaluate_release(
     train_section = release.manifest["config"].get("train") or {}
     uncertain_as = train_section.get("uncertain_as", TrainConfig().uncertain_as)
     log("loading the real site data")
-    real = load_real(real_dirs, state_dirs, release.model_cfg, uncertain_as, seed)
-    labeled = LabeledSet(real.images, real.labels, real.units)
-
-    log(f"training the judge on real studies ({epochs} epochs)")
-    judge = Judge.fit(
-        labeled.subset(real.train), labeled.subset(real.test), epochs, seed, resamples
+    real = load_real(
+        real_dirs, state_dirs, release.model_cfg, uncertain_as, seed, allow_training_patients
     )
+    log(f"training the judge on the training-side patients ({epochs} epochs)")
+    judge = Judge.fit(real.train, real.heldout, epochs, seed, resamples)
     log("scoring the release; training on synthetic, and on real + synthetic")
     scores = judge.score(SyntheticSet(release.images, release.labels, release.reports))
     result: dict = {
         "inputs": {
             "synthetic_pairs": len(release.reports),
             "real_sites": real.sites,
-            "real_studies": len(real.images),
-            "real_train": len(real.train),
-            "real_test": len(real.test),
+            "real_studies": len(real.labels),
+            "real_train": len(real.train.images),
+            "real_test": len(real.heldout.images),
             "real_test_units": judge.heldout_resampler.units,
+            "scored_on": TRAINING_PATIENTS if real.on_training_patients else HELD_OUT_PATIENTS,
             "real_files_skipped": real.skipped,
             "resolution": release.model_cfg.resolution,
             "uncertain_as": uncertain_as,
@@ -510,6 +541,8 @@ def evaluate_release(
         "duplicate_rate": scores.figures["duplicate_rate"].as_dict(),
         "distinct_reports": scores.figures["distinct_reports"].as_dict(),
     }
+    if real.on_training_patients:
+        label_training_patients(result)
     log("drawing figures")
     written = write_figures(release_dir, release, result)
     result["figures"] = [str(p.relative_to(release_dir)) for p in written]
@@ -527,12 +560,15 @@ def evaluate_release(
 
 def summary_table(result: dict) -> Table:
     """The headline figures with their 95% intervals, sample sizes and verdicts."""
-    table = Table(title="evaluation of the synthetic release (95% bootstrap intervals)")
+    inputs = result["inputs"]
+    table = Table(
+        title="evaluation of the synthetic release (95% bootstrap intervals)",
+        caption=f"real figures scored on {inputs['scored_on']}",
+    )
     table.add_column("measure")
     for column in ("value", "95% interval", "n"):
         table.add_column(column, justify="right")
     table.add_column("verdict")
-    inputs = result["inputs"]
     held = f"{inputs['real_test']} ({inputs['real_test_units']} units)"
     table.add_row("synthetic pairs", str(inputs["synthetic_pairs"]), "", "", "")
     table.add_row("real studies judge-train / held out", f"{inputs['real_train']} / {held}")
