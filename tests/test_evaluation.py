@@ -28,7 +28,6 @@ from emixer_model.data.splits import (
     unit_files,
 )
 from emixer_model.evaluation.evaluate import (
-    HEADLINE,
     HELD_OUT_PATIENTS,
     TRAINING_PATIENTS,
     EvaluationError,
@@ -41,6 +40,7 @@ from emixer_model.evaluation.image_metrics import (
     f1_score,
     frechet_distance,
 )
+from emixer_model.evaluation.tables import FIGURE_TABLES, figure_tables
 from emixer_model.evaluation.text_metrics import (
     ReferenceReports,
     copy_rate,
@@ -318,14 +318,17 @@ def phantom_world(tmp_path_factory) -> dict[str, Path]:
     return {
         "site": site,
         "state": state,
+        "evaluations": root / "evaluations",
         "faithful": write_release(root / "faithful", faithful),
         "shuffled": write_release(root / "shuffled", shuffled),
     }
 
 
 def evaluate(world: dict[str, Path], release: str) -> dict:
+    """Evaluate one of the world's releases into evaluations/<release>."""
+    out = world["evaluations"] / release
     return evaluate_release(
-        world[release], [world["site"]], [world["state"]], seed=0, epochs=EPOCHS
+        world[release], [world["site"]], [world["state"]], out, seed=0, epochs=EPOCHS
     )
 
 
@@ -348,10 +351,10 @@ def test_faithful_release_scores_clearly_higher_than_shuffled(phantom_world, fai
 
 
 def test_evaluation_json_has_every_section(phantom_world, faithful_result):
-    written = json.loads((phantom_world["faithful"] / "evaluation.json").read_text())
+    written = json.loads((phantom_world["evaluations"] / "faithful/evaluation.json").read_text())
     assert written == faithful_result
     for section in (
-        "summary",
+        "release",
         "inputs",
         "label_fidelity",
         "report_consistency",
@@ -363,16 +366,11 @@ def test_evaluation_json_has_every_section(phantom_world, faithful_result):
     ):
         assert section in written, section
     assert set(written["label_fidelity"]["per_label"]) == set(FINDINGS)
-    # every headline figure carries its interval, sample size and verdict; the page gets lines
-    for name, path in HEADLINE:
-        entry = written
-        for key in path:
-            entry = entry[key]
+    # every figure the tables show carries its interval, sample size and verdict
+    shown = [(name, entry) for _, rows in figure_tables(written) for name, entry in rows]
+    assert len(shown) == sum(len(rows) for _, rows in FIGURE_TABLES)
+    for name, entry in shown:
         assert {"value", "low", "high", "n", "verdict"} <= set(entry), name
-        assert (
-            isinstance(written["summary"][name], str)
-            and f"n={entry['n']}" in written["summary"][name]
-        )
     assert written["inputs"]["real_test"] == written["tstr"]["mean_auroc"]["real"]["n"]
     assert written["inputs"]["bootstrap"]["resamples"] > 0
     tstr = written["tstr"]
@@ -397,43 +395,56 @@ def test_scores_exactly_the_recorded_evaluation_patients(phantom_world, faithful
     inputs = faithful_result["inputs"]
     assert inputs["real_test"] == len(held) and inputs["scored_on"] == HELD_OUT_PATIENTS
     assert inputs["real_train"] + inputs["real_test"] == inputs["real_studies"]
-    assert not any(
-        TRAINING_PATIENTS in line for line in map(str, faithful_result["summary"].values())
-    )
+    assert TRAINING_PATIENTS not in json.dumps(faithful_result)
 
 
 def test_evaluation_refuses_training_patients(phantom_world, tmp_path):
-    release, unsplit = copy_release(phantom_world, tmp_path), tmp_path / "trained-without-holdout"
+    release, unsplit = phantom_world["faithful"], tmp_path / "trained-without-holdout"
     with pytest.raises(EvaluationError, match="records no evaluation split.*training-patients"):
-        evaluate_release(release, [phantom_world["site"]], [unsplit])
+        evaluate_release(release, [phantom_world["site"]], [unsplit], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     result = evaluate_release(
-        release, [phantom_world["site"]], [unsplit], epochs=2, allow_training_patients=True
+        release,
+        [phantom_world["site"]],
+        [unsplit],
+        tmp_path / "out",
+        epochs=2,
+        allow_training_patients=True,
     )
-    assert result["inputs"]["scored_on"] == TRAINING_PATIENTS
+    assert result["inputs"]["scored_on"].startswith(TRAINING_PATIENTS)
 
     def verdicts(entry: dict) -> list[str]:
         if "verdict" in entry and "n" in entry:
             return [entry["verdict"]]
         return [v for child in entry.values() if isinstance(child, dict) for v in verdicts(child)]
 
-    labelled = verdicts({k: v for k, v in result.items() if k != "summary"})
+    labelled = verdicts(result)
     assert len(labelled) > 20 and all(v.startswith(TRAINING_PATIENTS) for v in labelled)
-    assert TRAINING_PATIENTS in result["summary"]["label fidelity: mean AUROC of synthetic images"]
+    assert TRAINING_PATIENTS in (tmp_path / "out" / "evaluation.html").read_text()
+
+
+def test_evaluation_stays_out_of_the_release(phantom_world, faithful_result, tmp_path):
+    release = phantom_world["faithful"]
+    assert sorted(p.name for p in release.iterdir()) == ["images", "manifest.json", "reports.jsonl"]
+    out = phantom_world["evaluations"] / "faithful"
+    assert {"evaluation.json", "evaluation.html", "figures"} <= {p.name for p in out.iterdir()}
+    with pytest.raises(EvaluationError, match="inside the release"):
+        evaluate_release(release, [phantom_world["site"]], [phantom_world["state"]], release / "e")
 
 
 def test_figures_are_png_files(phantom_world, faithful_result):
     assert len(faithful_result["figures"]) == 4
     for relative in faithful_result["figures"]:
-        data = (phantom_world["faithful"] / relative).read_bytes()
+        data = (phantom_world["evaluations"] / "faithful" / relative).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n"), relative
 
 
 def test_same_seed_same_result(phantom_world, faithful_result):
     again = evaluate(phantom_world, "faithful")
-    assert again["summary"] == faithful_result["summary"]
+    assert figure_tables(again) == figure_tables(faithful_result)
 
 
-def test_command_prints_the_summary(phantom_world, capsys, monkeypatch):
+def test_command_prints_the_tables(phantom_world, capsys, monkeypatch, tmp_path):
     from emixer_cli.common import console
 
     monkeypatch.setattr(console, "width", 200)  # one table row per line, as on a wide terminal
@@ -448,16 +459,24 @@ def test_command_prints_the_summary(phantom_world, capsys, monkeypatch):
             str(phantom_world["site"]),
             "--state-dir",
             str(phantom_world["state"]),
+            "--out",
+            str(tmp_path / "eval"),
             "--epochs",
             "2",
+            "--focus-findings",
+            "Edema,Cardiomegaly",
         ]
     )
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "augmentation gain" in out and "evaluation.json" in out
     assert "95% interval" in out and "distinguishable from" in out
-    saved = json.loads((phantom_world["faithful"] / "evaluation.json").read_text())
+    per_finding = out[out.index("per finding") :]
+    assert "Edema" in per_finding and "Cardiomegaly" in per_finding
+    assert "Pneumothorax" not in per_finding
+    saved = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert saved["inputs"]["epochs"] == 2
+    assert set(saved["label_fidelity"]["per_label"]) == set(FINDINGS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,21 +493,21 @@ def test_release_without_manifest(phantom_world, tmp_path):
     release = copy_release(phantom_world, tmp_path)
     (release / "manifest.json").unlink()
     with pytest.raises(EvaluationError, match="no manifest.json"):
-        evaluate_release(release, [phantom_world["site"]], [phantom_world["state"]])
+        evaluate_release(release, [phantom_world["site"]], [phantom_world["state"]], tmp_path)
 
 
 def test_release_without_reports(phantom_world, tmp_path):
     release = copy_release(phantom_world, tmp_path)
     (release / "reports.jsonl").unlink()
     with pytest.raises(EvaluationError, match="no reports.jsonl"):
-        evaluate_release(release, [phantom_world["site"]], [phantom_world["state"]])
+        evaluate_release(release, [phantom_world["site"]], [phantom_world["state"]], tmp_path)
 
 
 def test_listed_dicom_missing_is_named(phantom_world, tmp_path):
     release = copy_release(phantom_world, tmp_path)
     (release / "images" / "000003.dcm").unlink()
     with pytest.raises(EvaluationError, match=r"line 3 lists images/000003.dcm .* missing"):
-        evaluate_release(release, [phantom_world["site"]], [phantom_world["state"]])
+        evaluate_release(release, [phantom_world["site"]], [phantom_world["state"]], tmp_path)
 
 
 def test_unknown_label_in_release_is_named(phantom_world, tmp_path):
@@ -496,7 +515,7 @@ def test_unknown_label_in_release_is_named(phantom_world, tmp_path):
     path = release / "reports.jsonl"
     path.write_text(path.read_text().replace('"Edema"', '"Oedema"', 1))
     with pytest.raises(EvaluationError, match="unknown finding 'Oedema'"):
-        evaluate_release(release, [phantom_world["site"]], [phantom_world["state"]])
+        evaluate_release(release, [phantom_world["site"]], [phantom_world["state"]], tmp_path)
 
 
 def test_real_site_missing_or_too_small(phantom_world, tmp_path):
@@ -504,11 +523,17 @@ def test_real_site_missing_or_too_small(phantom_world, tmp_path):
     from emixer_model.data.site import SiteDataError
 
     with pytest.raises(SiteDataError):
-        evaluate_release(phantom_world["faithful"], [tmp_path / "nowhere"], [tmp_path / "s"])
+        evaluate_release(
+            phantom_world["faithful"], [tmp_path / "nowhere"], [tmp_path / "s"], tmp_path / "e"
+        )
     (tiny,) = write_phantom_sites(tmp_path / "tiny", sites=1, per_site=4, unlabeled=1, size=64)
     with pytest.raises(EvaluationError, match="give 4 usable labeled studies"):
         evaluate_release(
-            phantom_world["faithful"], [tiny], [tmp_path / "s"], allow_training_patients=True
+            phantom_world["faithful"],
+            [tiny],
+            [tmp_path / "s"],
+            tmp_path / "e",
+            allow_training_patients=True,
         )
 
 
@@ -516,8 +541,8 @@ def test_command_turns_errors_into_one_line(phantom_world, tmp_path, capsys):
     from emixer_cli.main import main
 
     code = main(
-        ["evaluate", "--release", str(tmp_path), "--real", str(phantom_world["site"])]
-        + ["--state-dir", str(tmp_path / "a"), str(tmp_path / "b")]
+        ["evaluate", "--release", str(tmp_path / "release"), "--real", str(phantom_world["site"])]
+        + ["--state-dir", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "e")]
     )
     out = capsys.readouterr().out
     assert code == 2 and "one --state-dir per --real folder" in out

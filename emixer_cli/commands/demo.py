@@ -15,11 +15,12 @@ from pathlib import Path
 
 from rich.table import Table
 
-from emixer_cli.commands.evaluate import evaluate_with_page
+from emixer_cli.commands.evaluate import evaluate_and_print
 from emixer_cli.commands.pretrain import pretrain_with_progress
 from emixer_cli.common import CONFIG_HELP, command_config, console, progress_bar
 from emixer_cli.logs import LOG_FILE, log_to_file
 from emixer_model.config import EmixerConfig
+from emixer_model.evaluation.page import PAGE_NAME
 
 # The demo's own settings (a --config file replaces all of them): sized so the whole demo, public
 # pretraining included, finishes in about 10 minutes on 2 CPU cores; the values come from
@@ -191,14 +192,19 @@ def run(args: argparse.Namespace) -> int:
         "(the maximum over sites)"
     )
     console.rule("5/5 evaluation against the phantom sites' real data")
+    evaluation_dir = run_dir / "evaluation"
     # site training does not hold evaluation patients out yet, so nothing is recorded and
     # every figure is labelled as scored on training patients
-    evaluate_with_page(
+    evaluate_and_print(
         release_dir,
         sites,
         [run_dir / "state" / site.name for site in sites],
-        args.seed,
+        evaluation_dir,
+        seed=args.seed,
         allow_training_patients=True,
     )
-    console.print(f"open {(release_dir / 'index.html').resolve()} in a browser")
+    console.print(
+        f"open {(release_dir / 'index.html').resolve()} in a browser (the release); its "
+        f"evaluation, which stays at the sites, is {evaluation_dir / PAGE_NAME}"
+    )
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from emixer_cli.common import console, default_state_dir
 from emixer_model.config import JUDGE_EPOCHS
@@ -23,11 +24,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "on the classifier's features, and BLEU-4/ROUGE-L, vocabulary, duplicate and copy rates "
         "of the reports. Every figure comes with a bootstrap 95%% interval (held-out studies "
         "resampled by patient, synthetic pairs one by one), its sample size, and a verdict that "
-        "says when it is not distinguishable from chance. Writes RELEASE/evaluation.json and "
-        "PNG figures in RELEASE/figures/. "
-        "Only aggregates are written; real images and reports stay where they are.",
+        "says when it is not distinguishable from chance. Writes evaluation.json, PNG figures and "
+        "evaluation.html in OUT, a folder of the site's own: never in the release (these are "
+        "statistics of real data).",
     )
     parser.add_argument("--release", required=True, help="release folder from `emixer release`")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="folder at the site for evaluation.json, figures/ and evaluation.html "
+        "(never inside the release)",
+    )
     parser.add_argument(
         "--real",
         required=True,
@@ -54,6 +61,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--seed", type=int, default=0, help="seed of every classifier (and of an ad hoc split) (0)"
     )
     parser.add_argument(
+        "--focus-findings",
+        metavar="A,B",
+        help="findings to show one row each for in the per-finding table (default: every "
+        "finding; evaluation.json always holds all)",
+    )
+    parser.add_argument(
         "--epochs",
         type=int,
         default=JUDGE_EPOCHS,
@@ -65,46 +78,52 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    release_dir = Path(args.release)
     real_dirs = [Path(p) for p in args.real]
     state_dirs = (
         [Path(p) for p in args.state_dir]
         if args.state_dir
         else [default_state_dir(p) for p in real_dirs]
     )
-    result = evaluate_with_page(
-        release_dir, real_dirs, state_dirs, args.seed, args.epochs, args.allow_training_patients
-    )
-    console.print(
-        f"wrote {release_dir / 'evaluation.json'} and {len(result['figures'])} figures in "
-        f"{release_dir / 'figures'}"
+    findings = [f.strip() for f in args.focus_findings.split(",")] if args.focus_findings else None
+    evaluate_and_print(
+        Path(args.release),
+        real_dirs,
+        state_dirs,
+        Path(args.out),
+        seed=args.seed,
+        epochs=args.epochs,
+        allow_training_patients=args.allow_training_patients,
+        **({"findings": findings} if findings else {}),
     )
     return 0
 
 
-def evaluate_with_page(
+def evaluate_and_print(
     release_dir: Path,
     real_dirs: Sequence[Path],
     state_dirs: Sequence[Path],
-    seed: int,
-    epochs: int = JUDGE_EPOCHS,
-    allow_training_patients: bool = False,
+    out_dir: Path,
+    **options: Any,
 ) -> dict:
-    """Evaluate with progress lines, put the figures on the release page (when the folder has
-    one) and print the summary table: `emixer evaluate` and the demo's last stage."""
-    from emixer_model.evaluation.evaluate import evaluate_release, summary_table
-    from server.tools.release_page import write_index_html
+    """Evaluate with progress lines (options: evaluate_release's keywords), print the tables and
+    where the evaluation went: `emixer evaluate` and the demo's last stage."""
+    from emixer_model.config import FINDINGS
+    from emixer_model.evaluation.evaluate import evaluate_release
+    from emixer_model.evaluation.page import PAGE_NAME
+    from emixer_model.evaluation.tables import rich_tables
 
     result = evaluate_release(
         release_dir,
         real_dirs,
         state_dirs,
-        seed=seed,
-        epochs=epochs,
+        out_dir,
         log=lambda message: console.print(f"[dim]{message}...[/dim]"),
-        allow_training_patients=allow_training_patients,
+        **options,
     )
-    if (release_dir / "index.html").is_file():
-        write_index_html(release_dir)
-    console.print(summary_table(result))
+    for table in rich_tables(result, options.get("findings", FINDINGS)):
+        console.print(table)
+    console.print(
+        f"wrote evaluation.json, {PAGE_NAME} and {len(result['figures'])} figures to {out_dir} "
+        "(statistics of real data: they stay at the site)"
+    )
     return result

@@ -1,6 +1,6 @@
 """`emixer evaluate`: score a synthetic release against a site's real data, at the site.
 
-Questions answered (each a section of release/evaluation.json):
+Questions answered (each a section of OUT/evaluation.json):
   label_fidelity          do synthetic images show their conditioning labels? (a classifier
                           trained on real images scores them)
   report_consistency      do synthetic reports state their labels? (the rule-based labeler)
@@ -10,9 +10,9 @@ Questions answered (each a section of release/evaluation.json):
   frechet                 how far are synthetic from real images in the classifier's features?
   text                    BLEU-4 / ROUGE-L against real reports, vocabulary, duplicates, copies
 Every figure is {"value", "low", "high", "n", "n_means", "chance", "verdict"} from the scoring
-library (evaluation/utility.py, also what bench/utility.py calls); "summary" repeats the headline
-figures as one line each for the release page.
-Only aggregates are written: no real image, report, word or file name leaves the site this way.
+library (evaluation/utility.py, also what bench/utility.py calls). Everything goes to the
+evaluation's own folder at the site (evaluation.json, figures/, evaluation.html), never into the
+release: these are statistics of real data (docs/PRIVACY.md invariant 4).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.table import Table
 
 from emixer_model.config import FINDINGS, JUDGE_EPOCHS, ModelConfig, TrainConfig, from_dict
 from emixer_model.data.dicom import SkipFile, decode_dicom
@@ -38,6 +37,7 @@ from emixer_model.data.splits import (
 )
 from emixer_model.evaluation import figures
 from emixer_model.evaluation.bootstrap import CONFIDENCE, DEFAULT_RESAMPLES
+from emixer_model.evaluation.page import write_evaluation_html
 from emixer_model.evaluation.text_metrics import (
     ReferenceReports,
     copy_rate,
@@ -56,8 +56,8 @@ from emixer_model.text.vocabulary import BOS, EOS, PAD, UNK, encode_report
 
 TEST_FRACTION = 0.2  # the ad hoc split's share when a site recorded none (and it is allowed)
 MIN_REAL_IMAGES = 10  # fewer cannot give both a training set and a held-out test set
-TRAINING_PATIENTS = "SCORED ON TRAINING PATIENTS (no recorded evaluation split)"
-HELD_OUT_PATIENTS = "the sites' recorded evaluation patients, held out before round 1"
+TRAINING_PATIENTS = "SCORED ON TRAINING PATIENTS"  # the label of every such figure
+HELD_OUT_PATIENTS = "scored on the sites' recorded evaluation patients, held out before round 1"
 GRID_IMAGES = 24
 GRID_PER_LABEL_SET = 3
 FRECHET_NOTE = (
@@ -384,8 +384,8 @@ def score_sections(scores: Scores) -> dict:
     }
 
 
-def write_figures(release_dir: Path, release: SyntheticRelease, result: dict) -> list[Path]:
-    figure_dir = release_dir / "figures"
+def write_figures(out_dir: Path, release: SyntheticRelease, result: dict) -> list[Path]:
+    figure_dir = out_dir / "figures"
     tstr = result["tstr"]
     per_real = tstr["per_label"]["real"]
     per_fidelity = result["label_fidelity"]["per_label"]
@@ -417,71 +417,20 @@ def write_figures(release_dir: Path, release: SyntheticRelease, result: dict) ->
     ]
 
 
-# the headline figures: (row name, path into evaluation.json)
-HEADLINE = (
-    ("real held-out mean AUROC (the judge's own quality)", ("tstr", "mean_auroc", "real")),
-    ("label fidelity: mean AUROC of synthetic images", ("label_fidelity", "mean_auroc")),
-    ("label fidelity as a fraction of the judge's lift", ("label_fidelity", "lift_fraction")),
-    ("report label F1 (macro)", ("report_consistency", "macro_f1")),
-    ("image-report agreement (Cohen's kappa)", ("image_report_agreement", "kappa")),
-    ("TSTR mean AUROC (synthetic only)", ("tstr", "mean_auroc", "synthetic")),
-    ("TSTR / train-on-real", ("tstr", "ratio")),
-    ("real + synthetic mean AUROC", ("tstr", "mean_auroc", "real_plus_synthetic")),
-    ("augmentation gain (AUROC)", ("tstr", "augmentation_gain")),
-    ("Frechet distance (classifier features)", ("frechet", "distance")),
-    ("duplicate rate", ("text", "duplicate_rate")),
-    ("distinct reports", ("text", "distinct_reports")),
-)
-
-
-def _lookup(result: dict, path: tuple[str, ...]) -> dict:
-    for key in path:
-        result = result[key]
-    return result
-
-
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
-
-
-def _interval(entry: dict) -> str:
-    if entry["low"] is None or entry["high"] is None:
-        return ""
-    return f"[{_number(entry['low'])}, {_number(entry['high'])}]"
-
-
-def describe(entry: dict) -> str:
-    """A figure in one line: value, 95% interval, n and verdict (what the release page shows)."""
-    interval = _interval(entry)
-    parts = [_number(entry["value"]), f"95% {interval}" if interval else "", f"n={entry['n']}"]
-    text = " ".join(part for part in parts if part)
-    return f"{text}; {entry['verdict']}" if entry["verdict"] else text
-
-
-def summary(result: dict) -> dict[str, str | int]:
-    """The headline figures, one line each, for the release's index.html."""
-    inputs, text = result["inputs"], result["text"]
-    return {
-        "synthetic pairs": inputs["synthetic_pairs"],
-        "real studies (judge-train / held out)": f"{inputs['real_train']} / {inputs['real_test']}",
-        **{name: describe(_lookup(result, path)) for name, path in HEADLINE},
-        "BLEU-4": _number(text["bleu4"]["mean"]),
-        "ROUGE-L": _number(text["rouge_l"]["mean"]),
-        "copy rate": _number(text["copy_rate"]),
-    }
-
-
 def evaluate_release(
     release_dir: Path,
     real_dirs: Sequence[Path],
     state_dirs: Sequence[Path],
+    out_dir: Path,
     seed: int = 0,
     epochs: int = JUDGE_EPOCHS,
     log: Callable[[str], None] = lambda message: None,
     resamples: int = DEFAULT_RESAMPLES,
     allow_training_patients: bool = False,
+    findings: Sequence[str] = FINDINGS,
 ) -> dict:
-    """Run every evaluation, write release_dir/evaluation.json and figures/; return the result.
+    """Run every evaluation and write out_dir/evaluation.json, figures/ and evaluation.html (the
+    per-finding rows for `findings`); return the result. Nothing is written to the release.
 
     The judge trains on the sites' training-side patients and is tested on their recorded
     evaluation patients, which no generator trained on: the synthetic images are scored by a
@@ -491,6 +440,15 @@ def evaluate_release(
     """
     if epochs < 1:
         raise EvaluationError("--epochs must be at least 1")
+    if Path(out_dir).resolve().is_relative_to(Path(release_dir).resolve()):
+        raise EvaluationError(
+            f"--out {out_dir} is inside the release {release_dir}: an evaluation holds "
+            "statistics of this site's real data and is never part of a release; choose a "
+            "folder at the site"
+        )
+    unknown = [f for f in findings if f not in FINDINGS]
+    if unknown:
+        raise EvaluationError(f"unknown finding {unknown[0]!r}; known: {', '.join(FINDINGS)}")
     if len(state_dirs) != len(real_dirs):
         raise EvaluationError(
             f"give one --state-dir per --real folder ({len(real_dirs)}), not {len(state_dirs)}"
@@ -508,6 +466,11 @@ def evaluate_release(
     log("scoring the release; training on synthetic, and on real + synthetic")
     scores = judge.score(SyntheticSet(release.images, release.labels, release.reports))
     result: dict = {
+        "release": {
+            "folder": str(Path(release_dir).resolve()),
+            "model_sha256": release.manifest["model"]["sha256"],
+            "round": release.manifest["model"]["round"],
+        },
         "inputs": {
             "synthetic_pairs": len(release.reports),
             "real_sites": real.sites,
@@ -515,7 +478,10 @@ def evaluate_release(
             "real_train": len(real.train.images),
             "real_test": len(real.heldout.images),
             "real_test_units": judge.heldout_resampler.units,
-            "scored_on": TRAINING_PATIENTS if real.on_training_patients else HELD_OUT_PATIENTS,
+            "scored_on": f"{TRAINING_PATIENTS} (a site recorded no evaluation split: the "
+            "generator trained on them)"
+            if real.on_training_patients
+            else HELD_OUT_PATIENTS,
             "real_files_skipped": real.skipped,
             "resolution": release.model_cfg.resolution,
             "uncertain_as": uncertain_as,
@@ -544,37 +510,15 @@ def evaluate_release(
     if real.on_training_patients:
         label_training_patients(result)
     log("drawing figures")
-    written = write_figures(release_dir, release, result)
-    result["figures"] = [str(p.relative_to(release_dir)) for p in written]
+    written = write_figures(out_dir, release, result)
+    result["figures"] = [p.relative_to(out_dir).as_posix() for p in written]
     result = {
         # docs/PRIVACY.md invariant 4: statistics of real data, not DP-protected
         "site_local": True,
-        "note": "statistics of the evaluating site's real data (not differentially private): "
-        "keep this file at the site; it is not part of a release unless the site chooses to share",
-        "summary": summary(result),
+        "note": "statistics of this site's real data (not differentially private): keep this "
+        "folder at the site; it is not part of a release unless the site chooses to publish it",
         **result,
     }
-    write_json_atomic(release_dir / "evaluation.json", result)
+    write_json_atomic(out_dir / "evaluation.json", result)
+    write_evaluation_html(out_dir, result, findings)
     return result
-
-
-def summary_table(result: dict) -> Table:
-    """The headline figures with their 95% intervals, sample sizes and verdicts."""
-    inputs = result["inputs"]
-    table = Table(
-        title="evaluation of the synthetic release (95% bootstrap intervals)",
-        caption=f"real figures scored on {inputs['scored_on']}",
-    )
-    table.add_column("measure")
-    for column in ("value", "95% interval", "n"):
-        table.add_column(column, justify="right")
-    table.add_column("verdict")
-    held = f"{inputs['real_test']} ({inputs['real_test_units']} units)"
-    table.add_row("synthetic pairs", str(inputs["synthetic_pairs"]), "", "", "")
-    table.add_row("real studies judge-train / held out", f"{inputs['real_train']} / {held}")
-    for name, path in HEADLINE:
-        entry = _lookup(result, path)
-        table.add_row(
-            name, _number(entry["value"]), _interval(entry), str(entry["n"]), entry["verdict"]
-        )
-    return table
