@@ -55,6 +55,7 @@ from emixer_model.public_pretrain import pretrained_networks
 from emixer_model.synthesis import synthesize
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
 from emixer_model.training import PrivateTrainer, steps_per_epoch
+from server.tools.release import label_vector, parse_conditions
 
 NO_NOISE = 1e-9  # PrivateTrainer needs sigma > 0; sigma x clip = 1e-9 is no noise at all
 HOLDOUT = 0.4  # share of each site's patients no generator sees (the judge's), recorded
@@ -71,7 +72,7 @@ class Setup:
     epochs: int = 4
     pretrain_steps: int = 600
     warm_start: int = 300
-    per_condition: int = 2  # synthetic pairs per held-out study's label vector
+    per_condition: int = 20  # synthetic pairs per release condition (as `emixer release`)
 
 
 QUICK = Setup(rounds=2, epochs=2, pretrain_steps=200, warm_start=150)
@@ -165,12 +166,15 @@ def federate(
     return weights, spent, plans[0][2] * rounds
 
 
-def synthetic_for(judge: Judge, cfg: EmixerConfig, weights: dict, per: int) -> SyntheticSet:
-    """`per` pairs for every held-out study's label vector: the real label mix, no site count."""
+def synthetic_for(cfg: EmixerConfig, weights: dict, per: int) -> SyntheticSet:
+    """The release as a researcher receives it: `per` pairs for each condition `emixer release`
+    makes by default (every single finding and the common combinations), conditioned on those
+    labels, never on the test patients' label vectors."""
     nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
     set_weights(nets, weights)
     nets.eval()
-    labels = judge.heldout.labels.repeat(per, 1)
+    conditions = [c for c in parse_conditions(None) for _ in range(per)]
+    labels = torch.from_numpy(np.stack([label_vector(c) for c in conditions]))
     images, ids = synthesize(nets, cfg.model, labels, torch.Generator().manual_seed(7))
     return SyntheticSet(images, labels, [decode_report(t) for t in ids])
 
@@ -198,7 +202,7 @@ def cell(figure) -> str:  # noqa: ANN001
 
 
 def row(name: str, judge: Judge, cfg: EmixerConfig, weights: dict, per: int, eps, steps, wall):
-    scores = judge.score(synthetic_for(judge, cfg, weights, per)).figures
+    scores = judge.score(synthetic_for(cfg, weights, per)).figures
     return (
         name,
         cell(scores["fidelity_lift_fraction"]),
@@ -238,7 +242,7 @@ def label_weight_table(
         t = time.perf_counter()
         trained = pretrained_weights(public, weighted, setup)
         wall = time.perf_counter() - t
-        synthetic = synthetic_for(judge, weighted, trained, setup.per_condition)
+        synthetic = synthetic_for(weighted, trained, setup.per_condition)
         figures = judge.score(synthetic).figures
         keys = ("fidelity_lift_fraction", "tstr_ratio", "augmentation_gain", "frechet")
         rows.append((f"{weight:g}", *(cell(figures[k]) for k in keys), f"{wall:.0f}"))

@@ -196,3 +196,24 @@ def test_faithful_reports_agree_with_their_labels(judge):
     assert fig["label_fidelity"].verdict == "above chance (0.5)"
     assert fig["image_report_kappa"].low > 0.0
     assert "tstr_auroc" not in fig
+
+
+# ---------------------------------------------------------------------------------------------
+# the bench's synthetic sets
+
+
+def test_bench_scores_the_release_a_researcher_receives():
+    """TSTR conditions on the release's own conditions (`emixer release`'s defaults), never on the
+    test patients' label vectors."""
+    from bench.utility import synthetic_for
+    from emixer_model.networks import build_networks, get_weights
+    from emixer_model.text.vocabulary import VOCAB_SIZE
+    from server.tools.release import label_vector, parse_conditions
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config()
+    weights = get_weights(build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS)))
+    synthetic = synthetic_for(cfg, weights, per=2)
+    expected = [label_vector(c) for c in parse_conditions(None) for _ in range(2)]
+    assert synthetic.labels.numpy().tolist() == np.stack(expected).tolist()
+    assert len(synthetic.reports) == len(expected)
