@@ -40,7 +40,7 @@ from emixer_model.evaluation.image_metrics import (
     f1_score,
     frechet_distance,
 )
-from emixer_model.evaluation.tables import FIGURE_TABLES, figure_tables
+from emixer_model.evaluation.tables import FIGURE_TABLES, figure_tables, lookup
 from emixer_model.evaluation.text_metrics import (
     ReferenceReports,
     copy_rate,
@@ -339,8 +339,9 @@ def faithful_result(phantom_world) -> dict:
 
 def test_faithful_release_scores_clearly_higher_than_shuffled(phantom_world, faithful_result):
     shuffled = evaluate(phantom_world, "shuffled")
-    fidelity = faithful_result["label_fidelity"]["mean_auroc"]["value"]
-    assert fidelity > shuffled["label_fidelity"]["mean_auroc"]["value"] + 0.1
+    second = ("label_fidelity", "second_judge", "mean_auroc")
+    for judge in (("label_fidelity", "mean_auroc"), second):
+        assert lookup(faithful_result, judge)["value"] > lookup(shuffled, judge)["value"] + 0.1
     assert faithful_result["report_consistency"]["macro_f1"]["value"] > 0.9
     assert shuffled["report_consistency"]["macro_f1"]["value"] < 0.3
     # image and report of a pair still agree with each other when only the labels were moved
@@ -366,6 +367,10 @@ def test_evaluation_json_has_every_section(phantom_world, faithful_result):
     ):
         assert section in written, section
     assert set(written["label_fidelity"]["per_label"]) == set(FINDINGS)
+    second = written["label_fidelity"]["second_judge"]
+    assert set(second["per_label"]) == set(second["real_per_label"]) == set(FINDINGS)
+    assert second["real_heldout_auroc"]["n"] == written["inputs"]["real_test"]
+    assert "linear" in second["method"]
     # every figure the tables show carries its interval, sample size and verdict
     shown = [(name, entry) for _, rows in figure_tables(written) for name, entry in rows]
     assert len(shown) == sum(len(rows) for _, rows in FIGURE_TABLES)

@@ -130,6 +130,10 @@ def test_judge_sees_real_findings(judge):
     real, _ = judge.real_auroc()
     assert real.value > 0.65 and real.verdict == "above chance (0.5)"
     assert real.n == len(judge.heldout.images)
+    # the second judge is another family, and a weaker but real reader of the findings
+    linear, _ = judge.real_auroc(judge.linear)
+    assert linear.verdict == "above chance (0.5)" and linear.value != real.value
+    assert type(judge.linear.model) is not type(judge.model)
 
 
 def test_lift_fraction_is_one_for_real_heldout_images(judge):
@@ -155,7 +159,8 @@ def test_random_images_and_empty_reports_are_called_chance(judge):
     )
     scores = judge.score(noise)
     fig = scores.figures
-    assert fig["label_fidelity"].verdict == "not distinguishable from chance (0.5)"
+    for judged in ("label_fidelity", "linear_label_fidelity"):
+        assert fig[judged].verdict == "not distinguishable from chance (0.5)"
     assert "not distinguishable from chance" in fig["fidelity_lift_fraction"].verdict
     assert fig["report_label_f1"].value == 0.0
     # reports that state nothing: agreement with the images is chance (0) or undefined, not ~1
@@ -194,6 +199,7 @@ def test_faithful_reports_agree_with_their_labels(judge):
     assert fig["report_label_f1"].value > 0.9
     assert fig["report_label_f1"].verdict.startswith("above chance")
     assert fig["label_fidelity"].verdict == "above chance (0.5)"
+    assert fig["linear_label_fidelity"].verdict == "above chance (0.5)"
     assert fig["image_report_kappa"].low > 0.0
     assert "tstr_auroc" not in fig
 

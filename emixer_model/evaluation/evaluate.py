@@ -344,6 +344,17 @@ def score_sections(scores: Scores) -> dict:
             "mean_auroc": fig["label_fidelity"].as_dict(),
             "lift_fraction": fig["fidelity_lift_fraction"].as_dict(),
             "per_label": _figures(per_label["label_fidelity"]),
+            "second_judge": {
+                "method": "the same figures from a judge of another family: logistic regression "
+                "on 16x16 average-pooled pixels, trained on the same patients and steps. G is "
+                "rewarded through D's convolutional finding head, so a fidelity only the CNN saw "
+                "could be an artefact of that reward; one this linear reader sees too is not",
+                "real_heldout_auroc": fig["linear_real_heldout_auroc"].as_dict(),
+                "mean_auroc": fig["linear_label_fidelity"].as_dict(),
+                "lift_fraction": fig["linear_fidelity_lift_fraction"].as_dict(),
+                "per_label": _figures(per_label["linear_label_fidelity"]),
+                "real_per_label": _figures(per_label["linear_real_heldout_auroc"]),
+            },
         },
         "report_consistency": {
             "method": "rule-based labeler on each synthetic report vs its conditioning labels; "
@@ -389,6 +400,7 @@ def write_figures(out_dir: Path, release: SyntheticRelease, result: dict) -> lis
     tstr = result["tstr"]
     per_real = tstr["per_label"]["real"]
     per_fidelity = result["label_fidelity"]["per_label"]
+    per_linear = result["label_fidelity"]["second_judge"]["per_label"]
     return [
         figures.grouped_bars(
             figure_dir / "label_auroc.png",
@@ -397,6 +409,7 @@ def write_figures(out_dir: Path, release: SyntheticRelease, result: dict) -> lis
             {
                 "held-out real images": [per_real[f] for f in FINDINGS],
                 "synthetic images vs their conditioning": [per_fidelity[f] for f in FINDINGS],
+                "synthetic, second (linear) judge": [per_linear[f] for f in FINDINGS],
             },
             "AUROC",
             reference_line=0.5,

@@ -28,9 +28,10 @@ PAGE_NAME = "evaluation.html"
 
 # What each figure shows, by file stem (evaluation/evaluate.py draws them), in page order.
 FIGURE_CAPTIONS: dict[str, str] = {
-    "label_auroc": "Label fidelity: per finding, the AUROC of the judge (a classifier trained on "
-    "the sites' training-side real images) on held-out real images and on the synthetic images "
-    "against the labels they were generated for. 0.5 (dashed) is chance.",
+    "label_auroc": "Label fidelity: per finding, the AUROC of the judge (a CNN trained on the "
+    "sites' training-side real images) on held-out real images and on the synthetic images "
+    "against the labels they were generated for, and of the second judge (a linear model on "
+    "pooled pixels) on the synthetic images. 0.5 (dashed) is chance.",
     "tstr": "Train on ..., test on the held-out real patients: mean AUROC of classifiers trained "
     "on real images, on synthetic images only, and on both.",
     "training_curves": "Privacy spent: each site's cumulative epsilon per round, from the signed "

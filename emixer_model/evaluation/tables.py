@@ -49,6 +49,7 @@ FIGURE_TABLES: tuple[tuple[str, tuple[tuple[str, Path], ...]], ...] = (
 FINDING_COLUMNS: tuple[tuple[str, Path], ...] = (
     ("real held-out AUROC", ("tstr", "per_label", "real")),
     ("fidelity", ("label_fidelity", "per_label")),
+    ("fidelity, linear judge", ("label_fidelity", "second_judge", "per_label")),
     ("TSTR AUROC", ("tstr", "per_label", "synthetic")),
     ("report F1", ("report_consistency", "per_label")),
 )

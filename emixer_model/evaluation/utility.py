@@ -1,9 +1,10 @@
 """Utility of a synthetic set, each figure with a bootstrap 95% interval and a verdict in words.
 
 One code path for `emixer evaluate` and bench/utility.py. A `Judge` is a classifier trained once
-on real judge-train patients and tested on real held-out patients that no generator saw; it then
-scores any number of synthetic sets (`judge.score(...)`), so model variants are compared against
-the same yardstick. Intervals come from resampling cached predictions (whole held-out privacy
+on real judge-train patients and tested on real held-out patients that no generator saw (with a
+second judge of another family, a linear model on pooled pixels, beside it); it then scores any
+number of synthetic sets (`judge.score(...)`), so model variants are compared against the same
+yardstick. Intervals come from resampling cached predictions (whole held-out privacy
 units, patients where known, and synthetic pairs), never from retraining: they show how much a
 figure could move with another held-out sample or another draw of synthetic pairs, not with
 another training seed.
@@ -34,7 +35,7 @@ from emixer_model.evaluation.bootstrap import (
     bootstrap,
     percentile_interval,
 )
-from emixer_model.evaluation.classifier import FindingClassifier, score_images, train_classifier
+from emixer_model.evaluation.classifier import Classifier, score_images, train_classifier
 from emixer_model.evaluation.image_metrics import auroc, f1_score, frechet_distance
 from emixer_model.text.labeler import label_report
 from emixer_model.text.vocabulary import tokenize
@@ -213,8 +214,21 @@ def _per_finding(
     }
 
 
+@dataclass(frozen=True)
+class Reader:
+    """A classifier trained on the judge-train patients and what it says about the held-out
+    patients: probabilities [N,L], per-finding AUROC [L] and its bootstrap draws [B,L]."""
+
+    model: Classifier
+    probabilities: np.ndarray
+    point: np.ndarray
+    draws: np.ndarray
+
+
 class Judge:
-    """A finding classifier trained on real judge-train patients, checked on held-out patients.
+    """Finding classifiers trained on real judge-train patients, checked on held-out patients:
+    the CNN (the judge) and a linear model on pooled pixels (the second judge, of another
+    family than D's finding head that G is rewarded through).
 
     Fit once (`Judge.fit`), then `score` as many synthetic sets as needed: the held-out
     predictions and the real features are cached, so only train-on-synthetic and real +
@@ -230,12 +244,13 @@ class Judge:
             raise ValueError("the judge needs held-out images to be checked on")
         self.train, self.heldout = train, heldout
         self.steps, self.seed, self.resamples = steps, seed, resamples
-        self.model = self.train_on(train.images, train.labels)
-        self.heldout_probabilities, self.heldout_features = score_images(self.model, heldout.images)
-        self.train_features = score_images(self.model, train.images)[1]
         self.heldout_targets = heldout.labels.numpy() > 0.5
         self.heldout_resampler = Resampler(heldout.units, "heldout")
-        self.real_point, self.real_draws = self._heldout_auroc(self.heldout_probabilities)
+        self.cnn = self.read(self.train_on(train.images, train.labels))
+        self.linear = self.read(self.train_on(train.images, train.labels, "linear"))
+        self.model = self.cnn.model
+        self.heldout_features = score_images(self.model, heldout.images)[1]
+        self.train_features = score_images(self.model, train.images)[1]
 
     @classmethod
     def fit(
@@ -252,28 +267,34 @@ class Judge:
         steps = epochs * -(-len(train.images) // BATCH_SIZE)
         return cls(train, heldout, steps, seed, resamples)
 
-    def train_on(self, images: torch.Tensor, labels: torch.Tensor) -> FindingClassifier:
-        return train_classifier(images, labels, seed=self.seed, steps=self.steps)
+    def train_on(
+        self, images: torch.Tensor, labels: torch.Tensor, family: str = "cnn"
+    ) -> Classifier:
+        return train_classifier(images, labels, seed=self.seed, steps=self.steps, family=family)
+
+    def read(self, model: Classifier) -> Reader:
+        """What `model` says about the held-out patients, with its per-finding AUROC there."""
+        probabilities = score_images(model, self.heldout.images)[0]
+        point, draws = bootstrap(
+            lambda rows: auroc_per_label(probabilities[rows], self.heldout_targets[rows]),
+            [self.heldout_resampler],
+            self.resamples,
+            self.seed,
+        )
+        return Reader(model, probabilities, point, draws)
 
     @property
     def heldout_n(self) -> str:
         units = self.heldout_resampler.units
         return f"held-out real studies ({units} privacy units resampled)"
 
-    def _heldout_auroc(self, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-finding AUROC on the held-out set [L] and its resampled draws [B, L]."""
-        return bootstrap(
-            lambda rows: auroc_per_label(probabilities[rows], self.heldout_targets[rows]),
-            [self.heldout_resampler],
-            self.resamples,
-            self.seed,
-        )
-
-    def real_auroc(self) -> tuple[Figure, dict[str, Figure]]:
-        """Train-on-real: the judge's own mean AUROC on held-out patients, and per finding."""
+    def real_auroc(self, reader: Reader | None = None) -> tuple[Figure, dict[str, Figure]]:
+        """Train-on-real: a reader's (default the judge's) own mean AUROC on held-out patients,
+        and per finding."""
+        reader = reader or self.cnn
         n = len(self.heldout.images)
-        mean = figure(nanmean(self.real_point), nanmean(self.real_draws), n, self.heldout_n, 0.5)
-        return mean, _per_finding(self.real_point, self.real_draws, n, self.heldout_n, 0.5)
+        mean = figure(nanmean(reader.point), nanmean(reader.draws), n, self.heldout_n, 0.5)
+        return mean, _per_finding(reader.point, reader.draws, n, self.heldout_n, 0.5)
 
     def frechet(self, images: torch.Tensor, real: LabeledSet | None = None) -> Figure:
         """Frechet distance in the judge's features between images and real ones (default: all
@@ -324,34 +345,18 @@ class Judge:
         pairs = Resampler(np.arange(n), "pairs")
         pairs_n = "synthetic pairs"
         conditioned = synthetic.labels.numpy() > 0.5
-        probabilities = score_images(self.model, synthetic.images)[0]
-        fid_point, fid_draws = bootstrap(
-            lambda s: auroc_per_label(probabilities[s], conditioned[s]),
-            [pairs],
-            self.resamples,
-            self.seed,
-        )
-        real_mean, real_per_label = self.real_auroc()
-        figures = {"real_heldout_auroc": real_mean}
-        figures["label_fidelity"] = figure(nanmean(fid_point), nanmean(fid_draws), n, pairs_n, 0.5)
-        # the lift fraction resamples pairs and held-out patients together, independently
-        lift_draws = (nanmean(fid_draws) - 0.5) / (nanmean(self.real_draws) - 0.5)
-        lift_draws[nanmean(self.real_draws) <= 0.5] = np.nan
-        real_lift = nanmean(self.real_point) - 0.5
-        lift = figure(
-            (nanmean(fid_point) - 0.5) / real_lift if real_lift > 0 else np.nan,
-            lift_draws,
-            n,
-            f"{pairs_n} and {self.heldout_n}",
-            0.0,
-            verdict_text=None
-            if real_lift > 0
-            else "undefined: the judge is no better than chance on real held-out images",
-        )
-        if real_lift > 0 and real_mean.verdict.startswith("not distinguishable"):
-            caveat = "; the judge itself is not distinguishable from chance, so this means nothing"
-            lift = replace(lift, verdict=lift.verdict + caveat)
-        figures["fidelity_lift_fraction"] = lift
+        figures: dict[str, Figure] = {}
+        per_label: dict[str, dict[str, Figure]] = {}
+        probabilities = {}  # by reader: "" the judge (CNN), "linear_" the second judge
+        for prefix, reader in (("", self.cnn), ("linear_", self.linear)):
+            real_mean, per_label[f"{prefix}real_heldout_auroc"] = self.real_auroc(reader)
+            figures[f"{prefix}real_heldout_auroc"] = real_mean
+            probabilities[prefix] = score_images(reader.model, synthetic.images)[0]
+            mean, lift, per_label[f"{prefix}label_fidelity"] = self._fidelity(
+                reader, probabilities[prefix], conditioned, pairs
+            )
+            figures[f"{prefix}label_fidelity"] = mean
+            figures[f"{prefix}fidelity_lift_fraction"] = lift
         reported = labeler_positives(synthetic.reports)
         f1_point, f1_draws = bootstrap(
             lambda s: f1_per_label(reported[s], conditioned[s]), [pairs], self.resamples, self.seed
@@ -364,7 +369,7 @@ class Judge:
             pairs_n,
             chance,
         )
-        in_image = probabilities > IMAGE_THRESHOLD
+        in_image = probabilities[""] > IMAGE_THRESHOLD
         kappa_point, kappa_draws = bootstrap(
             lambda s: kappa_per_label(in_image[s], reported[s]), [pairs], self.resamples, self.seed
         )
@@ -377,15 +382,47 @@ class Judge:
         figures["duplicate_rate"] = Figure(duplicated, None, None, n, pairs_n, None, exact)
         figures["distinct_reports"] = Figure(len(keys), None, None, n, pairs_n, None, exact)
         figures["frechet"] = self.frechet(synthetic.images)
-        per_label = {
-            "real_heldout_auroc": real_per_label,
-            "label_fidelity": _per_finding(fid_point, fid_draws, n, pairs_n, 0.5),
-            "report_label_f1": _per_finding(f1_point, f1_draws, n, pairs_n),
-            "image_report_kappa": _per_finding(kappa_point, kappa_draws, n, pairs_n, 0.0),
-        }
+        per_label["report_label_f1"] = _per_finding(f1_point, f1_draws, n, pairs_n)
+        per_label["image_report_kappa"] = _per_finding(kappa_point, kappa_draws, n, pairs_n, 0.0)
         if train_on_synthetic:
             figures |= self._train_on_synthetic(synthetic, per_label)
         return Scores(figures, per_label)
+
+    def _fidelity(
+        self, reader: Reader, probabilities: np.ndarray, conditioned: np.ndarray, pairs: Resampler
+    ) -> tuple[Figure, Figure, dict[str, Figure]]:
+        """Label fidelity by one reader from its probabilities on the synthetic images: its mean
+        AUROC against their conditioning labels, that as a fraction of its own lift on held-out
+        real images, and per finding."""
+        n, pairs_n = len(probabilities), "synthetic pairs"
+        point, draws = bootstrap(
+            lambda s: auroc_per_label(probabilities[s], conditioned[s]),
+            [pairs],
+            self.resamples,
+            self.seed,
+        )
+        mean = figure(nanmean(point), nanmean(draws), n, pairs_n, 0.5)
+        # the lift fraction resamples pairs and held-out patients together, independently
+        real_draws = nanmean(reader.draws)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lift_draws = (nanmean(draws) - 0.5) / (real_draws - 0.5)
+        lift_draws[real_draws <= 0.5] = np.nan
+        real_lift = nanmean(reader.point) - 0.5
+        lift = figure(
+            (nanmean(point) - 0.5) / real_lift if real_lift > 0 else np.nan,
+            lift_draws,
+            n,
+            f"{pairs_n} and {self.heldout_n}",
+            0.0,
+            verdict_text=None
+            if real_lift > 0
+            else "undefined: the judge is no better than chance on real held-out images",
+        )
+        real_mean = self.real_auroc(reader)[0]
+        if real_lift > 0 and real_mean.verdict.startswith("not distinguishable"):
+            caveat = "; the judge itself is not distinguishable from chance, so this means nothing"
+            lift = replace(lift, verdict=lift.verdict + caveat)
+        return mean, lift, _per_finding(point, draws, n, pairs_n, 0.5)
 
     def _train_on_synthetic(self, synthetic: SyntheticSet, per_label: dict) -> dict[str, Figure]:
         """TSTR and real + synthetic, both tested on the held-out patients; ratio and gain paired
@@ -400,7 +437,7 @@ class Judge:
 
         def paired(rows: np.ndarray) -> np.ndarray:
             targets = self.heldout_targets[rows]
-            real = auroc_per_label(self.heldout_probabilities[rows], targets)
+            real = auroc_per_label(self.cnn.probabilities[rows], targets)
             tstr = auroc_per_label(tstr_probabilities[rows], targets)
             mixed = auroc_per_label(mixed_probabilities[rows], targets)
             return np.concatenate([[nanmean(real), nanmean(tstr), nanmean(mixed)], tstr, mixed])
