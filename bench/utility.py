@@ -362,7 +362,7 @@ def main() -> None:
         "fidelity: (AUROC of the judge on synthetic images vs their labels - 0.5) / (its "
         "AUROC on real held-out patients - 0.5); TSTR: a classifier trained on synthetic "
         "pairs, tested on the same held-out patients, over the real-trained one",
-        f"judge real held-out AUROC {cell(judge.real_auroc()[0])}, "
+        f"judge real held-out AUROC {cell(judge.heldout_auroc()[0])}, "
         f"n = {len(judge_test.images)}; [95% bootstrap intervals]",
         f"total {time.perf_counter() - started:.0f} s; {machine()}",
     )

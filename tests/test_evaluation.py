@@ -298,7 +298,11 @@ def write_release(out: Path, rows: list[tuple[np.ndarray, list[str], str]]) -> P
 @pytest.fixture(scope="module")
 def phantom_world(tmp_path_factory) -> dict[str, Path]:
     """One real phantom site, a faithful release and the same pairs with labels moved along."""
-    from emixer_model.data.phantoms import render_phantom, write_phantom_sites
+    from emixer_model.data.phantoms import (
+        render_phantom,
+        write_phantom_sites,
+        write_public_collection,
+    )
     from emixer_model.text.grammar import write_report
 
     root = tmp_path_factory.mktemp("evaluation")
@@ -319,16 +323,24 @@ def phantom_world(tmp_path_factory) -> dict[str, Path]:
         "site": site,
         "state": state,
         "evaluations": root / "evaluations",
+        "public": write_public_collection(root / "public", n=60, size=64),
         "faithful": write_release(root / "faithful", faithful),
         "shuffled": write_release(root / "shuffled", shuffled),
     }
 
 
 def evaluate(world: dict[str, Path], release: str) -> dict:
-    """Evaluate one of the world's releases into evaluations/<release>."""
+    """Evaluate one of the world's releases into evaluations/<release>, with the public
+    collection's baseline."""
     out = world["evaluations"] / release
     return evaluate_release(
-        world[release], [world["site"]], [world["state"]], out, seed=0, epochs=EPOCHS
+        world[release],
+        [world["site"]],
+        [world["state"]],
+        out,
+        seed=0,
+        epochs=EPOCHS,
+        public_dir=world["public"],
     )
 
 
@@ -380,10 +392,15 @@ def test_evaluation_json_has_every_section(phantom_world, faithful_result):
     assert written["inputs"]["bootstrap"]["resamples"] > 0
     tstr = written["tstr"]
     means = {name: entry["value"] for name, entry in tstr["mean_auroc"].items()}
-    assert set(means) == {"real", "synthetic", "real_plus_synthetic"}
+    assert list(means) == ["real", "public", "synthetic", "real_plus_synthetic"]
+    assert list(tstr["per_label"]) == list(means)
     assert tstr["augmentation_gain"]["value"] == pytest.approx(
         means["real_plus_synthetic"] - means["real"], abs=1e-3
     )
+    assert tstr["synthetic_minus_public"]["value"] == pytest.approx(
+        means["synthetic"] - means["public"], abs=1e-3
+    )
+    assert written["inputs"]["public_studies"] == 60
     assert "not Inception" in written["frechet"]["note"]
     assert written["frechet"]["distance"]["value"] >= 0.0
     text = written["text"]

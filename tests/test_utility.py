@@ -127,11 +127,11 @@ def test_split_holds_out_whole_units(phantom_sets):
 
 
 def test_judge_sees_real_findings(judge):
-    real, _ = judge.real_auroc()
+    real, _ = judge.heldout_auroc()
     assert real.value > 0.65 and real.verdict == "above chance (0.5)"
     assert real.n == len(judge.heldout.images)
     # the second judge is another family, and a weaker but real reader of the findings
-    linear, _ = judge.real_auroc(judge.linear)
+    linear, _ = judge.heldout_auroc(judge.linear)
     assert linear.verdict == "above chance (0.5)" and linear.value != real.value
     assert type(judge.linear.model) is not type(judge.model)
 
@@ -177,6 +177,32 @@ def test_random_images_and_empty_reports_are_called_chance(judge):
     assert judge.model is model
     assert again.figures["label_fidelity"] == fig["label_fidelity"]
     assert again.per_label["report_label_f1"] == scores.per_label["report_label_f1"]
+
+
+def test_train_on_public_is_a_baseline_paired_with_tstr(phantom_sets):
+    """With the judge-train patients standing in for the public collection, train-on-public is
+    the same classifier as train-on-real (same images, seed and steps): its figures must equal
+    the judge's, and TSTR minus public must equal TSTR minus real, draw by draw."""
+    train, heldout = phantom_sets
+    judge = Judge.fit(train, heldout, epochs=10, seed=0, resamples=100, public=train)
+    generator = torch.Generator().manual_seed(5)
+    n = 40
+    synthetic = SyntheticSet(
+        torch.rand(n, 1, SIZE, SIZE, generator=generator) * 2 - 1,
+        (torch.rand(n, len(FINDINGS), generator=generator) < 0.3).float(),
+        [""] * n,
+    )
+    scores = judge.score(synthetic)
+    fig = scores.figures
+    assert fig["public_auroc"] == fig["real_heldout_auroc"]
+    assert scores.per_label["public_auroc"] == scores.per_label["real_heldout_auroc"]
+    difference = fig["tstr_minus_public"]
+    assert difference.value == pytest.approx(fig["tstr_auroc"].value - fig["public_auroc"].value)
+    assert difference.verdict.endswith("no difference (0)")
+    assert (
+        "tstr_minus_public"
+        not in Judge.fit(train, heldout, 1, resamples=10).score(synthetic).figures
+    )
 
 
 def test_faithful_reports_agree_with_their_labels(judge):

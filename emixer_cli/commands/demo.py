@@ -92,15 +92,22 @@ def demo_config(args: argparse.Namespace) -> EmixerConfig:
     )
 
 
-def cached_pretrained_model(out: Path, cfg: EmixerConfig, args: argparse.Namespace) -> Path:
-    """The demo's public collection and its pretrained model, made once and reused: the key is
-    everything the model depends on (collection seed and size, model and train config, steps).
-    The report-grammar warm start takes half as many steps as the pretraining."""
+def public_collection(out: Path, args: argparse.Namespace) -> Path:
+    """The demo's phantom public collection, written once and reused."""
     from emixer_model.data.phantoms import write_public_collection
 
     public = out / f"public-{args.public_studies}x{args.size}px-seed{args.seed}"
     if not (public / "studies.csv").is_file():
         write_public_collection(public, n=args.public_studies, seed=args.seed, size=args.size)
+    return public
+
+
+def cached_pretrained_model(
+    out: Path, public: Path, cfg: EmixerConfig, args: argparse.Namespace
+) -> Path:
+    """The demo's pretrained model, made once and reused: the key is everything the model
+    depends on (collection seed and size, model and train config, steps). The report-grammar
+    warm start takes half as many steps as the pretraining."""
     steps, warm = args.pretrain_steps, args.pretrain_steps // 2
     key = json.dumps([public.name, cfg.model.__dict__, cfg.train.__dict__, steps], sort_keys=True)
     path = out / f"pretrained-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
@@ -164,8 +171,10 @@ def run(args: argparse.Namespace) -> int:
         (data_dir / "COMPLETE").write_text("phantom data written completely\n")
     sites = sorted(p for p in data_dir.iterdir() if p.is_dir())
     console.rule("2/5 public pretraining at the coordinator (no site data, no privacy cost)")
+    public = None
     if args.pretrain_steps > 0:
-        pretrained = cached_pretrained_model(out, cfg, args)
+        public = public_collection(out, args)
+        pretrained = cached_pretrained_model(out, public, cfg, args)
         console.print(f"initial model {pretrained}")
         initial = str(pretrained.resolve())
         cfg = replace(cfg, federation=replace(cfg.federation, initial_model=initial))
@@ -202,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         evaluation_dir,
         seed=args.seed,
         allow_training_patients=True,
+        public_dir=public,
     )
     console.print(
         f"open {(release_dir / 'index.html').resolve()} in a browser (the release); its "

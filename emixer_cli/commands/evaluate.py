@@ -61,6 +61,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--seed", type=int, default=0, help="seed of every classifier (and of an ad hoc split) (0)"
     )
     parser.add_argument(
+        "--public",
+        metavar="DIR",
+        help="a public collection (the folder `emixer pretrain` reads): a classifier trained on "
+        "it alone is the train-on-public baseline, the floor a release must beat",
+    )
+    parser.add_argument(
         "--focus-findings",
         metavar="A,B",
         help="findings to show one row each for in the per-finding table (default: every "
@@ -93,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         epochs=args.epochs,
         allow_training_patients=args.allow_training_patients,
+        public_dir=Path(args.public) if args.public else None,
         **({"findings": findings} if findings else {}),
     )
     return 0

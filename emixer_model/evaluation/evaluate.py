@@ -27,6 +27,7 @@ import torch
 
 from emixer_model.config import FINDINGS, JUDGE_EPOCHS, ModelConfig, TrainConfig, from_dict
 from emixer_model.data.dicom import SkipFile, decode_dicom
+from emixer_model.data.public import load_public
 from emixer_model.data.site import load_site
 from emixer_model.data.splits import (
     SPLIT_FILE,
@@ -371,28 +372,41 @@ def score_sections(scores: Scores) -> dict:
             "kappa": fig["image_report_kappa"].as_dict(),
             "per_label": _figures(per_label["image_report_kappa"]),
         },
-        "tstr": {
-            "method": "three classifiers with the same architecture, seed and number of "
-            "optimiser steps, trained on real (training side), synthetic, and real + synthetic, "
-            "all tested on the same held-out real studies; mean AUROC over findings defined "
-            "there. Ratio and gain are paired: each resample draws one set of held-out patients "
-            "for both",
-            "mean_auroc": {
-                "real": fig["real_heldout_auroc"].as_dict(),
-                "synthetic": fig["tstr_auroc"].as_dict(),
-                "real_plus_synthetic": fig["real_plus_synthetic_auroc"].as_dict(),
-            },
-            "ratio": fig["tstr_ratio"].as_dict(),
-            "augmentation_gain": fig["augmentation_gain"].as_dict(),
-            "per_label": {
-                "real": _figures(per_label["real_heldout_auroc"]),
-                "synthetic": _figures(per_label["tstr_auroc"]),
-                "real_plus_synthetic": _figures(per_label["real_plus_synthetic_auroc"]),
-            },
-            "paper_reference": PAPER_NOTE,
-        },
+        "tstr": tstr_section(scores),
         "frechet": {"distance": fig["frechet"].as_dict(), "note": FRECHET_NOTE},
     }
+
+
+# the train-on-... rows: (key in the json, key of the library's figure and per-label figures)
+TRAINED_ON = (
+    ("real", "real_heldout_auroc"),
+    ("public", "public_auroc"),
+    ("synthetic", "tstr_auroc"),
+    ("real_plus_synthetic", "real_plus_synthetic_auroc"),
+)
+
+
+def tstr_section(scores: Scores) -> dict:
+    """Classifiers trained on real (the ceiling), public (the floor, when a public collection
+    was given), synthetic and real + synthetic, tested on the same held-out patients."""
+    fig, per_label = scores.figures, scores.per_label
+    rows = [(key, name) for key, name in TRAINED_ON if name in fig]
+    section = {
+        "method": "classifiers with the same architecture, seed and number of optimiser steps, "
+        "trained on the training-side real patients (train-on-real, the ceiling), on the public "
+        "collection alone (train-on-public, when given: what free data gives), on the release's "
+        "synthetic pairs (TSTR) and on real + synthetic, all tested on the same held-out "
+        "patients; mean AUROC over findings defined there. Ratio and differences are paired: "
+        "each resample draws one set of held-out patients for both sides",
+        "mean_auroc": {key: fig[name].as_dict() for key, name in rows},
+        "ratio": fig["tstr_ratio"].as_dict(),
+        "augmentation_gain": fig["augmentation_gain"].as_dict(),
+        "per_label": {key: _figures(per_label[name]) for key, name in rows},
+        "paper_reference": PAPER_NOTE,
+    }
+    if "tstr_minus_public" in fig:
+        section["synthetic_minus_public"] = fig["tstr_minus_public"].as_dict()
+    return section
 
 
 def write_figures(out_dir: Path, release: SyntheticRelease, result: dict) -> list[Path]:
@@ -417,7 +431,7 @@ def write_figures(out_dir: Path, release: SyntheticRelease, result: dict) -> lis
         figures.grouped_bars(
             figure_dir / "tstr.png",
             "Held-out real images: mean AUROC\nby training data (95% intervals)",
-            ["real", "synthetic", "real + synthetic"],
+            [key.replace("_", " ").replace("plus", "+") for key in tstr["mean_auroc"]],
             {"mean AUROC": list(tstr["mean_auroc"].values())},
             "mean AUROC",
             reference_line=0.5,
@@ -441,9 +455,12 @@ def evaluate_release(
     resamples: int = DEFAULT_RESAMPLES,
     allow_training_patients: bool = False,
     findings: Sequence[str] = FINDINGS,
+    public_dir: Path | None = None,
 ) -> dict:
     """Run every evaluation and write out_dir/evaluation.json, figures/ and evaluation.html (the
     per-finding rows for `findings`); return the result. Nothing is written to the release.
+    With `public_dir` (a public collection, the format `emixer pretrain` reads), a classifier
+    trained on it alone is the train-on-public baseline beside train-on-real and TSTR.
 
     The judge trains on the sites' training-side patients and is tested on their recorded
     evaluation patients, which no generator trained on: the synthetic images are scored by a
@@ -474,8 +491,14 @@ def evaluate_release(
     real = load_real(
         real_dirs, state_dirs, release.model_cfg, uncertain_as, seed, allow_training_patients
     )
+    public = None
+    if public_dir is not None:
+        log("loading the public collection (the train-on-public baseline)")
+        collection = load_public(Path(public_dir), release.model_cfg)
+        units = np.array([f"public/{i}" for i in range(len(collection.images))], dtype=object)
+        public = LabeledSet(collection.images, collection.labels, units)
     log(f"training the judge on the training-side patients ({epochs} epochs)")
-    judge = Judge.fit(real.train, real.heldout, epochs, seed, resamples)
+    judge = Judge.fit(real.train, real.heldout, epochs, seed, resamples, public)
     log("scoring the release; training on synthetic, and on real + synthetic")
     scores = judge.score(SyntheticSet(release.images, release.labels, release.reports))
     result: dict = {
@@ -491,6 +514,7 @@ def evaluate_release(
             "real_train": len(real.train.images),
             "real_test": len(real.heldout.images),
             "real_test_units": judge.heldout_resampler.units,
+            "public_studies": None if public is None else len(public.images),
             "scored_on": f"{TRAINING_PATIENTS} (a site recorded no evaluation split: the "
             "generator trained on them)"
             if real.on_training_patients

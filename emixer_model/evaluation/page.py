@@ -33,7 +33,8 @@ FIGURE_CAPTIONS: dict[str, str] = {
     "against the labels they were generated for, and of the second judge (a linear model on "
     "pooled pixels) on the synthetic images. 0.5 (dashed) is chance.",
     "tstr": "Train on ..., test on the held-out real patients: mean AUROC of classifiers trained "
-    "on real images, on synthetic images only, and on both.",
+    "on real images, on the public collection alone (when given), on synthetic images only, "
+    "and on real + synthetic.",
     "training_curves": "Privacy spent: each site's cumulative epsilon per round, from the signed "
     "privacy ledger in the release's manifest.",
     "synthetic_samples": "Synthetic images, a few per label condition, titled with the labels "

@@ -37,9 +37,11 @@ FIGURE_TABLES: tuple[tuple[str, tuple[tuple[str, Path], ...]], ...] = (
         "train on ..., test on the held-out patients (mean AUROC)",
         (
             ("real (training-side patients: the ceiling)", ("tstr", "mean_auroc", "real")),
+            ("public collection alone (the floor)", ("tstr", "mean_auroc", "public")),
             ("synthetic (TSTR)", ("tstr", "mean_auroc", "synthetic")),
             ("real + synthetic", ("tstr", "mean_auroc", "real_plus_synthetic")),
             ("TSTR / train-on-real", ("tstr", "ratio")),
+            ("TSTR - train-on-public", ("tstr", "synthetic_minus_public")),
             ("augmentation gain (real + synthetic - real)", ("tstr", "augmentation_gain")),
         ),
     ),
@@ -50,6 +52,7 @@ FINDING_COLUMNS: tuple[tuple[str, Path], ...] = (
     ("real held-out AUROC", ("tstr", "per_label", "real")),
     ("fidelity", ("label_fidelity", "per_label")),
     ("fidelity, linear judge", ("label_fidelity", "second_judge", "per_label")),
+    ("train-on-public AUROC", ("tstr", "per_label", "public")),
     ("TSTR AUROC", ("tstr", "per_label", "synthetic")),
     ("report F1", ("report_consistency", "per_label")),
 )

@@ -236,7 +236,13 @@ class Judge:
     """
 
     def __init__(
-        self, train: LabeledSet, heldout: LabeledSet, steps: int, seed: int, resamples: int
+        self,
+        train: LabeledSet,
+        heldout: LabeledSet,
+        steps: int,
+        seed: int,
+        resamples: int,
+        public: LabeledSet | None = None,
     ) -> None:
         if len(train.images) == 0:
             raise ValueError("the judge needs judge-train images")
@@ -248,6 +254,11 @@ class Judge:
         self.heldout_resampler = Resampler(heldout.units, "heldout")
         self.cnn = self.read(self.train_on(train.images, train.labels))
         self.linear = self.read(self.train_on(train.images, train.labels, "linear"))
+        # train-on-public: what the free public collection alone gives, the floor a release
+        # must beat (same architecture and steps, tested on the same held-out patients)
+        self.public = (
+            None if public is None else self.read(self.train_on(public.images, public.labels))
+        )
         self.model = self.cnn.model
         self.heldout_features = score_images(self.model, heldout.images)[1]
         self.train_features = score_images(self.model, train.images)[1]
@@ -260,12 +271,14 @@ class Judge:
         epochs: int = JUDGE_EPOCHS,
         seed: int = 0,
         resamples: int = DEFAULT_RESAMPLES,
+        public: LabeledSet | None = None,
     ) -> Judge:
-        """Train on `train` for `epochs` passes; every later classifier gets the same steps."""
+        """Train on `train` for `epochs` passes; every later classifier (train-on-public too)
+        gets the same steps."""
         if epochs < 1:
             raise ValueError("epochs must be at least 1")
         steps = epochs * -(-len(train.images) // BATCH_SIZE)
-        return cls(train, heldout, steps, seed, resamples)
+        return cls(train, heldout, steps, seed, resamples, public)
 
     def train_on(
         self, images: torch.Tensor, labels: torch.Tensor, family: str = "cnn"
@@ -288,9 +301,9 @@ class Judge:
         units = self.heldout_resampler.units
         return f"held-out real studies ({units} privacy units resampled)"
 
-    def real_auroc(self, reader: Reader | None = None) -> tuple[Figure, dict[str, Figure]]:
-        """Train-on-real: a reader's (default the judge's) own mean AUROC on held-out patients,
-        and per finding."""
+    def heldout_auroc(self, reader: Reader | None = None) -> tuple[Figure, dict[str, Figure]]:
+        """A reader's mean AUROC on the held-out patients, and per finding; by default the
+        judge's own (train-on-real, the ceiling)."""
         reader = reader or self.cnn
         n = len(self.heldout.images)
         mean = figure(nanmean(reader.point), nanmean(reader.draws), n, self.heldout_n, 0.5)
@@ -349,7 +362,7 @@ class Judge:
         per_label: dict[str, dict[str, Figure]] = {}
         probabilities = {}  # by reader: "" the judge (CNN), "linear_" the second judge
         for prefix, reader in (("", self.cnn), ("linear_", self.linear)):
-            real_mean, per_label[f"{prefix}real_heldout_auroc"] = self.real_auroc(reader)
+            real_mean, per_label[f"{prefix}real_heldout_auroc"] = self.heldout_auroc(reader)
             figures[f"{prefix}real_heldout_auroc"] = real_mean
             probabilities[prefix] = score_images(reader.model, synthetic.images)[0]
             mean, lift, per_label[f"{prefix}label_fidelity"] = self._fidelity(
@@ -382,6 +395,8 @@ class Judge:
         figures["duplicate_rate"] = Figure(duplicated, None, None, n, pairs_n, None, exact)
         figures["distinct_reports"] = Figure(len(keys), None, None, n, pairs_n, None, exact)
         figures["frechet"] = self.frechet(synthetic.images)
+        if self.public is not None:
+            figures["public_auroc"], per_label["public_auroc"] = self.heldout_auroc(self.public)
         per_label["report_label_f1"] = _per_finding(f1_point, f1_draws, n, pairs_n)
         per_label["image_report_kappa"] = _per_finding(kappa_point, kappa_draws, n, pairs_n, 0.0)
         if train_on_synthetic:
@@ -418,50 +433,42 @@ class Judge:
             if real_lift > 0
             else "undefined: the judge is no better than chance on real held-out images",
         )
-        real_mean = self.real_auroc(reader)[0]
+        real_mean = self.heldout_auroc(reader)[0]
         if real_lift > 0 and real_mean.verdict.startswith("not distinguishable"):
             caveat = "; the judge itself is not distinguishable from chance, so this means nothing"
             lift = replace(lift, verdict=lift.verdict + caveat)
         return mean, lift, _per_finding(point, draws, n, pairs_n, 0.5)
 
     def _train_on_synthetic(self, synthetic: SyntheticSet, per_label: dict) -> dict[str, Figure]:
-        """TSTR and real + synthetic, both tested on the held-out patients; ratio and gain paired
-        (each resample draws one set of held-out patients for both sides)."""
-        tstr_model = self.train_on(synthetic.images, synthetic.labels)
-        mixed_model = self.train_on(
-            torch.cat([self.train.images, synthetic.images]),
-            torch.cat([self.train.labels, synthetic.labels]),
-        )
-        tstr_probabilities = score_images(tstr_model, self.heldout.images)[0]
-        mixed_probabilities = score_images(mixed_model, self.heldout.images)[0]
-
-        def paired(rows: np.ndarray) -> np.ndarray:
-            targets = self.heldout_targets[rows]
-            real = auroc_per_label(self.cnn.probabilities[rows], targets)
-            tstr = auroc_per_label(tstr_probabilities[rows], targets)
-            mixed = auroc_per_label(mixed_probabilities[rows], targets)
-            return np.concatenate([[nanmean(real), nanmean(tstr), nanmean(mixed)], tstr, mixed])
-
-        point, draws = bootstrap(paired, [self.heldout_resampler], self.resamples, self.seed)
-        n, n_means, labels = len(self.heldout.images), self.heldout_n, len(FINDINGS)
-        per_label["tstr_auroc"] = _per_finding(
-            point[3 : 3 + labels], draws[:, 3 : 3 + labels], n, n_means, 0.5
-        )
-        per_label["real_plus_synthetic_auroc"] = _per_finding(
-            point[3 + labels :], draws[:, 3 + labels :], n, n_means, 0.5
-        )
-        real_point = point[0]
-        return {
-            "tstr_auroc": figure(point[1], draws[:, 1], n, n_means, 0.5),
-            "tstr_ratio": figure(
-                point[1] / real_point,
-                draws[:, 1] / draws[:, 0],
-                n,
-                n_means,
-                0.5 / real_point,
-            ),
-            "real_plus_synthetic_auroc": figure(point[2], draws[:, 2], n, n_means, 0.5),
-            "augmentation_gain": figure(
-                point[2] - real_point, draws[:, 2] - draws[:, 0], n, n_means, 0.0, "zero gain"
+        """TSTR and real + synthetic, both tested on the held-out patients. Ratios and
+        differences are paired: every reader's draws resample the same held-out patients."""
+        readers = {
+            "tstr_auroc": self.read(self.train_on(synthetic.images, synthetic.labels)),
+            "real_plus_synthetic_auroc": self.read(
+                self.train_on(
+                    torch.cat([self.train.images, synthetic.images]),
+                    torch.cat([self.train.labels, synthetic.labels]),
+                )
             ),
         }
+        figures = {}
+        for name, reader in readers.items():
+            figures[name], per_label[name] = self.heldout_auroc(reader)
+        tstr, mixed = readers["tstr_auroc"], readers["real_plus_synthetic_auroc"]
+        figures["tstr_ratio"] = self.compare(tstr, self.cnn, "ratio")
+        figures["augmentation_gain"] = self.compare(mixed, self.cnn, "gain")
+        if self.public is not None:
+            figures["tstr_minus_public"] = self.compare(tstr, self.public, "difference")
+        return figures
+
+    def compare(self, a: Reader, b: Reader, how: str) -> Figure:
+        """a's mean held-out AUROC over b's (how="ratio"), or minus it ("gain", "difference"),
+        paired: both sides of every draw come from the same resampled held-out patients."""
+        (a_point, a_draws), (b_point, b_draws) = (
+            (nanmean(r.point), nanmean(r.draws)) for r in (a, b)
+        )
+        n, n_means = len(self.heldout.images), self.heldout_n
+        if how == "ratio":
+            return figure(a_point / b_point, a_draws / b_draws, n, n_means, 0.5 / b_point)
+        null = "zero gain" if how == "gain" else "no difference"
+        return figure(a_point - b_point, a_draws - b_draws, n, n_means, 0.0, null)
