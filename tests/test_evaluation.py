@@ -40,7 +40,7 @@ from emixer_model.evaluation.image_metrics import (
     f1_score,
     frechet_distance,
 )
-from emixer_model.evaluation.tables import FIGURE_TABLES, figure_tables, lookup
+from emixer_model.evaluation.tables import FIGURE_TABLES, figure_tables, finding_table, lookup
 from emixer_model.evaluation.text_metrics import (
     ReferenceReports,
     copy_rate,
@@ -443,6 +443,27 @@ def test_evaluation_refuses_training_patients(phantom_world, tmp_path):
     labelled = verdicts(result)
     assert len(labelled) > 20 and all(v.startswith(TRAINING_PATIENTS) for v in labelled)
     assert TRAINING_PATIENTS in (tmp_path / "out" / "evaluation.html").read_text()
+
+
+def test_phrasing_share_reaches_json_and_page(phantom_world, tmp_path):
+    def names_the_finding(report: str, finding: str) -> bool:
+        return finding.split()[0].lower() in report.lower()
+
+    result = evaluate_release(
+        phantom_world["faithful"],
+        [phantom_world["site"]],
+        [phantom_world["state"]],
+        tmp_path,
+        epochs=1,
+        resamples=20,
+        phrasing=names_the_finding,
+    )
+    shares = result["phrasing"]["per_label"]
+    assert set(shares) == set(FINDINGS) and "names_the_finding" in result["phrasing"]["method"]
+    assert shares["Cardiomegaly"]["n"] == PAIRS_PER_FINDING and shares["Cardiomegaly"]["value"] > 0
+    names, rows = finding_table(result, FINDINGS)
+    assert "phrasing share" in names and len(rows) == len(FINDINGS)
+    assert "phrasing share" in (tmp_path / "evaluation.html").read_text()
 
 
 def test_evaluation_stays_out_of_the_release(phantom_world, faithful_result, tmp_path):

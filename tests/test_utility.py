@@ -18,6 +18,7 @@ from emixer_model.evaluation.utility import (
     figure,
     kappa_per_label,
     nanmean,
+    phrasing_share,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -74,6 +75,29 @@ def test_resampler_keeps_units_whole():
         counts = {u: int((units[drawn] == u).sum()) for u in "abc"}
         assert counts["a"] % 3 == 0 and counts["c"] % 2 == 0
         assert len(drawn) == sum(counts.values())
+
+
+def test_phrasing_share_counts_reports_of_each_finding():
+    """The share of reports conditioned on a finding that satisfy the predicate, for any finding
+    name and predicate; undefined where no pair is conditioned on the finding."""
+    cardio, effusion = FINDINGS.index("Cardiomegaly"), FINDINGS.index("Pleural Effusion")
+    labels = torch.zeros(8, len(FINDINGS))
+    labels[:4, cardio] = 1  # 4 pairs conditioned on cardiomegaly, 1 of them in "site" words
+    labels[4:, effusion] = 1  # 4 on effusion, 3 in "site" words
+    reports = ["big heart", "cardiomegaly", "cardiomegaly", "cardiomegaly"]
+    reports += ["fluid noted", "fluid noted", "fluid noted", "pleural effusion"]
+    synthetic = SyntheticSet(torch.zeros(8, 1, 4, 4), labels, reports)
+    site_words = {"Cardiomegaly": "big heart", "Pleural Effusion": "fluid"}
+
+    def uses_site_words(report: str, finding: str) -> bool:
+        return finding in site_words and site_words[finding] in report
+
+    shares = phrasing_share(synthetic, uses_site_words, resamples=200, seed=0)
+    assert set(shares) == set(FINDINGS)
+    assert shares["Cardiomegaly"].value == 0.25 and shares["Cardiomegaly"].n == 4
+    assert shares["Pleural Effusion"].value == 0.75
+    assert shares["Pleural Effusion"].low < 0.75 < shares["Pleural Effusion"].high
+    assert shares["Edema"].value is None and shares["Edema"].verdict.startswith("undefined")
 
 
 def test_kappa_does_not_reward_two_sides_saying_nothing():

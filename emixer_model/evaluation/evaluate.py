@@ -49,6 +49,7 @@ from emixer_model.evaluation.utility import (
     BOOTSTRAP_NOTE,
     Figure,
     Judge,
+    Phrasing,
     Scores,
     SyntheticSet,
 )
@@ -456,11 +457,13 @@ def evaluate_release(
     allow_training_patients: bool = False,
     findings: Sequence[str] = FINDINGS,
     public_dir: Path | None = None,
+    phrasing: Phrasing | None = None,
 ) -> dict:
     """Run every evaluation and write out_dir/evaluation.json, figures/ and evaluation.html (the
     per-finding rows for `findings`); return the result. Nothing is written to the release.
     With `public_dir` (a public collection, the format `emixer pretrain` reads), a classifier
-    trained on it alone is the train-on-public baseline beside train-on-real and TSTR.
+    trained on it alone is the train-on-public baseline beside train-on-real and TSTR. With
+    `phrasing` (report, finding) -> bool, per finding the share of synthetic reports that use it.
 
     The judge trains on the sites' training-side patients and is tested on their recorded
     evaluation patients, which no generator trained on: the synthetic images are scored by a
@@ -500,7 +503,8 @@ def evaluate_release(
     log(f"training the judge on the training-side patients ({epochs} epochs)")
     judge = Judge.fit(real.train, real.heldout, epochs, seed, resamples, public)
     log("scoring the release; training on synthetic, and on real + synthetic")
-    scores = judge.score(SyntheticSet(release.images, release.labels, release.reports))
+    synthetic = SyntheticSet(release.images, release.labels, release.reports)
+    scores = judge.score(synthetic, phrasing=phrasing)
     result: dict = {
         "release": {
             "folder": str(Path(release_dir).resolve()),
@@ -533,6 +537,13 @@ def evaluate_release(
         },
     }
     result |= score_sections(scores)
+    if phrasing is not None:
+        result["phrasing"] = {
+            "method": f"per finding, the share of synthetic reports conditioned on it for which "
+            f"{getattr(phrasing, '__name__', 'the predicate')}(report, finding) holds; "
+            "resampled by pair",
+            "per_label": _figures(scores.per_label["phrasing_share"]),
+        }
     log("text statistics")
     result["text"] = text_statistics(
         release.reports,

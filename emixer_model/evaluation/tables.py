@@ -55,6 +55,7 @@ FINDING_COLUMNS: tuple[tuple[str, Path], ...] = (
     ("train-on-public AUROC", ("tstr", "per_label", "public")),
     ("TSTR AUROC", ("tstr", "per_label", "synthetic")),
     ("report F1", ("report_consistency", "per_label")),
+    ("phrasing share", ("phrasing", "per_label")),
 )
 FIGURE_COLUMNS = ("value", "95% interval", "n", "verdict")
 

@@ -21,7 +21,7 @@ is conservative, and a small loss can be dilution rather than harm.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -185,6 +185,47 @@ class SyntheticSet:
                 f"images; got {len(self.images)} images, {len(self.labels)} label rows, "
                 f"{len(self.reports)} reports"
             )
+
+
+Phrasing = Callable[[str, str], bool]  # (report, finding) -> the report uses the phrasing
+
+
+def phrasing_share(
+    synthetic: SyntheticSet, phrasing: Phrasing, resamples: int, seed: int
+) -> dict[str, Figure]:
+    """Per finding: the share of synthetic reports conditioned on it for which
+    phrasing(report, finding) holds (e.g. a site's own wording of that finding), resampled by
+    pair. No chance level: compare with another model's share (public-only, non-private)."""
+    conditioned = synthetic.labels.numpy() > 0.5
+    uses = np.array(
+        [
+            [
+                bool(on) and phrasing(report, finding)
+                for finding, on in zip(FINDINGS, row, strict=True)
+            ]
+            for report, row in zip(synthetic.reports, conditioned, strict=True)
+        ]
+    ).reshape(conditioned.shape)
+
+    def share(rows: np.ndarray) -> np.ndarray:
+        count = conditioned[rows].sum(axis=0)
+        used = uses[rows].sum(axis=0)
+        return np.divide(used, count, out=np.full(len(FINDINGS), np.nan), where=count > 0)
+
+    point, draws = bootstrap(share, [Resampler(np.arange(len(uses)), "pairs")], resamples, seed)
+    counts = conditioned.sum(axis=0)
+    return {
+        finding: figure(
+            point[j],
+            draws[:, j],
+            int(counts[j]),
+            "synthetic pairs conditioned on this finding",
+            verdict_text="no chance level: compare the share with another model's"
+            if counts[j]
+            else "undefined: no pair is conditioned on this finding",
+        )
+        for j, finding in enumerate(FINDINGS)
+    }
 
 
 @dataclass
@@ -351,9 +392,15 @@ class Judge:
             f"held-out real images: {baseline:.4g})",
         )
 
-    def score(self, synthetic: SyntheticSet, train_on_synthetic: bool = True) -> Scores:
+    def score(
+        self,
+        synthetic: SyntheticSet,
+        train_on_synthetic: bool = True,
+        phrasing: Phrasing | None = None,
+    ) -> Scores:
         """Every figure of one synthetic set; train_on_synthetic=False skips the two extra
-        classifiers (TSTR and augmentation), the only part that trains anything."""
+        classifiers (TSTR and augmentation), the only part that trains anything. With
+        `phrasing`, per finding the share of reports that use it (`phrasing_share`)."""
         n = len(synthetic.images)
         pairs = Resampler(np.arange(n), "pairs")
         pairs_n = "synthetic pairs"
@@ -397,6 +444,10 @@ class Judge:
         figures["frechet"] = self.frechet(synthetic.images)
         if self.public is not None:
             figures["public_auroc"], per_label["public_auroc"] = self.heldout_auroc(self.public)
+        if phrasing is not None:
+            per_label["phrasing_share"] = phrasing_share(
+                synthetic, phrasing, self.resamples, self.seed
+            )
         per_label["report_label_f1"] = _per_finding(f1_point, f1_draws, n, pairs_n)
         per_label["image_report_kappa"] = _per_finding(kappa_point, kappa_draws, n, pairs_n, 0.0)
         if train_on_synthetic:
