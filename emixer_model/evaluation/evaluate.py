@@ -334,6 +334,19 @@ def _figures(entries: dict[str, Figure]) -> dict[str, dict]:
     return {name: figure.as_dict() for name, figure in entries.items()}
 
 
+def _judge_figures(scores: Scores, prefix: str) -> dict:
+    """One judge's figures ("" the CNN, "linear_" the second judge): its own AUROC on held-out
+    real images, its label fidelity, the fidelity's share of its lift, and per finding."""
+    fig, per_label = scores.figures, scores.per_label
+    return {
+        "real_heldout_auroc": fig[f"{prefix}real_heldout_auroc"].as_dict(),
+        "mean_auroc": fig[f"{prefix}label_fidelity"].as_dict(),
+        "lift_fraction": fig[f"{prefix}fidelity_lift_fraction"].as_dict(),
+        "per_label": _figures(per_label[f"{prefix}label_fidelity"]),
+        "real_per_label": _figures(per_label[f"{prefix}real_heldout_auroc"]),
+    }
+
+
 def score_sections(scores: Scores) -> dict:
     """The evaluation.json sections of the library's figures, each with its method in words."""
     fig, per_label = scores.figures, scores.per_label
@@ -343,19 +356,13 @@ def score_sections(scores: Scores) -> dict:
             "synthetic image; AUROC against the labels the image was generated for, mean over "
             "findings where both classes occur; lift_fraction = (fidelity - 0.5) / (judge's real "
             "held-out AUROC - 0.5), 1 meaning the images carry their labels as well as real ones",
-            "mean_auroc": fig["label_fidelity"].as_dict(),
-            "lift_fraction": fig["fidelity_lift_fraction"].as_dict(),
-            "per_label": _figures(per_label["label_fidelity"]),
+            **_judge_figures(scores, ""),
             "second_judge": {
                 "method": "the same figures from a judge of another family: logistic regression "
                 "on 16x16 average-pooled pixels, trained on the same patients and steps. G is "
                 "rewarded through D's convolutional finding head, so a fidelity only the CNN saw "
                 "could be an artefact of that reward; one this linear reader sees too is not",
-                "real_heldout_auroc": fig["linear_real_heldout_auroc"].as_dict(),
-                "mean_auroc": fig["linear_label_fidelity"].as_dict(),
-                "lift_fraction": fig["linear_fidelity_lift_fraction"].as_dict(),
-                "per_label": _figures(per_label["linear_label_fidelity"]),
-                "real_per_label": _figures(per_label["linear_real_heldout_auroc"]),
+                **_judge_figures(scores, "linear_"),
             },
         },
         "report_consistency": {
