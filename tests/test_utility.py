@@ -11,6 +11,7 @@ from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.data.splits import EvaluationSplit, LabeledSet, split_labeled
 from emixer_model.evaluation.bootstrap import Resampler, bootstrap
 from emixer_model.evaluation.utility import (
+    Figure,
     Judge,
     SyntheticSet,
     auroc_per_label,
@@ -18,6 +19,8 @@ from emixer_model.evaluation.utility import (
     figure,
     kappa_per_label,
     nanmean,
+    over_seeds,
+    paired_difference,
     phrasing_share,
 )
 
@@ -57,6 +60,35 @@ def test_verdict_says_when_a_figure_is_chance():
     assert auroc_figure(200, -2.0).verdict == "below chance (0.5)"
     gain = figure(0.02, np.linspace(-0.01, 0.05, 100), 18, "held-out", 0.0, "zero gain")
     assert gain.verdict == "not distinguishable from zero gain (0)"
+
+
+def test_seeds_widen_the_interval_to_their_spread():
+    rng = np.random.default_rng(0)
+
+    def run(centre: float):
+        draws = centre + 0.01 * rng.normal(size=400)
+        return figure(centre, draws, 50, "held-out", chance=0.5)
+
+    alike = [run(0.7) for _ in range(3)]
+    assert over_seeds(alike).value == pytest.approx(0.7)
+    assert over_seeds(alike).high - over_seeds(alike).low < 0.05
+    spread = over_seeds([run(0.6), run(0.7), run(0.8)])
+    assert spread.value == pytest.approx(0.7) and spread.n_means.endswith("mean of 3 seeds")
+    # the mean of 3 seeds spread by 0.1 moves by about 0.1 / sqrt(3) between seed draws
+    assert spread.low < 0.65 and spread.high > 0.75
+    exact = over_seeds([Figure(0.0, None, None, 9, "pairs"), Figure(0.5, None, None, 9, "pairs")])
+    assert exact.value == 0.25 and exact.low is None
+
+
+def test_paired_difference_cancels_what_both_sides_share():
+    shared = np.random.default_rng(1).normal(0.7, 0.05, 400)  # both resampled the same patients
+    a = figure(0.75, shared + 0.05, 80, "held-out", chance=0.5)
+    b = figure(0.70, shared, 80, "held-out", chance=0.5)
+    assert a.low < b.high  # the two intervals overlap ...
+    difference = paired_difference(a, b)
+    assert difference.value == pytest.approx(0.05)
+    assert difference.verdict == "above no difference (0)"  # ... their paired difference does not
+    assert over_seeds([difference, difference], null="no difference").low > 0
 
 
 def test_undefined_figure_has_no_interval():
@@ -173,14 +205,18 @@ def test_lift_fraction_is_one_for_real_heldout_images(judge):
     assert scores.figures["frechet"].value < judge.frechet(noise).low
 
 
-def test_random_images_and_empty_reports_are_called_chance(judge):
-    generator = torch.Generator().manual_seed(1)
-    n = 80
-    noise = SyntheticSet(
+def noise_pairs(n: int, seed: int) -> SyntheticSet:
+    """Uniform noise images with random labels and empty reports: pairs that carry nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    return SyntheticSet(
         torch.rand(n, 1, SIZE, SIZE, generator=generator) * 2 - 1,
         (torch.rand(n, len(FINDINGS), generator=generator) < 0.3).float(),
         [""] * n,
     )
+
+
+def test_random_images_and_empty_reports_are_called_chance(judge):
+    noise = noise_pairs(80, seed=1)
     scores = judge.score(noise)
     fig = scores.figures
     for judged in ("label_fidelity", "linear_label_fidelity"):
@@ -209,13 +245,7 @@ def test_train_on_public_is_a_baseline_paired_with_tstr(phantom_sets):
     the judge's, and TSTR minus public must equal TSTR minus real, draw by draw."""
     train, heldout = phantom_sets
     judge = Judge.fit(train, heldout, epochs=10, seed=0, resamples=100, public=train)
-    generator = torch.Generator().manual_seed(5)
-    n = 40
-    synthetic = SyntheticSet(
-        torch.rand(n, 1, SIZE, SIZE, generator=generator) * 2 - 1,
-        (torch.rand(n, len(FINDINGS), generator=generator) < 0.3).float(),
-        [""] * n,
-    )
+    synthetic = noise_pairs(40, seed=5)
     scores = judge.score(synthetic)
     fig = scores.figures
     assert fig["public_auroc"] == fig["real_heldout_auroc"]
@@ -273,3 +303,14 @@ def test_bench_scores_the_release_a_researcher_receives():
     expected = [label_vector(c) for c in parse_conditions(None) for _ in range(2)]
     assert synthetic.labels.numpy().tolist() == np.stack(expected).tolist()
     assert len(synthetic.reports) == len(expected)
+
+
+def test_bench_validation_and_test_splits_are_disjoint_halves(phantom_sets):
+    from bench.utility import scored_split
+
+    _, heldout = phantom_sets
+    validation, test = scored_split(heldout, "validation"), scored_split(heldout, "test")
+    assert set(validation.units).isdisjoint(test.units)
+    assert len(validation.images) + len(test.images) == len(heldout.images)
+    assert len(validation.images) > 0 and len(test.images) > 0
+    assert scored_split(heldout, "test").units.tolist() == test.units.tolist()

@@ -64,6 +64,8 @@ class Figure:
     n_means: str
     chance: float | None = None
     verdict: str = ""
+    # the bootstrap draws [B] behind the interval (None for exact counts): what pools seeds
+    draws: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict:
         rounded = {k: _round(getattr(self, k)) for k in ("value", "low", "high", "chance")}
@@ -107,7 +109,36 @@ def figure(
         verdict_text = "undefined" if value is None else ""
         if chance is not None:
             verdict_text = verdict(value, low, high, chance, null)
-    return Figure(value, low, high, n, n_means, chance, verdict_text)
+    return Figure(value, low, high, n, n_means, chance, verdict_text, np.asarray(draws, float))
+
+
+def paired_difference(a: Figure, b: Figure) -> Figure:
+    """a - b draw by draw: both figures resampled the same held-out patients and synthetic
+    pairs at every draw (the same resamplers and seed), so the interval is a paired one."""
+    if a.draws is None or b.draws is None:
+        raise ValueError("a paired difference needs the bootstrap draws of both figures")
+    point = np.nan if a.value is None or b.value is None else a.value - b.value
+    return figure(point, a.draws - b.draws, a.n, f"{a.n_means}, paired", 0.0, "no difference")
+
+
+def over_seeds(runs: Sequence[Figure], seed: int = 0, null: str = "chance") -> Figure:
+    """One figure measured on models trained with different seeds, as one: the mean of their
+    values, with an interval that covers the seed variation and the sampling. A two-level
+    bootstrap: each resample draws as many seeds as there are, with replacement, and takes each
+    drawn seed's own bootstrap draw at that resample (every run resampled the same patients and
+    pairs at resample b), so the interval is that of the mean over seeds. Exact counts (no
+    draws) get the mean and no interval."""
+    first = runs[0]
+    n_means = f"{first.n_means}; mean of {len(runs)} seeds"
+    values = np.array([np.nan if r.value is None else r.value for r in runs])
+    if any(r.draws is None for r in runs):
+        mean = None if np.isnan(values).all() else float(np.nanmean(values))
+        return Figure(mean, None, None, first.n, n_means, first.chance, first.verdict)
+    draws = np.stack([r.draws for r in runs])  # [seeds, B]
+    seeds, resamples = draws.shape
+    picks = np.random.default_rng([seed, seeds]).integers(0, seeds, (resamples, seeds))
+    pooled = nanmean(draws[picks, np.arange(resamples)[:, None]])
+    return figure(float(nanmean(values)), pooled, first.n, n_means, first.chance, null)
 
 
 def auroc_per_label(probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:
