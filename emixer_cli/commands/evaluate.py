@@ -47,8 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--state-dir",
         nargs="+",
         metavar="DIR",
-        help="where each site's decoded-image cache lives, one per --real folder "
-        "(default ~/.emixer/state/<site>-<hash>; never inside the data or release folder)",
+        help="each site's state dir, one per --real folder: its decoded-image cache and the "
+        "evaluation split it recorded before round 1 (default ~/.emixer/state/<site>-<hash>; "
+        "never inside the data or release folder)",
     )
     parser.add_argument(
         "--allow-training-patients",
