@@ -14,7 +14,8 @@ non-members (held out). Three attacks each score every labeled study, higher mea
   for the same labels; it tests what a synthetic release could leak.
 
 Each attack is summarised by ROC AUC (0.5 = no better than chance) and TPR at 1% and 0.1% FPR,
-with seeded bootstrap 95% intervals. Memorisation compares each synthetic image's distance to its
+with seeded bootstrap 95% intervals (the evaluation's AUROC and bootstrap, patients resampled
+whole). Memorisation compares each synthetic image's distance to its
 nearest member image with the real-to-real nearest-neighbour distances among members, and saves
 the closest synthetic/real pairs as a PNG for a person to look at. audit.json and the PNG hold
 real images and per-site details: they stay at the site.
@@ -33,6 +34,9 @@ from rich.table import Table
 
 from emixer_model.config import FINDINGS
 from emixer_model.data.site import SiteData, holdout_units
+from emixer_model.data.splits import unit_of_row
+from emixer_model.evaluation.bootstrap import Resampler, bootstrap, percentile_interval
+from emixer_model.evaluation.image_metrics import auroc
 from emixer_model.networks import EmixerNets
 from emixer_model.shared import UserError, write_json_atomic
 
@@ -92,12 +96,6 @@ def roc_curve(members: np.ndarray, nonmembers: np.ndarray) -> tuple[np.ndarray, 
     return np.concatenate([[0.0], fp / n.size]), np.concatenate([[0.0], tp / m.size])
 
 
-def roc_auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
-    """P(member score > non-member score) + half the ties: 0.5 means the attack learns nothing."""
-    fpr, tpr = roc_curve(members, nonmembers)
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-
-
 def tpr_at_fpr(members: np.ndarray, nonmembers: np.ndarray, fpr: float) -> float:
     """TPR at a false-positive rate, linearly interpolated on the ROC curve's upper envelope.
 
@@ -115,39 +113,45 @@ def attack_metrics(
     resamples: int = 200,
     seed: int = 0,
     fprs: tuple[float, ...] = TARGET_FPRS,
+    member_units: np.ndarray | None = None,
+    nonmember_units: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """AUC and TPR at each FPR with percentile bootstrap 95% CIs (members and non-members resampled
-    separately, so every resample keeps both groups' sizes).
+    """AUC and TPR at each FPR with percentile bootstrap 95% CIs (evaluation/bootstrap.py).
 
-    A TPR at an FPR below 1/(non-members) cannot be measured, only interpolated; such entries say
-    `resolved: false` and how many non-members would be needed. Scores are resampled per study:
-    where patients have several studies the intervals come out somewhat too narrow.
+    Members and non-members are resampled separately, so every resample keeps both groups, and
+    by whole privacy unit (one unit per score unless `*_units` say which scores share a
+    patient), so a patient's correlated studies never narrow the interval. A TPR at an FPR below
+    1/(non-members) cannot be measured, only interpolated; such entries say `resolved: false`
+    and how many non-members would be needed.
     """
     m, n = _scores(members, nonmembers)
-    rng = np.random.default_rng(seed)
-    boot_auc = np.empty(resamples)
-    boot_tpr = np.empty((resamples, len(fprs)))
-    for i in range(resamples):
-        bm = m[rng.integers(0, m.size, m.size)]
-        bn = n[rng.integers(0, n.size, n.size)]
-        boot_auc[i] = roc_auc(bm, bn)
-        boot_tpr[i] = [tpr_at_fpr(bm, bn, f) for f in fprs]
 
-    def ci(values: np.ndarray) -> list[float]:
-        return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+    def statistic(m_rows: np.ndarray, n_rows: np.ndarray) -> np.ndarray:
+        bm, bn = m[m_rows], n[n_rows]
+        auc = auroc(np.r_[bm, bn], np.r_[np.ones(len(bm), bool), np.zeros(len(bn), bool)])
+        return np.array([auc, *(tpr_at_fpr(bm, bn, f) for f in fprs)])
+
+    resamplers = [
+        Resampler(np.arange(m.size) if member_units is None else member_units, "members"),
+        Resampler(np.arange(n.size) if nonmember_units is None else nonmember_units, "others"),
+    ]
+    point, draws = bootstrap(statistic, resamplers, resamples, seed)
+
+    def ci(column: int) -> list[float]:
+        return list(percentile_interval(draws[:, column]) or (math.nan, math.nan))
 
     tprs = {}
-    for j, f in enumerate(fprs):
+    for j, f in enumerate(fprs, start=1):
         needed = math.ceil(1 / f - 1e-9)
         tprs[f"{f:g}"] = {
-            "value": tpr_at_fpr(m, n, f),
-            "ci95": ci(boot_tpr[:, j]),
+            "value": float(point[j]),
+            "ci95": ci(j),
             "resolved": n.size >= needed,
             "nonmembers_needed": needed,
         }
     return {
-        "auc": roc_auc(m, n),
-        "auc_ci95": ci(boot_auc),
+        "auc": float(point[0]),
+        "auc_ci95": ci(0),
         "tpr_at_fpr": tprs,
         "members": int(m.size),
         "nonmembers": int(n.size),
@@ -296,8 +300,16 @@ def membership_attacks(
         "nearest-neighbour": nn_scores,
     }
     cut = split.members.size
+    unit = unit_of_row(data)
     metrics = {
-        name: attack_metrics(s[:cut], s[cut:], resamples=resamples, seed=seed)
+        name: attack_metrics(
+            s[:cut],
+            s[cut:],
+            resamples=resamples,
+            seed=seed,
+            member_units=unit[split.members],
+            nonmember_units=unit[split.nonmembers],
+        )
         for name, s in scores.items()
     }
     return metrics, generated, generated_labels

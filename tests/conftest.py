@@ -92,20 +92,30 @@ def signed_checkpoint(site: Path, root: Path, cfg: EmixerConfig, rounds: int) ->
 
 
 @pytest.fixture(scope="session")
-def evaluated_release(tmp_path_factory, tiny_sites) -> Path:
+def small_release(tmp_path_factory, tiny_sites) -> Path:
     """A small release (one pair per condition) of a model after one private round at one phantom
-    site, evaluated against that site, with its index.html: what the release page and DICOM
-    conformance tests look at."""
-    from emixer_model.evaluation.evaluate import evaluate_release
+    site, with its index.html: what the release page and DICOM conformance tests look at. The
+    site's state dir is the release folder's sibling `state`."""
     from server.tools.release import parse_conditions, release
-    from server.tools.release_page import write_index_html
 
-    root = tmp_path_factory.mktemp("evaluated-release")
+    root = tmp_path_factory.mktemp("small-release")
     ckpt = signed_checkpoint(tiny_sites[0], root, tiny_config(), rounds=1)
     out = root / "release"
     release(ckpt, out, per_label=1, conditions=parse_conditions(None))
-    evaluate_release(out, tiny_sites[:1], [root / "state"], epochs=2)
-    write_index_html(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_evaluation(small_release, tiny_sites) -> Path:
+    """small_release evaluated against its site, in a folder of its own: the site trained
+    without an evaluation split, so this is scored (and labelled) on training patients."""
+    from emixer_model.evaluation.evaluate import evaluate_release
+
+    out = small_release.parent / "evaluation"
+    state = small_release.parent / "state"
+    evaluate_release(
+        small_release, tiny_sites[:1], [state], out, epochs=2, allow_training_patients=True
+    )
     return out
 
 

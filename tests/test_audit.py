@@ -10,10 +10,10 @@ import torch
 
 from emixer_model.config import FINDINGS
 from emixer_model.data.site import SiteData, holdout_units
+from emixer_model.evaluation.image_metrics import auroc
 from emixer_model.membership_audit import (
     attack_metrics,
     memorisation,
-    roc_auc,
     split_site,
     tpr_at_fpr,
 )
@@ -21,6 +21,13 @@ from emixer_model.networks import build_networks, get_weights
 from emixer_model.text.vocabulary import VOCAB_SIZE
 from server.checkpoint import Checkpoint, save_checkpoint
 from tests.conftest import tiny_config
+
+
+def roc_auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
+    """The attack's AUC: the evaluation's one AUROC with members as the positive class."""
+    return auroc(
+        np.r_[members, nonmembers], np.r_[np.ones(len(members)), np.zeros(len(nonmembers))]
+    )
 
 
 def test_perfect_separation() -> None:
@@ -68,6 +75,21 @@ def test_metrics_ci_contains_estimate_and_flags_unresolved_fpr() -> None:
     assert attack_metrics(members, nonmembers, resamples=50, seed=3) == attack_metrics(
         members, nonmembers, resamples=50, seed=3
     )
+
+
+def test_patients_with_many_studies_widen_the_interval() -> None:
+    """Studies of one patient are resampled together: 4 patients x 10 identical studies are 4
+    observations, not 40, so the interval is wider than if each study were its own unit."""
+    rng = np.random.default_rng(2)
+    members = np.repeat(rng.normal(0.5, 1, 4), 10)
+    nonmembers = rng.normal(0, 1, 40)
+    per_study = attack_metrics(members, nonmembers, resamples=300, seed=0)
+    per_patient = attack_metrics(
+        members, nonmembers, resamples=300, seed=0, member_units=np.repeat(np.arange(4), 10)
+    )
+    assert per_patient["auc"] == per_study["auc"]
+    width = {k: np.diff(m["auc_ci95"])[0] for k, m in (("s", per_study), ("p", per_patient))}
+    assert width["p"] > 1.5 * width["s"]
 
 
 def test_split_keeps_patients_whole_and_matches_training() -> None:

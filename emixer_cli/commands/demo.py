@@ -15,11 +15,12 @@ from pathlib import Path
 
 from rich.table import Table
 
-from emixer_cli.commands.evaluate import evaluate_with_page
+from emixer_cli.commands.evaluate import evaluate_and_print
 from emixer_cli.commands.pretrain import pretrain_with_progress
 from emixer_cli.common import CONFIG_HELP, command_config, console, progress_bar
 from emixer_cli.logs import LOG_FILE, log_to_file
 from emixer_model.config import EmixerConfig
+from emixer_model.evaluation.page import PAGE_NAME
 
 # The demo's own settings (a --config file replaces all of them): sized so the whole demo, public
 # pretraining included, finishes in about 10 minutes on 2 CPU cores; the values come from
@@ -109,15 +110,22 @@ def public_folder(out: Path, args: argparse.Namespace) -> Path:
     return out / f"public-v{PHANTOM_VERSION}-{args.public_studies}x{args.size}px-seed{args.seed}"
 
 
-def cached_pretrained_model(out: Path, cfg: EmixerConfig, args: argparse.Namespace) -> Path:
-    """The demo's public collection and its pretrained model, made once and reused: the key is
-    everything the model depends on (phantom version, collection seed and size, model and train
-    config, steps). The report-grammar warm start takes half as many steps as the pretraining."""
+def public_collection(out: Path, args: argparse.Namespace) -> Path:
+    """The demo's phantom public collection, written once and reused."""
     from emixer_model.data.phantoms import write_public_collection
 
     public = public_folder(out, args)
     if not (public / "studies.csv").is_file():
         write_public_collection(public, n=args.public_studies, seed=args.seed, size=args.size)
+    return public
+
+
+def cached_pretrained_model(
+    out: Path, public: Path, cfg: EmixerConfig, args: argparse.Namespace
+) -> Path:
+    """The demo's pretrained model, made once and reused: the key is everything the model
+    depends on (collection seed and size, model and train config, steps). The report-grammar
+    warm start takes half as many steps as the pretraining."""
     steps, warm = args.pretrain_steps, args.pretrain_steps // 2
     key = json.dumps([public.name, cfg.model.__dict__, cfg.train.__dict__, steps], sort_keys=True)
     path = out / f"pretrained-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
@@ -181,8 +189,10 @@ def run(args: argparse.Namespace) -> int:
         (data_dir / "COMPLETE").write_text("phantom data written completely\n")
     sites = sorted(p for p in data_dir.iterdir() if p.is_dir())
     console.rule("2/5 public pretraining at the coordinator (no site data, no privacy cost)")
+    public = None
     if args.pretrain_steps > 0:
-        pretrained = cached_pretrained_model(out, cfg, args)
+        public = public_collection(out, args)
+        pretrained = cached_pretrained_model(out, public, cfg, args)
         console.print(f"initial model {pretrained}")
         initial = str(pretrained.resolve())
         cfg = replace(cfg, federation=replace(cfg.federation, initial_model=initial))
@@ -209,8 +219,20 @@ def run(args: argparse.Namespace) -> int:
         "(the maximum over sites)"
     )
     console.rule("5/5 evaluation against the phantom sites' real data")
-    evaluate_with_page(
-        release_dir, sites, [run_dir / "state" / site.name for site in sites], args.seed
+    evaluation_dir = run_dir / "evaluation"
+    # site training does not hold evaluation patients out yet, so nothing is recorded and
+    # every figure is labelled as scored on training patients
+    evaluate_and_print(
+        release_dir,
+        sites,
+        [run_dir / "state" / site.name for site in sites],
+        evaluation_dir,
+        seed=args.seed,
+        allow_training_patients=True,
+        public_dir=public,
     )
-    console.print(f"open {(release_dir / 'index.html').resolve()} in a browser")
+    console.print(
+        f"open {(release_dir / 'index.html').resolve()} in a browser (the release); its "
+        f"evaluation, which stays at the sites, is {evaluation_dir / PAGE_NAME}"
+    )
     return 0

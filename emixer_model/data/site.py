@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ import torch
 
 from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.data.dicom import NORMALISATION_VERSION, SKIP_REASONS, SkipFile, decode_dicom
+from emixer_model.data.splits import choose_held_out
 from emixer_model.shared import ProgressFn, UserError
 from emixer_model.text.vocabulary import encode_report, fits_caps
 
@@ -86,6 +87,10 @@ class SiteData:
     units: list[tuple[list[int], list[int]]]  # privacy units: (image indices, unlabeled indices)
     per_patient: bool
     skipped: list[tuple[str, str, str]]  # (relative path, reason code, detail); stays at the site
+    # each image's and unlabeled scan's file relative to the site folder: what identifies a unit
+    # in the evaluation split (emixer_model.data.splits); stays at the site
+    files: list[str] = field(default_factory=list)
+    unlabeled_files: list[str] = field(default_factory=list)
 
     def without_units(self, held_out: set[int]) -> SiteData:
         """The same data with some privacy units taken out of training (kept for the audit)."""
@@ -94,15 +99,10 @@ class SiteData:
 
 
 def holdout_units(n_units: int, fraction: float, seed: int) -> set[int]:
-    """Units a site keeps out of training so `emixer audit` has non-members to compare with.
-
-    Deterministic in (n_units, fraction, seed): training and the audit draw the same set.
-    """
-    if fraction <= 0:
-        return set()
-    count = min(n_units - 1, round(fraction * n_units))
-    order = np.random.default_rng([seed, 7919]).permutation(n_units)
-    return {int(i) for i in order[:count]}
+    """Units a site keeps out of training so `emixer audit` has non-members to compare with:
+    the one splitter (data/splits.py) keyed on the units' positions, as site training and the
+    audit both call it with the unit count only. Deterministic in (n_units, fraction, seed)."""
+    return choose_held_out([str(i) for i in range(n_units)], fraction, seed)
 
 
 def read_studies(site_dir: Path) -> StudyTable:
@@ -509,7 +509,15 @@ def site_tensors(
         else torch.zeros(0, 1, r, r)
     )
     return SiteData(
-        images, labels, tokens, unlabeled, grouping.units, grouping.per_patient, kept.skipped
+        images,
+        labels,
+        tokens,
+        unlabeled,
+        grouping.units,
+        grouping.per_patient,
+        kept.skipped,
+        files=[rel for _, rel in usable],
+        unlabeled_files=list(kept.unlabeled),
     )
 
 

@@ -1,8 +1,12 @@
-"""A small multi-label CNN that judges whether images show their findings.
+"""Small multi-label classifiers that judge whether images show their findings.
 
-Trained locally on whatever images the caller gives (real, synthetic or both) in seconds on a CPU:
-GroupNorm instead of BatchNorm so small, label-skewed batches behave, global average pooling so
-any resolution works. Its penultimate layer doubles as the feature space of the Frechet distance.
+Trained locally on whatever images the caller gives (real, synthetic or both) in seconds on a CPU.
+The CNN (GroupNorm instead of BatchNorm so small, label-skewed batches behave, global average
+pooling so any resolution works) is the judge; its penultimate layer doubles as the feature space
+of the Frechet distance. The linear model (logistic regression on average-pooled pixels) is a
+second judge of another family: the generator is rewarded through D's convolutional finding
+head, so a fidelity only a CNN sees could be an artefact of that reward; one a linear reader of
+the pixels also sees is not.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def one_thread() -> Iterator[None]:
 class FindingClassifier(nn.Module):
     """Four stride-2 conv blocks -> global average pool (features) -> one logit per finding."""
 
+    lr = 2e-3
+
     def __init__(self, n_labels: int, width: int = 16, groups: int = 4) -> None:
         super().__init__()
         channels = [1, width, 2 * width, 4 * width, 4 * width]
@@ -55,15 +61,45 @@ class FindingClassifier(nn.Module):
         return self.head(self.features(images))
 
 
+class LinearFindingClassifier(nn.Module):
+    """Logistic regression per finding on the image average-pooled to grid x grid pixels.
+
+    Its learning rate is 5x the CNN's: on 120 phantom studies at 32 px and 300 steps, held-out
+    mean AUROC 0.66 at 2e-3 and 0.74 at 1e-2 (the CNN: 0.79).
+    """
+
+    lr = 1e-2
+
+    def __init__(self, n_labels: int, grid: int = 16) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.head = nn.Linear(grid * grid, n_labels)
+        self.feature_dim = grid * grid
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pool(images).flatten(1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+Classifier = FindingClassifier | LinearFindingClassifier
+FAMILIES: dict[str, type[Classifier]] = {
+    "cnn": FindingClassifier,
+    "linear": LinearFindingClassifier,
+}
+
+
 def train_classifier(
     images: torch.Tensor,
     labels: torch.Tensor,
     steps: int,
     seed: int,
     batch_size: int = 32,
-    lr: float = 2e-3,
-) -> FindingClassifier:
-    """Fit a fresh classifier on images [N,1,R,R] in [-1,1] and multi-hot labels [N,L].
+    family: str = "cnn",
+) -> Classifier:
+    """Fit a fresh classifier of `family` (FAMILIES) on images [N,1,R,R] in [-1,1] and multi-hot
+    labels [N,L].
 
     A budget of optimiser steps, not epochs, so classifiers trained on sets of different sizes
     (real, synthetic, real + synthetic) get the same training and compare fairly. Each batch is
@@ -73,17 +109,22 @@ def train_classifier(
     if len(images) == 0:
         raise ValueError("train_classifier needs at least one image")
     with one_thread():
-        return _train(images, labels, steps, seed, batch_size, lr)
+        return _train(images, labels, steps, seed, batch_size, FAMILIES[family])
 
 
 def _train(
-    images: torch.Tensor, labels: torch.Tensor, steps: int, seed: int, batch_size: int, lr: float
-) -> FindingClassifier:
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    family: type[Classifier],
+) -> Classifier:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = FindingClassifier(labels.shape[1])
+        model = family(labels.shape[1])
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=family.lr, weight_decay=1e-3)
     max_shift = max(1, images.shape[-1] // 16)
     model.train()
     done = 0
@@ -107,7 +148,7 @@ def _train(
 @torch.no_grad()
 @one_thread()
 def score_images(
-    model: FindingClassifier, images: torch.Tensor, batch_size: int = 256
+    model: Classifier, images: torch.Tensor, batch_size: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
     """Finding probabilities [N,L] and penultimate features [N,D] of images [N,1,R,R]."""
     model.eval()

@@ -1,6 +1,6 @@
 """`emixer evaluate`: score a synthetic release against a site's real data, at the site.
 
-Questions answered (each a section of release/evaluation.json):
+Questions answered (each a section of OUT/evaluation.json):
   label_fidelity          do synthetic images show their conditioning labels? (a classifier
                           trained on real images scores them)
   report_consistency      do synthetic reports state their labels? (the rule-based labeler)
@@ -10,9 +10,9 @@ Questions answered (each a section of release/evaluation.json):
   frechet                 how far are synthetic from real images in the classifier's features?
   text                    BLEU-4 / ROUGE-L against real reports, vocabulary, duplicates, copies
 Every figure is {"value", "low", "high", "n", "n_means", "chance", "verdict"} from the scoring
-library (evaluation/utility.py, also what bench/utility.py calls); "summary" repeats the headline
-figures as one line each for the release page.
-Only aggregates are written: no real image, report, word or file name leaves the site this way.
+library (evaluation/utility.py, also what bench/utility.py calls). Everything goes to the
+evaluation's own folder at the site (evaluation.json, figures/, evaluation.html), never into the
+release: these are statistics of real data (docs/PRIVACY.md invariant 4).
 """
 
 from __future__ import annotations
@@ -24,12 +24,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.table import Table
 
 from emixer_model.config import FINDINGS, JUDGE_EPOCHS, ModelConfig, TrainConfig, from_dict
 from emixer_model.data.dicom import SkipFile, decode_dicom
+from emixer_model.data.public import load_public
 from emixer_model.data.site import load_site
+from emixer_model.data.splits import (
+    SPLIT_FILE,
+    EvaluationSplit,
+    LabeledSet,
+    load_split,
+    split_labeled,
+)
 from emixer_model.evaluation import figures
+from emixer_model.evaluation.bootstrap import CONFIDENCE, DEFAULT_RESAMPLES
+from emixer_model.evaluation.page import write_evaluation_html
 from emixer_model.evaluation.text_metrics import (
     ReferenceReports,
     copy_rate,
@@ -38,19 +47,19 @@ from emixer_model.evaluation.text_metrics import (
 )
 from emixer_model.evaluation.utility import (
     BOOTSTRAP_NOTE,
-    CONFIDENCE,
-    DEFAULT_RESAMPLES,
     Figure,
     Judge,
-    LabeledSet,
+    Phrasing,
     Scores,
     SyntheticSet,
 )
 from emixer_model.shared import UserError, write_json_atomic
 from emixer_model.text.vocabulary import BOS, EOS, PAD, UNK, encode_report
 
-TEST_FRACTION = 0.2
+TEST_FRACTION = 0.2  # the ad hoc split's share when a site recorded none (and it is allowed)
 MIN_REAL_IMAGES = 10  # fewer cannot give both a training set and a held-out test set
+TRAINING_PATIENTS = "SCORED ON TRAINING PATIENTS"  # the label of every such figure
+HELD_OUT_PATIENTS = "scored on the sites' recorded evaluation patients, held out before round 1"
 GRID_IMAGES = 24
 GRID_PER_LABEL_SET = 3
 FRECHET_NOTE = (
@@ -80,16 +89,16 @@ class SyntheticRelease:
 
 @dataclass
 class RealData:
-    """Labeled real studies of one or more site folders, concatenated, with their split."""
+    """Labeled real studies of one or more site folders: each site's recorded evaluation
+    patients (held out before round 1) and the rest, and every report for the text figures."""
 
-    images: torch.Tensor  # [N,1,R,R]
-    labels: torch.Tensor  # [N,L]
-    tokens: torch.Tensor  # [N,S,W] reports in the fixed vocabulary
-    train: np.ndarray  # indices
-    test: np.ndarray  # indices, disjoint from train by privacy unit (patient where known)
-    units: np.ndarray  # [N] privacy-unit number of each study, what the bootstrap resamples
+    train: LabeledSet  # training-side patients: what the judge learns from
+    heldout: LabeledSet  # evaluation patients: what every real-data figure is scored on
+    tokens: torch.Tensor  # [N,S,W] every labeled report in the fixed vocabulary
+    labels: torch.Tensor  # [N,L] their labels
     sites: int
     skipped: int
+    on_training_patients: bool  # a site had no recorded split: its held-out side was trained on
 
 
 def _labels_vector(names: Sequence[str], where: str) -> np.ndarray:
@@ -160,21 +169,15 @@ def load_release(release_dir: Path) -> SyntheticRelease:
     )
 
 
-def split_by_unit(
-    units: Sequence[Sequence[int]], test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out whole privacy units (patients where known) until test_fraction of the images.
-
-    Splitting by image would put one patient's other studies in training and flatter the test.
-    """
-    order = np.random.default_rng(seed).permutation(len(units))
-    total = sum(len(u) for u in units)
-    test: list[int] = []
-    train: list[int] = []
-    for index in order:
-        target = test if len(test) < test_fraction * total else train
-        target.extend(units[index])
-    return np.array(sorted(train), dtype=np.int64), np.array(sorted(test), dtype=np.int64)
+def no_split_message(site_dir: Path, state_dir: Path) -> str:
+    return (
+        f"{state_dir} records no evaluation split, so the release's generator may have trained "
+        f"on every patient of {site_dir} and scoring on them would flatter it. Train with a "
+        "held-out fraction (holdout_fraction in site.yaml or the run config, e.g. 0.2): the "
+        "site then holds its evaluation patients out before round 1 and records them in "
+        f"{state_dir / SPLIT_FILE}. Or pass --allow-training-patients to score anyway, every "
+        "figure labelled as scored on training patients"
+    )
 
 
 def load_real(
@@ -183,42 +186,63 @@ def load_real(
     model_cfg: ModelConfig,
     uncertain_as: str,
     seed: int,
+    allow_training_patients: bool = False,
 ) -> RealData:
-    """Load every site folder at the release's resolution and split it 80/20 by privacy unit."""
-    images, labels, tokens, units = [], [], [], []
-    skipped = offset = 0
-    for site_dir, state_dir in zip(site_dirs, state_dirs, strict=True):
+    """Load every site folder at the release's resolution and split it as its state dir records:
+    exactly the recorded evaluation units are held out. A site without a record is refused, or
+    with allow_training_patients split ad hoc (TEST_FRACTION of its units, by the same splitter)."""
+    trains, heldouts, tokens, labels = [], [], [], []
+    skipped = 0
+    adhoc = False
+    for number, (site_dir, state_dir) in enumerate(zip(site_dirs, state_dirs, strict=True)):
         site = load_site(site_dir, state_dir, model_cfg, uncertain_as)
-        images.append(site.images)
-        labels.append(site.labels)
+        split = load_split(state_dir)
+        if split is None:
+            if not allow_training_patients:
+                raise EvaluationError(no_split_message(site_dir, state_dir))
+            split, adhoc = EvaluationSplit.choose(site, TEST_FRACTION, seed), True
+        train, heldout = split_labeled(site, split, f"{number}:{site_dir.name}")
+        if len(heldout.images) == 0 and split.recorded is not None:
+            raise EvaluationError(
+                f"the evaluation split recorded in {split.recorded} names none of the labeled "
+                f"studies of {site_dir}: is {state_dir} this site's state dir?"
+            )
+        trains.append(train)
+        heldouts.append(heldout)
         tokens.append(site.tokens)
-        units += [[offset + i for i in labeled] for labeled, _ in site.units if labeled]
+        labels.append(site.labels)
         skipped += len(site.skipped)
-        offset += len(site.images)
-    if offset < MIN_REAL_IMAGES:
-        raise EvaluationError(
-            f"the real site folder(s) give {offset} usable labeled studies; the evaluation needs "
-            f"at least {MIN_REAL_IMAGES} (80% to train its classifier, 20% to test). "
-            "Run `emixer data check SITE` to see what was skipped and why."
-        )
-    train, test = split_by_unit(units, TEST_FRACTION, seed)
-    if len(train) == 0 or len(test) == 0:
-        raise EvaluationError(
-            "the real studies belong to too few patients to hold 20% of them out for testing"
-        )
-    unit_of_row = np.empty(offset, dtype=np.int64)
-    for number, rows in enumerate(units):
-        unit_of_row[rows] = number
-    return RealData(
-        images=torch.cat(images),
-        labels=torch.cat(labels),
-        tokens=torch.cat(tokens),
-        train=train,
-        test=test,
-        units=unit_of_row,
-        sites=len(site_dirs),
-        skipped=skipped,
+    real = RealData(
+        LabeledSet.concat(trains),
+        LabeledSet.concat(heldouts),
+        torch.cat(tokens),
+        torch.cat(labels),
+        len(site_dirs),
+        skipped,
+        adhoc,
     )
+    if len(real.labels) < MIN_REAL_IMAGES:
+        raise EvaluationError(
+            f"the real site folder(s) give {len(real.labels)} usable labeled studies; the "
+            f"evaluation needs at least {MIN_REAL_IMAGES} (to train its classifier and to test "
+            "it on held-out patients). Run `emixer data check SITE` to see what was skipped."
+        )
+    if len(real.train.images) == 0 or len(real.heldout.images) == 0:
+        raise EvaluationError(
+            f"{len(real.train.images)} labeled studies on the training side and "
+            f"{len(real.heldout.images)} held out: the evaluation needs both"
+        )
+    return real
+
+
+def label_training_patients(result: dict) -> None:
+    """Prefix every figure's verdict (any dict with a verdict and an n) with TRAINING_PATIENTS."""
+    for value in result.values():
+        if isinstance(value, dict):
+            if "verdict" in value and "n" in value:
+                value["verdict"] = f"{TRAINING_PATIENTS}; {value['verdict']}"
+            else:
+                label_training_patients(value)
 
 
 def _round(value: float | None) -> float | None:
@@ -310,18 +334,36 @@ def _figures(entries: dict[str, Figure]) -> dict[str, dict]:
     return {name: figure.as_dict() for name, figure in entries.items()}
 
 
+def _judge_figures(scores: Scores, prefix: str) -> dict:
+    """One judge's figures ("" the CNN, "linear_" the second judge): its own AUROC on held-out
+    real images, its label fidelity, the fidelity's share of its lift, and per finding."""
+    fig, per_label = scores.figures, scores.per_label
+    return {
+        "real_heldout_auroc": fig[f"{prefix}real_heldout_auroc"].as_dict(),
+        "mean_auroc": fig[f"{prefix}label_fidelity"].as_dict(),
+        "lift_fraction": fig[f"{prefix}fidelity_lift_fraction"].as_dict(),
+        "per_label": _figures(per_label[f"{prefix}label_fidelity"]),
+        "real_per_label": _figures(per_label[f"{prefix}real_heldout_auroc"]),
+    }
+
+
 def score_sections(scores: Scores) -> dict:
     """The evaluation.json sections of the library's figures, each with its method in words."""
     fig, per_label = scores.figures, scores.per_label
     return {
         "label_fidelity": {
-            "method": "a CNN trained on 80% of the real studies (the judge) scores each synthetic "
-            "image; AUROC against the labels the image was generated for, mean over findings "
-            "where both classes occur; lift_fraction = (fidelity - 0.5) / (judge's real "
+            "method": "a CNN trained on the training-side real patients (the judge) scores each "
+            "synthetic image; AUROC against the labels the image was generated for, mean over "
+            "findings where both classes occur; lift_fraction = (fidelity - 0.5) / (judge's real "
             "held-out AUROC - 0.5), 1 meaning the images carry their labels as well as real ones",
-            "mean_auroc": fig["label_fidelity"].as_dict(),
-            "lift_fraction": fig["fidelity_lift_fraction"].as_dict(),
-            "per_label": _figures(per_label["label_fidelity"]),
+            **_judge_figures(scores, ""),
+            "second_judge": {
+                "method": "the same figures from a judge of another family: logistic regression "
+                "on 16x16 average-pooled pixels, trained on the same patients and steps. G is "
+                "rewarded through D's convolutional finding head, so a fidelity only the CNN saw "
+                "could be an artefact of that reward; one this linear reader sees too is not",
+                **_judge_figures(scores, "linear_"),
+            },
         },
         "report_consistency": {
             "method": "rule-based labeler on each synthetic report vs its conditioning labels; "
@@ -338,34 +380,49 @@ def score_sections(scores: Scores) -> dict:
             "kappa": fig["image_report_kappa"].as_dict(),
             "per_label": _figures(per_label["image_report_kappa"]),
         },
-        "tstr": {
-            "method": "three classifiers with the same architecture, seed and number of "
-            "optimiser steps, trained on real (80%), synthetic, and real + synthetic, all tested "
-            "on the same held-out real studies; mean AUROC over findings defined there. Ratio "
-            "and gain are paired: each resample draws one set of held-out patients for both",
-            "mean_auroc": {
-                "real": fig["real_heldout_auroc"].as_dict(),
-                "synthetic": fig["tstr_auroc"].as_dict(),
-                "real_plus_synthetic": fig["real_plus_synthetic_auroc"].as_dict(),
-            },
-            "ratio": fig["tstr_ratio"].as_dict(),
-            "augmentation_gain": fig["augmentation_gain"].as_dict(),
-            "per_label": {
-                "real": _figures(per_label["real_heldout_auroc"]),
-                "synthetic": _figures(per_label["tstr_auroc"]),
-                "real_plus_synthetic": _figures(per_label["real_plus_synthetic_auroc"]),
-            },
-            "paper_reference": PAPER_NOTE,
-        },
+        "tstr": tstr_section(scores),
         "frechet": {"distance": fig["frechet"].as_dict(), "note": FRECHET_NOTE},
     }
 
 
-def write_figures(release_dir: Path, release: SyntheticRelease, result: dict) -> list[Path]:
-    figure_dir = release_dir / "figures"
+# the train-on-... rows: (key in the json, key of the library's figure and per-label figures)
+TRAINED_ON = (
+    ("real", "real_heldout_auroc"),
+    ("public", "public_auroc"),
+    ("synthetic", "tstr_auroc"),
+    ("real_plus_synthetic", "real_plus_synthetic_auroc"),
+)
+
+
+def tstr_section(scores: Scores) -> dict:
+    """Classifiers trained on real (the ceiling), public (the floor, when a public collection
+    was given), synthetic and real + synthetic, tested on the same held-out patients."""
+    fig, per_label = scores.figures, scores.per_label
+    rows = [(key, name) for key, name in TRAINED_ON if name in fig]
+    section = {
+        "method": "classifiers with the same architecture, seed and number of optimiser steps, "
+        "trained on the training-side real patients (train-on-real, the ceiling), on the public "
+        "collection alone (train-on-public, when given: what free data gives), on the release's "
+        "synthetic pairs (TSTR) and on real + synthetic, all tested on the same held-out "
+        "patients; mean AUROC over findings defined there. Ratio and differences are paired: "
+        "each resample draws one set of held-out patients for both sides",
+        "mean_auroc": {key: fig[name].as_dict() for key, name in rows},
+        "ratio": fig["tstr_ratio"].as_dict(),
+        "augmentation_gain": fig["augmentation_gain"].as_dict(),
+        "per_label": {key: _figures(per_label[name]) for key, name in rows},
+        "paper_reference": PAPER_NOTE,
+    }
+    if "tstr_minus_public" in fig:
+        section["synthetic_minus_public"] = fig["tstr_minus_public"].as_dict()
+    return section
+
+
+def write_figures(out_dir: Path, release: SyntheticRelease, result: dict) -> list[Path]:
+    figure_dir = out_dir / "figures"
     tstr = result["tstr"]
     per_real = tstr["per_label"]["real"]
     per_fidelity = result["label_fidelity"]["per_label"]
+    per_linear = result["label_fidelity"]["second_judge"]["per_label"]
     return [
         figures.grouped_bars(
             figure_dir / "label_auroc.png",
@@ -374,6 +431,7 @@ def write_figures(release_dir: Path, release: SyntheticRelease, result: dict) ->
             {
                 "held-out real images": [per_real[f] for f in FINDINGS],
                 "synthetic images vs their conditioning": [per_fidelity[f] for f in FINDINGS],
+                "synthetic, second (linear) judge": [per_linear[f] for f in FINDINGS],
             },
             "AUROC",
             reference_line=0.5,
@@ -381,7 +439,7 @@ def write_figures(release_dir: Path, release: SyntheticRelease, result: dict) ->
         figures.grouped_bars(
             figure_dir / "tstr.png",
             "Held-out real images: mean AUROC\nby training data (95% intervals)",
-            ["real", "synthetic", "real + synthetic"],
+            [key.replace("_", " ").replace("plus", "+") for key in tstr["mean_auroc"]],
             {"mean AUROC": list(tstr["mean_auroc"].values())},
             "mean AUROC",
             reference_line=0.5,
@@ -394,72 +452,43 @@ def write_figures(release_dir: Path, release: SyntheticRelease, result: dict) ->
     ]
 
 
-# the headline figures: (row name, path into evaluation.json)
-HEADLINE = (
-    ("real held-out mean AUROC (the judge's own quality)", ("tstr", "mean_auroc", "real")),
-    ("label fidelity: mean AUROC of synthetic images", ("label_fidelity", "mean_auroc")),
-    ("label fidelity as a fraction of the judge's lift", ("label_fidelity", "lift_fraction")),
-    ("report label F1 (macro)", ("report_consistency", "macro_f1")),
-    ("image-report agreement (Cohen's kappa)", ("image_report_agreement", "kappa")),
-    ("TSTR mean AUROC (synthetic only)", ("tstr", "mean_auroc", "synthetic")),
-    ("TSTR / train-on-real", ("tstr", "ratio")),
-    ("real + synthetic mean AUROC", ("tstr", "mean_auroc", "real_plus_synthetic")),
-    ("augmentation gain (AUROC)", ("tstr", "augmentation_gain")),
-    ("Frechet distance (classifier features)", ("frechet", "distance")),
-    ("duplicate rate", ("text", "duplicate_rate")),
-    ("distinct reports", ("text", "distinct_reports")),
-)
-
-
-def _lookup(result: dict, path: tuple[str, ...]) -> dict:
-    for key in path:
-        result = result[key]
-    return result
-
-
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
-
-
-def _interval(entry: dict) -> str:
-    if entry["low"] is None or entry["high"] is None:
-        return ""
-    return f"[{_number(entry['low'])}, {_number(entry['high'])}]"
-
-
-def describe(entry: dict) -> str:
-    """A figure in one line: value, 95% interval, n and verdict (what the release page shows)."""
-    interval = _interval(entry)
-    parts = [_number(entry["value"]), f"95% {interval}" if interval else "", f"n={entry['n']}"]
-    text = " ".join(part for part in parts if part)
-    return f"{text}; {entry['verdict']}" if entry["verdict"] else text
-
-
-def summary(result: dict) -> dict[str, str | int]:
-    """The headline figures, one line each, for the release's index.html."""
-    inputs, text = result["inputs"], result["text"]
-    return {
-        "synthetic pairs": inputs["synthetic_pairs"],
-        "real studies (judge-train / held out)": f"{inputs['real_train']} / {inputs['real_test']}",
-        **{name: describe(_lookup(result, path)) for name, path in HEADLINE},
-        "BLEU-4": _number(text["bleu4"]["mean"]),
-        "ROUGE-L": _number(text["rouge_l"]["mean"]),
-        "copy rate": _number(text["copy_rate"]),
-    }
-
-
 def evaluate_release(
     release_dir: Path,
     real_dirs: Sequence[Path],
     state_dirs: Sequence[Path],
+    out_dir: Path,
     seed: int = 0,
     epochs: int = JUDGE_EPOCHS,
     log: Callable[[str], None] = lambda message: None,
     resamples: int = DEFAULT_RESAMPLES,
+    allow_training_patients: bool = False,
+    findings: Sequence[str] = FINDINGS,
+    public_dir: Path | None = None,
+    phrasing: Phrasing | None = None,
 ) -> dict:
-    """Run every evaluation, write release_dir/evaluation.json and figures/; return the result."""
+    """Run every evaluation and write out_dir/evaluation.json, figures/ and evaluation.html (the
+    per-finding rows for `findings`); return the result. Nothing is written to the release.
+    With `public_dir` (a public collection, the format `emixer pretrain` reads), a classifier
+    trained on it alone is the train-on-public baseline beside train-on-real and TSTR. With
+    `phrasing` (report, finding) -> bool, per finding the share of synthetic reports that use it.
+
+    The judge trains on the sites' training-side patients and is tested on their recorded
+    evaluation patients, which no generator trained on: the synthetic images are scored by a
+    judge that never saw the test patients, and train-on-synthetic competes with train-on-real
+    on patients neither saw. Training the judge on the generator's training patients is fine:
+    the judge is not the generator, and the test patients stay unseen by both.
+    """
     if epochs < 1:
         raise EvaluationError("--epochs must be at least 1")
+    if Path(out_dir).resolve().is_relative_to(Path(release_dir).resolve()):
+        raise EvaluationError(
+            f"--out {out_dir} is inside the release {release_dir}: an evaluation holds "
+            "statistics of this site's real data and is never part of a release; choose a "
+            "folder at the site"
+        )
+    unknown = [f for f in findings if f not in FINDINGS]
+    if unknown:
+        raise EvaluationError(f"unknown finding {unknown[0]!r}; known: {', '.join(FINDINGS)}")
     if len(state_dirs) != len(real_dirs):
         raise EvaluationError(
             f"give one --state-dir per --real folder ({len(real_dirs)}), not {len(state_dirs)}"
@@ -469,23 +498,38 @@ def evaluate_release(
     train_section = release.manifest["config"].get("train") or {}
     uncertain_as = train_section.get("uncertain_as", TrainConfig().uncertain_as)
     log("loading the real site data")
-    real = load_real(real_dirs, state_dirs, release.model_cfg, uncertain_as, seed)
-    labeled = LabeledSet(real.images, real.labels, real.units)
-
-    log(f"training the judge on real studies ({epochs} epochs)")
-    judge = Judge.fit(
-        labeled.subset(real.train), labeled.subset(real.test), epochs, seed, resamples
+    real = load_real(
+        real_dirs, state_dirs, release.model_cfg, uncertain_as, seed, allow_training_patients
     )
+    public = None
+    if public_dir is not None:
+        log("loading the public collection (the train-on-public baseline)")
+        collection = load_public(Path(public_dir), release.model_cfg)
+        units = np.array([f"public/{i}" for i in range(len(collection.images))], dtype=object)
+        public = LabeledSet(collection.images, collection.labels, units)
+    log(f"training the judge on the training-side patients ({epochs} epochs)")
+    judge = Judge.fit(real.train, real.heldout, epochs, seed, resamples, public)
     log("scoring the release; training on synthetic, and on real + synthetic")
-    scores = judge.score(SyntheticSet(release.images, release.labels, release.reports))
+    synthetic = SyntheticSet(release.images, release.labels, release.reports)
+    scores = judge.score(synthetic, phrasing=phrasing)
     result: dict = {
+        "release": {
+            "folder": str(Path(release_dir).resolve()),
+            "model_sha256": release.manifest["model"]["sha256"],
+            "round": release.manifest["model"]["round"],
+        },
         "inputs": {
             "synthetic_pairs": len(release.reports),
             "real_sites": real.sites,
-            "real_studies": len(real.images),
-            "real_train": len(real.train),
-            "real_test": len(real.test),
+            "real_studies": len(real.labels),
+            "real_train": len(real.train.images),
+            "real_test": len(real.heldout.images),
             "real_test_units": judge.heldout_resampler.units,
+            "public_studies": None if public is None else len(public.images),
+            "scored_on": f"{TRAINING_PATIENTS} (a site recorded no evaluation split: the "
+            "generator trained on them)"
+            if real.on_training_patients
+            else HELD_OUT_PATIENTS,
             "real_files_skipped": real.skipped,
             "resolution": release.model_cfg.resolution,
             "uncertain_as": uncertain_as,
@@ -500,6 +544,13 @@ def evaluate_release(
         },
     }
     result |= score_sections(scores)
+    if phrasing is not None:
+        result["phrasing"] = {
+            "method": f"per finding, the share of synthetic reports conditioned on it for which "
+            f"{getattr(phrasing, '__name__', 'the predicate')}(report, finding) holds; "
+            "resampled by pair",
+            "per_label": _figures(scores.per_label["phrasing_share"]),
+        }
     log("text statistics")
     result["text"] = text_statistics(
         release.reports,
@@ -511,35 +562,18 @@ def evaluate_release(
         "duplicate_rate": scores.figures["duplicate_rate"].as_dict(),
         "distinct_reports": scores.figures["distinct_reports"].as_dict(),
     }
+    if real.on_training_patients:
+        label_training_patients(result)
     log("drawing figures")
-    written = write_figures(release_dir, release, result)
-    result["figures"] = [str(p.relative_to(release_dir)) for p in written]
+    written = write_figures(out_dir, release, result)
+    result["figures"] = [p.relative_to(out_dir).as_posix() for p in written]
     result = {
         # docs/PRIVACY.md invariant 4: statistics of real data, not DP-protected
         "site_local": True,
-        "note": "statistics of the evaluating site's real data (not differentially private): "
-        "keep this file at the site; it is not part of a release unless the site chooses to share",
-        "summary": summary(result),
+        "note": "statistics of this site's real data (not differentially private): keep this "
+        "folder at the site; it is not part of a release unless the site chooses to publish it",
         **result,
     }
-    write_json_atomic(release_dir / "evaluation.json", result)
+    write_json_atomic(out_dir / "evaluation.json", result)
+    write_evaluation_html(out_dir, result, findings)
     return result
-
-
-def summary_table(result: dict) -> Table:
-    """The headline figures with their 95% intervals, sample sizes and verdicts."""
-    table = Table(title="evaluation of the synthetic release (95% bootstrap intervals)")
-    table.add_column("measure")
-    for column in ("value", "95% interval", "n"):
-        table.add_column(column, justify="right")
-    table.add_column("verdict")
-    inputs = result["inputs"]
-    held = f"{inputs['real_test']} ({inputs['real_test_units']} units)"
-    table.add_row("synthetic pairs", str(inputs["synthetic_pairs"]), "", "", "")
-    table.add_row("real studies judge-train / held out", f"{inputs['real_train']} / {held}")
-    for name, path in HEADLINE:
-        entry = _lookup(result, path)
-        table.add_row(
-            name, _number(entry["value"]), _interval(entry), str(entry["n"]), entry["verdict"]
-        )
-    return table

@@ -1,9 +1,10 @@
 """Utility of a synthetic set, each figure with a bootstrap 95% interval and a verdict in words.
 
 One code path for `emixer evaluate` and bench/utility.py. A `Judge` is a classifier trained once
-on real judge-train patients and tested on real held-out patients that no generator saw; it then
-scores any number of synthetic sets (`judge.score(...)`), so model variants are compared against
-the same yardstick. Intervals come from resampling cached predictions (whole held-out privacy
+on real judge-train patients and tested on real held-out patients that no generator saw (with a
+second judge of another family, a linear model on pooled pixels, beside it); it then scores any
+number of synthetic sets (`judge.score(...)`), so model variants are compared against the same
+yardstick. Intervals come from resampling cached predictions (whole held-out privacy
 units, patients where known, and synthetic pairs), never from retraining: they show how much a
 figure could move with another held-out sample or another draw of synthetic pairs, not with
 another training seed.
@@ -19,28 +20,27 @@ is conservative, and a small loss can be dilution rather than harm.
 
 from __future__ import annotations
 
-import zlib
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from emixer_model.config import FINDINGS, JUDGE_EPOCHS
-from emixer_model.evaluation.classifier import FindingClassifier, score_images, train_classifier
+from emixer_model.data.splits import LabeledSet
+from emixer_model.evaluation.bootstrap import (
+    DEFAULT_RESAMPLES,
+    Resampler,
+    bootstrap,
+    percentile_interval,
+)
+from emixer_model.evaluation.classifier import Classifier, score_images, train_classifier
 from emixer_model.evaluation.image_metrics import auroc, f1_score, frechet_distance
 from emixer_model.text.labeler import label_report
 from emixer_model.text.vocabulary import tokenize
 
-if TYPE_CHECKING:
-    from emixer_model.data.site import SiteData
-
-CONFIDENCE = 0.95
-DEFAULT_RESAMPLES = 300
 BATCH_SIZE = 32
-MIN_DEFINED_DRAWS = 0.5  # below this share of resamples with a defined value, no interval
 IMAGE_THRESHOLD = 0.5  # the judge says a finding is in an image above this probability
 BOOTSTRAP_NOTE = (
     "percentile intervals from resampling cached predictions: held-out real studies by whole "
@@ -64,6 +64,8 @@ class Figure:
     n_means: str
     chance: float | None = None
     verdict: str = ""
+    # the bootstrap draws [B] behind the interval (None for exact counts): what pools seeds
+    draws: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict:
         rounded = {k: _round(getattr(self, k)) for k in ("value", "low", "high", "chance")}
@@ -90,58 +92,6 @@ def verdict(
     return f"{'above' if low > chance else 'below'} {null} ({chance:.3g})"
 
 
-class Resampler:
-    """Bootstrap draws of row indices: whole units with replacement, every row of a drawn unit.
-
-    Resampling patients rather than images keeps one patient's studies together, as they are
-    correlated; rows with their own unit id are resampled one by one. Each stream ("pairs",
-    "heldout", ...) has its own random numbers, so two samples of equal size are not drawn in
-    lockstep, while every figure resampling the same stream sees the same draws.
-    """
-
-    def __init__(self, units: np.ndarray, stream: str) -> None:
-        self.stream = zlib.crc32(stream.encode())
-        _, inverse = np.unique(np.asarray(units), return_inverse=True)
-        order = np.argsort(inverse, kind="stable")
-        bounds = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0, True])
-        self.groups = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        self.rows = len(inverse)
-
-    @property
-    def units(self) -> int:
-        return len(self.groups)
-
-    def everything(self) -> np.ndarray:
-        return np.arange(self.rows)
-
-    def generator(self, seed: int) -> np.random.Generator:
-        return np.random.default_rng([seed, self.stream])
-
-    def draw(self, rng: np.random.Generator) -> np.ndarray:
-        picked = rng.integers(0, len(self.groups), len(self.groups))
-        return np.concatenate([self.groups[i] for i in picked])
-
-
-def bootstrap(
-    statistic: Callable[..., np.ndarray],
-    resamplers: Sequence[Resampler],
-    resamples: int,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """statistic(*index_arrays) -> [K] (nan where undefined) on all rows and on each resample.
-
-    Several resamplers are drawn independently per resample (e.g. synthetic pairs and held-out
-    patients); a paired comparison passes one resampler and computes both sides from its draw.
-    Returns the point values [K] and the draws [resamples, K].
-    """
-    rngs = [r.generator(seed) for r in resamplers]
-    point = np.atleast_1d(np.asarray(statistic(*(r.everything() for r in resamplers)), float))
-    draws = np.empty((resamples, len(point)))
-    for b in range(resamples):
-        draws[b] = statistic(*(r.draw(rng) for r, rng in zip(resamplers, rngs, strict=True)))
-    return point, draws
-
-
 def figure(
     point: float,
     draws: np.ndarray,
@@ -153,16 +103,42 @@ def figure(
 ) -> Figure:
     """A Figure from a point value (nan = undefined) and its bootstrap draws [B]."""
     value = None if np.isnan(point) else float(point)
-    defined = draws[~np.isnan(draws)]
-    low = high = None
-    if value is not None and len(defined) >= MIN_DEFINED_DRAWS * len(draws):
-        tail = 100 * (1 - CONFIDENCE) / 2
-        low, high = (float(v) for v in np.percentile(defined, [tail, 100 - tail]))
+    interval = None if value is None else percentile_interval(draws)
+    low, high = interval if interval is not None else (None, None)
     if verdict_text is None:
         verdict_text = "undefined" if value is None else ""
         if chance is not None:
             verdict_text = verdict(value, low, high, chance, null)
-    return Figure(value, low, high, n, n_means, chance, verdict_text)
+    return Figure(value, low, high, n, n_means, chance, verdict_text, np.asarray(draws, float))
+
+
+def paired_difference(a: Figure, b: Figure) -> Figure:
+    """a - b draw by draw: both figures resampled the same held-out patients and synthetic
+    pairs at every draw (the same resamplers and seed), so the interval is a paired one."""
+    if a.draws is None or b.draws is None:
+        raise ValueError("a paired difference needs the bootstrap draws of both figures")
+    point = np.nan if a.value is None or b.value is None else a.value - b.value
+    return figure(point, a.draws - b.draws, a.n, f"{a.n_means}, paired", 0.0, "no difference")
+
+
+def over_seeds(runs: Sequence[Figure], seed: int = 0, null: str = "chance") -> Figure:
+    """One figure measured on models trained with different seeds, as one: the mean of their
+    values, with an interval that covers the seed variation and the sampling. A two-level
+    bootstrap: each resample draws as many seeds as there are, with replacement, and takes each
+    drawn seed's own bootstrap draw at that resample (every run resampled the same patients and
+    pairs at resample b), so the interval is that of the mean over seeds. Exact counts (no
+    draws) get the mean and no interval."""
+    first = runs[0]
+    n_means = f"{first.n_means}; mean of {len(runs)} seeds"
+    values = np.array([np.nan if r.value is None else r.value for r in runs])
+    if any(r.draws is None for r in runs):
+        mean = None if np.isnan(values).all() else float(np.nanmean(values))
+        return Figure(mean, None, None, first.n, n_means, first.chance, first.verdict)
+    draws = np.stack([r.draws for r in runs])  # [seeds, B]
+    seeds, resamples = draws.shape
+    picks = np.random.default_rng([seed, seeds]).integers(0, seeds, (resamples, seeds))
+    pooled = nanmean(draws[picks, np.arange(resamples)[:, None]])
+    return figure(float(nanmean(values)), pooled, first.n, n_means, first.chance, null)
 
 
 def auroc_per_label(probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -226,51 +202,6 @@ def report_key(text: str) -> tuple[tuple[str, ...], ...]:
 
 
 @dataclass(frozen=True)
-class LabeledSet:
-    """Real labeled studies: images [N,1,R,R] in [-1,1], multi-hot labels [N,L] over FINDINGS,
-    one privacy-unit id per row (patient where known; any hashable, e.g. "site_1/17")."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    units: np.ndarray
-
-    def __post_init__(self) -> None:
-        if not len(self.images) == len(self.labels) == len(self.units):
-            raise ValueError(
-                f"LabeledSet needs one label row and one unit per image; got {len(self.images)} "
-                f"images, {len(self.labels)} label rows, {len(self.units)} units"
-            )
-        if self.labels.shape[1:] != (len(FINDINGS),):
-            raise ValueError(f"labels must be [N, {len(FINDINGS)}] over FINDINGS")
-
-    @staticmethod
-    def concat(sets: Sequence[LabeledSet]) -> LabeledSet:
-        """Several sites' sets as one (unit ids must already differ, as labeled_from_site's do)."""
-        return LabeledSet(
-            torch.cat([s.images for s in sets]),
-            torch.cat([s.labels for s in sets]),
-            np.concatenate([np.asarray(s.units, dtype=object) for s in sets]),
-        )
-
-    def subset(self, rows: np.ndarray) -> LabeledSet:
-        return LabeledSet(self.images[rows], self.labels[rows], np.asarray(self.units)[rows])
-
-    def split(self, heldout_units: Collection) -> tuple[LabeledSet, LabeledSet]:
-        """(judge-train, held-out): rows of the given units go to the held-out side, whole."""
-        held = np.array([u in heldout_units for u in np.asarray(self.units).tolist()], bool)
-        return self.subset(np.flatnonzero(~held)), self.subset(np.flatnonzero(held))
-
-
-def labeled_from_site(site: SiteData, name: str) -> LabeledSet:
-    """A site's labeled studies with unit ids "name/k", k indexing site.units: the numbering
-    `holdout_units` uses, so a caller can hold out the units site training left out."""
-    units = np.empty(len(site.images), dtype=object)
-    for number, (rows, _) in enumerate(site.units):
-        units[rows] = f"{name}/{number}"
-    return LabeledSet(site.images, site.labels, units)
-
-
-@dataclass(frozen=True)
 class SyntheticSet:
     """Synthetic pairs: images [N,1,R,R] in [-1,1], conditioning labels [N,L], report strings."""
 
@@ -285,6 +216,47 @@ class SyntheticSet:
                 f"images; got {len(self.images)} images, {len(self.labels)} label rows, "
                 f"{len(self.reports)} reports"
             )
+
+
+Phrasing = Callable[[str, str], bool]  # (report, finding) -> the report uses the phrasing
+
+
+def phrasing_share(
+    synthetic: SyntheticSet, phrasing: Phrasing, resamples: int, seed: int
+) -> dict[str, Figure]:
+    """Per finding: the share of synthetic reports conditioned on it for which
+    phrasing(report, finding) holds (e.g. a site's own wording of that finding), resampled by
+    pair. No chance level: compare with another model's share (public-only, non-private)."""
+    conditioned = synthetic.labels.numpy() > 0.5
+    uses = np.array(
+        [
+            [
+                bool(on) and phrasing(report, finding)
+                for finding, on in zip(FINDINGS, row, strict=True)
+            ]
+            for report, row in zip(synthetic.reports, conditioned, strict=True)
+        ]
+    ).reshape(conditioned.shape)
+
+    def share(rows: np.ndarray) -> np.ndarray:
+        count = conditioned[rows].sum(axis=0)
+        used = uses[rows].sum(axis=0)
+        return np.divide(used, count, out=np.full(len(FINDINGS), np.nan), where=count > 0)
+
+    point, draws = bootstrap(share, [Resampler(np.arange(len(uses)), "pairs")], resamples, seed)
+    counts = conditioned.sum(axis=0)
+    return {
+        finding: figure(
+            point[j],
+            draws[:, j],
+            int(counts[j]),
+            "synthetic pairs conditioned on this finding",
+            verdict_text="no chance level: compare the share with another model's"
+            if counts[j]
+            else "undefined: no pair is conditioned on this finding",
+        )
+        for j, finding in enumerate(FINDINGS)
+    }
 
 
 @dataclass
@@ -314,8 +286,21 @@ def _per_finding(
     }
 
 
+@dataclass(frozen=True)
+class Reader:
+    """A classifier trained on the judge-train patients and what it says about the held-out
+    patients: probabilities [N,L], per-finding AUROC [L] and its bootstrap draws [B,L]."""
+
+    model: Classifier
+    probabilities: np.ndarray
+    point: np.ndarray
+    draws: np.ndarray
+
+
 class Judge:
-    """A finding classifier trained on real judge-train patients, checked on held-out patients.
+    """Finding classifiers trained on real judge-train patients, checked on held-out patients:
+    the CNN (the judge) and a linear model on pooled pixels (the second judge, of another
+    family than D's finding head that G is rewarded through).
 
     Fit once (`Judge.fit`), then `score` as many synthetic sets as needed: the held-out
     predictions and the real features are cached, so only train-on-synthetic and real +
@@ -323,7 +308,13 @@ class Judge:
     """
 
     def __init__(
-        self, train: LabeledSet, heldout: LabeledSet, steps: int, seed: int, resamples: int
+        self,
+        train: LabeledSet,
+        heldout: LabeledSet,
+        steps: int,
+        seed: int,
+        resamples: int,
+        public: LabeledSet | None = None,
     ) -> None:
         if len(train.images) == 0:
             raise ValueError("the judge needs judge-train images")
@@ -331,12 +322,18 @@ class Judge:
             raise ValueError("the judge needs held-out images to be checked on")
         self.train, self.heldout = train, heldout
         self.steps, self.seed, self.resamples = steps, seed, resamples
-        self.model = self.train_on(train.images, train.labels)
-        self.heldout_probabilities, self.heldout_features = score_images(self.model, heldout.images)
-        self.train_features = score_images(self.model, train.images)[1]
         self.heldout_targets = heldout.labels.numpy() > 0.5
         self.heldout_resampler = Resampler(heldout.units, "heldout")
-        self.real_point, self.real_draws = self._heldout_auroc(self.heldout_probabilities)
+        self.cnn = self.read(self.train_on(train.images, train.labels))
+        self.linear = self.read(self.train_on(train.images, train.labels, "linear"))
+        # train-on-public: what the free public collection alone gives, the floor a release
+        # must beat (same architecture and steps, tested on the same held-out patients)
+        self.public = (
+            None if public is None else self.read(self.train_on(public.images, public.labels))
+        )
+        self.model = self.cnn.model
+        self.heldout_features = score_images(self.model, heldout.images)[1]
+        self.train_features = score_images(self.model, train.images)[1]
 
     @classmethod
     def fit(
@@ -346,35 +343,43 @@ class Judge:
         epochs: int = JUDGE_EPOCHS,
         seed: int = 0,
         resamples: int = DEFAULT_RESAMPLES,
+        public: LabeledSet | None = None,
     ) -> Judge:
-        """Train on `train` for `epochs` passes; every later classifier gets the same steps."""
+        """Train on `train` for `epochs` passes; every later classifier (train-on-public too)
+        gets the same steps."""
         if epochs < 1:
             raise ValueError("epochs must be at least 1")
         steps = epochs * -(-len(train.images) // BATCH_SIZE)
-        return cls(train, heldout, steps, seed, resamples)
+        return cls(train, heldout, steps, seed, resamples, public)
 
-    def train_on(self, images: torch.Tensor, labels: torch.Tensor) -> FindingClassifier:
-        return train_classifier(images, labels, seed=self.seed, steps=self.steps)
+    def train_on(
+        self, images: torch.Tensor, labels: torch.Tensor, family: str = "cnn"
+    ) -> Classifier:
+        return train_classifier(images, labels, seed=self.seed, steps=self.steps, family=family)
+
+    def read(self, model: Classifier) -> Reader:
+        """What `model` says about the held-out patients, with its per-finding AUROC there."""
+        probabilities = score_images(model, self.heldout.images)[0]
+        point, draws = bootstrap(
+            lambda rows: auroc_per_label(probabilities[rows], self.heldout_targets[rows]),
+            [self.heldout_resampler],
+            self.resamples,
+            self.seed,
+        )
+        return Reader(model, probabilities, point, draws)
 
     @property
     def heldout_n(self) -> str:
         units = self.heldout_resampler.units
         return f"held-out real studies ({units} privacy units resampled)"
 
-    def _heldout_auroc(self, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-finding AUROC on the held-out set [L] and its resampled draws [B, L]."""
-        return bootstrap(
-            lambda rows: auroc_per_label(probabilities[rows], self.heldout_targets[rows]),
-            [self.heldout_resampler],
-            self.resamples,
-            self.seed,
-        )
-
-    def real_auroc(self) -> tuple[Figure, dict[str, Figure]]:
-        """Train-on-real: the judge's own mean AUROC on held-out patients, and per finding."""
+    def heldout_auroc(self, reader: Reader | None = None) -> tuple[Figure, dict[str, Figure]]:
+        """A reader's mean AUROC on the held-out patients, and per finding; by default the
+        judge's own (train-on-real, the ceiling)."""
+        reader = reader or self.cnn
         n = len(self.heldout.images)
-        mean = figure(nanmean(self.real_point), nanmean(self.real_draws), n, self.heldout_n, 0.5)
-        return mean, _per_finding(self.real_point, self.real_draws, n, self.heldout_n, 0.5)
+        mean = figure(nanmean(reader.point), nanmean(reader.draws), n, self.heldout_n, 0.5)
+        return mean, _per_finding(reader.point, reader.draws, n, self.heldout_n, 0.5)
 
     def frechet(self, images: torch.Tensor, real: LabeledSet | None = None) -> Figure:
         """Frechet distance in the judge's features between images and real ones (default: all
@@ -418,41 +423,31 @@ class Judge:
             f"held-out real images: {baseline:.4g})",
         )
 
-    def score(self, synthetic: SyntheticSet, train_on_synthetic: bool = True) -> Scores:
+    def score(
+        self,
+        synthetic: SyntheticSet,
+        train_on_synthetic: bool = True,
+        phrasing: Phrasing | None = None,
+    ) -> Scores:
         """Every figure of one synthetic set; train_on_synthetic=False skips the two extra
-        classifiers (TSTR and augmentation), the only part that trains anything."""
+        classifiers (TSTR and augmentation), the only part that trains anything. With
+        `phrasing`, per finding the share of reports that use it (`phrasing_share`)."""
         n = len(synthetic.images)
         pairs = Resampler(np.arange(n), "pairs")
         pairs_n = "synthetic pairs"
         conditioned = synthetic.labels.numpy() > 0.5
-        probabilities = score_images(self.model, synthetic.images)[0]
-        fid_point, fid_draws = bootstrap(
-            lambda s: auroc_per_label(probabilities[s], conditioned[s]),
-            [pairs],
-            self.resamples,
-            self.seed,
-        )
-        real_mean, real_per_label = self.real_auroc()
-        figures = {"real_heldout_auroc": real_mean}
-        figures["label_fidelity"] = figure(nanmean(fid_point), nanmean(fid_draws), n, pairs_n, 0.5)
-        # the lift fraction resamples pairs and held-out patients together, independently
-        lift_draws = (nanmean(fid_draws) - 0.5) / (nanmean(self.real_draws) - 0.5)
-        lift_draws[nanmean(self.real_draws) <= 0.5] = np.nan
-        real_lift = nanmean(self.real_point) - 0.5
-        lift = figure(
-            (nanmean(fid_point) - 0.5) / real_lift if real_lift > 0 else np.nan,
-            lift_draws,
-            n,
-            f"{pairs_n} and {self.heldout_n}",
-            0.0,
-            verdict_text=None
-            if real_lift > 0
-            else "undefined: the judge is no better than chance on real held-out images",
-        )
-        if real_lift > 0 and real_mean.verdict.startswith("not distinguishable"):
-            caveat = "; the judge itself is not distinguishable from chance, so this means nothing"
-            lift = replace(lift, verdict=lift.verdict + caveat)
-        figures["fidelity_lift_fraction"] = lift
+        figures: dict[str, Figure] = {}
+        per_label: dict[str, dict[str, Figure]] = {}
+        probabilities = {}  # by reader: "" the judge (CNN), "linear_" the second judge
+        for prefix, reader in (("", self.cnn), ("linear_", self.linear)):
+            real_mean, per_label[f"{prefix}real_heldout_auroc"] = self.heldout_auroc(reader)
+            figures[f"{prefix}real_heldout_auroc"] = real_mean
+            probabilities[prefix] = score_images(reader.model, synthetic.images)[0]
+            mean, lift, per_label[f"{prefix}label_fidelity"] = self._fidelity(
+                reader, probabilities[prefix], conditioned, pairs
+            )
+            figures[f"{prefix}label_fidelity"] = mean
+            figures[f"{prefix}fidelity_lift_fraction"] = lift
         reported = labeler_positives(synthetic.reports)
         f1_point, f1_draws = bootstrap(
             lambda s: f1_per_label(reported[s], conditioned[s]), [pairs], self.resamples, self.seed
@@ -465,7 +460,7 @@ class Judge:
             pairs_n,
             chance,
         )
-        in_image = probabilities > IMAGE_THRESHOLD
+        in_image = probabilities[""] > IMAGE_THRESHOLD
         kappa_point, kappa_draws = bootstrap(
             lambda s: kappa_per_label(in_image[s], reported[s]), [pairs], self.resamples, self.seed
         )
@@ -478,54 +473,84 @@ class Judge:
         figures["duplicate_rate"] = Figure(duplicated, None, None, n, pairs_n, None, exact)
         figures["distinct_reports"] = Figure(len(keys), None, None, n, pairs_n, None, exact)
         figures["frechet"] = self.frechet(synthetic.images)
-        per_label = {
-            "real_heldout_auroc": real_per_label,
-            "label_fidelity": _per_finding(fid_point, fid_draws, n, pairs_n, 0.5),
-            "report_label_f1": _per_finding(f1_point, f1_draws, n, pairs_n),
-            "image_report_kappa": _per_finding(kappa_point, kappa_draws, n, pairs_n, 0.0),
-        }
+        if self.public is not None:
+            figures["public_auroc"], per_label["public_auroc"] = self.heldout_auroc(self.public)
+        if phrasing is not None:
+            per_label["phrasing_share"] = phrasing_share(
+                synthetic, phrasing, self.resamples, self.seed
+            )
+        per_label["report_label_f1"] = _per_finding(f1_point, f1_draws, n, pairs_n)
+        per_label["image_report_kappa"] = _per_finding(kappa_point, kappa_draws, n, pairs_n, 0.0)
         if train_on_synthetic:
             figures |= self._train_on_synthetic(synthetic, per_label)
         return Scores(figures, per_label)
 
+    def _fidelity(
+        self, reader: Reader, probabilities: np.ndarray, conditioned: np.ndarray, pairs: Resampler
+    ) -> tuple[Figure, Figure, dict[str, Figure]]:
+        """Label fidelity by one reader from its probabilities on the synthetic images: its mean
+        AUROC against their conditioning labels, that as a fraction of its own lift on held-out
+        real images, and per finding."""
+        n, pairs_n = len(probabilities), "synthetic pairs"
+        point, draws = bootstrap(
+            lambda s: auroc_per_label(probabilities[s], conditioned[s]),
+            [pairs],
+            self.resamples,
+            self.seed,
+        )
+        mean = figure(nanmean(point), nanmean(draws), n, pairs_n, 0.5)
+        # the lift fraction resamples pairs and held-out patients together, independently
+        real_draws = nanmean(reader.draws)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lift_draws = (nanmean(draws) - 0.5) / (real_draws - 0.5)
+        lift_draws[real_draws <= 0.5] = np.nan
+        real_lift = nanmean(reader.point) - 0.5
+        lift = figure(
+            (nanmean(point) - 0.5) / real_lift if real_lift > 0 else np.nan,
+            lift_draws,
+            n,
+            f"{pairs_n} and {self.heldout_n}",
+            0.0,
+            verdict_text=None
+            if real_lift > 0
+            else "undefined: the judge is no better than chance on real held-out images",
+        )
+        real_mean = self.heldout_auroc(reader)[0]
+        if real_lift > 0 and real_mean.verdict.startswith("not distinguishable"):
+            caveat = "; the judge itself is not distinguishable from chance, so this means nothing"
+            lift = replace(lift, verdict=lift.verdict + caveat)
+        return mean, lift, _per_finding(point, draws, n, pairs_n, 0.5)
+
     def _train_on_synthetic(self, synthetic: SyntheticSet, per_label: dict) -> dict[str, Figure]:
-        """TSTR and real + synthetic, both tested on the held-out patients; ratio and gain paired
-        (each resample draws one set of held-out patients for both sides)."""
-        tstr_model = self.train_on(synthetic.images, synthetic.labels)
-        mixed_model = self.train_on(
-            torch.cat([self.train.images, synthetic.images]),
-            torch.cat([self.train.labels, synthetic.labels]),
-        )
-        tstr_probabilities = score_images(tstr_model, self.heldout.images)[0]
-        mixed_probabilities = score_images(mixed_model, self.heldout.images)[0]
-
-        def paired(rows: np.ndarray) -> np.ndarray:
-            targets = self.heldout_targets[rows]
-            real = auroc_per_label(self.heldout_probabilities[rows], targets)
-            tstr = auroc_per_label(tstr_probabilities[rows], targets)
-            mixed = auroc_per_label(mixed_probabilities[rows], targets)
-            return np.concatenate([[nanmean(real), nanmean(tstr), nanmean(mixed)], tstr, mixed])
-
-        point, draws = bootstrap(paired, [self.heldout_resampler], self.resamples, self.seed)
-        n, n_means, labels = len(self.heldout.images), self.heldout_n, len(FINDINGS)
-        per_label["tstr_auroc"] = _per_finding(
-            point[3 : 3 + labels], draws[:, 3 : 3 + labels], n, n_means, 0.5
-        )
-        per_label["real_plus_synthetic_auroc"] = _per_finding(
-            point[3 + labels :], draws[:, 3 + labels :], n, n_means, 0.5
-        )
-        real_point = point[0]
-        return {
-            "tstr_auroc": figure(point[1], draws[:, 1], n, n_means, 0.5),
-            "tstr_ratio": figure(
-                point[1] / real_point,
-                draws[:, 1] / draws[:, 0],
-                n,
-                n_means,
-                0.5 / real_point,
-            ),
-            "real_plus_synthetic_auroc": figure(point[2], draws[:, 2], n, n_means, 0.5),
-            "augmentation_gain": figure(
-                point[2] - real_point, draws[:, 2] - draws[:, 0], n, n_means, 0.0, "zero gain"
+        """TSTR and real + synthetic, both tested on the held-out patients. Ratios and
+        differences are paired: every reader's draws resample the same held-out patients."""
+        readers = {
+            "tstr_auroc": self.read(self.train_on(synthetic.images, synthetic.labels)),
+            "real_plus_synthetic_auroc": self.read(
+                self.train_on(
+                    torch.cat([self.train.images, synthetic.images]),
+                    torch.cat([self.train.labels, synthetic.labels]),
+                )
             ),
         }
+        figures = {}
+        for name, reader in readers.items():
+            figures[name], per_label[name] = self.heldout_auroc(reader)
+        tstr, mixed = readers["tstr_auroc"], readers["real_plus_synthetic_auroc"]
+        figures["tstr_ratio"] = self.compare(tstr, self.cnn, "ratio")
+        figures["augmentation_gain"] = self.compare(mixed, self.cnn, "gain")
+        if self.public is not None:
+            figures["tstr_minus_public"] = self.compare(tstr, self.public, "difference")
+        return figures
+
+    def compare(self, a: Reader, b: Reader, how: str) -> Figure:
+        """a's mean held-out AUROC over b's (how="ratio"), or minus it ("gain", "difference"),
+        paired: both sides of every draw come from the same resampled held-out patients."""
+        (a_point, a_draws), (b_point, b_draws) = (
+            (nanmean(r.point), nanmean(r.draws)) for r in (a, b)
+        )
+        n, n_means = len(self.heldout.images), self.heldout_n
+        if how == "ratio":
+            return figure(a_point / b_point, a_draws / b_draws, n, n_means, 0.5 / b_point)
+        null = "zero gain" if how == "gain" else "no difference"
+        return figure(a_point - b_point, a_draws - b_draws, n, n_means, 0.0, null)
