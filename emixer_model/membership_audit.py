@@ -2,9 +2,10 @@
 
 A differential-privacy guarantee is a bound; this audit is the empirical check a site's privacy
 officer can run on their own data. The model must have been trained with
-`train.holdout_fraction > 0`: a deterministic set of privacy units (`holdout_units`) never took
-part in training, so the site knows which of its studies are members (trained on) and which are
-non-members (held out). Three attacks each score every labeled study, higher meaning "member":
+`train.holdout_fraction > 0`: the evaluation split site training recorded in the site's state
+dir (data/splits.py) names the privacy units that never took part in training, so the site
+knows which of its studies are members (trained on) and which are non-members (held out).
+Three attacks each score every labeled study, higher meaning "member":
 
 - discriminator: D(x, report, labels); a discriminator that memorised its training pairs scores
   them higher than unseen pairs;
@@ -33,8 +34,8 @@ import torch
 from rich.table import Table
 
 from emixer_model.config import FINDINGS
-from emixer_model.data.site import SiteData, holdout_units
-from emixer_model.data.splits import unit_of_row
+from emixer_model.data.site import SiteData
+from emixer_model.data.splits import EvaluationSplit, training_data, unit_of_row
 from emixer_model.evaluation.bootstrap import Resampler, bootstrap, percentile_interval
 from emixer_model.evaluation.image_metrics import auroc
 from emixer_model.networks import EmixerNets
@@ -65,12 +66,15 @@ class HoldoutSplit:
     nonmembers: np.ndarray  # rows of labeled studies of held-out units
 
 
-def split_site(data: SiteData, fraction: float, seed: int) -> HoldoutSplit:
-    """The split site training makes (same holdout_units, same seed); whole units on each side."""
-    held = holdout_units(len(data.units), fraction, seed)
+def split_site(data: SiteData, split: EvaluationSplit) -> HoldoutSplit:
+    """Members and non-members by the split site training recorded (data/splits.py): whole units
+    on each side; a unit that joins a held-out and a trained patient is neither."""
+    scored, held = (set(side) for side in split.sides(data))
     members = [i for u, (rows, _) in enumerate(data.units) if u not in held for i in rows]
-    nonmembers = [i for u, (rows, _) in enumerate(data.units) if u in held for i in rows]
-    return HoldoutSplit(data.without_units(held), np.array(members, int), np.array(nonmembers, int))
+    nonmembers = [i for u, (rows, _) in enumerate(data.units) if u in scored for i in rows]
+    return HoldoutSplit(
+        training_data(data, split), np.array(members, int), np.array(nonmembers, int)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,8 +395,7 @@ def _save_pairs_png(
 def run_audit(
     nets: EmixerNets,
     data: SiteData,
-    fraction: float,
-    holdout_seed: int,
+    holdout: EvaluationSplit,
     latent_dim: int,
     out_dir: Path,
     seed: int = 0,
@@ -400,7 +403,7 @@ def run_audit(
     resamples: int = 200,
 ) -> dict[str, Any]:
     """Split, attack, check memorisation; write out_dir/audit.json and the PNG; return the dict."""
-    split = split_site(data, fraction, holdout_seed)
+    split = split_site(data, holdout)
     metrics, generated, generated_labels = membership_attacks(
         nets, data, split, latent_dim, per_label=per_label, resamples=resamples, seed=seed
     )
@@ -413,8 +416,8 @@ def run_audit(
         png_path=out_dir / PNG_NAME,
     )
     result = {
-        "holdout_fraction": fraction,
-        "holdout_seed": holdout_seed,
+        "holdout_fraction": holdout.fraction,
+        "holdout_seed": holdout.seed,
         "seed": seed,
         "units": len(data.units),
         "held_out_units": len(data.units) - len(split.train.units),

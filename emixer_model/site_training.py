@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from emixer_model.config import FINDINGS, EmixerConfig
-from emixer_model.data.site import SiteData, holdout_units, load_site
+from emixer_model.data.site import SiteData, load_site
+from emixer_model.data.splits import create_or_load_split, training_data
 from emixer_model.networks import (
     EmixerNets,
     build_networks,
@@ -154,8 +155,9 @@ def train_site_round(
 def load_round_data(
     site_dir: Path, state_dir: Path, cfg: EmixerConfig, load_progress: ProgressFn | None
 ) -> SiteData:
-    """The site's data without the privacy units held out for `emixer audit` (the same set every
-    round and the audit draw): held-out units must never be trained on."""
+    """The site's data without its evaluation units (`train.holdout_fraction`, chosen before
+    round 1 and recorded in the state dir, data/splits.py): `emixer evaluate` scores and
+    `emixer audit` attacks exactly those patients, so they must never be trained on."""
     data = load_site(
         Path(site_dir),
         state_dir,
@@ -163,10 +165,11 @@ def load_round_data(
         uncertain_as=cfg.train.uncertain_as,
         progress=load_progress,
     )
-    if cfg.train.holdout_fraction > 0:
-        held_out = holdout_units(len(data.units), cfg.train.holdout_fraction, cfg.train.seed)
-        data = data.without_units(held_out)
-    return data
+    trained = SiteState(state_dir).trained_rounds() > 0
+    split = create_or_load_split(
+        data, state_dir, cfg.train.holdout_fraction, cfg.train.seed, already_trained=trained
+    )
+    return training_data(data, split)
 
 
 def plan_within_budget(

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from emixer_model.config import FINDINGS
-from emixer_model.data.site import SiteData, holdout_units
+from emixer_model.data.site import SiteData, load_site
+from emixer_model.data.splits import EvaluationSplit, create_or_load_split
 from emixer_model.evaluation.image_metrics import auroc
 from emixer_model.membership_audit import (
     attack_metrics,
@@ -103,9 +104,12 @@ def test_split_keeps_patients_whole_and_matches_training() -> None:
         units=[([0, 1], []), ([2], [0]), ([3, 4, 5], []), ([], [1])],
         per_patient=True,
         skipped=[],
+        files=[f"images/{i}.dcm" for i in range(n)],
+        unlabeled_files=["unlabeled/0.dcm", "unlabeled/1.dcm"],
     )
-    split = split_site(data, 0.5, seed=0)
-    held = holdout_units(4, 0.5, seed=0)
+    recorded = EvaluationSplit.choose(data, 0.5, seed=0)
+    split = split_site(data, recorded)
+    held = set(recorded.sides(data)[1])
     assert len(held) == 2
     expected_nonmembers = sorted(i for u in held for i in data.units[u][0])
     assert sorted(split.nonmembers.tolist()) == expected_nonmembers
@@ -154,7 +158,7 @@ def test_refuses_model_trained_without_holdout(tmp_path, tiny_sites, capsys) -> 
     rc = main(["audit", "--model", str(path), "--site", str(tiny_sites[0]), "--out", str(out)])
     assert rc == 2
     printed = " ".join(capsys.readouterr().out.split())
-    assert "trained without held-out data" in printed
+    assert "records no evaluation split" in printed
     assert "train.holdout_fraction > 0" in printed
     assert not out.exists()
 
@@ -163,6 +167,9 @@ def test_end_to_end_audit_writes_json_and_png(tmp_path, tiny_sites, capsys) -> N
     from emixer_cli.main import main
 
     path = _checkpoint(tmp_path, holdout=0.5)
+    state = tmp_path / "state"  # site training records its evaluation split before round 1
+    cfg = tiny_config()
+    create_or_load_split(load_site(tiny_sites[0], state, cfg.model), state, 0.5)
     out = tmp_path / "audit"
     argv = ["audit", "--model", str(path), "--site", str(tiny_sites[0]), "--out", str(out)]
     argv += ["--state-dir", str(tmp_path / "state"), "--per-label", "8"]

@@ -434,17 +434,6 @@ def test_check_folder_on_a_site_uses_the_site_rules(tmp_path: Path) -> None:
     assert "Cardiomegaly" in out.getvalue()
 
 
-def test_holdout_units_are_deterministic_and_sized():
-    from emixer_model.data.site import holdout_units
-
-    held = holdout_units(50, 0.3, seed=4)
-    assert held == holdout_units(50, 0.3, seed=4)
-    assert len(held) == 15 and held <= set(range(50))
-    assert held != holdout_units(50, 0.3, seed=5)
-    assert holdout_units(50, 0.0, seed=4) == set()
-    assert len(holdout_units(2, 0.9, seed=0)) == 1  # at least one unit is always left to train
-
-
 def test_reports_over_the_length_cap_are_truncated_with_a_logged_count(tmp_path, caplog) -> None:
     site = _make_site(tmp_path)
     long_report = "The heart is enlarged with a small left pleural effusion today. " * 4

@@ -21,7 +21,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from emixer_cli.common import PIPED_WIDTH
 from emixer_model.data.dicom import write_dicom
-from emixer_model.evaluation.evaluate import HEADLINE
+from emixer_model.evaluation.tables import FIGURE_TABLES
 from tests.test_codecs import _phantom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,9 +153,10 @@ def _wide_evaluation(path: Path) -> list[str]:
         "nothing",
     ]
     inputs = {"synthetic_pairs": 26000, "real_train": 3840, "real_test": 960}
-    result: dict = {"inputs": {**inputs, "real_test_units": 912}}
+    result: dict = {"inputs": {**inputs, "real_test_units": 912, "scored_on": "held-out patients"}}
     cells = []
-    for i, (_, keys) in enumerate(HEADLINE):
+    rows = {keys: None for _, table in FIGURE_TABLES for _, keys in table}
+    for i, keys in enumerate(rows):
         value, low, high = -0.0001234567 * (i + 1), -0.01234567, 12345.678 + i
         node = result
         for key in keys[:-1]:
@@ -179,8 +180,9 @@ def test_a_piped_evaluation_table_keeps_every_number_whole(tmp_path: Path, monke
     script = (
         "import json\n"
         "from emixer_cli.common import console\n"
-        "from emixer_model.evaluation.evaluate import summary_table\n"
-        "console.print(summary_table(json.loads(open('evaluation.json').read())))\n"
+        "from emixer_model.evaluation.tables import rich_tables\n"
+        "for table in rich_tables(json.loads(open('evaluation.json').read()), []):\n"
+        "    console.print(table)\n"
     )
     monkeypatch.delenv("COLUMNS", raising=False)
     done = python("-c", script, cwd=tmp_path)

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from emixer_model.data.site import load_site
+from emixer_model.data.splits import SplitError, load_split
 from emixer_model.privacy.accounting import (
     SiteAccountant,
     epsilon_from_history,
@@ -41,12 +42,30 @@ def test_rounds_accumulate_epsilon_and_a_lost_accountant_is_refused(tmp_path, ti
         train_site_round(site, state, cfg, second.weights, server_round=3, planned_rounds=2)
 
 
-def test_holdout_units_are_not_trained_on(tmp_path, tiny_sites):
-    site = tiny_sites[1]
-    units = len(load_site(site, tmp_path / "probe", tiny_config().model).units)
+def test_evaluation_units_are_recorded_before_round_1_and_never_trained_on(tmp_path, tiny_sites):
+    site, state = tiny_sites[1], tmp_path / "state"
+    data = load_site(site, tmp_path / "probe", tiny_config().model)
     cfg = tiny_config(train={"holdout_fraction": 0.5})
-    result = train_site_round(site, tmp_path / "state", cfg, None, 1, 1)
-    assert result.num_examples == units - round(0.5 * units)
+    result = train_site_round(site, state, cfg, None, 1, 2)
+    split = load_split(state)
+    held = split.sides(data)[1]
+    assert len(held) == round(0.5 * len(data.units))
+    assert result.num_examples == len(data.units) - len(held)
+    # the second round reuses the record; a run that asks for another fraction is refused
+    again = train_site_round(site, state, cfg, result.weights, 2, 2)
+    assert load_split(state) == split and again.num_examples == result.num_examples
+    with pytest.raises(SplitError, match="holds out 0.5"):
+        train_site_round(site, state, tiny_config(train={"holdout_fraction": 0.2}), None, 3, 3)
+
+
+def test_a_state_dir_that_trained_without_a_split_cannot_hold_patients_out_later(
+    tmp_path, tiny_sites
+):
+    site, state = tiny_sites[1], tmp_path / "state"
+    first = train_site_round(site, state, tiny_config(), None, 1, 2)
+    with pytest.raises(SplitError, match="has trained rounds"):
+        cfg = tiny_config(train={"holdout_fraction": 0.5})
+        train_site_round(site, state, cfg, first.weights, 2, 2)
 
 
 def _ledger(state):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from emixer_cli.common import CommandError, console, state_dir
@@ -26,13 +25,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--site", required=True, help="this site's folder (studies.csv + DICOM)")
     parser.add_argument(
-        "--holdout",
-        type=float,
-        default=None,
-        help="fraction of privacy units held out of training (default: the checkpoint config's "
-        "train.holdout_fraction; must match what training used)",
-    )
-    parser.add_argument(
         "--state-dir",
         help="where the site's decoded-image cache lives (default ~/.emixer/state/<site>-<hash>)",
     )
@@ -53,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     """`emixer audit`: load checkpoint and site, refuse models trained without a holdout."""
     from emixer_model.config import FINDINGS, ConfigError, EmixerConfig, from_dict
     from emixer_model.data.site import load_site
+    from emixer_model.data.splits import load_split
     from emixer_model.membership_audit import (
         PNG_NAME,
         STAYS_AT_SITE,
@@ -69,29 +62,6 @@ def run(args: argparse.Namespace) -> int:
         cfg = from_dict(EmixerConfig, ckpt.config)
     except ConfigError as err:
         raise CommandError(f"the config stored in {args.model} is not usable: {err}") from None
-    trained = cfg.train.holdout_fraction
-    fraction = trained if args.holdout is None else args.holdout
-    if trained <= 0 and args.holdout is None:
-        raise CommandError(
-            f"{args.model} was trained without held-out data (train.holdout_fraction = 0), so no "
-            "study is known to be a non-member; a membership audit needs a model trained with "
-            "train.holdout_fraction > 0 (e.g. 0.2), or --holdout FRACTION if it was trained "
-            "with held-out units some other way"
-        )
-    if not 0 < fraction < 1:
-        raise CommandError(f"--holdout must be between 0 and 1 (exclusive), not {fraction}")
-    if trained > 0 and args.holdout is not None and not math.isclose(fraction, trained):
-        raise CommandError(
-            f"--holdout {fraction} differs from the {trained} the model was trained with; "
-            "members would be mislabeled. Leave --holdout out to use the trained fraction"
-        )
-
-    if trained <= 0:
-        console.print(
-            f"[yellow]warning:[/yellow] {args.model} records no holdout; this audit is valid only "
-            f"if training left out exactly the units "
-            f"emixer_model.data.site.holdout_units(n, {fraction}, seed={cfg.train.seed}) picks"
-        )
     nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
     try:
         set_weights(nets, ckpt.arrays)
@@ -102,14 +72,21 @@ def run(args: argparse.Namespace) -> int:
     site_dir = Path(args.site)
     site_state = state_dir(args, site_dir)
     out_dir = Path(args.out) if args.out else site_state / "audit"
+    holdout = load_split(site_state)
+    if holdout is None:
+        raise CommandError(
+            f"{site_state} records no evaluation split, so no study of this site is known to be "
+            "a non-member; a membership audit needs a model trained with train.holdout_fraction "
+            "> 0 (e.g. 0.2) from this state dir, which records the held-out patients before "
+            "round 1 (pass the state dir training used with --state-dir)"
+        )
     console.print(f"[dim]loading {site_dir} ...[/dim]")
     data = load_site(site_dir, site_state, cfg.model, uncertain_as=cfg.train.uncertain_as)
     console.print(f"[dim]attacking {len(data.images)} labeled studies ...[/dim]")
     result = run_audit(
         nets,
         data,
-        fraction,
-        cfg.train.seed,
+        holdout,
         cfg.model.latent_dim,
         out_dir,
         seed=args.seed,

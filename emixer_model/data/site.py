@@ -30,7 +30,6 @@ import torch
 
 from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.data.dicom import NORMALISATION_VERSION, SKIP_REASONS, SkipFile, decode_dicom
-from emixer_model.data.splits import choose_held_out
 from emixer_model.shared import ProgressFn, UserError
 from emixer_model.text.vocabulary import encode_report, fits_caps
 
@@ -96,13 +95,6 @@ class SiteData:
         """The same data with some privacy units taken out of training (kept for the audit)."""
         kept = [unit for index, unit in enumerate(self.units) if index not in held_out]
         return replace(self, units=kept)
-
-
-def holdout_units(n_units: int, fraction: float, seed: int) -> set[int]:
-    """Units a site keeps out of training so `emixer audit` has non-members to compare with:
-    the one splitter (data/splits.py) keyed on the units' positions, as site training and the
-    audit both call it with the unit count only. Deterministic in (n_units, fraction, seed)."""
-    return choose_held_out([str(i) for i in range(n_units)], fraction, seed)
 
 
 def read_studies(site_dir: Path) -> StudyTable:
