@@ -230,6 +230,12 @@ def run(args: argparse.Namespace) -> int:
     )
     console.rule("5/5 evaluation against the phantom sites' real data")
     evaluation_dir = run_dir / "evaluation"
+    held_out = cfg.train.holdout_fraction > 0
+    if not held_out:
+        console.print(
+            "[yellow]the --config file holds no patients out (train.holdout_fraction 0): every "
+            "figure below is scored on patients the generator trained on[/yellow]"
+        )
     evaluate_and_print(
         release_dir,
         sites,
@@ -238,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         public_dir=public,
         phrasing=site_phrasing,
+        allow_training_patients=not held_out,
     )
     console.print(
         f"open {(release_dir / 'index.html').resolve()} in a browser (the release); its "
