@@ -13,7 +13,9 @@ label:
   minus label off;
 - site phrasing: the share of cardiomegaly reports written in site 2's words.
 
-    python -m bench.site_knowledge --rows public,nonprivate,eps10 --seeds 0
+Rows are `public` or RECIPE:EPSILON, EPSILON `none` for no noise:
+
+    python -m bench.site_knowledge --rows public,demo:none,demo:10 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from emixer_model.data.splits import LabeledSet
 from emixer_model.evaluation.classifier import score_images, train_classifier
 from emixer_model.evaluation.image_metrics import auroc
 from emixer_model.networks import build_networks, set_weights
+from emixer_model.synthesis import synthesize
 from emixer_model.text.grammar import SITE_ONLY_FINDING, uses_site_phrasing
 from emixer_model.text.labeler import label_report
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
@@ -58,53 +61,39 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def paired_labels(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n prior label vectors without the site-only finding, and the same with it on."""
-    off = sample_prior(n, torch.Generator().manual_seed(seed))
-    off[:, NEW] = 0.0
-    on = off.clone()
-    on[:, NEW] = 1.0
-    on[:, FINDINGS.index("No Finding")] = 0.0
-    return off, on
+def with_finding(labels: torch.Tensor, finding: str) -> torch.Tensor:
+    """The same label vectors with `finding` on (and "No Finding" off)."""
+    out = labels.clone()
+    out[:, FINDINGS.index(finding)] = 1.0
+    out[:, FINDINGS.index("No Finding")] = 0.0
+    return out
 
 
 def measure(cfg: EmixerConfig, weights: dict, judge, n: int = 200) -> dict[str, float]:
+    """The three transfer figures of one model on n paired draws (see the module docstring)."""
     nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
     set_weights(nets, weights)
     nets.eval()
-    off, on = paired_labels(n, seed=11)
-    z = torch.randn(n, cfg.model.latent_dim, generator=torch.Generator().manual_seed(5))
-    out = {}
-    with torch.no_grad():
-        images = {k: nets.g_ema(z, y) for k, y in (("off", off), ("on", on))}
-        reports = {
-            k: [
-                decode_report(t)
-                for t in nets.r.sample_ids(
-                    nets.e(images[k]), y, cfg.model.report_temperature, torch.Generator()
-                )
-            ]
-            for k, y in (("off", off), ("on", on))
-        }
-        cardio = off.clone()
-        cardio[:, FINDINGS.index(PHRASED)] = 1.0
-        cardio[:, FINDINGS.index("No Finding")] = 0.0
-        cx = nets.g_ema(z, cardio)
-        cardio_reports = [
-            decode_report(t)
-            for t in nets.r.sample_ids(nets.e(cx), cardio, cfg.model.report_temperature)
-        ]
-    probs = {k: score_images(judge, v)[0][:, NEW] for k, v in images.items()}
-    out["image_auroc"] = auroc(
-        np.concatenate([probs["off"], probs["on"]]), np.r_[np.zeros(n), np.ones(n)]
-    )
+    off = sample_prior(n, torch.Generator().manual_seed(11))
+    off[:, NEW] = 0.0
+    conditions = {"off": off, "on": with_finding(off, SITE_ONLY_FINDING)}
+    conditions["phrased"] = with_finding(off, PHRASED)
+    drawn = {}  # one seed for every condition: the same latents, so the draws are paired
+    for name, labels in conditions.items():
+        images, ids = synthesize(nets, cfg.model, labels, torch.Generator().manual_seed(5))
+        drawn[name] = images, [decode_report(t) for t in ids]
+    probs = [score_images(judge, drawn[k][0])[0][:, NEW] for k in ("off", "on")]
     stated = {
-        k: np.mean([label_report(r).get(SITE_ONLY_FINDING) == 1 for r in v])
-        for k, v in reports.items()
+        k: float(np.mean([label_report(r).get(SITE_ONLY_FINDING) == 1 for r in drawn[k][1]]))
+        for k in ("off", "on")
     }
-    out["report_on"], out["report_off"] = stated["on"], stated["off"]
-    out["phrasing"] = float(np.mean([uses_site_phrasing(r, PHRASED) for r in cardio_reports]))
-    return out
+    phrased = [uses_site_phrasing(r, PHRASED) for r in drawn["phrased"][1]]
+    return {
+        "image_auroc": auroc(np.concatenate(probs), np.r_[np.zeros(n), np.ones(n)]),
+        "report_on": stated["on"],
+        "report_off": stated["off"],
+        "phrasing": float(np.mean(phrased)),
+    }
 
 
 def main() -> None:
