@@ -438,6 +438,18 @@ def build_networks(model_cfg: ModelConfig, vocab_size: int, n_labels: int) -> Em
     return EmixerNets(model_cfg, vocab_size, n_labels)
 
 
+@torch.no_grad()
+def silence_labels(nets: EmixerNets, columns: list[int]) -> None:
+    """Zero the label columns `columns` in every label projection (G, its EMA, R, D's term).
+
+    A label no training data has shown keeps its random initial column otherwise, so switching
+    it on shifts the image and the report by chance: an effect nothing taught. Zeroed, the label
+    changes nothing until data teach it (the gradient of a zero column is not zero).
+    """
+    for layer in (nets.g.label, nets.g_ema.label, nets.r.label_in, nets.d.label):
+        layer.weight[:, columns] = 0.0
+
+
 def get_weights(nets: nn.Module) -> dict[str, np.ndarray]:
     """All weights as float32 arrays; keys stable whether or not Opacus wrapped a module."""
     return {

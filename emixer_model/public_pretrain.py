@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig
-from emixer_model.networks import EmixerNets, build_networks
+from emixer_model.networks import EmixerNets, build_networks, silence_labels
 from emixer_model.shared import ProgressFn
 from emixer_model.text.grammar import PUBLIC_GRAMMAR, write_report
 from emixer_model.text.vocabulary import VOCAB_SIZE, encode_report
@@ -61,9 +61,7 @@ def public_reports(
     reports' token ids [n, S, W]). Hedged findings are trained as positive, as at the sites.
     PUBLIC_UNNAMED findings are off in every label row ("No Finding" where nothing is left), so
     R never learns that a label on means saying nothing about it."""
-    labels = sample_prior(n, generator)
-    labels[:, [FINDINGS.index(f) for f in PUBLIC_UNNAMED]] = 0.0
-    labels[labels.sum(dim=1) == 0, FINDINGS.index("No Finding")] = 1.0
+    labels = sample_prior(n, generator, PUBLIC_UNNAMED)
     hedged = torch.rand(labels.shape, generator=generator) < UNCERTAIN_PROBABILITY
     hedged[:, FINDINGS.index("No Finding")] = False  # "No Finding" is never hedged
     values = torch.where(hedged & (labels > 0), -1, labels.long())
@@ -184,6 +182,12 @@ def fill_missing_reports(
     return filled
 
 
+def unshown_findings(labels: torch.Tensor) -> tuple[str, ...]:
+    """The findings no row of a labeled collection [N, L] has positive ("No Finding" aside)."""
+    shown = (labels > 0).any(dim=0).tolist()
+    return tuple(f for f, s in zip(FINDINGS, shown, strict=True) if f != "No Finding" and not s)
+
+
 def pretrain_public(
     nets: EmixerNets,
     cfg: EmixerConfig,
@@ -198,12 +202,17 @@ def pretrain_public(
 
     The same objective as a site's private step (`real_row_losses`, `generator_loss`), on plain
     Adam, batches of train.batch_size drawn uniformly: public data needs no clipping, no noise
-    and no accountant. Returns {"steps", "seconds", "losses": means of the last steps}.
+    and no accountant. A finding the collection never shows (`unshown_findings`) is never asked
+    of G and its label columns are zeroed (`silence_labels`): the public model draws the same
+    pair with it on or off, so whatever it means in a release, the sites taught it.
+    Returns {"steps", "seconds", "unshown": those findings, "losses": means of the last steps}.
     """
     if steps < 0:
         raise ValueError(f"pretraining steps must be >= 0, not {steps}")
     if len(images) == 0:
         raise ValueError("the public collection has no usable labeled image")
+    unshown = unshown_findings(labels)
+    silence_labels(nets, [FINDINGS.index(f) for f in unshown])
     t = cfg.train
     generator = torch.Generator().manual_seed(seed)
     d_optimizer = torch.optim.Adam(
@@ -226,7 +235,7 @@ def pretrain_public(
         d_optimizer.zero_grad(set_to_none=True)
         row_objective(losses, cfg).mean().backward()
         d_optimizer.step()
-        g_loss = generator_loss(nets, cfg, t.batch_size, generator)
+        g_loss = generator_loss(nets, cfg, t.batch_size, generator, unshown)
         g_optimizer.zero_grad(set_to_none=True)
         g_loss.backward()
         g_optimizer.step()
@@ -239,7 +248,8 @@ def pretrain_public(
     d_optimizer.zero_grad(set_to_none=True)
     g_optimizer.zero_grad(set_to_none=True)
     window = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
-    return {"steps": steps, "seconds": time.perf_counter() - started, "losses": window}
+    seconds = time.perf_counter() - started
+    return {"steps": steps, "seconds": seconds, "unshown": unshown, "losses": window}
 
 
 def pretrained_networks(

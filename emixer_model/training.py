@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import secrets
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -59,9 +59,8 @@ LOSS_NAMES = ("d_real", "d_fake", "findings", "rotation", "report", "g")
 
 # Labels of generated rows that are not paired with a labeled real row: a FIXED public prior
 # (roughly chest X-ray practice), never a site statistic. "No Finding" excludes the others.
-# Public pretraining uses the same prior, so G is asked for the site-only finding there too
-# (its conditioning exists but no public image teaches it); the report warm start leaves it out
-# (public_pretrain.public_reports: no public text names it).
+# Public pretraining draws from it with the findings its collection never shows kept off
+# (`never`): G is never asked there for what no public image can teach it.
 NO_FINDING_PROBABILITY = 0.3
 FINDING_PROBABILITY = {
     "Cardiomegaly": 0.2,
@@ -77,9 +76,12 @@ FINDING_PROBABILITY = {
 Row = tuple[bool, int]  # (labeled, index into data.images if labeled else into data.unlabeled)
 
 
-def sample_prior(n: int, generator: torch.Generator) -> torch.Tensor:
-    """n multi-hot label vectors [n, L] from the fixed public prior."""
-    probs = torch.tensor([FINDING_PROBABILITY.get(name, 0.0) for name in FINDINGS])
+def sample_prior(n: int, generator: torch.Generator, never: Collection[str] = ()) -> torch.Tensor:
+    """n multi-hot label vectors [n, L] from the fixed public prior, the findings in `never`
+    always off ("No Finding" where nothing is left). The same draws whatever `never` holds."""
+    probs = torch.tensor(
+        [0.0 if name in never else FINDING_PROBABILITY.get(name, 0.0) for name in FINDINGS]
+    )
     y = (torch.rand(n, len(FINDINGS), generator=generator) < probs).float()
     no_finding = torch.rand(n, generator=generator) < NO_FINDING_PROBABILITY
     no_finding |= y.sum(dim=1) == 0
@@ -197,11 +199,16 @@ def row_objective(losses: dict[str, torch.Tensor], cfg: EmixerConfig) -> torch.T
 
 
 def generator_loss(
-    nets: EmixerNets, cfg: EmixerConfig, n: int, generator: torch.Generator
+    nets: EmixerNets,
+    cfg: EmixerConfig,
+    n: int,
+    generator: torch.Generator,
+    never: Collection[str] = (),
 ) -> torch.Tensor:
-    """G's non-saturating loss on n generated pairs from the public prior (fixed-size draws)."""
+    """G's non-saturating loss on n generated pairs from the public prior (fixed-size draws),
+    never asking for the findings in `never`."""
     dev = next(nets.parameters()).device
-    y = sample_prior(n, generator).to(dev)
+    y = sample_prior(n, generator, never).to(dev)
     z = torch.randn(n, cfg.model.latent_dim, generator=generator).to(dev)
     fake = nets.g(z, y)
     score, findings = nets.d.score_and_labels(fake, fake_reports(nets, cfg, fake, y, generator), y)

@@ -161,6 +161,35 @@ def test_pretrain_public_trains_all_four_networks_without_leftover_gradients():
     assert all(p.grad is None for p in nets.parameters())
 
 
+def test_a_finding_the_public_collection_never_shows_changes_nothing_in_the_public_model():
+    """G is never asked for it in pretraining and its label columns are zero: the public model
+    draws the same image and report with it on or off, so whatever it means after the rounds,
+    the sites taught it (the site-knowledge bench's public-only row rests on this)."""
+    nets = fresh()
+    images, labels, tokens = tiny_public(200)  # every public finding shows up at least once
+    column = FINDINGS.index(SITE_ONLY_FINDING)
+    assert labels[:, column].sum() == 0  # public_reports never labels it
+    asked = []  # the site-only label of every row G is conditioned on
+    nets.g.register_forward_pre_hook(lambda _, args: asked.append(args[1][:, column]))
+    cfg = EmixerConfig(model=CFG, train=TrainConfig(batch_size=8))
+    result = pretrain_public(nets, cfg, images, labels, tokens, steps=3, seed=0)
+    assert result["unshown"] == (SITE_ONLY_FINDING,)
+    assert len(asked) == 6 and torch.cat(asked).sum() == 0
+    nets.eval()
+    off = sample_prior(16, torch.Generator().manual_seed(1), (SITE_ONLY_FINDING,))
+    on = off.clone()
+    on[:, column] = 1.0
+    z = torch.randn(16, CFG.latent_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for g in (nets.g, nets.g_ema):
+            assert torch.equal(g(z, on), g(z, off))
+        embedding = nets.e(nets.g_ema(z, off))
+        assert torch.equal(nets.r.sample_ids(embedding, on), nets.r.sample_ids(embedding, off))
+        tokens_off = nets.r.sample_ids(embedding, off)
+        x = nets.g_ema(z, off)
+        assert torch.equal(nets.d(x, tokens_off, on), nets.d(x, tokens_off, off))
+
+
 def test_pretrain_public_refuses_an_empty_collection():
     nets = fresh()
     empty = torch.zeros(0, 1, CFG.resolution, CFG.resolution)

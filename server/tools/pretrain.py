@@ -60,6 +60,7 @@ def pretrain_checkpoint(
         **public.source(),
         "steps": steps,
         "report_warm_start_steps": warm_start,
+        "unshown_findings": list(result["unshown"]),  # left for the sites to teach
         "privacy": "none: public data, no site data involved",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
