@@ -11,18 +11,26 @@ label:
   training patients and checked on their held-out ones (its real AUROC is the ceiling);
 - report transfer: the share of reports the labeler reads as stating the finding, label on
   minus label off;
-- site phrasing: the share of cardiomegaly reports written in site 2's words.
+- site phrasing: the share of cardiomegaly reports written in site 2's words;
+- TSTR: a classifier trained on SYNTHETIC_PAIRS pairs drawn for labels of the fixed public
+  prior (as a release is drawn, never the test patients' label vectors), its AUROC for the
+  site-only finding on the held-out real patients;
+- augmentation: a site that has labeled only SCARCE_POSITIVES patients with the site-only
+  finding trains a classifier on its real studies alone, and on them plus the synthetic pairs;
+  the AUROC gain on the held-out patients.
 
-Rows are `public` or RECIPE:EPSILON, EPSILON `none` for no noise:
+Rows are `public`, RECIPE:EPSILON (EPSILON `none` for no noise), or RECIPE:EPSILON:control,
+the same run on the public-style pseudo-sites (docs/PHANTOM_WORLD.md): what more training steps
+alone give, scored on the same real held-out patients.
 
-    python -m bench.site_knowledge --rows public,demo:none,demo:10 --seeds 0,1,2
+    python -m bench.site_knowledge --rows public,demo:none,demo:10,demo:10:control --seeds 0,1,2
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +41,7 @@ from bench.utility import QUICK, SMOKE, Setup, federate, prepare, pretrained_wei
 from emixer_cli.commands.demo import DEMO_MODEL, DEMO_TRAIN
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, TrainConfig
 from emixer_model.data.splits import LabeledSet
-from emixer_model.evaluation.classifier import score_images, train_classifier
+from emixer_model.evaluation.classifier import Classifier, score_images, train_classifier
 from emixer_model.evaluation.image_metrics import auroc
 from emixer_model.networks import build_networks, set_weights
 from emixer_model.synthesis import synthesize
@@ -45,6 +53,33 @@ from emixer_model.training import sample_prior
 NEW = FINDINGS.index(SITE_ONLY_FINDING)
 PHRASED = "Cardiomegaly"
 JUDGE_STEPS = 800
+SYNTHETIC_PAIRS = 600  # the TSTR and augmentation set (the prior asks for the finding in 10%)
+SCARCE_POSITIVES = 6  # labeled positives of the site-only finding at the scarce-data site
+
+
+@dataclass(frozen=True)
+class Real:
+    """The real data the figures are scored with: the judge, what it and the scarce-data site
+    learn from (training-side patients), and the held-out patients that score everything."""
+
+    judge: Classifier
+    scarce: LabeledSet
+    scarce_auroc: float  # a classifier on the scarce-data site's real studies alone
+    scored: LabeledSet
+
+
+def scarce_positives(data: LabeledSet, keep: int, seed: int) -> LabeledSet:
+    """`data` with only `keep` of its site-only-positive rows left (every negative kept)."""
+    positive = np.flatnonzero(data.labels[:, NEW].numpy() > 0)
+    dropped = np.random.default_rng(seed).permutation(positive)[keep:]
+    return data.subset(np.setdiff1d(np.arange(len(data.images)), dropped))
+
+
+def new_label_auroc(model: Classifier, scored: LabeledSet) -> float | None:
+    """A classifier's AUROC for the site-only finding on the scored real patients."""
+    probs = score_images(model, scored.images)[0][:, NEW]
+    return auroc(probs, scored.labels[:, NEW].numpy())
+
 
 RECIPES: dict[str, dict] = {
     "demo": dict(DEMO_TRAIN),
@@ -69,26 +104,42 @@ def with_finding(labels: torch.Tensor, finding: str) -> torch.Tensor:
     return out
 
 
-def measure(cfg: EmixerConfig, weights: dict, judge, n: int = 200) -> dict[str, float]:
-    """The three transfer figures of one model on n paired draws (see the module docstring)."""
+def with_a_finding(n: int) -> torch.Tensor:
+    """n label vectors of the fixed prior that state some finding but not the site-only one:
+    switching it on then changes that one label only ("No Finding" is never on to flip)."""
+    labels = sample_prior(4 * n, torch.Generator().manual_seed(11), (SITE_ONLY_FINDING,))
+    return labels[labels[:, FINDINGS.index("No Finding")] == 0][:n]
+
+
+def measure(cfg: EmixerConfig, weights: dict, real: Real, n: int = 200) -> dict[str, float]:
+    """The transfer figures of one model (see the module docstring); n paired draws."""
     nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
     set_weights(nets, weights)
     nets.eval()
-    off = sample_prior(n, torch.Generator().manual_seed(11))
-    off[:, NEW] = 0.0
-    conditions = {"off": off, "on": with_finding(off, SITE_ONLY_FINDING)}
+    conditions = {"off": (off := with_a_finding(n)), "on": with_finding(off, SITE_ONLY_FINDING)}
     conditions["phrased"] = with_finding(off, PHRASED)
     drawn = {}  # one seed for every condition: the same latents, so the draws are paired
     for name, labels in conditions.items():
         images, ids = synthesize(nets, cfg.model, labels, torch.Generator().manual_seed(5))
         drawn[name] = images, [decode_report(t) for t in ids]
-    probs = [score_images(judge, drawn[k][0])[0][:, NEW] for k in ("off", "on")]
+    probs = [score_images(real.judge, drawn[k][0])[0][:, NEW] for k in ("off", "on")]
     stated = {
         k: float(np.mean([label_report(r).get(SITE_ONLY_FINDING) == 1 for r in drawn[k][1]]))
         for k in ("off", "on")
     }
     phrased = [uses_site_phrasing(r, PHRASED) for r in drawn["phrased"][1]]
+    labels = sample_prior(SYNTHETIC_PAIRS, torch.Generator().manual_seed(13))
+    images, _ = synthesize(nets, cfg.model, labels, torch.Generator().manual_seed(17))
+    tstr = train_classifier(images, labels, JUDGE_STEPS, seed=0)
+    both = train_classifier(
+        torch.cat([real.scarce.images, images]),
+        torch.cat([real.scarce.labels, labels]),
+        JUDGE_STEPS,
+        seed=0,
+    )
     return {
+        "tstr": new_label_auroc(tstr, real.scored),
+        "augment": new_label_auroc(both, real.scored) - real.scarce_auroc,
         "image_auroc": auroc(np.concatenate(probs), np.r_[np.zeros(n), np.ones(n)]),
         "report_on": stated["on"],
         "report_off": stated["off"],
@@ -124,12 +175,18 @@ def main() -> None:
     scored = LabeledSet.concat([scored_split(s.heldout, args.split) for s in sites])
     steps = 20 if args.smoke else JUDGE_STEPS
     judge = train_classifier(judge_train.images, judge_train.labels, steps, seed=0)
-    real = score_images(judge, scored.images)[0][:, NEW]
+    scarce = scarce_positives(judge_train, SCARCE_POSITIVES, seed=0)
+    scarce_auroc = new_label_auroc(
+        train_classifier(scarce.images, scarce.labels, steps, seed=0), scored
+    )
+    real = Real(judge, scarce, scarce_auroc, scored)
     console.print(
         f"judge on {len(scored.images)} {args.split} patients' studies, {SITE_ONLY_FINDING}: "
-        f"AUROC {auroc(real, scored.labels[:, NEW].numpy())} (the ceiling of image transfer)"
+        f"AUROC {new_label_auroc(judge, scored):.3f} (the ceiling of image transfer); "
+        f"scarce-data site ({SCARCE_POSITIVES} positives of {len(scarce.images)} studies) "
+        f"alone: {scarce_auroc:.3f}"
     )
-    rows = []
+    rows, pseudo = [], []
     for seed in (int(x) for x in args.seeds.split(",")):
         key = f"pretrained-s{args.smoothing}-{setup.pretrain_steps}-seed{seed}.pt"
         if (cache / key).is_file():
@@ -141,12 +198,16 @@ def main() -> None:
             began = time.perf_counter()
             weights, eps = start, 0.0
             if spec != "public":
-                name, epsilon = spec.split(":")
+                name, epsilon, *control = spec.split(":")
                 cfg = replace(base, train=replace(base.train, **RECIPES[name]))
                 budget = None if epsilon == "none" else float(epsilon)
-                train = [s.train for s in sites]
+                if control and control != ["control"]:
+                    parser.error(f"row {spec!r}: the third part can only be 'control'")
+                if control and not pseudo:
+                    pseudo = prepare(setup, cache, model, pseudo=True)[0]
+                train = [s.train for s in (pseudo if control else sites)]
                 weights, eps, _ = federate(cfg, train, start, setup.rounds, budget, seed)
-            m = measure(base, weights, judge)
+            m = measure(base, weights, real)
             rows.append(
                 (
                     spec,
@@ -154,13 +215,16 @@ def main() -> None:
                     f"{m['image_auroc']:.2f}",
                     f"{m['report_on']:.2f} / {m['report_off']:.2f}",
                     f"{m['phrasing']:.2f}",
+                    f"{m['tstr']:.2f}",
+                    f"{m['augment']:+.2f}",
                     f"{eps:.2f}",
                     f"{time.perf_counter() - began:.0f}",
                 )
             )
             console.print(rows[-1])
     columns = ("row", "seed", "image AUROC (new label)", "report states it: on / off")
-    print_table("site knowledge", (*columns, "site phrasing", "eps", "s"), rows)
+    more = ("site phrasing", "TSTR (new label)", "augmentation gain", "eps", "s")
+    print_table("site knowledge", (*columns, *more), rows)
     console.print(machine())
 
 

@@ -56,6 +56,7 @@ from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, PrivacyConf
 from emixer_model.data.phantoms import (
     PHANTOM_VERSION,
     write_phantom_sites,
+    write_pseudo_sites,
     write_public_collection,
 )
 from emixer_model.data.public import load_public
@@ -127,23 +128,26 @@ class Site:
     heldout: LabeledSet  # its recorded evaluation patients: validation and test
 
 
-def prepare(setup: Setup, cache: Path, model: ModelConfig) -> tuple[list[Site], Path]:
+def prepare(
+    setup: Setup, cache: Path, model: ModelConfig, pseudo: bool = False
+) -> tuple[list[Site], Path]:
     """Phantom sites (cached), each split as a site splits itself (recorded in the cache's state
-    dirs); the public collection's folder."""
+    dirs); the public collection's folder. `pseudo`: the control's public-style pseudo-sites,
+    same patients, so the same patients are held out."""
     version = f"v{PHANTOM_VERSION}"  # a stale cache of another phantom world is never reused
+    kind = "pseudo-sites" if pseudo else "sites"
     tag = f"{version}-{setup.sites}x{setup.per_site}+{setup.unlabeled}-{setup.size}px"
-    data_dir = cache / f"sites-{tag}"
+    data_dir = cache / f"{kind}-{tag}"
     if not (data_dir / "COMPLETE").is_file():
-        write_phantom_sites(
-            data_dir, setup.sites, setup.per_site, setup.unlabeled, seed=0, size=setup.size
-        )
+        writer = write_pseudo_sites if pseudo else write_phantom_sites
+        writer(data_dir, setup.sites, setup.per_site, setup.unlabeled, seed=0, size=setup.size)
         (data_dir / "COMPLETE").write_text("complete\n")
     public = cache / f"public-{version}-{setup.public}-{setup.size}px"
     if not (public / "studies.csv").is_file():
         write_public_collection(public, n=setup.public, seed=0, size=setup.size)
     sites = []
     for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
-        state = cache / "state" / f"{tag}-{folder.name}"
+        state = cache / "state" / f"{'pseudo-' if pseudo else ''}{tag}-{folder.name}"
         data = load_site(folder, state, model)
         split = create_or_load_split(data, state, HOLDOUT)
         judge_train, heldout = split_labeled(data, split, folder.name)
