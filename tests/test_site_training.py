@@ -134,3 +134,57 @@ def test_policy_defaults_cap_delta_and_raise_the_planned_noise_to_the_floor(tmp_
     node = {"epsilon-budget": 3.0, "max-delta": 1e-4, "share-losses": "false"}
     assert SitePolicy.from_node_config(node) == SitePolicy(3.0, 1e-4, None, False)
     assert SitePolicy.from_node_config({}) == SitePolicy()  # simulation: the defaults
+
+
+def test_budget_shows_the_spend_per_run_and_catches_an_edited_ledger(tmp_path, tiny_sites, capsys):
+    """`emixer budget STATE_DIR`: the total, each run, the plan's rounds left and the refusals,
+    read from the state dir alone (nothing written); an edited, cut or rolled-back ledger or
+    accountant exits 2 and says why; a folder that is no state dir is one line, exit 2."""
+    from emixer_cli.main import main
+
+    site, state = tiny_sites[0], tmp_path / "state"
+    cfg = tiny_config(privacy={"epsilon_budget": 6.0})
+    first = train_site_round(site, state, cfg, None, 1, 3, run_id="7")
+    train_site_round(site, state, cfg, first.weights, 2, 3, run_id="7")
+    train_site_round(site, state, tiny_config(privacy={"delta": 0.5}), None, 1, 1, run_id="8")
+    last = train_site_round(site, state, cfg, first.weights, 1, 1, run_id="9")
+    files = {p: p.stat().st_mtime_ns for p in state.rglob("*")}
+
+    assert main(["budget", str(state), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    accountant = SiteAccountant.load(state / "privacy" / "accountant.json", "rdp")
+    assert report["epsilon"] == pytest.approx(accountant.epsilon(last.delta)) == last.epsilon
+    assert report["budget"] == 6.0 and report["ledger_verifies"] and not report["problems"]
+    assert [(r["run"], r["rounds"]) for r in report["runs"]] == [("7", [1, 2]), ("9", [1])]
+    assert report["runs"][0]["models"][0] == ""  # round 1 trained from a fresh model
+    assert [r["event"] for r in report["refusals"]] == ["round-refused"]
+    plan = report["plan"]
+    assert plan["epsilon_after_next_round"] > report["epsilon"]
+    sigma, q, steps = plan["noise_multiplier"], plan["sample_rate"], plan["steps_per_round"]
+    fits = [*accountant.history, (sigma, q, steps * plan["rounds_left"])]
+    over = [*accountant.history, (sigma, q, steps * (plan["rounds_left"] + 1))]
+    assert epsilon_from_history(fits, last.delta) <= 6.0 < epsilon_from_history(over, last.delta)
+    assert main(["budget", str(state)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "VERIFIES" in said and "round-refused" in said and "more rounds fit" in said
+    assert {p: p.stat().st_mtime_ns for p in state.rglob("*")} == files  # read only
+
+    ledger_path = state / "privacy" / "ledger.jsonl"
+    lines = ledger_path.read_text().splitlines()
+    edited = json.loads(lines[0]) | {"epsilon": 0.01}
+    ledger_path.write_text("\n".join([json.dumps(edited), *lines[1:]]) + "\n")
+    assert main(["budget", str(state), "--json"]) == 2
+    assert "plain fields differ" in " ".join(json.loads(capsys.readouterr().out)["problems"])
+    ledger_path.write_text("\n".join(lines[1:]) + "\n")  # the first entry removed
+    assert main(["budget", str(state)]) == 2
+    assert "[2, 3] are not 1..2" in " ".join(capsys.readouterr().out.split())
+    ledger_path.write_text("\n".join(lines) + "\n")
+    (state / "privacy" / "accountant.json").unlink()  # the .prev copy counts a round too few
+    assert main(["budget", str(state), "--json"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert "rolled back" in " ".join(report["problems"]) and report["epsilon"] == last.epsilon
+
+    for folder, said in ((tmp_path / "nowhere", "not an existing folder"), (site, "not a site's")):
+        assert main(["budget", str(folder)]) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert said in out and "state_dir" in out and "Traceback" not in out
