@@ -50,6 +50,11 @@ class SiteFile:
     )
     min_noise_multiplier: float | None = config_key("a floor on the noise multiplier", None)
     share_losses: bool = config_key("send mean training losses to the coordinator (not DP)", False)
+    holdout_fraction: float = config_key(
+        "share of this site's patients held out for its own evaluation, chosen before round 1 "
+        "(e.g. 0.2); the run config's train.holdout_fraction is ignored",
+        0.0,
+    )
     approved_app_hash: str | None = config_key(
         "`emixer app-hash` of the reviewed app version", None
     )
@@ -121,6 +126,7 @@ def load_site_settings(path: str | Path) -> SiteSettings:
             max_delta=raw.max_delta,
             min_noise_multiplier=raw.min_noise_multiplier,
             share_losses=raw.share_losses,
+            holdout_fraction=raw.holdout_fraction,
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None

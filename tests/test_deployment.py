@@ -180,6 +180,7 @@ def test_site_yaml_is_strict_and_checks_paths(tmp_path: Path, certs: Path) -> No
         "epsilon-budget": 4.0,
         "min-noise-multiplier": 0.8,
         "share-losses": False,
+        "holdout-fraction": 0.0,  # the site's own: a run config's is ignored
     }
     cases = {
         "state_dir: state\nbudget: 4\n": "'budget'",
@@ -187,6 +188,7 @@ def test_site_yaml_is_strict_and_checks_paths(tmp_path: Path, certs: Path) -> No
         "state_dir: state\nshare_losses: 1\n": "true or false",
         "state_dir: data/state\n": "outside the data folder",
         "state_dir: state\napproved_app_hash: abc\n": "64-character",
+        "state_dir: state\nholdout_fraction: 1.5\n": "holdout_fraction must be in",
     }
     for extra, message in cases.items():
         good.write_text(base + extra)

@@ -124,15 +124,18 @@ def test_the_site_policy_refuses_a_run_that_asks_for_a_larger_delta_or_less_nois
 def test_policy_defaults_cap_delta_and_raise_the_planned_noise_to_the_floor(tmp_path):
     state = SiteState(tmp_path)
     cfg = tiny_config(privacy={"epsilon_budget": 50.0})
-    plain = state.plan_round(cfg, SitePolicy(epsilon_budget=50.0), 20, True, SiteAccountant(), 1)
+    policy = SitePolicy(epsilon_budget=50.0)
+    plain = state.plan_round(cfg, policy, 20, True, SiteAccountant(), 1, population=20)
     assert plain.delta == pytest.approx(1 / 200)  # default 1/(10 N)
     floored = SitePolicy(epsilon_budget=50.0, min_noise_multiplier=plain.noise_multiplier * 2)
-    raised = state.plan_round(cfg, floored, 21, True, SiteAccountant(), 1)
+    raised = state.plan_round(cfg, floored, 21, True, SiteAccountant(), 1, population=21)
     assert raised.noise_multiplier == floored.min_noise_multiplier
     with pytest.raises(PolicyViolation, match="not below 1/N"):
         SitePolicy(max_delta=0.1).delta_for(10, None)
     node = {"epsilon-budget": 3.0, "max-delta": 1e-4, "share-losses": "false"}
     assert SitePolicy.from_node_config(node) == SitePolicy(3.0, 1e-4, None, False)
+    held = SitePolicy.from_node_config({"holdout-fraction": "0.2"})
+    assert held.holdout_fraction == 0.2 and held.node_config()["holdout-fraction"] == 0.2
     assert SitePolicy.from_node_config({}) == SitePolicy()  # simulation: the defaults
 
 
@@ -188,3 +191,33 @@ def test_budget_shows_the_spend_per_run_and_catches_an_edited_ledger(tmp_path, t
         assert main(["budget", str(folder)]) == 2
         out = " ".join(capsys.readouterr().out.split())
         assert said in out and "state_dir" in out and "Traceback" not in out
+
+
+def test_the_holdout_is_the_sites_and_the_coordinator_cannot_steer_delta_with_it(
+    tmp_path, tiny_sites, caplog
+):
+    """The review's reproduction (#17 hole 4): budget 3 exhausted, then a run asking for
+    holdout 0.9 to shrink N and re-plan at a larger delta. The site's hold-out wins, the delta
+    limit counts every unit of the site (held-out ones included), so nothing re-plans or trains."""
+    site = tiny_sites[0]
+    units = len(load_site(site, tmp_path / "probe", tiny_config().model).units)
+    policy = SitePolicy(epsilon_budget=3.0, holdout_fraction=0.0)
+    state = tmp_path / "state"
+    cfg = tiny_config(privacy={"epsilon_budget": 3.0})
+    first = train_site_round(site, state, cfg, None, 1, 1, policy=policy)
+    assert first.status == "trained" and first.delta == pytest.approx(1 / (10 * units))
+    attack = tiny_config(privacy={"epsilon_budget": 3.0}, train={"holdout_fraction": 0.9})
+    again = train_site_round(site, state, attack, first.weights, 1, 1, policy=policy)
+    assert again.status == "budget-exhausted" and again.weights is None
+    assert again.delta == first.delta and again.plan.n_units == units
+    assert [e["status"] for e in _ledger(state)] == ["trained", "budget-exhausted"]
+    assert "the site's value is used" in caplog.text
+    assert load_split(state) is None  # the site holds none out; the run's 0.9 never recorded
+
+    # a site that holds half its patients out: q over the rest, delta over all of them
+    held = train_site_round(
+        site, tmp_path / "held", cfg, None, 1, 1, policy=replace(policy, holdout_fraction=0.5)
+    )
+    assert load_split(tmp_path / "held").fraction == 0.5
+    assert held.plan.n_units == units - round(0.5 * units) and held.plan.population == units
+    assert held.delta == pytest.approx(1 / (10 * units))
