@@ -23,7 +23,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.served_runs import AppNotApproved, check_app_approved, log_served_round
+from client.served_runs import log_served_round
 from emixer_model.config import ConfigError, EmixerConfig
 from emixer_model.data.site import SiteDataError
 from emixer_model.privacy.ledger import SiteKey
@@ -58,7 +58,7 @@ def site_paths(context: Context, cfg: EmixerConfig) -> tuple[str, Path, Path]:
 
 # Failures a site reports as a status instead of crashing: the server logs the category and goes on
 # without the site. The detail (it may name local files) stays in the site's own log.
-SITE_FAILURES = (ConfigError, SiteDataError, AppNotApproved, ValueError, OSError)
+SITE_FAILURES = (ConfigError, SiteDataError, ValueError, OSError)
 
 
 @app.train()
@@ -70,7 +70,6 @@ def train(msg: Message, context: Context) -> Message:
     try:
         cfg = EmixerConfig.from_run_config(flat)
         name, data_dir, state_dir = site_paths(context, cfg)
-        check_app_approved(context, state_dir)
         policy = SitePolicy.from_node_config(context.node_config)
         key_path = context.node_config.get("signing-key")
         key = SiteKey.load(Path(str(key_path))) if key_path else None
