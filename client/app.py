@@ -6,7 +6,8 @@ Where a site's settings come from:
 - deployment (`flower-supernode --node-config`, written by `emixer site` from site.yaml):
   `data-path`, `state-dir`, `site-name`, `signing-key` (the node-auth key that signs the ledger)
   and the site's privacy policy (`epsilon-budget`, `max-delta`, `min-noise-multiplier`,
-  `share-losses`, `holdout-fraction`; see emixer_model.privacy.policy.SitePolicy);
+  `share-losses`, `holdout-fraction`, `require-secure-mode`; see
+  emixer_model.privacy.policy.SitePolicy);
 - simulation: Flower gives only `partition-id`; the run's `federation.site_dirs` and
   `federation.state_root` map it to a phantom site folder and a state directory; the policy takes
   its defaults (no budget or hold-out of its own: the run's apply; delta at most 1/(10 N); no

@@ -60,6 +60,11 @@ class SiteFile:
     )
     min_noise_multiplier: float | None = config_key("a floor on the noise multiplier", None)
     share_losses: bool = config_key("send mean training losses to the coordinator (not DP)", False)
+    require_secure_mode: bool = config_key(
+        "run every round with Opacus' secure_mode (noise resistant to floating-point attacks, "
+        "4x the noise draws), whatever the run config says",
+        False,
+    )
     holdout_fraction: float = config_key(
         "share of this site's patients held out for its own evaluation, chosen before round 1 "
         "(e.g. 0.2); the run config's train.holdout_fraction is ignored",
@@ -130,6 +135,7 @@ def load_site_settings(path: str | Path) -> SiteSettings:
             min_noise_multiplier=raw.min_noise_multiplier,
             share_losses=raw.share_losses,
             holdout_fraction=raw.holdout_fraction,
+            require_secure_mode=raw.require_secure_mode,
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +113,7 @@ def train_site_round(
     (None: the key in the state dir, made on first use).
     """
     policy = policy or SitePolicy()
+    cfg = with_site_secure_mode(cfg, policy)
     state_dir = Path(state_dir)
     data, population = load_round_data(site_dir, state_dir, cfg, policy, load_progress)
     state = SiteState(state_dir)
@@ -155,6 +156,18 @@ def train_site_round(
         public_key=signer.public_key(),
         share_losses=policy.share_losses,
     )
+
+
+def with_site_secure_mode(cfg: EmixerConfig, policy: SitePolicy) -> EmixerConfig:
+    """The run config with Opacus' secure_mode on when the site's policy requires it."""
+    secure = policy.secure_mode_for(cfg.privacy.secure_mode)
+    if secure == cfg.privacy.secure_mode:
+        return cfg
+    log.warning(
+        "the run config has privacy.secure_mode off; this site requires it "
+        "(require_secure_mode in site.yaml), so the round runs with it on"
+    )
+    return replace(cfg, privacy=replace(cfg.privacy, secure_mode=True))
 
 
 def load_round_data(

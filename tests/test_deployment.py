@@ -175,6 +175,7 @@ def test_site_yaml_is_strict_and_checks_paths(tmp_path: Path, certs: Path) -> No
         "min-noise-multiplier": 0.8,
         "share-losses": False,
         "holdout-fraction": 0.0,  # the site's own: a run config's is ignored
+        "require-secure-mode": False,
     }
     cases = {
         "state_dir: state\nbudget: 4\n": "'budget'",

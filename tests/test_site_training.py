@@ -134,6 +134,8 @@ def test_policy_defaults_cap_delta_and_raise_the_planned_noise_to_the_floor(tmp_
         SitePolicy(max_delta=0.1).delta_for(10, None)
     node = {"epsilon-budget": 3.0, "max-delta": 1e-4, "share-losses": "false"}
     assert SitePolicy.from_node_config(node) == SitePolicy(3.0, 1e-4, None, False)
+    secure = SitePolicy.from_node_config({"require-secure-mode": "true"})
+    assert secure.require_secure_mode and secure.secure_mode_for(False)
     held = SitePolicy.from_node_config({"holdout-fraction": "0.2"})
     assert held.holdout_fraction == 0.2 and held.node_config()["holdout-fraction"] == 0.2
     assert SitePolicy.from_node_config({}) == SitePolicy()  # simulation: the defaults
@@ -221,3 +223,23 @@ def test_the_holdout_is_the_sites_and_the_coordinator_cannot_steer_delta_with_it
     assert load_split(tmp_path / "held").fraction == 0.5
     assert held.plan.n_units == units - round(0.5 * units) and held.plan.population == units
     assert held.delta == pytest.approx(1 / (10 * units))
+
+
+def test_a_site_that_requires_secure_mode_trains_with_it_whatever_the_run_says(
+    tmp_path, tiny_sites, monkeypatch
+):
+    """#17 hole 8: `secure_mode` came from the run config only; the site's policy can require it."""
+    import emixer_model.site_training as site_training
+
+    used: list[bool] = []
+    real = site_training.PrivateTrainer
+
+    def recording_trainer(nets, cfg, *args, **kwargs):
+        used.append(cfg.privacy.secure_mode)
+        return real(nets, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(site_training, "PrivateTrainer", recording_trainer)
+    cfg = tiny_config(privacy={"secure_mode": False})
+    policy = SitePolicy(require_secure_mode=True)
+    result = train_site_round(tiny_sites[0], tmp_path / "state", cfg, None, 1, 1, policy=policy)
+    assert result.status == "trained" and used == [True]

@@ -29,7 +29,9 @@ class SitePolicy:
     share_losses: whether mean training losses may leave the site (not DP-protected);
     holdout_fraction: the share of its privacy units the site keeps out of training for its
         evaluation, chosen before round 1 (data/splits.py); None (simulation, `train-local`:
-        no site.yaml) leaves the run config's `train.holdout_fraction` in force.
+        no site.yaml) leaves the run config's `train.holdout_fraction` in force;
+    require_secure_mode: every round runs with Opacus' secure_mode (noise resistant to
+        floating-point attacks), whatever the run config says.
     """
 
     epsilon_budget: float | None = None
@@ -37,6 +39,7 @@ class SitePolicy:
     min_noise_multiplier: float | None = None
     share_losses: bool = False
     holdout_fraction: float | None = None
+    require_secure_mode: bool = False
 
     def __post_init__(self) -> None:
         if self.epsilon_budget is not None and not self.epsilon_budget > 0:
@@ -57,14 +60,16 @@ class SitePolicy:
         "min_noise_multiplier": "min-noise-multiplier",
         "share_losses": "share-losses",
         "holdout_fraction": "holdout-fraction",
+        "require_secure_mode": "require-secure-mode",
     }
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, object]) -> SitePolicy:
         """The policy in a node config (written from site.yaml); absent keys take the defaults."""
         given = {f: node[k] for f, k in cls.NODE_KEYS.items() if k in node}
-        if "share_losses" in given:
-            given["share_losses"] = str(given["share_losses"]).lower() in ("1", "true", "yes")
+        for key in ("share_losses", "require_secure_mode"):
+            if key in given:
+                given[key] = str(given[key]).lower() in ("1", "true", "yes")
         for key in ("epsilon_budget", "max_delta", "min_noise_multiplier", "holdout_fraction"):
             if key in given:
                 given[key] = float(given[key])  # type: ignore[arg-type]
@@ -81,6 +86,10 @@ class SitePolicy:
     def budget_for(self, requested: float) -> float:
         """The budget this round answers to: the run's, capped at the site's own."""
         return requested if self.epsilon_budget is None else min(requested, self.epsilon_budget)
+
+    def secure_mode_for(self, requested: bool) -> bool:
+        """Whether the round uses Opacus' secure_mode: on if the run or the site asks for it."""
+        return requested or self.require_secure_mode
 
     def holdout_for(self, requested: float) -> float:
         """The hold-out this site uses: its own when site.yaml sets one, whatever the run asks."""
