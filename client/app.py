@@ -6,11 +6,12 @@ Where a site's settings come from:
 - deployment (`flower-supernode --node-config`, written by `emixer site` from site.yaml):
   `data-path`, `state-dir`, `site-name`, `signing-key` (the node-auth key that signs the ledger)
   and the site's privacy policy (`epsilon-budget`, `max-delta`, `min-noise-multiplier`,
-  `share-losses`; see emixer_model.privacy.policy.SitePolicy);
+  `share-losses`, `holdout-fraction`, `require-secure-mode`; see
+  emixer_model.privacy.policy.SitePolicy);
 - simulation: Flower gives only `partition-id`; the run's `federation.site_dirs` and
   `federation.state_root` map it to a phantom site folder and a state directory; the policy takes
-  its defaults (no budget of its own: the run's applies; delta at most 1/(10 N); no noise floor;
-  no losses sent) and the signing key is made in the state directory.
+  its defaults (no budget or hold-out of its own: the run's apply; delta at most 1/(10 N); no
+  noise floor; no losses sent) and the signing key is made in the state directory.
 The run config itself arrives inside every train message, so both paths read it the same way; it
 never overrides the site's policy.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.served_runs import AppNotApproved, check_app_approved, log_served_round
+from client.served_runs import log_served_round
 from emixer_model.config import ConfigError, EmixerConfig
 from emixer_model.data.site import SiteDataError
 from emixer_model.privacy.ledger import SiteKey
@@ -58,7 +59,7 @@ def site_paths(context: Context, cfg: EmixerConfig) -> tuple[str, Path, Path]:
 
 # Failures a site reports as a status instead of crashing: the server logs the category and goes on
 # without the site. The detail (it may name local files) stays in the site's own log.
-SITE_FAILURES = (ConfigError, SiteDataError, AppNotApproved, ValueError, OSError)
+SITE_FAILURES = (ConfigError, SiteDataError, ValueError, OSError)
 
 
 @app.train()
@@ -70,7 +71,6 @@ def train(msg: Message, context: Context) -> Message:
     try:
         cfg = EmixerConfig.from_run_config(flat)
         name, data_dir, state_dir = site_paths(context, cfg)
-        check_app_approved(context, state_dir)
         policy = SitePolicy.from_node_config(context.node_config)
         key_path = context.node_config.get("signing-key")
         key = SiteKey.load(Path(str(key_path))) if key_path else None

@@ -3,19 +3,24 @@
 It reads site.yaml, checks every path before anything connects, and runs Flower's SuperNode with
 TLS (the federation's CA), the site's enrolled private key, its settings as node config, and
 runtime dependency installation off (hospitals are offline; the site runs only what it installed).
-Start and stop are written to the site's append-only audit log next to every served round.
+Every ClientApp the SuperNode starts passes the site's app gate first (client/app_gate.py): a
+bundle that is not `approved_app_hash` is refused before any of its code runs. Start and stop are
+written to the site's append-only audit log next to every served round.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
 
+from client.app_gate import GATE_COMMAND, installed_app_problem
 from emixer_model.config import ConfigError, config_key, load_yaml_as
 from emixer_model.privacy.policy import SitePolicy
 from emixer_model.privacy.state import log_site_event
@@ -30,7 +35,8 @@ NOT_ENROLLED = 305  # flower-supernode's exit code when the SuperLink refuses th
 @dataclass
 class SiteFile:
     """site.yaml as written (deploy/site.yaml): every key, its type and its meaning. Keys
-    without a default must be given; `epsilon_budget` is one: the site states its own."""
+    without a default must be given: among them `epsilon_budget` (the site states its own) and
+    `approved_app_hash` (the site runs only the app version it reviewed)."""
 
     superlink: str = config_key("coordinator address host:port, e.g. emixer.example.org:9092")
     root_certificate: str = config_key(
@@ -45,13 +51,24 @@ class SiteFile:
     epsilon_budget: float = config_key(
         "this site's epsilon budget (a run may ask for less, never more)"
     )
+    approved_app_hash: str = config_key(
+        "the app version this site reviewed: run `emixer app-hash` on that install and put its "
+        "output here; a run shipping any other code is refused before it runs"
+    )
     max_delta: float | None = config_key(
         "the largest delta this site accepts (default 1/(10 N))", None
     )
     min_noise_multiplier: float | None = config_key("a floor on the noise multiplier", None)
     share_losses: bool = config_key("send mean training losses to the coordinator (not DP)", False)
-    approved_app_hash: str | None = config_key(
-        "`emixer app-hash` of the reviewed app version", None
+    require_secure_mode: bool = config_key(
+        "run every round with Opacus' secure_mode (noise resistant to floating-point attacks, "
+        "4x the noise draws), whatever the run config says",
+        False,
+    )
+    holdout_fraction: float = config_key(
+        "share of this site's patients held out for its own evaluation, chosen before round 1 "
+        "(e.g. 0.2); the run config's train.holdout_fraction is ignored",
+        0.0,
     )
     runtime_port: int = config_key(
         "local port of the SuperNode's app runtime API", DEFAULT_RUNTIME_PORT
@@ -68,23 +85,21 @@ class SiteSettings:
     data_path: Path
     state_dir: Path
     site_name: str
+    approved_app_hash: str
     policy: SitePolicy = field(default_factory=SitePolicy)
-    approved_app_hash: str | None = None
     runtime_port: int = DEFAULT_RUNTIME_PORT
 
     def node_config(self) -> dict[str, str | float | bool]:
-        """The node config keys client/app.py and client/served_runs.py read: paths, the key
-        that signs the ledger (the node-auth key) and the site's privacy policy."""
-        config: dict[str, str | float | bool] = {
+        """The node config keys client/app.py reads: paths, the key that signs the ledger (the
+        node-auth key) and the site's privacy policy. The app pin is not among them: the gate
+        in front of the app reads it from its own command line (`write_app_gate`)."""
+        return {
             "data-path": str(self.data_path),
             "state-dir": str(self.state_dir),
             "site-name": self.site_name,
             "signing-key": str(self.private_key),
             **self.policy.node_config(),
         }
-        if self.approved_app_hash is not None:
-            config["approved-app-hash"] = self.approved_app_hash
-        return config
 
 
 def load_site_settings(path: str | Path) -> SiteSettings:
@@ -105,9 +120,7 @@ def load_site_settings(path: str | Path) -> SiteSettings:
     if not host or not port.isdigit():
         raise ConfigError(f"superlink must look like host:port, not {raw.superlink!r}")
     approved = raw.approved_app_hash
-    if approved is not None and not (
-        len(approved) == 64 and set(approved) <= set("0123456789abcdef")
-    ):
+    if not (len(approved) == 64 and set(approved) <= set("0123456789abcdef")):
         raise ConfigError("approved_app_hash must be the 64-character hex from `emixer app-hash`")
     if not 0 < raw.runtime_port < 65536:
         raise ConfigError(f"runtime_port must be a TCP port number, not {raw.runtime_port!r}")
@@ -121,6 +134,8 @@ def load_site_settings(path: str | Path) -> SiteSettings:
             max_delta=raw.max_delta,
             min_noise_multiplier=raw.min_noise_multiplier,
             share_losses=raw.share_losses,
+            holdout_fraction=raw.holdout_fraction,
+            require_secure_mode=raw.require_secure_mode,
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -145,6 +160,31 @@ def write_node_config(settings: SiteSettings) -> Path:
     return path
 
 
+def write_app_gate(settings: SiteSettings) -> Path:
+    """The folder that goes first on the SuperNode's PATH: it holds only the site's own
+    `flwr-clientapp`, which runs client/app_gate.py from this install with the site's pin, so
+    Flower starts every ClientApp behind the check (`-P`: nothing from the working directory)."""
+    folder = settings.state_dir / "app-gate"
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-P",
+        "-m",
+        "client.app_gate",
+        "--approved-app-hash",
+        settings.approved_app_hash,
+        "--state-dir",
+        str(settings.state_dir),
+    ]
+    script = folder / GATE_COMMAND
+    script.write_text(
+        "#!/bin/sh\n# written by `emixer site`: every ClientApp passes this site's app pin first\n"
+        f'exec {shlex.join(command)} "$@"\n'
+    )
+    script.chmod(0o755)
+    return folder
+
+
 def supernode_command(settings: SiteSettings, node_config: Path) -> list[str]:
     """flower-supernode with TLS, the site's key and its node config; no runtime installs."""
     return [
@@ -162,21 +202,34 @@ def supernode_command(settings: SiteSettings, node_config: Path) -> list[str]:
     ]
 
 
-def supernode_env(settings: SiteSettings) -> dict[str, str]:
-    """Flower keeps installed app bundles in FLWR_HOME: keep them in the site's state dir."""
-    return {**os.environ, "FLWR_HOME": str(settings.state_dir / "flwr-home")}
+def prepare_supernode(settings: SiteSettings) -> tuple[list[str], dict[str, str]]:
+    """The SuperNode's command and environment, after writing its node config and the app gate:
+    Flower keeps installed app bundles in FLWR_HOME (kept in the state dir), and finds the
+    ClientApp process on PATH, whose first folder is the gate."""
+    command = supernode_command(settings, write_node_config(settings))
+    gate = write_app_gate(settings)
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(settings.state_dir / "flwr-home"),
+        "PATH": os.pathsep.join([str(gate), os.environ.get("PATH", os.defpath)]),
+    }
+    return command, env
 
 
 def run_site(settings: SiteSettings) -> int:
     """Run the SuperNode until it exits or we are stopped; returns its exit code."""
-    node_config = write_node_config(settings)
-    entry = {"site": settings.site_name, "superlink": settings.superlink, "app": app_hash()}
+    problem = installed_app_problem(settings.approved_app_hash)
+    if problem is not None:
+        raise ConfigError(problem)
+    command, env = prepare_supernode(settings)
+    entry = {
+        "site": settings.site_name,
+        "superlink": settings.superlink,
+        "app": app_hash(),
+        "approved": settings.approved_app_hash,
+    }
     log_site_event(settings.state_dir, {"event": "daemon-start", **entry})
-    proc = subprocess.Popen(
-        supernode_command(settings, node_config),
-        env=supernode_env(settings),
-        start_new_session=True,
-    )
+    proc = subprocess.Popen(command, env=env, start_new_session=True)
     code = 130
     try:
         with sigterm_as_interrupt():

@@ -40,6 +40,17 @@ class CommandError(UserError):
 
 
 @contextmanager
+def messages_to_stderr() -> Iterator[None]:
+    """While a command prints JSON on stdout, its log lines and messages go to stderr, so
+    `emixer ... --json | jq` always reads valid JSON."""
+    console.stderr = True
+    try:
+        yield
+    finally:
+        console.stderr = False
+
+
+@contextmanager
 def progress_bars(*labels: str) -> Iterator[list[ProgressFn]]:
     """One rich live display with a bar per label; yields an update(done, total, losses=None)
     per bar (rich shows one live display at a time, so stages share it). The display appears

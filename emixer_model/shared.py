@@ -17,7 +17,7 @@ import subprocess
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 # The packages a site runs (and `emixer server` ships in the app bundle); their source is what a
@@ -63,16 +63,39 @@ def app_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def app_hash(root: Path | None = None) -> str:
-    """sha256 over the app packages' Python sources and shipped data files, in a stable order."""
-    root = root or app_root()
+def is_app_file(path: str) -> bool:
+    """A file the app hash covers: a Python source or data file of an app package."""
+    parts = PurePosixPath(path).parts
+    return (
+        len(parts) > 1
+        and parts[0] in APP_PACKAGES
+        and "__pycache__" not in parts
+        and PurePosixPath(path).suffix in (".py", ".json")
+    )
+
+
+def files_hash(files: Mapping[str, bytes]) -> str:
+    """sha256 over the app files (relative POSIX path -> bytes) in a stable order: the one
+    definition of the app hash, of an installed app (`app_hash`) or of an app bundle the
+    coordinator sends (client/app_gate.py)."""
     digest = hashlib.sha256()
-    for package in APP_PACKAGES:
-        for path in sorted((root / package).rglob("*")):
-            if path.suffix in (".py", ".json") and "__pycache__" not in path.parts:
-                digest.update(path.relative_to(root).as_posix().encode())
-                digest.update(path.read_bytes())
+    for path in sorted(files, key=lambda p: PurePosixPath(p).parts):
+        digest.update(path.encode())
+        digest.update(files[path])
     return digest.hexdigest()
+
+
+def app_hash(root: Path | None = None) -> str:
+    """The hash of the app packages' Python sources and data files under `root` (this
+    install by default): what `emixer app-hash` prints and a site pins."""
+    root = root or app_root()
+    files = {
+        path.relative_to(root).as_posix(): path.read_bytes()
+        for package in APP_PACKAGES
+        for path in (root / package).rglob("*")
+        if path.is_file() and is_app_file(path.relative_to(root).as_posix())
+    }
+    return files_hash(files)
 
 
 @contextmanager

@@ -13,8 +13,9 @@ train_planned_round, record_trained_round.
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,8 @@ from emixer_model.privacy.state import SiteState, log_site_event
 from emixer_model.shared import ProgressFn
 from emixer_model.text.vocabulary import VOCAB_SIZE
 from emixer_model.training import PrivateTrainer
+
+log = logging.getLogger("emixer.site")
 
 
 @dataclass
@@ -110,15 +113,18 @@ def train_site_round(
     (None: the key in the state dir, made on first use).
     """
     policy = policy or SitePolicy()
+    cfg = with_site_secure_mode(cfg, policy)
     state_dir = Path(state_dir)
-    data = load_round_data(site_dir, state_dir, cfg, load_progress)
+    data, population = load_round_data(site_dir, state_dir, cfg, policy, load_progress)
     state = SiteState(state_dir)
     accountant = state.load_accountant(cfg.privacy.accountant)
     state.check_accountant(accountant)
     budget = policy.budget_for(cfg.privacy.epsilon_budget)
     rounds_left = max(1, planned_rounds - server_round + 1)
     try:
-        plan = plan_within_budget(state, cfg, policy, data, accountant, budget, rounds_left)
+        plan = plan_within_budget(
+            state, cfg, policy, data, population, accountant, budget, rounds_left
+        )
     except RoundRefused as refusal:
         return record_refusal(state, accountant, budget, refusal, server_round, run_id)
     nets, summary = train_planned_round(
@@ -152,12 +158,33 @@ def train_site_round(
     )
 
 
+def with_site_secure_mode(cfg: EmixerConfig, policy: SitePolicy) -> EmixerConfig:
+    """The run config with Opacus' secure_mode on when the site's policy requires it."""
+    secure = policy.secure_mode_for(cfg.privacy.secure_mode)
+    if secure == cfg.privacy.secure_mode:
+        return cfg
+    log.warning(
+        "the run config has privacy.secure_mode off; this site requires it "
+        "(require_secure_mode in site.yaml), so the round runs with it on"
+    )
+    return replace(cfg, privacy=replace(cfg.privacy, secure_mode=True))
+
+
 def load_round_data(
-    site_dir: Path, state_dir: Path, cfg: EmixerConfig, load_progress: ProgressFn | None
-) -> SiteData:
-    """The site's data without its evaluation units (`train.holdout_fraction`, chosen before
-    round 1 and recorded in the state dir, data/splits.py): `emixer evaluate` scores and
-    `emixer audit` attacks exactly those patients, so they must never be trained on."""
+    site_dir: Path,
+    state_dir: Path,
+    cfg: EmixerConfig,
+    policy: SitePolicy,
+    load_progress: ProgressFn | None,
+) -> tuple[SiteData, int]:
+    """(the site's data without its evaluation units, the number of all its privacy units).
+
+    The hold-out is the site's (`holdout_fraction` in site.yaml; the run config's only when the
+    site sets none), chosen before round 1 and recorded in the state dir (data/splits.py):
+    `emixer evaluate` scores and `emixer audit` attacks exactly those patients, so they must
+    never be trained on. The count of all units, held-out ones included, is what the delta limit
+    is taken from, so no run config can move it.
+    """
     data = load_site(
         Path(site_dir),
         state_dir,
@@ -165,11 +192,17 @@ def load_round_data(
         uncertain_as=cfg.train.uncertain_as,
         progress=load_progress,
     )
+    fraction = policy.holdout_for(cfg.train.holdout_fraction)
+    if fraction != cfg.train.holdout_fraction:
+        log.warning(
+            "the run config asks for train.holdout_fraction %g; this site holds out %g "
+            "(holdout_fraction in site.yaml), and the site's value is used",
+            cfg.train.holdout_fraction,
+            fraction,
+        )
     trained = SiteState(state_dir).trained_rounds() > 0
-    split = create_or_load_split(
-        data, state_dir, cfg.train.holdout_fraction, cfg.train.seed, already_trained=trained
-    )
-    return training_data(data, split)
+    split = create_or_load_split(data, state_dir, fraction, cfg.train.seed, already_trained=trained)
+    return training_data(data, split), len(data.units)
 
 
 def plan_within_budget(
@@ -177,15 +210,23 @@ def plan_within_budget(
     cfg: EmixerConfig,
     policy: SitePolicy,
     data: SiteData,
+    population: int,
     accountant: SiteAccountant,
     budget: float,
     rounds_left: int,
 ) -> PrivacyPlan:
     """The round's plan (q, sigma, steps), or RoundRefused before any step: when the run asks
-    what the site's policy forbids, or when exactly those numbers would pass the budget."""
+    what the site's policy forbids, or when exactly those numbers would pass the budget.
+    `population` counts every unit of the site, held-out ones included (the delta limit's N)."""
     try:
         plan = state.plan_round(
-            cfg, policy, len(data.units), data.per_patient, accountant, rounds_left
+            cfg,
+            policy,
+            len(data.units),
+            data.per_patient,
+            accountant,
+            rounds_left,
+            population=population,
         )
     except PolicyViolation as err:
         raise RoundRefused("refused", f"site policy: {err}", None) from None

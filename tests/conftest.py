@@ -141,6 +141,7 @@ def signed_round(key, site: str, server_round: int, model, accountant, seq: int,
         batch_size=2,
         epochs=1,
         n_units=10,
+        population=10,
         requested_noise=None,
     )
     entry = ledger_entry(

@@ -25,7 +25,14 @@ from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.data import site as site_module
 from emixer_model.data.check import check_folder
 from emixer_model.data.dicom import SKIP_REASONS, Decoded, SkipFile, decode_dicom, write_dicom
-from emixer_model.data.site import SiteDataError, SiteFiles, Study, load_site, privacy_units
+from emixer_model.data.site import (
+    SiteDataError,
+    SiteFiles,
+    Study,
+    group_units,
+    load_site,
+    privacy_units,
+)
 
 R = 16
 CFG = ModelConfig(resolution=R, max_sentences=3, max_words=6)
@@ -329,6 +336,24 @@ def test_privacy_units_join_a_patients_labeled_and_unlabeled_scans(tmp_path: Pat
     assert [rel for _, rel in kept.labeled] == ["a.dcm", "b.dcm"] and kept.unlabeled == ["u.dcm"]
     assert grouping.units == [([0], [0]), ([1], [])]  # P1's labeled and unlabeled scan: one unit
     assert kept.skipped == [("anon.dcm", "no-patient-id", SKIP_REASONS["no-patient-id"])]
+
+
+def test_unit_matching_normalises_and_merges_when_unsure(tmp_path: Path) -> None:
+    """#17 hole 8: `P1` and `p 1`, and an MRN with and without IssuerOfPatientID, are one
+    patient: identities match after normalising, so one patient is never split in two units."""
+    labeled = [("P1", "a.dcm"), ("p 1", "b.dcm"), ("P2", "c.dcm"), ("", "d.dcm"), ("", "e.dcm")]
+    identities = {
+        "a.dcm": ("", "A-9"),
+        "b.dcm": None,
+        "c.dcm": ("HOSPITAL-A", "12345"),
+        "d.dcm": ("", "012345"),  # the same MRN, zero-padded, without its issuer
+        "e.dcm": ("HOSPITAL-B", "mrn-77"),
+        "u1.dcm": ("", "MRN 77"),
+        "u2.dcm": ("OTHER", "a9"),  # a.dcm's patient as another system writes the number
+    }
+    grouping = group_units(tmp_path, labeled, ["u1.dcm", "u2.dcm"], identities)
+    units = sorted((sorted(rows), sorted(scans)) for rows, scans in grouping.units)
+    assert units == [([0, 1], [1]), ([2, 3], []), ([4], [0])]
 
 
 def test_privacy_units_without_labeled_identities_are_single_images(tmp_path: Path) -> None:

@@ -21,13 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from client.daemon import (
-    SiteSettings,
-    load_site_settings,
-    supernode_command,
-    supernode_env,
-    write_node_config,
-)
+from client.daemon import SiteSettings, load_site_settings, prepare_supernode
 from emixer_cli.commands.site import check_site
 from emixer_cli.main import main
 from emixer_model.config import ConfigError, EmixerConfig, ModelConfig, TrainConfig
@@ -167,7 +161,7 @@ def test_site_yaml_is_strict_and_checks_paths(tmp_path: Path, certs: Path) -> No
     base = (
         f"superlink: 127.0.0.1:9092\nroot_certificate: {certs}/ca.crt\n"
         f"private_key: {certs}/sites/site-a.key\ndata_path: data\nsite_name: a\n"
-        "epsilon_budget: 4\n"
+        f"epsilon_budget: 4\napproved_app_hash: {app_hash()}\n"
     )
     good = tmp_path / "site.yaml"
     good.write_text(base + "state_dir: state\nmin_noise_multiplier: 0.8\n")
@@ -180,13 +174,15 @@ def test_site_yaml_is_strict_and_checks_paths(tmp_path: Path, certs: Path) -> No
         "epsilon-budget": 4.0,
         "min-noise-multiplier": 0.8,
         "share-losses": False,
+        "holdout-fraction": 0.0,  # the site's own: a run config's is ignored
+        "require-secure-mode": False,
     }
     cases = {
         "state_dir: state\nbudget: 4\n": "'budget'",
         "state_dir: state\nmax_delta: 2\n": "max_delta must be between 0 and 1",
         "state_dir: state\nshare_losses: 1\n": "true or false",
         "state_dir: data/state\n": "outside the data folder",
-        "state_dir: state\napproved_app_hash: abc\n": "64-character",
+        "state_dir: state\nholdout_fraction: 1.5\n": "holdout_fraction must be in",
     }
     for extra, message in cases.items():
         good.write_text(base + extra)
@@ -194,6 +190,9 @@ def test_site_yaml_is_strict_and_checks_paths(tmp_path: Path, certs: Path) -> No
             load_site_settings(good)
     good.write_text(base.replace("epsilon_budget: 4\n", "") + "state_dir: s\n")
     with pytest.raises(ConfigError, match="needs 'epsilon_budget'"):  # the site states its own
+        load_site_settings(good)
+    good.write_text(base.replace(app_hash(), "abc") + "state_dir: s\n")
+    with pytest.raises(ConfigError, match="64-character"):
         load_site_settings(good)
     good.write_text(base.replace("data_path: data", "data_path: nowhere") + "state_dir: s\n")
     with pytest.raises(ConfigError, match="data_path: .*nowhere"):
@@ -274,6 +273,7 @@ class Deployment:
         self.superlink = start_superlink(self.server)
 
     def site(self, name: str, data: Path, approved: str | None = None) -> SiteSettings:
+        """A site's settings; it approves this install's app unless `approved` says otherwise."""
         return SiteSettings(
             superlink=self.server.control_address,
             root_certificate=self.certs / "ca.crt",
@@ -281,16 +281,16 @@ class Deployment:
             data_path=data,
             state_dir=self.tmp_path / "sites" / name,
             site_name=name,
-            approved_app_hash=approved,
+            approved_app_hash=approved or app_hash(),
             runtime_port=free_port(),
         )
 
     def start(self, settings: SiteSettings) -> subprocess.Popen:
-        command = supernode_command(settings, write_node_config(settings))
+        command, env = prepare_supernode(settings)
         with (self.tmp_path / f"{settings.site_name}.log").open("a") as log:
             proc = subprocess.Popen(
                 [*command, "--max-retries", "3"],
-                env=supernode_env(settings),
+                env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -355,7 +355,7 @@ def test_tls_superlink_authenticated_supernodes_run_one_round(tmp_path: Path, ce
     sites = [
         deployment.site("site-a", site_dirs[0], approved=app_hash()),  # as `emixer app-hash` prints
         deployment.site("site-b", site_dirs[1]),
-        deployment.site("site-c", site_dirs[2], approved="0" * 64),  # pinned to another version
+        deployment.site("site-c", site_dirs[2], approved="0" * 64),  # approved another version
     ]
     try:
         for entry in deployment.server.sites:
@@ -368,15 +368,21 @@ def test_tls_superlink_authenticated_supernodes_run_one_round(tmp_path: Path, ce
         assert refused.wait(timeout=60) != 0, "a SuperNode with an unenrolled key was admitted"
         wait_for(lambda: deployment.online() == 3, "three sites online")
 
-        deployment.wait_for_run(deployment.cli.submit(deployment.app_dir))
+        run_id = deployment.cli.submit(deployment.app_dir)
+        deployment.wait_for_run(run_id)
         ckpt = latest_checkpoint(deployment.server.state_dir / "checkpoints")
         # each site signed with its node-auth key: the gate verifies against the enrolled keys
         enrolled = read_public_keys([certs / "sites"])
         assert set(check_privacy_gate(ckpt, None, enrolled)["sites"]) == {"site-a", "site-b"}
         for settings in sites[:2]:
             assert (settings.state_dir / "privacy" / "ledger.jsonl").is_file()
+        # the gate in front of the app checked the bundle at each site (the app has no check)
+        for settings in sites[:2]:
+            audit = (settings.state_dir / "audit.log").read_text()
+            assert f'"event": "app-approved", "run": {run_id}' in audit
         audit = (sites[2].state_dir / "audit.log").read_text().splitlines()
-        assert any(json.loads(line)["event"] == "refused-app" for line in audit)
+        refusals = [json.loads(line) for line in audit if "refused-app" in line]
+        assert refusals and "approved app 000000000000" in refusals[0]["message"]
         assert not (sites[2].state_dir / "privacy" / "ledger.jsonl").exists()
     finally:
         deployment.close()

@@ -124,13 +124,122 @@ def test_the_site_policy_refuses_a_run_that_asks_for_a_larger_delta_or_less_nois
 def test_policy_defaults_cap_delta_and_raise_the_planned_noise_to_the_floor(tmp_path):
     state = SiteState(tmp_path)
     cfg = tiny_config(privacy={"epsilon_budget": 50.0})
-    plain = state.plan_round(cfg, SitePolicy(epsilon_budget=50.0), 20, True, SiteAccountant(), 1)
+    policy = SitePolicy(epsilon_budget=50.0)
+    plain = state.plan_round(cfg, policy, 20, True, SiteAccountant(), 1, population=20)
     assert plain.delta == pytest.approx(1 / 200)  # default 1/(10 N)
     floored = SitePolicy(epsilon_budget=50.0, min_noise_multiplier=plain.noise_multiplier * 2)
-    raised = state.plan_round(cfg, floored, 21, True, SiteAccountant(), 1)
+    raised = state.plan_round(cfg, floored, 21, True, SiteAccountant(), 1, population=21)
     assert raised.noise_multiplier == floored.min_noise_multiplier
     with pytest.raises(PolicyViolation, match="not below 1/N"):
         SitePolicy(max_delta=0.1).delta_for(10, None)
     node = {"epsilon-budget": 3.0, "max-delta": 1e-4, "share-losses": "false"}
     assert SitePolicy.from_node_config(node) == SitePolicy(3.0, 1e-4, None, False)
+    secure = SitePolicy.from_node_config({"require-secure-mode": "true"})
+    assert secure.require_secure_mode and secure.secure_mode_for(False)
+    held = SitePolicy.from_node_config({"holdout-fraction": "0.2"})
+    assert held.holdout_fraction == 0.2 and held.node_config()["holdout-fraction"] == 0.2
     assert SitePolicy.from_node_config({}) == SitePolicy()  # simulation: the defaults
+
+
+def test_budget_shows_the_spend_per_run_and_catches_an_edited_ledger(tmp_path, tiny_sites, capsys):
+    """`emixer budget STATE_DIR`: the total, each run, the plan's rounds left and the refusals,
+    read from the state dir alone (nothing written); an edited, cut or rolled-back ledger or
+    accountant exits 2 and says why; a folder that is no state dir is one line, exit 2."""
+    from emixer_cli.main import main
+
+    site, state = tiny_sites[0], tmp_path / "state"
+    cfg = tiny_config(privacy={"epsilon_budget": 6.0})
+    first = train_site_round(site, state, cfg, None, 1, 3, run_id="7")
+    train_site_round(site, state, cfg, first.weights, 2, 3, run_id="7")
+    train_site_round(site, state, tiny_config(privacy={"delta": 0.5}), None, 1, 1, run_id="8")
+    last = train_site_round(site, state, cfg, first.weights, 1, 1, run_id="9")
+    files = {p: p.stat().st_mtime_ns for p in state.rglob("*")}
+
+    assert main(["budget", str(state), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    accountant = SiteAccountant.load(state / "privacy" / "accountant.json", "rdp")
+    assert report["epsilon"] == pytest.approx(accountant.epsilon(last.delta)) == last.epsilon
+    assert report["budget"] == 6.0 and report["ledger_verifies"] and not report["problems"]
+    assert [(r["run"], r["rounds"]) for r in report["runs"]] == [("7", [1, 2]), ("9", [1])]
+    assert report["runs"][0]["models"][0] == ""  # round 1 trained from a fresh model
+    assert [r["event"] for r in report["refusals"]] == ["round-refused"]
+    plan = report["plan"]
+    assert plan["epsilon_after_next_round"] > report["epsilon"]
+    sigma, q, steps = plan["noise_multiplier"], plan["sample_rate"], plan["steps_per_round"]
+    fits = [*accountant.history, (sigma, q, steps * plan["rounds_left"])]
+    over = [*accountant.history, (sigma, q, steps * (plan["rounds_left"] + 1))]
+    assert epsilon_from_history(fits, last.delta) <= 6.0 < epsilon_from_history(over, last.delta)
+    assert main(["budget", str(state)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "VERIFIES" in said and "round-refused" in said and "more rounds fit" in said
+    assert {p: p.stat().st_mtime_ns for p in state.rglob("*")} == files  # read only
+
+    ledger_path = state / "privacy" / "ledger.jsonl"
+    lines = ledger_path.read_text().splitlines()
+    edited = json.loads(lines[0]) | {"epsilon": 0.01}
+    ledger_path.write_text("\n".join([json.dumps(edited), *lines[1:]]) + "\n")
+    assert main(["budget", str(state), "--json"]) == 2
+    assert "plain fields differ" in " ".join(json.loads(capsys.readouterr().out)["problems"])
+    ledger_path.write_text("\n".join(lines[1:]) + "\n")  # the first entry removed
+    assert main(["budget", str(state)]) == 2
+    assert "[2, 3] are not 1..2" in " ".join(capsys.readouterr().out.split())
+    ledger_path.write_text("\n".join(lines) + "\n")
+    (state / "privacy" / "accountant.json").unlink()  # the .prev copy counts a round too few
+    assert main(["budget", str(state), "--json"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert "rolled back" in " ".join(report["problems"]) and report["epsilon"] == last.epsilon
+
+    for folder, said in ((tmp_path / "nowhere", "not an existing folder"), (site, "not a site's")):
+        assert main(["budget", str(folder)]) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert said in out and "state_dir" in out and "Traceback" not in out
+
+
+def test_the_holdout_is_the_sites_and_the_coordinator_cannot_steer_delta_with_it(
+    tmp_path, tiny_sites, caplog
+):
+    """The review's reproduction (#17 hole 4): budget 3 exhausted, then a run asking for
+    holdout 0.9 to shrink N and re-plan at a larger delta. The site's hold-out wins, the delta
+    limit counts every unit of the site (held-out ones included), so nothing re-plans or trains."""
+    site = tiny_sites[0]
+    units = len(load_site(site, tmp_path / "probe", tiny_config().model).units)
+    policy = SitePolicy(epsilon_budget=3.0, holdout_fraction=0.0)
+    state = tmp_path / "state"
+    cfg = tiny_config(privacy={"epsilon_budget": 3.0})
+    first = train_site_round(site, state, cfg, None, 1, 1, policy=policy)
+    assert first.status == "trained" and first.delta == pytest.approx(1 / (10 * units))
+    attack = tiny_config(privacy={"epsilon_budget": 3.0}, train={"holdout_fraction": 0.9})
+    again = train_site_round(site, state, attack, first.weights, 1, 1, policy=policy)
+    assert again.status == "budget-exhausted" and again.weights is None
+    assert again.delta == first.delta and again.plan.n_units == units
+    assert [e["status"] for e in _ledger(state)] == ["trained", "budget-exhausted"]
+    assert "the site's value is used" in caplog.text
+    assert load_split(state) is None  # the site holds none out; the run's 0.9 never recorded
+
+    # a site that holds half its patients out: q over the rest, delta over all of them
+    held = train_site_round(
+        site, tmp_path / "held", cfg, None, 1, 1, policy=replace(policy, holdout_fraction=0.5)
+    )
+    assert load_split(tmp_path / "held").fraction == 0.5
+    assert held.plan.n_units == units - round(0.5 * units) and held.plan.population == units
+    assert held.delta == pytest.approx(1 / (10 * units))
+
+
+def test_a_site_that_requires_secure_mode_trains_with_it_whatever_the_run_says(
+    tmp_path, tiny_sites, monkeypatch
+):
+    """#17 hole 8: `secure_mode` came from the run config only; the site's policy can require it."""
+    import emixer_model.site_training as site_training
+
+    used: list[bool] = []
+    real = site_training.PrivateTrainer
+
+    def recording_trainer(nets, cfg, *args, **kwargs):
+        used.append(cfg.privacy.secure_mode)
+        return real(nets, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(site_training, "PrivateTrainer", recording_trainer)
+    cfg = tiny_config(privacy={"secure_mode": False})
+    policy = SitePolicy(require_secure_mode=True)
+    result = train_site_round(tiny_sites[0], tmp_path / "state", cfg, None, 1, 1, policy=policy)
+    assert result.status == "trained" and used == [True]

@@ -7,6 +7,7 @@ coordinator's, then the researchers' and the privacy officer's.
 from emixer_cli.commands import (
     app_hash,
     audit,
+    budget,
     data_check,
     demo,
     evaluate,
@@ -30,6 +31,7 @@ COMMANDS = (
     release,
     pretrain,
     verify_release,
+    budget,
     keygen,
     app_hash,
     evaluate,

@@ -17,14 +17,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="hospital: run this site's authenticated SuperNode (or --check its setup)",
         description="Connect this site to the coordinator's SuperLink over TLS with the site's "
         "enrolled key and serve federated rounds on the data folder in site.yaml. Runtime "
-        "dependency installation stays off and the site refuses app versions other than "
-        "approved_app_hash. Start and stop go to the site's audit log. See deploy/site.yaml.",
+        "dependency installation stays off. approved_app_hash (what `emixer app-hash` prints "
+        "on the install you reviewed) is required: every app bundle the coordinator sends is "
+        "checked against it before any of its code runs, and a different one is refused. "
+        "Start, stop and refusals go to the site's audit log. See deploy/site.yaml.",
     )
     p.add_argument("--config", required=True, help="site.yaml (see deploy/site.yaml)")
     p.add_argument(
         "--check",
         action="store_true",
-        help="only validate the config, report on the data folder and compare the app hash",
+        help="only validate the config, report on the data folder and check that this install "
+        "is the approved app version (exit 2 if not)",
     )
     p.set_defaults(func=run)
 
@@ -38,20 +41,17 @@ def run(args: argparse.Namespace) -> int:
 
 def check_site(settings: SiteSettings, resolution: int = 64) -> int:
     """`--check`: the data folder report and the app pin, without connecting anywhere."""
+    from client.app_gate import installed_app_problem
     from emixer_model.data.check import check_folder
-    from emixer_model.shared import app_hash
 
     report = check_folder(settings.data_path, resolution=resolution)
     report.render(console)
-    running = app_hash()
-    if settings.approved_app_hash is None:
-        console.print(f"app hash {running}: no approved_app_hash pinned, any version will run")
-    elif settings.approved_app_hash == running:
-        console.print(f"app hash {running}: matches approved_app_hash")
-    else:
-        console.print(
-            f"[red]app hash {running} differs from approved_app_hash "
-            f"{settings.approved_app_hash}[/red]: review this version, then update site.yaml"
-        )
+    problem = installed_app_problem(settings.approved_app_hash)
+    if problem is not None:
+        console.print(f"[red]{problem}[/red]")
         return EXIT_USAGE
+    console.print(
+        f"app hash {settings.approved_app_hash}: this install is the approved version; the "
+        "SuperNode runs only app bundles with this hash"
+    )
     return 0 if report.usable else EXIT_USAGE

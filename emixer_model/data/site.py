@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -239,6 +240,15 @@ def dicom_identity(path: Path) -> Identity:
     return str(ds.get("IssuerOfPatientID", "") or "").strip(), patient
 
 
+def unit_key(identifier: str) -> str:
+    """The key one identifier matches by: case, spaces, punctuation and the leading zeros of a
+    number tell no two patients apart, so `P1`, `p 1` and `P-001` are one patient. When unsure
+    the grouping merges, never splits: a larger unit only strengthens each patient's guarantee,
+    while one patient split into two units would be counted twice."""
+    compact = "".join(ch for ch in identifier.casefold() if ch.isalnum())
+    return re.sub(r"\d+", lambda number: number.group().lstrip("0") or "0", compact)
+
+
 def read_unlabeled_csv(site_dir: Path) -> dict[str, str]:
     """unlabeled.csv as {relative path: patient}; {} when the file is absent."""
     path = Path(site_dir) / UNLABELED_CSV
@@ -281,17 +291,22 @@ def group_units(
     identities: Mapping[str, Identity] | None = None,
 ) -> UnitGrouping:
     """Connected components of the identities of (patient, path) labeled and path unlabeled
-    samples. Used by training and by `emixer data check`, so both count the same units. Each
-    file's DICOM identity comes from `identities` (the decode cache's) or else its header."""
+    samples, matched after normalising (`unit_key`). Used by training and by `emixer data
+    check`, so both count the same units. Each file's DICOM identity comes from `identities`
+    (the decode cache's) or else its header."""
     root = Path(site_dir).resolve()
     extra = read_unlabeled_csv(site_dir)
 
-    def keys(patient: str, rel: str) -> set[tuple[str, ...]]:
-        found: set[tuple[str, ...]] = {("patient", patient)} if patient else set()
+    def keys(patient: str, rel: str) -> set[tuple[str, str]]:
+        """Every identity of a file as (source, `unit_key`); empty: it names nobody. The DICOM
+        key leaves IssuerOfPatientID out (an MRN with or without its issuer is one patient); the
+        `patient` column stays its own source, since a local pseudonym may equal another
+        patient's MRN, and the two meet through the files that carry both."""
         identity = identities.get(rel) if identities is not None else dicom_identity(root / rel)
+        found = {("patient", unit_key(patient))}
         if identity is not None:
-            found.add(("dicom", *identity))
-        return found
+            found.add(("dicom", unit_key(identity[1])))
+        return {key for key in found if key[1]}
 
     labeled_keys = [keys(patient, rel) for patient, rel in labeled]
     unlabeled_keys = [keys(extra.get(rel, ""), rel) for rel in unlabeled]
@@ -314,7 +329,7 @@ def group_units(
             i = parent[i]
         return i
 
-    owner: dict[tuple[str, ...], int] = {}
+    owner: dict[tuple[str, str], int] = {}
     for index, sample_keys in enumerate(samples):
         for key in sample_keys:
             if key in owner:

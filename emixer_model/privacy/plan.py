@@ -2,8 +2,8 @@
 
 The trainer and the signed ledger entry both read q, sigma and the clip norm from the plan, so what
 the optimizer uses and what the site signs have one source. If a privacy-relevant input changes
-(batch size, epochs, unit count, delta, clip norm, sigma), the site re-plans from what its
-accountant has already spent (`emixer_model.privacy.state.SiteState.plan_round`).
+(batch size, epochs, unit count, population, delta, clip norm, sigma), the site re-plans from
+what its accountant has already spent (`emixer_model.privacy.state.SiteState.plan_round`).
 `refuse_over_budget` is the check before any step, on exactly the q, sigma and steps the round runs.
 """
 
@@ -22,7 +22,8 @@ class PlanInputs:
 
     batch_size: int
     epochs: int
-    n_units: int
+    n_units: int  # the units training samples from: q = batch_size / n_units
+    population: int  # every unit of the site, held-out ones included: delta's limit
     privacy_unit: str  # "patient" or "image" (docs/PRIVACY.md invariant 6)
     delta: float
     max_grad_norm: float
@@ -59,9 +60,19 @@ class BudgetExhausted(Exception):
 
 
 def plan_inputs(
-    cfg: EmixerConfig, policy: SitePolicy, n_units: int, per_patient: bool
+    cfg: EmixerConfig,
+    policy: SitePolicy,
+    n_units: int,
+    per_patient: bool,
+    *,
+    population: int | None = None,
 ) -> PlanInputs:
-    """The privacy-relevant inputs of a plan from today's config, data and policy."""
+    """The privacy-relevant inputs of a plan from today's config, data and policy.
+
+    `population`: every privacy unit of the site before any evaluation hold-out (None: nothing
+    is held out, so it is `n_units`); the delta limit is taken from it, never from `n_units`.
+    """
+    population = n_units if population is None else population
     budget = policy.budget_for(cfg.privacy.epsilon_budget)
     requested = cfg.privacy.noise_multiplier
     if requested is not None:
@@ -70,9 +81,10 @@ def plan_inputs(
         batch_size=cfg.train.batch_size,
         epochs=cfg.train.epochs,
         n_units=n_units,
+        population=population,
         # what q is computed over, as the ledger names it
         privacy_unit="patient" if per_patient else "image",
-        delta=policy.delta_for(n_units, cfg.privacy.delta),
+        delta=policy.delta_for(population, cfg.privacy.delta),
         max_grad_norm=cfg.privacy.max_grad_norm,
         requested_noise=requested,
         accountant=cfg.privacy.accountant,

@@ -1,7 +1,9 @@
 """A site's own privacy policy (site.yaml), enforced against whatever the run config asks.
 
 A run config that asks for more than the policy allows (a larger delta, less noise than the floor)
-refuses the round with `PolicyViolation`; a larger budget is capped at the site's.
+refuses the round with `PolicyViolation`; a larger budget is capped at the site's; the site's
+evaluation hold-out replaces the run config's (the coordinator could otherwise shrink N, and with
+it the delta limit, by asking for a large hold-out).
 """
 
 from __future__ import annotations
@@ -24,13 +26,20 @@ class SitePolicy:
         (simulation, `train-local`: no site.yaml) leaves the run config's budget in force;
     max_delta: the largest delta it accepts (None: 1/(10 N)); never at or above 1/N;
     min_noise_multiplier: a floor on sigma (None: no floor);
-    share_losses: whether mean training losses may leave the site (not DP-protected).
+    share_losses: whether mean training losses may leave the site (not DP-protected);
+    holdout_fraction: the share of its privacy units the site keeps out of training for its
+        evaluation, chosen before round 1 (data/splits.py); None (simulation, `train-local`:
+        no site.yaml) leaves the run config's `train.holdout_fraction` in force;
+    require_secure_mode: every round runs with Opacus' secure_mode (noise resistant to
+        floating-point attacks), whatever the run config says.
     """
 
     epsilon_budget: float | None = None
     max_delta: float | None = None
     min_noise_multiplier: float | None = None
     share_losses: bool = False
+    holdout_fraction: float | None = None
+    require_secure_mode: bool = False
 
     def __post_init__(self) -> None:
         if self.epsilon_budget is not None and not self.epsilon_budget > 0:
@@ -41,6 +50,8 @@ class SitePolicy:
             raise ValueError(
                 f"min_noise_multiplier must be positive, not {self.min_noise_multiplier}"
             )
+        if self.holdout_fraction is not None and not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), not {self.holdout_fraction}")
 
     # node config keys (flower-supernode --node-config) of each field
     NODE_KEYS = {
@@ -48,15 +59,18 @@ class SitePolicy:
         "max_delta": "max-delta",
         "min_noise_multiplier": "min-noise-multiplier",
         "share_losses": "share-losses",
+        "holdout_fraction": "holdout-fraction",
+        "require_secure_mode": "require-secure-mode",
     }
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, object]) -> SitePolicy:
         """The policy in a node config (written from site.yaml); absent keys take the defaults."""
         given = {f: node[k] for f, k in cls.NODE_KEYS.items() if k in node}
-        if "share_losses" in given:
-            given["share_losses"] = str(given["share_losses"]).lower() in ("1", "true", "yes")
-        for key in ("epsilon_budget", "max_delta", "min_noise_multiplier"):
+        for key in ("share_losses", "require_secure_mode"):
+            if key in given:
+                given[key] = str(given[key]).lower() in ("1", "true", "yes")
+        for key in ("epsilon_budget", "max_delta", "min_noise_multiplier", "holdout_fraction"):
             if key in given:
                 given[key] = float(given[key])  # type: ignore[arg-type]
         return cls(**given)  # type: ignore[arg-type]
@@ -73,20 +87,32 @@ class SitePolicy:
         """The budget this round answers to: the run's, capped at the site's own."""
         return requested if self.epsilon_budget is None else min(requested, self.epsilon_budget)
 
-    def delta_for(self, n_units: int, requested: float | None) -> float:
-        """The delta this round uses: the run's, if the policy allows it, else PolicyViolation."""
-        limit = self.max_delta if self.max_delta is not None else default_delta(n_units)
-        if limit >= 1 / n_units:
+    def secure_mode_for(self, requested: bool) -> bool:
+        """Whether the round uses Opacus' secure_mode: on if the run or the site asks for it."""
+        return requested or self.require_secure_mode
+
+    def holdout_for(self, requested: float) -> float:
+        """The hold-out this site uses: its own when site.yaml sets one, whatever the run asks."""
+        return requested if self.holdout_fraction is None else self.holdout_fraction
+
+    def delta_for(self, population: int, requested: float | None) -> float:
+        """The delta this round uses: the run's, if the policy allows it, else PolicyViolation.
+
+        `population` is every privacy unit of the site, held-out ones included: the limit
+        (default 1/(10 N)) must not grow when a run holds more units out of training.
+        """
+        limit = self.max_delta if self.max_delta is not None else default_delta(population)
+        if limit >= 1 / population:
             raise PolicyViolation(
-                f"site policy max_delta {limit:.2e} is not below 1/N = {1 / n_units:.2e} "
-                f"({n_units} privacy units): lower max_delta in site.yaml"
+                f"site policy max_delta {limit:.2e} is not below 1/N = {1 / population:.2e} "
+                f"({population} privacy units): lower max_delta in site.yaml"
             )
         if requested is None:
             return limit
         if requested > limit:
             raise PolicyViolation(
                 f"the run asks for delta {requested:.2e} but this site allows at most "
-                f"{limit:.2e} ({n_units} privacy units); refused"
+                f"{limit:.2e} ({population} privacy units); refused"
             )
         return requested
 

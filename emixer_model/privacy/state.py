@@ -106,12 +106,16 @@ class SiteState:
         per_patient: bool,
         accountant: SiteAccountant,
         rounds_left: int,
+        *,
+        population: int,
     ) -> PrivacyPlan:
         """The saved plan if its inputs still hold, else a new one from what was spent.
 
-        Raises PolicyViolation (the run asks what the policy forbids) or BudgetExhausted.
+        `n_units` are the units training samples from; `population` every unit of the site,
+        held-out ones included (the delta limit's N). Raises PolicyViolation (the run asks what
+        the policy forbids) or BudgetExhausted.
         """
-        inputs = plan_inputs(cfg, policy, n_units, per_patient)
+        inputs = plan_inputs(cfg, policy, n_units, per_patient, population=population)
         old = self.load_plan()
         if old is not None and old.inputs() == inputs:
             floor = policy.min_noise_multiplier
