@@ -41,9 +41,12 @@ from bench.utility import QUICK, SMOKE, Setup, federate, prepare, pretrained_wei
 from emixer_cli.commands.demo import DEMO_MODEL, DEMO_TRAIN
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, TrainConfig
 from emixer_model.data.splits import LabeledSet
+from emixer_model.evaluation.bootstrap import DEFAULT_RESAMPLES, Resampler, bootstrap
 from emixer_model.evaluation.classifier import Classifier, score_images, train_classifier
 from emixer_model.evaluation.image_metrics import auroc
+from emixer_model.evaluation.utility import Figure, figure, over_seeds, paired_difference
 from emixer_model.networks import build_networks, set_weights
+from emixer_model.public_pretrain import PRETRAINING_VERSION
 from emixer_model.synthesis import synthesize
 from emixer_model.text.grammar import SITE_ONLY_FINDING, uses_site_phrasing
 from emixer_model.text.labeler import label_report
@@ -64,7 +67,7 @@ class Real:
 
     judge: Classifier
     scarce: LabeledSet
-    scarce_auroc: float  # a classifier on the scarce-data site's real studies alone
+    scarce_probs: np.ndarray  # a classifier on the scarce-data site's real studies alone
     scored: LabeledSet
 
 
@@ -75,10 +78,14 @@ def scarce_positives(data: LabeledSet, keep: int, seed: int) -> LabeledSet:
     return data.subset(np.setdiff1d(np.arange(len(data.images)), dropped))
 
 
+def new_label_probs(model: Classifier, scored: LabeledSet) -> np.ndarray:
+    """A classifier's probabilities for the site-only finding on the scored real studies."""
+    return score_images(model, scored.images)[0][:, NEW]
+
+
 def new_label_auroc(model: Classifier, scored: LabeledSet) -> float | None:
     """A classifier's AUROC for the site-only finding on the scored real patients."""
-    probs = score_images(model, scored.images)[0][:, NEW]
-    return auroc(probs, scored.labels[:, NEW].numpy())
+    return auroc(new_label_probs(model, scored), scored.labels[:, NEW].numpy())
 
 
 RECIPES: dict[str, dict] = {
@@ -111,8 +118,16 @@ def with_a_finding(n: int) -> torch.Tensor:
     return labels[labels[:, FINDINGS.index("No Finding")] == 0][:n]
 
 
-def measure(cfg: EmixerConfig, weights: dict, real: Real, n: int = 200) -> dict[str, float]:
-    """The transfer figures of one model (see the module docstring); n paired draws."""
+FIGURES = ("image AUROC", "report: on - off", "report: on", "site phrasing", "TSTR", "augment")
+CHANCE = {"image AUROC": 0.5, "TSTR": 0.5, "report: on - off": 0.0, "augment": 0.0}
+
+
+def measure(
+    cfg: EmixerConfig, weights: dict, real: Real, n: int = 200, seed: int = 0
+) -> dict[str, Figure]:
+    """The transfer figures of one model (see the module docstring), each with its bootstrap:
+    the n paired draws resampled pair by pair, the held-out patients unit by unit; every row
+    and seed resamples the same indices, so differences between rows are paired."""
     nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
     set_weights(nets, weights)
     nets.eval()
@@ -124,27 +139,54 @@ def measure(cfg: EmixerConfig, weights: dict, real: Real, n: int = 200) -> dict[
         drawn[name] = images, [decode_report(t) for t in ids]
     probs = [score_images(real.judge, drawn[k][0])[0][:, NEW] for k in ("off", "on")]
     stated = {
-        k: float(np.mean([label_report(r).get(SITE_ONLY_FINDING) == 1 for r in drawn[k][1]]))
+        k: np.array([label_report(r).get(SITE_ONLY_FINDING) == 1 for r in drawn[k][1]], float)
         for k in ("off", "on")
     }
-    phrased = [uses_site_phrasing(r, PHRASED) for r in drawn["phrased"][1]]
+    phrased = np.array([uses_site_phrasing(r, PHRASED) for r in drawn["phrased"][1]], float)
+
+    def pair_figures(i: np.ndarray) -> np.ndarray:
+        scores, targets = np.r_[probs[0][i], probs[1][i]], np.r_[np.zeros(len(i)), np.ones(len(i))]
+        image = auroc(scores, targets)
+        on, gap = stated["on"][i].mean(), stated["on"][i].mean() - stated["off"][i].mean()
+        return np.array([np.nan if image is None else image, gap, on, phrased[i].mean()])
+
     labels = sample_prior(SYNTHETIC_PAIRS, torch.Generator().manual_seed(13))
     images, _ = synthesize(nets, cfg.model, labels, torch.Generator().manual_seed(17))
-    tstr = train_classifier(images, labels, JUDGE_STEPS, seed=0)
+    tstr = new_label_probs(train_classifier(images, labels, JUDGE_STEPS, seed=0), real.scored)
     both = train_classifier(
         torch.cat([real.scarce.images, images]),
         torch.cat([real.scarce.labels, labels]),
         JUDGE_STEPS,
         seed=0,
     )
-    return {
-        "tstr": new_label_auroc(tstr, real.scored),
-        "augment": new_label_auroc(both, real.scored) - real.scarce_auroc,
-        "image_auroc": auroc(np.concatenate(probs), np.r_[np.zeros(n), np.ones(n)]),
-        "report_on": stated["on"],
-        "report_off": stated["off"],
-        "phrasing": float(np.mean(phrased)),
-    }
+    both = new_label_probs(both, real.scored)
+    truth = real.scored.labels[:, NEW].numpy()
+
+    def heldout_figures(i: np.ndarray) -> np.ndarray:
+        values = [auroc(p[i], truth[i]) for p in (tstr, both, real.scarce_probs)]
+        tstr_auc, both_auc, alone = (np.nan if v is None else v for v in values)
+        return np.array([tstr_auc, both_auc - alone])
+
+    pairs = Resampler(np.arange(n), "pairs")
+    heldout = Resampler(np.asarray(real.scored.units), "heldout")
+    out = {}
+    for names, statistic, sampler, what in (
+        (FIGURES[:4], pair_figures, pairs, f"{n} paired synthetic draws"),
+        (FIGURES[4:], heldout_figures, heldout, f"{heldout.units} held-out patients"),
+    ):
+        point, draws = bootstrap(statistic, [sampler], DEFAULT_RESAMPLES, seed)
+        for k, name in enumerate(names):
+            out[name] = figure(point[k], draws[:, k], sampler.units, what, CHANCE.get(name))
+    return out
+
+
+def cell(f: Figure) -> str:
+    """A figure as 'value [low, high]'."""
+    if f.value is None:
+        return "undefined"
+    if f.low is None or f.high is None:
+        return f"{f.value:.2f}"
+    return f"{f.value:.2f} [{f.low:.2f}, {f.high:.2f}]"
 
 
 def main() -> None:
@@ -159,6 +201,12 @@ def main() -> None:
         default="validation",
         help="which half of the held-out patients scores the judge (validation)",
     )
+    parser.add_argument(
+        "--pretrain-seed",
+        type=int,
+        help="one public model for every seed (default: each seed pretrains its own)",
+    )
+    parser.add_argument("--control", help="a row every row is also compared with, paired")
     parser.add_argument("--cache", default="bench-cache/site_knowledge")
     parser.add_argument("--smoothing", type=float, default=0.0)
     args = parser.parse_args()
@@ -176,23 +224,27 @@ def main() -> None:
     steps = 20 if args.smoke else JUDGE_STEPS
     judge = train_classifier(judge_train.images, judge_train.labels, steps, seed=0)
     scarce = scarce_positives(judge_train, SCARCE_POSITIVES, seed=0)
-    scarce_auroc = new_label_auroc(
+    scarce_probs = new_label_probs(
         train_classifier(scarce.images, scarce.labels, steps, seed=0), scored
     )
-    real = Real(judge, scarce, scarce_auroc, scored)
+    real = Real(judge, scarce, scarce_probs, scored)
+    scarce_auroc = auroc(scarce_probs, scored.labels[:, NEW].numpy())
     console.print(
         f"judge on {len(scored.images)} {args.split} patients' studies, {SITE_ONLY_FINDING}: "
         f"AUROC {new_label_auroc(judge, scored):.3f} (the ceiling of image transfer); "
         f"scarce-data site ({SCARCE_POSITIVES} positives of {len(scarce.images)} studies) "
         f"alone: {scarce_auroc:.3f}"
     )
-    rows, pseudo = [], []
+    results: dict[str, dict[int, dict[str, Figure]]] = {}
+    pseudo: list = []
     for seed in (int(x) for x in args.seeds.split(",")):
-        key = f"pretrained-s{args.smoothing}-{setup.pretrain_steps}-seed{seed}.pt"
+        version = f"v{PRETRAINING_VERSION}-s{args.smoothing}-{setup.pretrain_steps}"
+        pretrain_seed = seed if args.pretrain_seed is None else args.pretrain_seed
+        key = f"pretrained-{version}-seed{pretrain_seed}.pt"
         if (cache / key).is_file():
             start = torch.load(cache / key, weights_only=False)
         else:
-            start = pretrained_weights(public, base, setup, seed)
+            start = pretrained_weights(public, base, setup, pretrain_seed)
             torch.save(start, cache / key)
         for spec in args.rows.split(","):
             began = time.perf_counter()
@@ -207,25 +259,43 @@ def main() -> None:
                     pseudo = prepare(setup, cache, model, pseudo=True)[0]
                 train = [s.train for s in (pseudo if control else sites)]
                 weights, eps, _ = federate(cfg, train, start, setup.rounds, budget, seed)
-            m = measure(base, weights, real)
-            rows.append(
-                (
-                    spec,
-                    str(seed),
-                    f"{m['image_auroc']:.2f}",
-                    f"{m['report_on']:.2f} / {m['report_off']:.2f}",
-                    f"{m['phrasing']:.2f}",
-                    f"{m['tstr']:.2f}",
-                    f"{m['augment']:+.2f}",
-                    f"{eps:.2f}",
-                    f"{time.perf_counter() - began:.0f}",
-                )
+            figures = measure(base, weights, real, seed=0)
+            results.setdefault(spec, {})[seed] = figures
+            took = time.perf_counter() - began
+            console.print(
+                f"{spec} seed {seed}: "
+                + "; ".join(f"{k} {cell(v)}" for k, v in figures.items())
+                + f"; eps {eps:.2f}; {took:.0f} s"
             )
-            console.print(rows[-1])
-    columns = ("row", "seed", "image AUROC (new label)", "report states it: on / off")
-    more = ("site phrasing", "TSTR (new label)", "augmentation gain", "eps", "s")
-    print_table("site knowledge", (*columns, *more), rows)
+    summarise(results, args.control)
     console.print(machine())
+
+
+def summarise(results: dict[str, dict[int, dict[str, Figure]]], control: str | None) -> None:
+    """One table over seeds (mean, interval covering seeds and sampling), then each row minus
+    `public` and minus the control row, paired seed by seed."""
+    table = []
+    for spec, by_seed in results.items():
+        runs = list(by_seed.values())
+        pooled = {k: over_seeds([r[k] for r in runs]) for k in FIGURES}
+        table.append((spec, ",".join(map(str, by_seed)), *(cell(pooled[k]) for k in FIGURES)))
+    print_table("site knowledge (mean over seeds, 95% interval)", ("row", "seeds", *FIGURES), table)
+    for base in ("public", control):
+        if base is None or base not in results:
+            continue
+        diffs = []
+        for spec, by_seed in results.items():
+            seeds = [s for s in by_seed if s in results[base]]
+            if spec == base or not seeds:
+                continue
+            pooled = {
+                k: over_seeds(
+                    [paired_difference(by_seed[s][k], results[base][s][k]) for s in seeds]
+                )
+                for k in FIGURES
+            }
+            diffs.append((spec, ",".join(map(str, seeds)), *(cell(pooled[k]) for k in FIGURES)))
+        print_table(f"minus {base} (paired)", ("row", "seeds", *FIGURES), diffs)
 
 
 if __name__ == "__main__":
