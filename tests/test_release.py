@@ -29,6 +29,7 @@ from emixer_model.data.dicom import SOP_CLASSES
 from emixer_model.data.phantoms import CANARY
 from emixer_model.networks import build_networks
 from emixer_model.privacy.ledger import SiteKey
+from emixer_model.privacy.state import simulation_public_key
 from emixer_model.text.vocabulary import VOCAB_SIZE
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.tools import release_files
@@ -44,12 +45,22 @@ def trained_checkpoint(tmp_path_factory, tiny_sites) -> Path:
     )
 
 
+@pytest.fixture(scope="module")
+def site_keys(trained_checkpoint) -> list[str]:
+    """`--site-keys DIR`: the folder of enrolled keys, here the one site's own public key."""
+    keys = trained_checkpoint.parent.parent / "enrolled"
+    keys.mkdir(exist_ok=True)
+    state = trained_checkpoint.parent.parent / "state"
+    (keys / "site_1.pub").write_text(simulation_public_key(state))
+    return ["--site-keys", str(keys)]
+
+
 def test_release_writes_valid_synthetic_dicoms_matching_reports_and_manifest(
-    tmp_path, trained_checkpoint, tiny_sites
+    tmp_path, trained_checkpoint, tiny_sites, site_keys
 ):
     out = tmp_path / "release"
     code = main(["release", "--model", str(trained_checkpoint), "--out", str(out),
-                 "--per-label", "2"])  # fmt: skip
+                 "--per-label", "2", *site_keys])  # fmt: skip
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
     rows = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
@@ -86,10 +97,10 @@ def test_release_writes_valid_synthetic_dicoms_matching_reports_and_manifest(
     assert '"losses"' not in json.dumps(manifest)  # losses never reach a release
 
 
-def test_index_html_references_only_files_that_exist(tmp_path, trained_checkpoint):
+def test_index_html_references_only_files_that_exist(tmp_path, trained_checkpoint, site_keys):
     out = tmp_path / "release"
     labels = "Cardiomegaly,Edema+Pleural Effusion"
-    args = ["--model", str(trained_checkpoint), "--out", str(out), "--per-label", "1"]
+    args = ["--model", str(trained_checkpoint), "--out", str(out), "--per-label", "1", *site_keys]
     assert main(["release", *args, "--labels", labels]) == 0
     html = (out / "index.html").read_text()
     assert "<img" in html and "epsilon" in html.lower()
@@ -147,7 +158,7 @@ def _coordinator_key(ledger):
         (_rewrite_epsilon, [], "signature does not verify"),
         (_delete_round, [], "rounds are missing"),
         (_delete_round_and_its_record, [], "round 2 of the checkpoint has no record"),
-        (_coordinator_key, ["--site-keys", "ENROLLED"], "not its enrolled key"),
+        (_coordinator_key, [], "not its enrolled key"),
         (None, ["--epsilon-budget", "0.01"], "over the budget"),
     ],
     ids=[
@@ -160,15 +171,12 @@ def _coordinator_key(ledger):
     ],
 )
 def test_privacy_gate_refuses_with_exit_2_and_writes_nothing(
-    tmp_path, trained_checkpoint, capsys, change, extra, message
+    tmp_path, trained_checkpoint, site_keys, capsys, change, extra, message
 ):
     model = _tampered(trained_checkpoint, tmp_path, change) if change else trained_checkpoint
-    if "ENROLLED" in extra:  # the key the site made in its state dir is the enrolled one
-        pub = tmp_path / "site_1.pub"
-        pub.write_text(load_checkpoint(trained_checkpoint).ledger["sites"]["site_1"]["public_key"])
-        extra = [str(pub) if arg == "ENROLLED" else arg for arg in extra]
     out = tmp_path / "release"
-    code = main(["release", "--model", str(model), "--out", str(out), "--per-label", "1", *extra])
+    args = ["--model", str(model), "--out", str(out), "--per-label", "1", *site_keys, *extra]
+    code = main(["release", *args])
     assert code == 2
     assert message in capsys.readouterr().out
     assert not out.exists()
@@ -176,21 +184,43 @@ def test_privacy_gate_refuses_with_exit_2_and_writes_nothing(
 
 
 def test_verify_release_recomputes_each_site_epsilon_offline_and_catches_edits(
-    tmp_path, trained_checkpoint, capsys
+    tmp_path, trained_checkpoint, site_keys, capsys
 ):
     out = tmp_path / "release"
     args = ["--model", str(trained_checkpoint), "--out", str(out), "--per-label", "1"]
-    assert main(["release", *args, "--labels", "Edema"]) == 0
+    assert main(["release", *args, *site_keys, "--labels", "Edema"]) == 0
     capsys.readouterr()
-    assert main(["verify-release", str(out)]) == 0
+    assert main(["verify-release", str(out), *site_keys]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     epsilon = manifest["privacy"]["sites"]["site_1"]["epsilon"]
     assert f"{epsilon:.4f}" in capsys.readouterr().out
     manifest["privacy"]["sites"]["site_1"]["epsilon"] = epsilon / 2
     manifest["privacy"]["release_epsilon"] = epsilon / 2
     (out / "manifest.json").write_text(json.dumps(manifest))
-    assert main(["verify-release", str(out)]) == 2
+    assert main(["verify-release", str(out), *site_keys]) == 2
     assert "manifest says epsilon" in capsys.readouterr().out
+
+
+def test_without_site_keys_the_verdict_is_unverified_and_the_exit_code_3(
+    tmp_path, trained_checkpoint, site_keys, capsys
+):
+    """#17 hole 5: entries the coordinator re-signed with a key of its own verify against the
+    manifest's keys; without the sites' keys that is no verdict, and the exit code says so."""
+    resigned = _tampered(trained_checkpoint, tmp_path, _coordinator_key)
+    out = tmp_path / "release"
+    args = ["--model", str(resigned), "--out", str(out), "--per-label", "1", "--labels", "Edema"]
+    assert main(["release", *args]) == 3
+    assert "UNVERIFIED" in capsys.readouterr().out and not out.exists()
+    assert main(["release", *args, "--trust-manifest-keys"]) == 0
+    assert "the keys the ledger carries" in " ".join(capsys.readouterr().out.split())
+
+    assert main(["verify-release", str(out)]) == 3
+    verdict = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert "UNVERIFIED" in " ".join(verdict)
+    assert main(["verify-release", str(out), "--trust-manifest-keys"]) == 0
+    assert "taken from the manifest" in " ".join(capsys.readouterr().out.split())
+    assert main(["verify-release", str(out), *site_keys]) == 2
+    assert "not its enrolled key" in capsys.readouterr().out
 
 
 def _hide_last_round(ledger):
@@ -201,26 +231,27 @@ def _hide_last_round(ledger):
 
 
 def test_a_site_catches_rounds_left_out_of_a_release_with_its_own_ledger(
-    tmp_path, trained_checkpoint, capsys
+    tmp_path, trained_checkpoint, site_keys, capsys
 ):
     state = trained_checkpoint.parent.parent / "state"  # the site's state dir, its ledger.jsonl
-    one_pair = ["--per-label", "1", "--labels", "Edema"]
+    one_pair = ["--per-label", "1", "--labels", "Edema", *site_keys]
     honest, hidden = tmp_path / "honest", tmp_path / "hidden"
     assert (
         main(["release", "--model", str(trained_checkpoint), "--out", str(honest), *one_pair]) == 0
     )
-    assert main(["verify-release", str(honest), "--site-state", str(state)]) == 0
+    assert main(["verify-release", str(honest), *site_keys, "--site-state", str(state)]) == 0
     assert "nothing it signed is left out" in capsys.readouterr().out
 
     model = _tampered(trained_checkpoint, tmp_path, _hide_last_round)
     assert main(["release", "--model", str(model), "--out", str(hidden), *one_pair]) == 0
-    assert main(["verify-release", str(hidden)]) == 0  # the gate and a recipient cannot see it
+    assert main(["verify-release", str(hidden), *site_keys]) == 0  # a recipient cannot see it
     capsys.readouterr()
-    assert main(["verify-release", str(hidden), "--site-state", str(state)]) == 2
+    assert main(["verify-release", str(hidden), *site_keys, "--site-state", str(state)]) == 2
     out = " ".join(capsys.readouterr().out.split())
     assert "the release leaves out: 2" in out and "this site's own ledger says" in out
 
-    assert main(["verify-release", str(honest), "--site-state", str(tmp_path / "nowhere")]) == 2
+    nowhere = ["--site-state", str(tmp_path / "nowhere")]
+    assert main(["verify-release", str(honest), *site_keys, *nowhere]) == 2
     assert "holds no ledger.jsonl" in capsys.readouterr().out
     assert not (tmp_path / "nowhere").exists()  # a check never creates a state dir
 

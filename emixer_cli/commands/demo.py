@@ -178,6 +178,7 @@ def ledger_table(ledger: dict) -> Table:
 
 def run(args: argparse.Namespace) -> int:
     from emixer_model.data.phantoms import write_phantom_sites
+    from emixer_model.privacy.state import simulation_public_key
     from server.tools.release import parse_conditions, release
     from server.tools.simulation import simulate
 
@@ -223,6 +224,10 @@ def run(args: argparse.Namespace) -> int:
             conditions=parse_conditions(None),
             seed=args.seed,
             progress=update,
+            # the demo runs its sites, so it holds the public half of each site's own key
+            enrolled={
+                site.name: simulation_public_key(run_dir / "state" / site.name) for site in sites
+            },
         )
     console.print(
         f"released {summary.count} pairs, release epsilon {summary.release_epsilon:.3f} "

@@ -126,7 +126,7 @@ class SiteKey:
         with os.fdopen(fd, "wb") as f:
             f.write(private)
         site = cls(key)
-        path.with_name(path.name.removesuffix(".key") + ".pub").write_text(site.public_key() + "\n")
+        public_key_path(path).write_text(site.public_key() + "\n")
         return site
 
     def public_key(self) -> str:
@@ -142,6 +142,11 @@ class SiteKey:
         body = canonical(entry)
         signature = self.key.sign(body, ec.ECDSA(hashes.SHA256()))
         return {"entry": body.decode(), "signature": base64.b64encode(signature).decode()}
+
+
+def public_key_path(private: Path) -> Path:
+    """Where `SiteKey.generate` (and `emixer keygen`) writes the public half: NAME.pub."""
+    return private.with_name(private.name.removesuffix(".key") + ".pub")
 
 
 def verify_signed(signed: Mapping[str, str], public_key: str) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from emixer_model.config import EmixerConfig
 from emixer_model.privacy.accounting import SiteAccountant
-from emixer_model.privacy.ledger import SiteKey
+from emixer_model.privacy.ledger import SiteKey, public_key_path
 from emixer_model.privacy.plan import PrivacyPlan, make_plan, plan_inputs
 from emixer_model.privacy.policy import PolicyViolation, SitePolicy
 from emixer_model.shared import write_json_atomic
@@ -32,6 +32,12 @@ def log_site_event(state_dir: Path, entry: dict) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     with (state_dir / AUDIT_LOG).open("a") as f:
         f.write(json.dumps({"time": time.time(), **entry}) + "\n")
+
+
+def simulation_public_key(state_dir: Path) -> str:
+    """The public half of the key a simulated site signs with, as `emixer keygen` writes one: the
+    demo, which runs its sites itself, enrols it (`emixer release --site-keys`)."""
+    return public_key_path(Path(state_dir) / "privacy" / SIMULATION_KEY).read_text().strip()
 
 
 def read_site_ledger(state_dir: Path) -> list[dict] | None:
