@@ -30,7 +30,7 @@ from emixer_model.networks import (
     set_weights,
 )
 from emixer_model.privacy.accounting import SiteAccountant
-from emixer_model.privacy.ledger import SiteKey, arrays_sha256, ledger_entry
+from emixer_model.privacy.ledger import SiteKey, arrays_sha256, ledger_entry, status_entry
 from emixer_model.privacy.plan import BudgetExhausted, PrivacyPlan, refuse_over_budget
 from emixer_model.privacy.policy import PolicyViolation, SitePolicy
 from emixer_model.privacy.state import SiteState, log_site_event
@@ -120,7 +120,11 @@ def train_site_round(
     try:
         plan = plan_within_budget(state, cfg, policy, data, accountant, budget, rounds_left)
     except RoundRefused as refusal:
-        return record_refusal(state, accountant, budget, refusal, server_round, run_id)
+        signer = key or state.signing_key()
+        site = site_name or Path(site_dir).name
+        return record_refusal(
+            state, accountant, budget, refusal, signer, site, run_id, server_round, global_weights
+        )
     nets, summary = train_planned_round(
         data, cfg, global_weights, plan, accountant, server_round, progress
     )
@@ -202,23 +206,49 @@ def record_refusal(
     accountant: SiteAccountant,
     budget: float,
     refusal: RoundRefused,
-    server_round: int,
+    key: SiteKey,
+    site: str,
     run_id: str,
+    server_round: int,
+    global_weights: dict[str, np.ndarray] | None,
 ) -> SiteRoundResult:
-    """Write a refused round to the ledger and the audit log, so the site can show why it did
-    not train; the result carries the epsilon spent so far and no weights."""
-    plan = refusal.plan
-    delta = plan.delta if plan is not None else 0.0
-    spent = accountant.epsilon(delta) if plan is not None else 0.0
-    record = {
-        "round": server_round,
-        "status": refusal.status,
-        "epsilon": spent,
-        "message": refusal.message,
-    }
-    state.append_ledger({"time": time.time(), **record, "delta": delta})
-    log_site_event(state.root, {"event": f"round-{refusal.status}", "run": run_id, **record})
-    return SiteRoundResult(refusal.status, spent, delta, budget, plan, message=refusal.message)
+    """Sign the refusal and write it to the ledger and the audit log: the site shows why it did
+    not train, and a site that never trained still appears in the release's ledger under its own
+    key (docs/PRIVACY.md invariant 7). The result carries the epsilon spent so far, no weights."""
+    entry = status_entry(
+        site=site,
+        run=run_id,
+        server_round=server_round,
+        seq=state.next_seq(),
+        status=refusal.status,
+        accountant=accountant,
+        delta=state.last_delta(),
+        model_sha256=arrays_sha256(global_weights),
+        budget=budget,
+    )
+    signed = key.sign(entry)
+    state.append_ledger({"time": time.time(), **entry, **signed, "message": refusal.message})
+    log_site_event(
+        state.root,
+        {
+            "event": f"round-{refusal.status}",
+            "run": run_id,
+            "round": server_round,
+            "status": refusal.status,
+            "epsilon": entry["epsilon"],
+            "message": refusal.message,
+        },
+    )
+    return SiteRoundResult(
+        refusal.status,
+        entry["epsilon"],
+        entry["delta"] or 0.0,
+        budget,
+        refusal.plan,
+        message=refusal.message,
+        signed=signed,
+        public_key=key.public_key(),
+    )
 
 
 def train_planned_round(
@@ -267,7 +297,7 @@ def record_trained_round(
         site=site,
         run=run_id,
         server_round=server_round,
-        seq=state.trained_rounds() + 1,
+        seq=state.next_seq(),
         plan=plan,
         steps=steps,
         accountant=accountant,

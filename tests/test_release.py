@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,6 +222,25 @@ def test_without_site_keys_the_verdict_is_unverified_and_the_exit_code_3(
     assert "taken from the manifest" in " ".join(capsys.readouterr().out.split())
     assert main(["verify-release", str(out), *site_keys]) == 2
     assert "not its enrolled key" in capsys.readouterr().out
+
+
+def test_an_enrolled_site_missing_from_the_ledger_is_named_and_refused(
+    tmp_path, trained_checkpoint, site_keys, capsys
+):
+    """#17 hole 6: with the keys of every enrolled site, a ledger without one of them (here
+    site_2, whose entries the coordinator dropped) is refused by the gate and by verify-release."""
+    enrolled = tmp_path / "enrolled"
+    shutil.copytree(site_keys[1], enrolled)
+    site_2 = SiteKey.generate(tmp_path / "site_2" / "site_2.key")
+    (enrolled / "site_2.pub").write_text(site_2.public_key())
+    out = tmp_path / "release"
+    args = ["--model", str(trained_checkpoint), "--out", str(out), "--per-label", "1"]
+    assert main(["release", *args, "--site-keys", str(enrolled)]) == 2
+    assert "enrolled site site_2 signed no entry" in capsys.readouterr().out
+    assert not out.exists()
+    assert main(["release", *args, "--labels", "Edema", *site_keys]) == 0
+    assert main(["verify-release", str(out), "--site-keys", str(enrolled)]) == 2
+    assert "enrolled site site_2 signed no entry" in capsys.readouterr().out
 
 
 def _hide_last_round(ledger):

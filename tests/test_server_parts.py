@@ -5,7 +5,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from emixer_model.privacy.accounting import SiteAccountant
-from emixer_model.privacy.ledger import SiteKey, arrays_sha256, verify_site_history
+from emixer_model.privacy.ledger import (
+    LedgerRefused,
+    SiteKey,
+    arrays_sha256,
+    status_entry,
+    verify_ledger,
+    verify_site_history,
+)
 from server.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -87,6 +94,40 @@ def test_ledger_keeps_signed_entries_and_release_epsilon_is_the_max():
     assert PrivacyLedger.from_dict(ledger.to_dict()) == ledger
     with pytest.raises(ValueError, match="different key"):  # another site's entry replayed as s1's
         ledger.record("s1", 1, "trained", metrics(0), signed("s2", 1, 2), sha)
+
+
+def test_every_enrolled_site_must_sign_and_one_that_only_refused_says_so():
+    """#17 hole 6: a ledger with one enrolled site removed is refused, naming it; a site that
+    never trained appears through the refusal it signed, with what it has spent (nothing)."""
+    keys = {name: SiteKey(ec.generate_private_key(ec.SECP256R1())) for name in ("s1", "s2")}
+    model = {"w": np.zeros(2, np.float32)}
+    sha = arrays_sha256(model)
+    ledger = PrivacyLedger()
+    trained = signed_round(keys["s1"], "s1", 1, model, SiteAccountant(), seq=1)
+    ledger.record("s1", 1, "trained", metrics(0), trained, sha)
+    refusal = status_entry(
+        site="s2",
+        run="1",
+        server_round=1,
+        seq=1,
+        status="budget-exhausted",
+        accountant=SiteAccountant(),
+        delta=None,
+        model_sha256=sha,
+        budget=5.0,
+    )
+    signed = {**keys["s2"].sign(refusal), "public-key": keys["s2"].public_key()}
+    ledger.record("s2", 1, "budget-exhausted", metrics(0), signed, sha)
+    ledger.record_round(1, sha, ["s1"])
+    enrolled = {name: key.public_key() for name, key in keys.items()}
+    verified = verify_ledger(ledger.to_dict(), 1, None, enrolled)
+    assert verified["s2"]["epsilon"] == 0.0 and verified["s2"]["status"] == "budget-exhausted"
+    dropped = ledger.to_dict()
+    del dropped["sites"]["s2"]
+    with pytest.raises(LedgerRefused, match="enrolled site s2 signed no entry"):
+        verify_ledger(dropped, 1, None, enrolled)
+    with pytest.raises(ValueError, match="status budget-exhausted"):  # not as trained
+        ledger.record("s2", 1, "trained", metrics(0), signed, sha)
 
 
 def checkpoint(k):

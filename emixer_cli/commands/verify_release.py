@@ -47,14 +47,14 @@ def run(args: argparse.Namespace) -> int:
     keys = site_keys(args)
     result = verify_release(Path(args.dir), keys)
     table = Table(title=f"verified release {args.dir}")
-    for column in ("site", "signed rounds", "epsilon (recomputed)", "delta", "accountant", "key"):
+    for column in ("site", "signed entries", "epsilon (recomputed)", "delta", "accountant", "key"):
         table.add_column(column)
     for name, site in sorted(result["sites"].items()):
         table.add_row(
             name,
             str(len(site["signed"])),
             f"{site['epsilon']:.4f}",
-            f"{site['delta']:.2e}",
+            "never trained" if site["delta"] is None else f"{site['delta']:.2e}",
             f"{site['accountant']} (opacus {site['opacus']})",
             "enrolled" if keys else "as in the manifest",
         )

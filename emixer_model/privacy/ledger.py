@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # the plan only as a type: the coordinator's code never impor
 
 # A signed entry's per-round figures, as the server's ledger and a release's manifest list them.
 HISTORY_KEYS = ("round", "noise_multiplier", "sample_rate", "steps", "epsilon")
+# What a site signs for a round it did not train: its policy refused the run, or its budget did.
+NOT_TRAINED = ("refused", "budget-exhausted")
 
 
 class LedgerRefused(UserError):
@@ -68,6 +70,7 @@ def ledger_entry(
         "run": run,
         "round": server_round,
         "seq": seq,
+        "status": "trained",
         "noise_multiplier": plan.noise_multiplier,
         "sample_rate": plan.sample_rate,
         "steps": steps,
@@ -82,6 +85,49 @@ def ledger_entry(
         "epsilon": accountant.epsilon(plan.delta),
         "budget": budget,
     }
+
+
+def status_entry(
+    *,
+    site: str,
+    run: str,
+    server_round: int,
+    seq: int,
+    status: str,
+    accountant: SiteAccountant,
+    delta: float | None,
+    model_sha256: str,
+    budget: float,
+) -> dict:
+    """What a site signs for a round it did not train: the status, the model it was sent, and
+    its whole accountant history with the epsilon spent at `delta` (its last trained round's;
+    None if it never trained). So a site that never trained still appears under its own key, and
+    its entry still counts everything it ever spent."""
+    history = [list(entry) for entry in accountant.history]
+    if history and delta is None:
+        raise ValueError("the accountant counts steps but no trained round says at which delta")
+    return {
+        "site": site,
+        "run": run,
+        "round": server_round,
+        "seq": seq,
+        "status": status,
+        "accountant": accountant.kind,
+        "opacus": version("opacus"),
+        "model_sha256": model_sha256,
+        "history": history,
+        "delta": delta,
+        "epsilon": accountant.epsilon(delta) if history and delta is not None else 0.0,
+        "budget": budget,
+    }
+
+
+def entry_epsilon(entry: Mapping) -> float:
+    """Epsilon of an entry's signed history at its delta, recomputed; 0.0 if it holds no step."""
+    history = normalise_history(entry["history"])
+    if not history:
+        return 0.0
+    return epsilon_from_history(history, entry["delta"], entry["accountant"])
 
 
 def canonical(entry: Mapping) -> bytes:
@@ -181,9 +227,10 @@ def verify_site_history(site: str, signed: list[Mapping[str, str]], public_key: 
 
     Every signature verifies against `public_key`; entries are signed for this site and numbered
     in increasing order; each entry's accountant history (cumulative over everything the site
-    ever trained) contains the previous entry's and ends with the entry's own (sigma, q, steps);
-    its stated epsilon is what Opacus computes from that history. A round whose reply was lost
-    leaves a gap in the numbers but never in the history: the last entry counts every step.
+    ever trained) contains the previous entry's, and a trained round's ends with its own (sigma,
+    q, steps); its stated epsilon is what Opacus computes from that history. A round whose reply
+    was lost leaves a gap in the numbers but never in the history: the last entry counts every
+    step. Entries of rounds the site did not train (`NOT_TRAINED`) carry its history too.
     """
     entries = [verify_signed(s, public_key) for s in signed]
     previous: list = []
@@ -194,11 +241,19 @@ def verify_site_history(site: str, signed: list[Mapping[str, str]], public_key: 
             raise ValueError(f"{where} was signed for site {entry.get('site')!r}")
         if not isinstance(entry.get("seq"), int) or entry["seq"] <= last_seq:
             raise ValueError(f"{where} is numbered {entry.get('seq')} after {last_seq}")
-        own = [(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])]
         history = normalise_history(entry["history"])
-        if not (_extends(history, previous) and _extends(history[-1:], normalise_history(own))):
+        if entry.get("status") == "trained":
+            own = normalise_history(
+                [(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])]
+            )
+            by_this_round = _extends(history[-1:], own)
+        elif entry.get("status") in NOT_TRAINED:
+            by_this_round = True
+        else:
+            raise ValueError(f"{where} has an unknown status {entry.get('status')!r}")
+        if not (_extends(history, previous) and by_this_round):
             raise ValueError(f"{where}: its history does not extend the previous one by this round")
-        stated = epsilon_from_history(history, entry["delta"], entry["accountant"])
+        stated = entry_epsilon(entry)
         if not math.isclose(stated, entry["epsilon"], rel_tol=1e-9, abs_tol=1e-12):
             raise ValueError(
                 f"{where} states epsilon {entry['epsilon']:.4f} but its history gives {stated:.4f}"
@@ -214,9 +269,10 @@ def verify_ledger(
 
     `ledger` is the server's (`server.ledger.PrivacyLedger.to_dict`, or a manifest's sites and
     rounds) after `last_round` rounds. Nothing the coordinator stored is trusted: every entry's
-    signature is verified against the site's key (the enrolled one when `enrolled` is given),
-    each site's epsilon is recomputed with Opacus from its signed accountant history, every round
-    up to `last_round` must be recorded and each site it aggregated must have signed an entry for
+    signature is verified against the site's key (the enrolled one when `enrolled` is given, and
+    then every enrolled site must have signed at least one entry), each site's epsilon is
+    recomputed with Opacus from the signed history of its last entry, every round up to
+    `last_round` must be recorded and each site it aggregated must have signed a trained entry for
     that round and that global model, and no site's recomputed epsilon may exceed its signed
     budget or `budget`.
     """
@@ -241,30 +297,44 @@ def verify_ledger(
             entries[name] = verify_site_history(name, site["signed"], key)
         except (ValueError, KeyError, TypeError) as err:
             raise LedgerRefused(f"site {name}: the signed ledger does not verify: {err}") from None
-        last = entries[name][-1]
-        epsilon = epsilon_from_history(last["history"], last["delta"], last["accountant"])
-        limit = min(last["budget"], budget) if budget is not None else last["budget"]
-        if epsilon > limit:
-            raise LedgerRefused(
-                f"site {name}: epsilon {epsilon:.4f} is over the budget {limit:.4f} "
-                "(recomputed from its signed history)"
-            )
-        verified[name] = {
-            "epsilon": epsilon,
-            "delta": last["delta"],
-            "accountant": last["accountant"],
-            "opacus": last["opacus"],
-            "privacy_unit": last["privacy_unit"],
-            "max_grad_norm": last["max_grad_norm"],
-            "budget": last["budget"],
-            "public_key": key,
-            "history": [{k: e[k] for k in HISTORY_KEYS} for e in entries[name]],
-            "signed": site["signed"],
-        }
-    if not verified:
+        verified[name] = _site_privacy(name, entries[name], budget)
+        verified[name] |= {"public_key": key, "signed": site["signed"]}
+    missing = sorted(set(enrolled or {}) - set(verified))
+    if missing:
+        raise LedgerRefused(
+            f"enrolled site {', '.join(missing)} signed no entry in this ledger: its entries were "
+            "removed, or it never took part (a site that refused signs its refusal). Refused; "
+            "if it truly never connected, leave its key out of --site-keys and say why"
+        )
+    if not any(e["status"] == "trained" for site in entries.values() for e in site):
         raise LedgerRefused("the privacy ledger shows no trained round at any site")
     _check_coverage(last_round, ledger.get("rounds") or {}, entries)
     return verified
+
+
+def _site_privacy(name: str, entries: list[dict], budget: float | None) -> dict:
+    """A site's privacy figures, each read from its verified entries: epsilon, delta, accountant
+    and budget from the last one; unit and clip norm from the last trained one."""
+    last = entries[-1]
+    trained = [e for e in entries if e["status"] == "trained"]
+    epsilon = entry_epsilon(last)
+    limit = min(last["budget"], budget) if budget is not None else last["budget"]
+    if epsilon > limit:
+        raise LedgerRefused(
+            f"site {name}: epsilon {epsilon:.4f} is over the budget {limit:.4f} "
+            "(recomputed from its signed history)"
+        )
+    return {
+        "epsilon": epsilon,
+        "delta": last["delta"],
+        "accountant": last["accountant"],
+        "opacus": last["opacus"],
+        "privacy_unit": trained[-1]["privacy_unit"] if trained else None,
+        "max_grad_norm": trained[-1]["max_grad_norm"] if trained else None,
+        "budget": last["budget"],
+        "status": last["status"],
+        "history": [{k: e[k] for k in HISTORY_KEYS} for e in trained],
+    }
 
 
 def _check_coverage(last_round: int, rounds: Mapping, entries: Mapping[str, list[dict]]) -> None:
@@ -275,7 +345,9 @@ def _check_coverage(last_round: int, rounds: Mapping, entries: Mapping[str, list
             raise LedgerRefused(f"round {number} of the checkpoint has no record of its sites")
         for name in record["sites"]:
             if not any(
-                e["round"] == number and e["model_sha256"] == record["model_sha256"]
+                e["status"] == "trained"
+                and e["round"] == number
+                and e["model_sha256"] == record["model_sha256"]
                 for e in entries.get(name, [])
             ):
                 raise LedgerRefused(
@@ -311,7 +383,7 @@ def check_against_own_ledger(
     if not mine:
         return {"site": None, "rounds": [], "runs": sorted(runs), "release_round": release_round}
     name, last = mine[-1]["site"], mine[-1]
-    epsilon_own = epsilon_from_history(last["history"], last["delta"], last["accountant"])
+    epsilon_own = entry_epsilon(last)
     counted = verified.get(name, {"signed": [], "epsilon": 0.0})
     bodies = {signed["entry"] for signed in counted["signed"]}
     uncounted = [e["round"] for e in mine if e["entry"] not in bodies]

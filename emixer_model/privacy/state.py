@@ -99,6 +99,16 @@ class SiteState:
     def trained_rounds(self) -> int:
         return sum(e["status"] == "trained" for e in self.ledger())
 
+    def next_seq(self) -> int:
+        """The number of the next entry this site signs: one more than any it signed before."""
+        return max((int(e["seq"]) for e in self.ledger() if "seq" in e), default=0) + 1
+
+    def last_delta(self) -> float | None:
+        """The delta of the last round this site trained (its epsilon is stated at it); None if
+        it never trained."""
+        trained = [e for e in self.ledger() if e["status"] == "trained"]
+        return float(trained[-1]["delta"]) if trained else None
+
     def signing_key(self) -> SiteKey:
         """Simulation and `train-local`: the key in the state dir, made on first use."""
         path = self.dir / SIMULATION_KEY

@@ -89,7 +89,7 @@ def check_privacy_gate(
         raise ReleaseRefused(str(err)) from None
     return {
         "release_epsilon": max(s["epsilon"] for s in sites.values()),
-        "delta": max(s["delta"] for s in sites.values()),
+        "delta": max(s["delta"] for s in sites.values() if s["delta"] is not None),
         "note": "each site's (epsilon, delta) is recomputed with Opacus from the accountant "
         "history it signed (ECDSA P-256, SHA-256, over the canonical JSON of each entry); the "
         "release's epsilon is the maximum over sites. `emixer verify-release DIR` re-checks "

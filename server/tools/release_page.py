@@ -71,9 +71,11 @@ def _sample_cards(release_dir: Path, rows: list[dict], resolution: int) -> str:
 
 def _privacy_table(privacy: dict) -> str:
     rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{s['epsilon']:.3f}</td><td>{s['delta']:.1e}</td>"
+        f"<tr><td>{html.escape(name)}</td><td>{s['epsilon']:.3f}</td>"
+        f"<td>{'never trained' if s['delta'] is None else format(s['delta'], '.1e')}</td>"
         f"<td>{s['budget']:.2f}</td><td>{len(s['history'])}</td>"
-        f"<td>{html.escape(s['accountant'])}</td><td>{html.escape(s['privacy_unit'])}</td></tr>"
+        f"<td>{html.escape(s['accountant'])}</td>"
+        f"<td>{html.escape(s['privacy_unit'] or '-')}</td></tr>"
         for name, s in sorted(privacy["sites"].items())
     )
     return (
