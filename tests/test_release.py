@@ -199,7 +199,72 @@ def test_verify_release_recomputes_each_site_epsilon_offline_and_catches_edits(
     manifest["privacy"]["release_epsilon"] = epsilon / 2
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert main(["verify-release", str(out), *site_keys]) == 2
-    assert "manifest says epsilon" in capsys.readouterr().out
+    assert "privacy.release_epsilon says" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def one_release(tmp_path_factory, trained_checkpoint, site_keys) -> Path:
+    """A one-pair release of the trained checkpoint, gated against the site's enrolled key."""
+    out = tmp_path_factory.mktemp("one-release") / "release"
+    args = ["--model", str(trained_checkpoint), "--out", str(out), "--per-label", "1"]
+    assert main(["release", *args, "--labels", "Edema", *site_keys]) == 0
+    return out
+
+
+def _set(manifest: dict, path: str, value: object) -> None:
+    """Set a manifest field named as verify-release names it: privacy.sites.site_1.history[0].x"""
+    *parents, last = re.findall(r"[^.\[\]]+", path)
+    node = manifest
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node[part]
+    node[last] = value
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("privacy.delta", 1e-9),
+        ("privacy.sites.site_1.delta", 1e-9),
+        ("privacy.sites.site_1.budget", 1.0),
+        ("privacy.sites.site_1.accountant", "prv"),
+        ("privacy.sites.site_1.max_grad_norm", 0.1),
+        ("privacy.sites.site_1.history[0].noise_multiplier", 25.0),
+        ("privacy.sites.site_1.history[1].epsilon", 0.01),
+        ("privacy.sites.site_1.privacy_unit", "the wrong unit"),
+        ("privacy.sites.site_1.status", "budget-exhausted"),
+        ("public_pretraining", {"name": "NIH", "model_sha256": "0" * 64}),
+    ],
+)
+def test_verify_release_refuses_any_edited_privacy_field_naming_it(
+    tmp_path, one_release, site_keys, capsys, field, value
+):
+    """#17 hole 3: every privacy figure of the manifest is rebuilt from the signed entries (or,
+    for public_pretraining, checked against the model the sites signed for in round 1)."""
+    out = tmp_path / "release"
+    shutil.copytree(one_release, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    _set(manifest, field, value)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["verify-release", str(out), *site_keys]) == 2
+    assert f"manifest field {field}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_verify_release_refuses_a_page_that_shows_other_figures(
+    tmp_path, one_release, site_keys, capsys
+):
+    """#17 hole 3: the page's privacy figures are the verified manifest's, so an edit shows."""
+    out = tmp_path / "release"
+    shutil.copytree(one_release, out)
+    assert main(["verify-release", str(out), *site_keys]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    page = (out / "index.html").read_text()
+    shown = f"{manifest['privacy']['release_epsilon']:.3f}"
+    assert shown in page
+    (out / "index.html").write_text(page.replace(shown, "0.001"))
+    capsys.readouterr()
+    assert main(["verify-release", str(out), *site_keys]) == 2
+    assert "index.html does not show" in capsys.readouterr().out
+    assert "Unsigned (the coordinator's statement" in page
 
 
 def test_without_site_keys_the_verdict_is_unverified_and_the_exit_code_3(
