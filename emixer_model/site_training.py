@@ -215,29 +215,17 @@ def record_refusal(
     """Sign the refusal and write it to the ledger and the audit log: the site shows why it did
     not train, and a site that never trained still appears in the release's ledger under its own
     key (docs/PRIVACY.md invariant 7). The result carries the epsilon spent so far, no weights."""
-    entry = status_entry(
+    entry, signed = record_status(
+        state,
+        key,
+        refusal.status,
+        accountant,
+        budget,
         site=site,
-        run=run_id,
+        run_id=run_id,
         server_round=server_round,
-        seq=state.next_seq(),
-        status=refusal.status,
-        accountant=accountant,
-        delta=state.last_delta(),
-        model_sha256=arrays_sha256(global_weights),
-        budget=budget,
-    )
-    signed = key.sign(entry)
-    state.append_ledger({"time": time.time(), **entry, **signed, "message": refusal.message})
-    log_site_event(
-        state.root,
-        {
-            "event": f"round-{refusal.status}",
-            "run": run_id,
-            "round": server_round,
-            "status": refusal.status,
-            "epsilon": entry["epsilon"],
-            "message": refusal.message,
-        },
+        weights=global_weights,
+        message=refusal.message,
     )
     return SiteRoundResult(
         refusal.status,
@@ -249,6 +237,83 @@ def record_refusal(
         signed=signed,
         public_key=key.public_key(),
     )
+
+
+def commit_model(
+    state_dir: Path,
+    cfg: EmixerConfig,
+    weights: dict[str, np.ndarray],
+    server_round: int,
+    *,
+    policy: SitePolicy | None = None,
+    key: SiteKey | None = None,
+    site_name: str,
+    run_id: str = "",
+) -> tuple[dict[str, str], SiteKey]:
+    """Sign the model a run ended with, and what this site had spent by then: a release must
+    name a model every site it trained from signed for (docs/PRIVACY.md invariant 7), and the
+    site's own ledger can then find that model by its hash in any later check. Returns the
+    signed entry and the key that signed it."""
+    state = SiteState(state_dir)
+    accountant = state.load_accountant(cfg.privacy.accountant)
+    state.check_accountant(accountant)
+    signer = key or state.signing_key()
+    _, signed = record_status(
+        state,
+        signer,
+        "commit",
+        accountant,
+        (policy or SitePolicy()).budget_for(cfg.privacy.epsilon_budget),
+        site=site_name,
+        run_id=run_id,
+        server_round=server_round,
+        weights=weights,
+    )
+    return signed, signer
+
+
+def record_status(
+    state: SiteState,
+    key: SiteKey,
+    status: str,
+    accountant: SiteAccountant,
+    budget: float,
+    *,
+    site: str,
+    run_id: str,
+    server_round: int,
+    weights: dict[str, np.ndarray] | None,
+    message: str = "",
+) -> tuple[dict, dict[str, str]]:
+    """Sign an entry for a round this site did not train, or for the run's final model, and
+    write it to the site's ledger and audit log. Returns the entry and its signed record."""
+    entry = status_entry(
+        site=site,
+        run=run_id,
+        server_round=server_round,
+        seq=state.next_seq(),
+        status=status,
+        accountant=accountant,
+        delta=state.last_delta(),
+        model_sha256=arrays_sha256(weights),
+        budget=budget,
+    )
+    signed = key.sign(entry)
+    state.append_ledger({"time": time.time(), **entry, **signed, "message": message})
+    event = "model-committed" if status == "commit" else f"round-{status}"
+    log_site_event(
+        state.root,
+        {
+            "event": event,
+            "run": run_id,
+            "round": server_round,
+            "status": status,
+            "model_sha256": entry["model_sha256"],
+            "epsilon": entry["epsilon"],
+            "message": message,
+        },
+    )
+    return entry, signed
 
 
 def train_planned_round(

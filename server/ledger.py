@@ -69,36 +69,50 @@ class PrivacyLedger:
         this global model and this status, and a refused one may bring one (docs/PRIVACY.md
         invariant 7). Anything malformed raises KeyError/ValueError and changes nothing."""
         budget = float(metrics["epsilon-budget"])
-        entry = self.sites.get(site) or SiteLedger()
         if signed is None and status == "trained":
             raise ValueError("a trained round without a signed ledger entry")
-        record = None
+        entry = self.sites.get(site) or SiteLedger()
         if signed is not None:
-            key = str(signed["public-key"])
-            if entry.public_key and key != entry.public_key:
-                raise ValueError("the site signed with a different key than before")
-            record = {"entry": str(signed["entry"]), "signature": str(signed["signature"])}
-            content = verify_signed(record, key)
-            if (content["site"], content["round"], content["status"]) != (
-                site,
-                server_round,
-                status,
-            ):
-                raise ValueError(
-                    f"the entry was signed for site {content['site']} round {content['round']} "
-                    f"status {content['status']}"
-                )
-            if content["model_sha256"] != model_sha256:
-                raise ValueError("the entry was signed for another global model")
-            entry.public_key = key
+            self._append(entry, site, server_round, status, signed, model_sha256)
         self.sites[site] = entry
         entry.status, entry.budget = status, budget
-        if record is not None:
-            entry.signed.append(record)
         if status == "trained":
             losses = {k[5:]: v for k, v in metrics.items() if k.startswith("loss-")}
             if losses:
                 entry.losses.append({"round": server_round, "losses": losses})
+
+    def record_commit(self, site: str, server_round: int, signed: dict, model_sha256: str) -> None:
+        """Record the entry a site signed for the model the run ended with (round
+        `server_round`); its last round's status stays. Raises like `record`."""
+        entry = self.sites.get(site) or SiteLedger()
+        self._append(entry, site, server_round, "commit", signed, model_sha256)
+        self.sites[site] = entry
+
+    @staticmethod
+    def _append(
+        entry: SiteLedger,
+        site: str,
+        server_round: int,
+        status: str,
+        signed: dict,
+        model_sha256: str,
+    ) -> None:
+        """Verify that `site` signed `signed` with its pinned key for this round, status and
+        model, then keep it; ValueError/KeyError otherwise, and nothing changes."""
+        key = str(signed["public-key"])
+        if entry.public_key and key != entry.public_key:
+            raise ValueError("the site signed with a different key than before")
+        record = {"entry": str(signed["entry"]), "signature": str(signed["signature"])}
+        content = verify_signed(record, key)
+        if (content["site"], content["round"], content["status"]) != (site, server_round, status):
+            raise ValueError(
+                f"the entry was signed for site {content['site']} round {content['round']} "
+                f"status {content['status']}"
+            )
+        if content["model_sha256"] != model_sha256:
+            raise ValueError("the entry was signed for another global model")
+        entry.public_key = key
+        entry.signed.append(record)
 
     def record_round(self, server_round: int, model_sha256: str, sites: list[str]) -> None:
         """Which sites' updates round `server_round` aggregated, from which global model."""

@@ -94,7 +94,8 @@ def test_release_writes_valid_synthetic_dicoms_matching_reports_and_manifest(
     assert manifest["privacy"]["release_epsilon"] == site["epsilon"] > 0
     assert {"noise_multiplier", "sample_rate", "steps"} <= set(site["history"][0])
     assert manifest["model"]["round"] == 2 and len(manifest["model"]["sha256"]) == 64
-    assert site["public_key"].startswith("ecdsa-sha2-nistp256 ") and len(site["signed"]) == 2
+    assert site["public_key"].startswith("ecdsa-sha2-nistp256 ") and len(site["signed"]) == 3
+    assert json.loads(site["signed"][-1]["entry"])["status"] == "commit"  # the final model
     assert '"losses"' not in json.dumps(manifest)  # losses never reach a release
 
 
@@ -133,8 +134,9 @@ def _rewrite_epsilon(ledger):
 
 
 def _delete_round(ledger):
-    """Step 1: the last round's signed entry deleted, so its steps vanish from the history."""
-    del ledger["sites"]["site_1"]["signed"][-1]
+    """Step 1: the last round's signed entries (its round and the commit of the final model)
+    deleted, so their steps vanish from the history."""
+    del ledger["sites"]["site_1"]["signed"][-2:]
 
 
 def _delete_round_and_its_record(ledger):
@@ -143,13 +145,22 @@ def _delete_round_and_its_record(ledger):
 
 
 def _coordinator_key(ledger):
-    """The coordinator re-signs a forged history with a key of its own."""
+    """The coordinator re-signs a forged history with a key of its own: round 2 left out, and a
+    commit of the final model that counts round 1 only."""
     key = SiteKey(ec.generate_private_key(ec.SECP256R1()))
     site = ledger["sites"]["site_1"]
-    entries = [json.loads(s["entry"]) for s in site["signed"]][:1]
-    site["signed"] = [key.sign(e) for e in entries]
+    first, _, commit = (json.loads(s["entry"]) for s in site["signed"])
+    commit |= {"history": first["history"], "epsilon": first["epsilon"]}
+    site["signed"] = [key.sign(first), key.sign(commit)]
     site["public_key"] = key.public_key()
     ledger["rounds"] = {"1": ledger["rounds"]["1"], "2": {**ledger["rounds"]["2"], "sites": []}}
+
+
+def _hide_last_round(ledger):
+    """Threat (e) of docs/PRIVACY.md: the site's last round and its commit left out, and the
+    round recorded as one that did not aggregate the site."""
+    _delete_round(ledger)
+    ledger["rounds"]["2"]["sites"] = []
 
 
 @pytest.mark.parametrize(
@@ -160,6 +171,7 @@ def _coordinator_key(ledger):
         (_delete_round, [], "rounds are missing"),
         (_delete_round_and_its_record, [], "round 2 of the checkpoint has no record"),
         (_coordinator_key, [], "not its enrolled key"),
+        (_hide_last_round, [], "signed nothing for the released model"),
         (None, ["--epsilon-budget", "0.01"], "over the budget"),
     ],
     ids=[
@@ -168,6 +180,7 @@ def _coordinator_key(ledger):
         "round-deleted",
         "round-and-record-deleted",
         "coordinator-key",
+        "last-round-hidden",
         "over-budget",
     ],
 )
@@ -308,35 +321,95 @@ def test_an_enrolled_site_missing_from_the_ledger_is_named_and_refused(
     assert "enrolled site site_2 signed no entry" in capsys.readouterr().out
 
 
-def _hide_last_round(ledger):
-    """Threat (e) of docs/PRIVACY.md: the site's last entry left out and its round recorded as
-    one that did not aggregate the site. The manifest alone stays consistent."""
-    _delete_round(ledger)
-    ledger["rounds"]["2"]["sites"] = []
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_sites) -> dict[str, Path]:
+    """#17's two runs at one site and one state dir: A (3 rounds), then B (2 more, resumed from
+    A's end). A's round-1 and final checkpoints, B's final one, the state dir, enrolled keys."""
+    root = tmp_path_factory.mktemp("two-runs")
+    cfg, state = tiny_config(privacy={"target_epsilon": 2.0, "epsilon_budget": 20.0}), root / "s"
+    a = signed_checkpoint(tiny_sites[0], root / "a", cfg, 3, run_id="A", state=state)
+    b = signed_checkpoint(tiny_sites[0], root / "b", cfg, 2, run_id="B", start=a, state=state)
+    keys = root / "enrolled"
+    keys.mkdir()
+    (keys / "site_1.pub").write_text(simulation_public_key(state))
+    a1 = a.parent / "round-0001.pt"
+    return {"a": a, "a1": a1, "b": b, "state": state, "keys": keys}
 
 
-def test_a_site_catches_rounds_left_out_of_a_release_with_its_own_ledger(
-    tmp_path, trained_checkpoint, site_keys, capsys
+def _release(model: Path, out: Path, keys: Path) -> int:
+    args = ["--model", str(model), "--out", str(out), "--per-label", "1", "--labels", "Edema"]
+    return main(["release", *args, "--site-keys", str(keys)])
+
+
+def test_a_release_names_a_model_its_sites_signed_for_so_truncation_and_cross_run_fail(
+    tmp_path, two_runs, capsys
 ):
-    state = trained_checkpoint.parent.parent / "state"  # the site's state dir, its ledger.jsonl
-    one_pair = ["--per-label", "1", "--labels", "Edema", *site_keys]
-    honest, hidden = tmp_path / "honest", tmp_path / "hidden"
-    assert (
-        main(["release", "--model", str(trained_checkpoint), "--out", str(honest), *one_pair]) == 0
-    )
-    assert main(["verify-release", str(honest), *site_keys, "--site-state", str(state)]) == 0
-    assert "nothing it signed is left out" in capsys.readouterr().out
+    """#17 hole 2: run A's round-3 weights passed off as round 1 with round 1's ledger
+    (truncation), and run B's final weights with run A's whole ledger (cross-run), are refused:
+    the site signed neither model as the model after that round."""
+    a, a1, b = (load_checkpoint(two_runs[k]) for k in ("a", "a1", "b"))
+    forged = {
+        "truncation": Checkpoint(1, a.arrays, a1.ledger, a.config),
+        "cross-run": Checkpoint(a.server_round, b.arrays, a.ledger, a.config),
+    }
+    for name, ckpt in forged.items():
+        model = save_checkpoint(tmp_path / name, ckpt)
+        assert _release(model, tmp_path / f"release-{name}", two_runs["keys"]) == 2, name
+        assert "signed nothing for the released model" in capsys.readouterr().out, name
+    for name in ("a", "b"):
+        assert _release(two_runs[name], tmp_path / name, two_runs["keys"]) == 0
+    release_a, release_b = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in "ab")
+    own = [json.loads(line) for line in (two_runs["state"] / "privacy/ledger.jsonl").open()]
+    commits = [e for e in own if e["status"] == "commit"]
+    assert [e["run"] for e in commits] == ["A", "B"]  # each run ended with the site's commit
+    epsilon = [r["privacy"]["sites"]["site_1"]["epsilon"] for r in (release_a, release_b)]
+    assert epsilon == [commits[0]["epsilon"], commits[1]["epsilon"]] and epsilon[0] < epsilon[1]
 
-    model = _tampered(trained_checkpoint, tmp_path, _hide_last_round)
-    assert main(["release", "--model", str(model), "--out", str(hidden), *one_pair]) == 0
-    assert main(["verify-release", str(hidden), *site_keys]) == 0  # a recipient cannot see it
+    edited = tmp_path / "b-edited"  # a manifest naming another model or round than was signed
+    for field, value in (("arrays_sha256", release_a["model"]["arrays_sha256"]), ("round", 3)):
+        shutil.rmtree(edited, ignore_errors=True)
+        shutil.copytree(tmp_path / "b", edited)
+        manifest = json.loads((edited / "manifest.json").read_text())
+        manifest["model"][field] = value
+        (edited / "manifest.json").write_text(json.dumps(manifest))
+        capsys.readouterr()
+        assert main(["verify-release", str(edited), "--site-keys", str(two_runs["keys"])]) == 2
+        assert "signed nothing for the released model" in capsys.readouterr().out
+
+
+def test_a_site_finds_in_its_own_ledger_any_model_of_a_release_it_signed_for(
+    tmp_path, two_runs, tiny_sites, capsys
+):
+    """#17 hole 2, the side effect: run A's final model, trained on site_1, stripped of its ledger
+    and trained on at site_2 alone, is released without site_1; the gate cannot see it (site_2
+    signed everything), but site_1's --site-state finds A's model in the release's lineage."""
+    state, keys = two_runs["state"], ["--site-keys", str(two_runs["keys"])]
+    assert _release(two_runs["b"], tmp_path / "honest", two_runs["keys"]) == 0
     capsys.readouterr()
-    assert main(["verify-release", str(hidden), *site_keys, "--site-state", str(state)]) == 2
+    assert (
+        main(["verify-release", str(tmp_path / "honest"), *keys, "--site-state", str(state)]) == 0
+    )
+    assert "nothing it signed is left out" in " ".join(capsys.readouterr().out.split())
+
+    a = load_checkpoint(two_runs["a"])
+    stripped = save_checkpoint(tmp_path / "stripped", Checkpoint(0, a.arrays, {}, a.config))
+    root = tmp_path / "c"
+    other = signed_checkpoint(
+        tiny_sites[1], root, tiny_config(), 1, run_id="C", start=stripped, name="site_2"
+    )
+    enrolled = tmp_path / "enrolled-c"
+    enrolled.mkdir()
+    (enrolled / "site_2.pub").write_text(simulation_public_key(root / "state"))
+    assert _release(other, tmp_path / "c-release", enrolled) == 0
+    check = ["verify-release", str(tmp_path / "c-release"), "--site-keys", str(enrolled)]
+    assert main(check) == 0  # a recipient cannot see it
+    capsys.readouterr()
+    assert main([*check, "--site-state", str(state)]) == 2
     out = " ".join(capsys.readouterr().out.split())
-    assert "the release leaves out: 2" in out and "this site's own ledger says" in out
+    assert "a model in this release's lineage" in out and "counts epsilon 0.0000" in out
 
     nowhere = ["--site-state", str(tmp_path / "nowhere")]
-    assert main(["verify-release", str(honest), *site_keys, *nowhere]) == 2
+    assert main(["verify-release", str(tmp_path / "honest"), *keys, *nowhere]) == 2
     assert "holds no ledger.jsonl" in capsys.readouterr().out
     assert not (tmp_path / "nowhere").exists()  # a check never creates a state dir
 

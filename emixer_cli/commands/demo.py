@@ -129,7 +129,9 @@ def cached_pretrained_model(
     depends on (collection seed and size, model and train config, steps). The report-grammar
     warm start takes half as many steps as the pretraining."""
     steps, warm = args.pretrain_steps, args.pretrain_steps // 2
-    key = json.dumps([public.name, cfg.model.__dict__, cfg.train.__dict__, steps], sort_keys=True)
+    # "model_sha256": models cached before their record named their own hash cannot start a run
+    parts = [public.name, cfg.model.__dict__, cfg.train.__dict__, steps, "model_sha256"]
+    key = json.dumps(parts, sort_keys=True)
     path = out / f"pretrained-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
     if not path.is_file():
         pretrain_with_progress(public, cfg, steps, warm, cfg.train.seed, path)

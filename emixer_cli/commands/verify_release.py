@@ -35,7 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--site-state",
         metavar="STATE_DIR",
         help="a site's own state dir (site.yaml's state_dir): refuse when the release counts "
-        "less epsilon for this site than the rounds it signed in the release's run",
+        "less epsilon for this site than it had spent, in any run, for the released model or a "
+        "model the release's rounds started from",
     )
     p.set_defaults(func=run)
 
@@ -73,19 +74,17 @@ def run(args: argparse.Namespace) -> int:
         own = check_site_ledger(Path(args.dir), ledger, result)
         if own["site"] is None:
             console.print(
-                f"this site signed no round of run {', '.join(own['runs'])} up to round "
-                f"{own['release_round']}: the release spends none of its budget"
+                "this site never signed for the released model or any model its rounds started "
+                "from: the release spends none of its budget"
             )
         else:
-            late = (
-                f"; {len(own['uncounted'])} lost replies covered by later entries"
-                if own["uncounted"]
-                else ""
-            )
+            late = f"; left out but counted by later entries: {', '.join(own['uncounted'])}"
             console.print(
-                f"site {own['site']}: the release counts epsilon {own['epsilon_release']:.4f}, "
-                f"this site's own ledger {own['epsilon_own']:.4f} after {len(own['rounds'])} "
-                f"signed rounds{late}: nothing it signed is left out"
+                f"site {own['site']}: the release counts epsilon {own['epsilon_release']:.4f}; "
+                f"this site's own ledger, across every run, had spent at most "
+                f"{own['epsilon_own']:.4f} for the {own['models']} models of this release's "
+                f"lineage it signed for{late if own['uncounted'] else ''}: nothing it signed is "
+                "left out"
             )
     if keys:
         console.print(f"VERIFIED against the sites' enrolled keys: {checked}")

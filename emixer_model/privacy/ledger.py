@@ -32,8 +32,9 @@ if TYPE_CHECKING:  # the plan only as a type: the coordinator's code never impor
 
 # A signed entry's per-round figures, as the server's ledger and a release's manifest list them.
 HISTORY_KEYS = ("round", "noise_multiplier", "sample_rate", "steps", "epsilon")
-# What a site signs for a round it did not train: its policy refused the run, or its budget did.
-NOT_TRAINED = ("refused", "budget-exhausted")
+# What a site signs besides a trained round: a round its policy or its budget refused, and the
+# model a run ended with (`commit`), each with its whole history and the epsilon spent so far.
+NOT_TRAINED = ("refused", "budget-exhausted", "commit")
 
 
 class LedgerRefused(UserError):
@@ -99,10 +100,11 @@ def status_entry(
     model_sha256: str,
     budget: float,
 ) -> dict:
-    """What a site signs for a round it did not train: the status, the model it was sent, and
-    its whole accountant history with the epsilon spent at `delta` (its last trained round's;
-    None if it never trained). So a site that never trained still appears under its own key, and
-    its entry still counts everything it ever spent."""
+    """What a site signs for a round it did not train, or for the model a run ended with
+    (`commit`): the status, that model's hash, and its whole accountant history with the epsilon
+    spent at `delta` (its last trained round's; None if it never trained). So a site that never
+    trained still appears under its own key, and a released model is one every site it trained
+    from signed for, with what it had spent by then."""
     history = [list(entry) for entry in accountant.history]
     if history and delta is None:
         raise ValueError("the accountant counts steps but no trained round says at which delta")
@@ -230,7 +232,7 @@ def verify_site_history(site: str, signed: list[Mapping[str, str]], public_key: 
     ever trained) contains the previous entry's, and a trained round's ends with its own (sigma,
     q, steps); its stated epsilon is what Opacus computes from that history. A round whose reply
     was lost leaves a gap in the numbers but never in the history: the last entry counts every
-    step. Entries of rounds the site did not train (`NOT_TRAINED`) carry its history too.
+    step. Entries of rounds the site did not train and commits (`NOT_TRAINED`) carry it too.
     """
     entries = [verify_signed(s, public_key) for s in signed]
     previous: list = []
@@ -263,7 +265,11 @@ def verify_site_history(site: str, signed: list[Mapping[str, str]], public_key: 
 
 
 def verify_ledger(
-    ledger: Mapping, last_round: int, budget: float | None, enrolled: Mapping[str, str] | None
+    ledger: Mapping,
+    last_round: int,
+    budget: float | None,
+    enrolled: Mapping[str, str] | None,
+    model_sha256: str,
 ) -> dict[str, dict]:
     """Each site's privacy as its signed entries prove it, or LedgerRefused naming site and rule.
 
@@ -273,8 +279,9 @@ def verify_ledger(
     then every enrolled site must have signed at least one entry), each site's epsilon is
     recomputed with Opacus from the signed history of its last entry, every round up to
     `last_round` must be recorded and each site it aggregated must have signed a trained entry for
-    that round and that global model, and no site's recomputed epsilon may exceed its signed
-    budget or `budget`.
+    that round and that global model, every site that trained signed for the released model
+    (`model_sha256`, the arrays after `last_round`), and no site's recomputed epsilon may exceed
+    its signed budget or `budget`.
     """
     sites = ledger.get("sites")
     if not sites:
@@ -309,7 +316,28 @@ def verify_ledger(
     if not any(e["status"] == "trained" for site in entries.values() for e in site):
         raise LedgerRefused("the privacy ledger shows no trained round at any site")
     _check_coverage(last_round, ledger.get("rounds") or {}, entries)
+    _check_model_signed(last_round, model_sha256, entries)
     return verified
+
+
+def _check_model_signed(last_round: int, model_sha256: str, entries: Mapping[str, list]) -> None:
+    """Every site that trained signed for the released model as the model after `last_round`:
+    its commit at the end of the run, or any entry of the next round (the model it was sent).
+    Its epsilon (its last entry's) is then at least what it had spent when it signed."""
+    for name, site in sorted(entries.items()):
+        if not any(e["status"] == "trained" for e in site):
+            continue
+        if not any(
+            e["model_sha256"] == model_sha256
+            and e["round"] - (e["status"] != "commit") == last_round
+            for e in site
+        ):
+            raise LedgerRefused(
+                f"site {name} trained on this run but signed nothing for the released model "
+                f"({model_sha256[:12]}…) as the model after round {last_round}: the model, its "
+                "round or its ledger is not the one the sites signed. Release the checkpoint the "
+                "run ended with, which every site signed in its commit round"
+            )
 
 
 def _site_privacy(name: str, entries: list[dict], budget: float | None) -> dict:
@@ -356,52 +384,58 @@ def _check_coverage(last_round: int, rounds: Mapping, entries: Mapping[str, list
                 )
 
 
-def check_against_own_ledger(
-    own: list[dict], release_round: int, verified: Mapping[str, dict]
-) -> dict:
-    """A site's own check of a release against the ledger it keeps in its state dir.
+def epsilon_spent_for_model(entry: Mapping) -> float:
+    """What a site had spent when it received the model an entry names: for a trained round, its
+    history without that round's own steps; for any other entry, all of it."""
+    if entry["status"] != "trained":
+        return entry_epsilon(entry)
+    history = normalise_history(entry["history"])
+    sigma, q, steps = history[-1]
+    before = history[:-1] + ([(sigma, q, steps - entry["steps"])] if steps > entry["steps"] else [])
+    return entry_epsilon({**entry, "history": before})
 
-    The manifest alone cannot show one thing (docs/PRIVACY.md, threat (e)): a coordinator that
-    leaves out a site's trailing rounds and records them as rounds that did not aggregate the
-    site. The site's `ledger.jsonl` (`own`) holds every entry it signed, so this compares the two:
-    the epsilon the release counts for the site must be at least what the site's own last entry in
-    the release's run, up to `release_round`, says. `verified` is the release's verified sites
-    (`verify_ledger`). Returns what was compared; LedgerRefused when the release counts less.
+
+def check_against_own_ledger(own: list[dict], model_sha256: str, privacy: Mapping) -> dict:
+    """A site's own check of a release against the ledger it keeps in its state dir, across runs.
+
+    The release's lineage is the released model (`model_sha256`) and every model its rounds
+    started from (round records and signed entries). Any model of it this site ever signed for,
+    in any run, holds what the site had spent by then (`epsilon_spent_for_model`); the release
+    must count at least the most of it for this site. This catches what the manifest alone
+    cannot: a site's trailing rounds left out, a model trained in another run or from a checkpoint
+    trained on this site, released without it. `privacy` is the release's verified privacy
+    section (`verify_ledger`'s sites and the round records). Returns what was compared;
+    LedgerRefused when the release counts less.
     """
-    runs = {
-        str(json.loads(signed["entry"])["run"])
-        for site in verified.values()
-        for signed in site["signed"]
-    }
-    mine = [
-        e
-        for e in own
-        if e.get("status") == "trained"
-        and str(e.get("run")) in runs
-        and int(e.get("round", 0)) <= release_round
+    released = [
+        json.loads(s["entry"]) for site in privacy["sites"].values() for s in site["signed"]
     ]
+    lineage = {model_sha256} | {e["model_sha256"] for e in released}
+    lineage |= {record["model_sha256"] for record in privacy["rounds"].values()}
+    mine = [e for e in own if "entry" in e and e["model_sha256"] in lineage]
     if not mine:
-        return {"site": None, "rounds": [], "runs": sorted(runs), "release_round": release_round}
-    name, last = mine[-1]["site"], mine[-1]
-    epsilon_own = entry_epsilon(last)
-    counted = verified.get(name, {"signed": [], "epsilon": 0.0})
+        return {"site": None, "models": 0}
+    name = mine[-1]["site"]
+    top = max(mine, key=epsilon_spent_for_model)
+    epsilon_own = epsilon_spent_for_model(top)
+    counted = privacy["sites"].get(name, {"signed": [], "epsilon": 0.0})
     bodies = {signed["entry"] for signed in counted["signed"]}
-    uncounted = [e["round"] for e in mine if e["entry"] not in bodies]
+    uncounted = [f"{e['round']} ({e['status']})" for e in mine if e["entry"] not in bodies]
     if epsilon_own > counted["epsilon"] * (1 + 1e-9) + 1e-12:
         raise LedgerRefused(
             f"site {name}: the release counts epsilon {counted['epsilon']:.4f} for this site, but "
-            f"this site's own ledger says {epsilon_own:.4f} after round {last['round']} of run "
-            f"{last['run']}; the rounds it signed and the release leaves out: "
-            f"{', '.join(map(str, uncounted))}. Either their replies never reached the "
-            "coordinator or were not aggregated, or the coordinator left them out: ask it, and "
-            f"until it explains, take {epsilon_own:.4f} as this release's epsilon for this site"
+            f"this site's own ledger says it had spent {epsilon_own:.4f} for model "
+            f"{top['model_sha256'][:12]}… (run {top['run']}, round {top['round']}, "
+            f"{top['status']}), a model in this release's lineage; the entries it signed for "
+            f"that lineage and the release leaves out: rounds {', '.join(uncounted)}. Either "
+            "their replies never reached the coordinator, or the coordinator left them out or "
+            "started from a model this site trained: ask it, and until it explains, take "
+            f"{epsilon_own:.4f} as this release's epsilon for this site"
         )
     return {
         "site": name,
-        "rounds": [e["round"] for e in mine],
+        "models": len({e["model_sha256"] for e in mine}),
         "uncounted": uncounted,
         "epsilon_own": epsilon_own,
         "epsilon_release": counted["epsilon"],
-        "runs": sorted(runs),
-        "release_round": release_round,
     }

@@ -24,7 +24,12 @@ import torch
 
 from emixer_model.config import FINDINGS, EmixerConfig, from_dict
 from emixer_model.networks import build_networks, set_weights
-from emixer_model.privacy.ledger import LedgerRefused, check_against_own_ledger, verify_ledger
+from emixer_model.privacy.ledger import (
+    LedgerRefused,
+    arrays_sha256,
+    check_against_own_ledger,
+    verify_ledger,
+)
 from emixer_model.shared import ProgressFn, UserError, app_hash
 from emixer_model.synthesis import synthesize_batches
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
@@ -75,19 +80,25 @@ def parse_conditions(text: str | None) -> list[tuple[str, ...]]:
 
 
 def check_privacy_gate(
-    ckpt: Checkpoint, budget: float | None, enrolled: dict[str, str] | None = None
+    ckpt: Checkpoint,
+    budget: float | None,
+    enrolled: dict[str, str] | None = None,
+    model_sha256: str | None = None,
 ) -> dict:
     """The manifest's privacy section, or ReleaseRefused saying which site breaks which rule.
 
     The checks are `emixer_model.privacy.ledger.verify_ledger`'s: signatures against the
     (enrolled) keys, epsilon recomputed from each site's signed history, every aggregated round
-    covered, no site over its budget or `budget`. Every figure of the section is derived from the
+    covered, every site that trained signed for this model (`model_sha256`, by default the hash
+    of the checkpoint's arrays) as the model after its round, no site over its budget or
+    `budget`. Every figure of the section is derived from the
     signed entries (the round records are the coordinator's, checked for coverage), so
     `verify_release` rebuilds it and compares field by field.
     """
     ledger = ckpt.ledger or {}
     try:
-        sites = verify_ledger(ledger, ckpt.server_round, budget, enrolled)
+        model = model_sha256 if model_sha256 is not None else arrays_sha256(ckpt.arrays)
+        sites = verify_ledger(ledger, ckpt.server_round, budget, enrolled, model)
     except LedgerRefused as err:
         raise ReleaseRefused(str(err)) from None
     return {
@@ -103,7 +114,8 @@ UNSIGNED = {
     "fields": [
         "created",
         "code",
-        "model",
+        "model.checkpoint",
+        "model.sha256",
         "config",
         "public_pretraining",
         "seed",
@@ -112,9 +124,13 @@ UNSIGNED = {
     ],
     "note": "written by the coordinator, not signed by any site. The privacy section (except "
     "its round records, which are checked for coverage) is rebuilt from the sites' signed "
-    "entries by `emixer verify-release`, which refuses any difference; public_pretraining's "
-    "model_sha256 must be a model the sites signed for in round 1. The run config's privacy "
-    "values are the run's requests, not what the sites used: those are in privacy.sites.",
+    "entries by `emixer verify-release`, which refuses any difference; model.arrays_sha256 and "
+    "model.round must be the model every site that trained signed for at the end of the run, "
+    "and public_pretraining's model_sha256 a model the sites signed for in round 1 (its name "
+    "and steps are unsigned). That the images were sampled from model.arrays_sha256 is the "
+    "coordinator's statement: anyone holding the checkpoint can hash its arrays. The run "
+    "config's privacy values are the run's requests, not what the sites used: those are in "
+    "privacy.sites.",
 }
 
 
@@ -134,14 +150,16 @@ def verify_release(folder: Path, enrolled: dict[str, str] | None = None) -> dict
             ledger={"sites": sites, "rounds": privacy["rounds"]},
             config={},
         )
+        model = str(manifest["model"]["arrays_sha256"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ReleaseRefused(f"{folder} holds no readable release manifest ({err})") from None
-    result = check_privacy_gate(ckpt, None, enrolled)
+    result = check_privacy_gate(ckpt, None, enrolled, model)
     difference = first_difference(result, privacy, "privacy")
     if difference:
         raise ReleaseRefused(f"manifest field {difference}: the manifest was edited; refused")
     check_public_pretraining(manifest.get("public_pretraining"), result)
-    if privacy_section_html(result) not in (Path(folder) / "index.html").read_text():
+    page = Path(folder) / "index.html"
+    if not page.is_file() or privacy_section_html(result) not in page.read_text():
         raise ReleaseRefused(
             "index.html does not show the privacy the signed entries give: it was edited after "
             f"release, or written by another version (the manifest names {manifest['code']})"
@@ -201,11 +219,12 @@ def check_public_pretraining(public: dict | None, privacy: dict) -> None:
 def check_site_ledger(folder: Path, own: list[dict], verified: dict) -> dict:
     """A site's own check of the release in `folder` against `own`, the ledger it keeps in its
     state dir (`emixer_model.privacy.ledger.check_against_own_ledger`); `verified` is
-    `verify_release`'s result. ReleaseRefused when the release counts less than the site signed.
+    `verify_release`'s result. ReleaseRefused when the release counts less than the site had
+    spent for a model of its lineage.
     """
     manifest = json.loads((Path(folder) / "manifest.json").read_text())
     try:
-        return check_against_own_ledger(own, int(manifest["model"]["round"]), verified["sites"])
+        return check_against_own_ledger(own, manifest["model"]["arrays_sha256"], verified)
     except LedgerRefused as err:
         raise ReleaseRefused(str(err)) from None
 
@@ -275,6 +294,7 @@ def release(
             "model": {
                 "checkpoint": checkpoint.name,
                 "sha256": file_sha256(checkpoint),
+                "arrays_sha256": arrays_sha256(ckpt.arrays),
                 "round": ckpt.server_round,
             },
             "config": ckpt.config,
