@@ -399,20 +399,28 @@ def check_against_own_ledger(own: list[dict], model_sha256: str, privacy: Mappin
     """A site's own check of a release against the ledger it keeps in its state dir, across runs.
 
     The release's lineage is the released model (`model_sha256`) and every model its rounds
-    started from (round records and signed entries). Any model of it this site ever signed for,
-    in any run, holds what the site had spent by then (`epsilon_spent_for_model`); the release
-    must count at least the most of it for this site. This catches what the manifest alone
-    cannot: a site's trailing rounds left out, a model trained in another run or from a checkpoint
-    trained on this site, released without it. `privacy` is the release's verified privacy
-    section (`verify_ledger`'s sites and the round records). Returns what was compared;
-    LedgerRefused when the release counts less.
+    started from (round records and signed entries). Every model of it this site committed (the
+    final model of a run it served), in any run, and the released model itself if the site was
+    sent it, holds what the site had spent by then (`epsilon_spent_for_model`); the release must
+    count at least the most of it for this site. This catches what the manifest alone cannot: a
+    release that starts from a model trained on this site (ledger stripped) and leaves the site
+    out. Models the site was only sent to train on are not counted: a fresh model made from a
+    shared seed is the same in every run and holds nobody's data. `privacy` is the release's
+    verified privacy section (`verify_ledger`'s sites and the round records). Returns what was
+    compared; LedgerRefused when the release counts less.
     """
     released = [
         json.loads(s["entry"]) for site in privacy["sites"].values() for s in site["signed"]
     ]
     lineage = {model_sha256} | {e["model_sha256"] for e in released}
     lineage |= {record["model_sha256"] for record in privacy["rounds"].values()}
-    mine = [e for e in own if "entry" in e and e["model_sha256"] in lineage]
+    mine = [
+        e
+        for e in own
+        if "entry" in e
+        and (e["model_sha256"] == model_sha256 or e["status"] == "commit")
+        and e["model_sha256"] in lineage
+    ]
     if not mine:
         return {"site": None, "models": 0}
     name = mine[-1]["site"]
