@@ -99,7 +99,12 @@ class EmixerStrategy:
             self.final_arrays = (
                 from_array_record(arrays) if arrays is not None else self.global_arrays
             )
-            self._checkpoint()
+            log.info(
+                "round %d: checkpoint %s (release epsilon so far %.3f)",
+                server_round,
+                self._checkpoint(),
+                self.ledger.release_epsilon(),
+            )
         return arrays, metrics
 
     def commit(self, grid: Grid) -> None:
@@ -119,6 +124,7 @@ class EmixerStrategy:
             for node in grid.get_node_ids()
         ]
         replies = grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
+        signed_by = 0
         for msg in replies:
             site, signed = msg.content.get("site"), msg.content.get("ledger")
             name = str(site["name"]) if site is not None else str(msg.metadata.src_node_id)
@@ -126,9 +132,16 @@ class EmixerStrategy:
                 if msg.has_error() or signed is None:
                     raise ValueError(msg.error.reason if msg.has_error() else "no signed entry")
                 self.ledger.record_commit(name, self.final_round, dict(signed), sha)
+                signed_by += 1
             except (KeyError, TypeError, ValueError) as err:
                 log.warning("commit: site %s did not sign the final model (%s)", name, err)
-        self._checkpoint()
+        log.info(
+            "commit: %d of %d sites signed the model of round %d; checkpoint %s rewritten",
+            signed_by,
+            len(messages),
+            self.final_round,
+            self._checkpoint(),
+        )
 
     def _accept(self, server_round: int, msg: Message) -> str | None:
         """Record the site's signed ledger entry; its name if its update may be aggregated."""
@@ -195,14 +208,14 @@ class EmixerStrategy:
         msg.content["metrics"] = MetricRecord({"num-examples": weight})
         return name
 
-    def _checkpoint(self) -> None:
-        """Write the checkpoint of `final_round` (again, after the commit round)."""
+    def _checkpoint(self) -> Path:
+        """Write the checkpoint of `final_round` (again, after the commit round); its path."""
         state = {
             attr: dict(getattr(self, attr))
             for attr in STATE_ATTRIBUTES
             if getattr(self, attr, None)
         }
-        path = save_checkpoint(
+        return save_checkpoint(
             self.checkpoint_dir,
             Checkpoint(
                 server_round=self.final_round,
@@ -212,12 +225,6 @@ class EmixerStrategy:
                 strategy_state=state,
                 public_source=self.public_source,
             ),
-        )
-        log.info(
-            "round %d: checkpoint %s (release epsilon so far %.3f)",
-            self.final_round,
-            path,
-            self.ledger.release_epsilon(),
         )
 
     def _shareable_config(self) -> dict:
