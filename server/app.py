@@ -79,8 +79,9 @@ def initial_model(cfg: EmixerConfig) -> tuple[dict, dict]:
     """The arrays and public source of `federation.initial_model` (a pretrained checkpoint).
 
     Refused with a ValueError naming the file when it cannot be read, has already been trained
-    on site data (a ledger: its privacy cost would go unrecorded in this run), or does not fit
-    the run's model config.
+    on site data (a ledger: its privacy cost would go unrecorded in this run), is not the model
+    its public pretraining record names (trained since, ledger stripped), or does not fit the
+    run's model config.
     """
     path = Path(cfg.federation.initial_model)
     try:

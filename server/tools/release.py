@@ -35,7 +35,7 @@ from emixer_model.synthesis import synthesize_batches
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
 from server.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from server.tools.release_files import ReleaseFiles, file_names, sample_id
-from server.tools.release_page import privacy_section_html, write_index_html
+from server.tools.release_page import model_html, privacy_section_html, write_index_html
 
 # Findings that often appear together in chest X-ray reports; released besides each single finding.
 COMMON_COMBINATIONS: tuple[tuple[str, ...], ...] = (
@@ -159,10 +159,12 @@ def verify_release(folder: Path, enrolled: dict[str, str] | None = None) -> dict
         raise ReleaseRefused(f"manifest field {difference}: the manifest was edited; refused")
     check_public_pretraining(manifest.get("public_pretraining"), result)
     page = Path(folder) / "index.html"
-    if not page.is_file() or privacy_section_html(result) not in page.read_text():
+    shown = page.read_text() if page.is_file() else ""
+    if privacy_section_html(result) not in shown or model_html(manifest["model"]) not in shown:
         raise ReleaseRefused(
-            "index.html does not show the privacy the signed entries give: it was edited after "
-            f"release, or written by another version (the manifest names {manifest['code']})"
+            "index.html does not show the privacy and model the signed entries give: it was "
+            "edited after release, or written by another version (the manifest names "
+            f"{manifest['code']})"
         )
     return result
 
