@@ -478,7 +478,9 @@ def test_ctrl_c_while_writers_run_leaves_no_half_release(tmp_path, trained_check
     _nothing_left(tmp_path, threads)
 
 
-def test_a_real_ctrl_c_exits_130_and_leaves_no_half_release(tmp_path, trained_checkpoint):
+def test_a_real_ctrl_c_exits_130_and_leaves_no_half_release(
+    tmp_path, trained_checkpoint, site_keys
+):
     """SIGINT to `emixer release` as soon as its writers have written a file."""
     root = Path(__file__).resolve().parents[1]
     env = {
@@ -486,6 +488,7 @@ def test_a_real_ctrl_c_exits_130_and_leaves_no_half_release(tmp_path, trained_ch
         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
     }
     args = ["--model", str(trained_checkpoint), "--out", "release", "--per-label", "1000"]
+    args += site_keys
     process = subprocess.Popen(
         [sys.executable, "-m", "emixer_cli", "release", *args],
         cwd=tmp_path,
