@@ -1,8 +1,9 @@
 """`emixer release`: synthetic image-report sets from a trained global model, behind a privacy gate.
 
-The gate refuses a checkpoint whose signed ledger is missing, does not verify, leaves an
-aggregated round uncovered, or whose recomputed epsilon is over budget (docs/PRIVACY.md
-invariant 7), before anything is written. The release is built in a temporary folder beside the
+The gate refuses a checkpoint whose signed ledger is missing, does not verify, leaves out an
+enrolled site or an aggregated round, names a model a site that trained did not sign as the
+model after its round, or whose recomputed epsilon is over budget (docs/PRIVACY.md invariant 7),
+before anything is written. The release is built in a temporary folder beside the
 target and renamed into place at the end, so a failure never leaves half a
 release behind.
 """
