@@ -30,7 +30,7 @@ from emixer_model.data.site import SiteDataError
 from emixer_model.privacy.ledger import SiteKey
 from emixer_model.privacy.policy import SitePolicy
 from emixer_model.records import from_array_record, to_array_record
-from emixer_model.site_training import train_site_round
+from emixer_model.site_training import commit_model, train_site_round
 
 log = logging.getLogger("emixer.site")
 
@@ -118,3 +118,34 @@ def train(msg: Message, context: Context) -> Message:
     if result.signed is not None:
         content["ledger"] = ConfigRecord({**result.signed, "public-key": result.public_key})
     return Message(content=content, reply_to=msg)
+
+
+@app.query("commit")
+def commit(msg: Message, context: Context) -> Message:
+    """The run's commit round: sign the model it ended with (`commit_model`), so a release of it
+    is one this site signed for, with what it had spent (docs/PRIVACY.md invariant 7)."""
+    flat = dict(msg.content["config"])
+    server_round = int(flat.pop("server-round"))
+    name = str(context.node_config.get("site-name", f"node-{context.node_id}"))
+    try:
+        cfg = EmixerConfig.from_run_config(flat)
+        name, _, state_dir = site_paths(context, cfg)
+        key_path = context.node_config.get("signing-key")
+        signed, signer = commit_model(
+            state_dir,
+            cfg,
+            from_array_record(msg.content["arrays"]),
+            server_round,
+            policy=SitePolicy.from_node_config(context.node_config),
+            key=SiteKey.load(Path(str(key_path))) if key_path else None,
+            site_name=name,
+            run_id=str(context.run_id),
+        )
+    except SITE_FAILURES as err:
+        log.error("site %s: the final model of round %d not signed: %s", name, server_round, err)
+        return Message(content=RecordDict({"site": ConfigRecord({"name": name})}), reply_to=msg)
+    content = {
+        "site": ConfigRecord({"name": name}),
+        "ledger": ConfigRecord({**signed, "public-key": signer.public_key()}),
+    }
+    return Message(content=RecordDict(content), reply_to=msg)

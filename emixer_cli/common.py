@@ -32,11 +32,47 @@ def new_console() -> Console:
 console = new_console()
 EXIT_FAILED = 1  # the work ran and failed (a federated run that did not complete)
 EXIT_USAGE = 2  # a problem the user can fix: bad input, a refusal, an unusable folder
+EXIT_UNVERIFIED = 3  # a release checked only against keys its own ledger carries
 EXIT_INTERRUPTED = 130  # Ctrl-C or a systemd stop, as a shell reports SIGINT
+
+# Without the sites' own keys a ledger proves only that whoever wrote it holds some keys: the
+# coordinator could have re-signed every entry (docs/PRIVACY.md threat (d)).
+UNVERIFIED = (
+    "[red]UNVERIFIED[/red]: no --site-keys, so the signatures could be checked only against "
+    "the keys the ledger itself carries, which whoever wrote it chose. Pass --site-keys KEYS "
+    "(the .pub files the sites sent at enrolment), or --trust-manifest-keys to accept the "
+    "ledger's own keys"
+)
 
 
 class CommandError(UserError):
     """A problem with a command's arguments the user can fix; printed as one line, exit 2."""
+
+
+def add_site_key_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--site-keys` or `--trust-manifest-keys`, one of which `release` and `verify-release`
+    need to give a verdict."""
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--site-keys",
+        nargs="+",
+        metavar="PUB",
+        help="the enrolled sites' public keys (SITE.pub files or a folder of them): every "
+        "signed ledger entry must verify against its site's key, and every site must appear",
+    )
+    keys.add_argument(
+        "--trust-manifest-keys",
+        action="store_true",
+        help="check the signatures against the keys the ledger itself carries (a rehearsal, or "
+        "a reader without the sites' keys); the verdict then says so",
+    )
+
+
+def site_keys(args: argparse.Namespace) -> dict[str, str] | None:
+    """The enrolled keys `--site-keys` names; None means the ledger's own keys are taken."""
+    from server.tools.release import read_public_keys
+
+    return read_public_keys([Path(p) for p in args.site_keys]) if args.site_keys else None
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from emixer_model.networks import (
     set_weights,
 )
 from emixer_model.privacy.accounting import SiteAccountant
-from emixer_model.privacy.ledger import SiteKey, arrays_sha256, ledger_entry
+from emixer_model.privacy.ledger import SiteKey, arrays_sha256, ledger_entry, status_entry
 from emixer_model.privacy.plan import BudgetExhausted, PrivacyPlan, refuse_over_budget
 from emixer_model.privacy.policy import PolicyViolation, SitePolicy
 from emixer_model.privacy.state import SiteState, log_site_event
@@ -126,7 +126,11 @@ def train_site_round(
             state, cfg, policy, data, population, accountant, budget, rounds_left
         )
     except RoundRefused as refusal:
-        return record_refusal(state, accountant, budget, refusal, server_round, run_id)
+        signer = key or state.signing_key()
+        site = site_name or Path(site_dir).name
+        return record_refusal(
+            state, accountant, budget, refusal, signer, site, run_id, server_round, global_weights
+        )
     nets, summary = train_planned_round(
         data, cfg, global_weights, plan, accountant, server_round, progress
     )
@@ -243,23 +247,114 @@ def record_refusal(
     accountant: SiteAccountant,
     budget: float,
     refusal: RoundRefused,
-    server_round: int,
+    key: SiteKey,
+    site: str,
     run_id: str,
+    server_round: int,
+    global_weights: dict[str, np.ndarray] | None,
 ) -> SiteRoundResult:
-    """Write a refused round to the ledger and the audit log, so the site can show why it did
-    not train; the result carries the epsilon spent so far and no weights."""
-    plan = refusal.plan
-    delta = plan.delta if plan is not None else 0.0
-    spent = accountant.epsilon(delta) if plan is not None else 0.0
-    record = {
-        "round": server_round,
-        "status": refusal.status,
-        "epsilon": spent,
-        "message": refusal.message,
-    }
-    state.append_ledger({"time": time.time(), **record, "delta": delta})
-    log_site_event(state.root, {"event": f"round-{refusal.status}", "run": run_id, **record})
-    return SiteRoundResult(refusal.status, spent, delta, budget, plan, message=refusal.message)
+    """Sign the refusal and write it to the ledger and the audit log: the site shows why it did
+    not train, and a site that never trained still appears in the release's ledger under its own
+    key (docs/PRIVACY.md invariant 7). The result carries the epsilon spent so far, no weights."""
+    entry, signed = record_status(
+        state,
+        key,
+        refusal.status,
+        accountant,
+        budget,
+        site=site,
+        run_id=run_id,
+        server_round=server_round,
+        weights=global_weights,
+        message=refusal.message,
+    )
+    return SiteRoundResult(
+        refusal.status,
+        entry["epsilon"],
+        entry["delta"] or 0.0,
+        budget,
+        refusal.plan,
+        message=refusal.message,
+        signed=signed,
+        public_key=key.public_key(),
+    )
+
+
+def commit_model(
+    state_dir: Path,
+    cfg: EmixerConfig,
+    weights: dict[str, np.ndarray],
+    server_round: int,
+    *,
+    policy: SitePolicy | None = None,
+    key: SiteKey | None = None,
+    site_name: str,
+    run_id: str = "",
+) -> tuple[dict[str, str], SiteKey]:
+    """Sign the model a run ended with, and what this site had spent by then: a release must
+    name a model every site it trained from signed for (docs/PRIVACY.md invariant 7), and the
+    site's own ledger can then find that model by its hash in any later check. Returns the
+    signed entry and the key that signed it."""
+    state = SiteState(state_dir)
+    accountant = state.load_accountant(cfg.privacy.accountant)
+    state.check_accountant(accountant)
+    signer = key or state.signing_key()
+    _, signed = record_status(
+        state,
+        signer,
+        "commit",
+        accountant,
+        (policy or SitePolicy()).budget_for(cfg.privacy.epsilon_budget),
+        site=site_name,
+        run_id=run_id,
+        server_round=server_round,
+        weights=weights,
+    )
+    return signed, signer
+
+
+def record_status(
+    state: SiteState,
+    key: SiteKey,
+    status: str,
+    accountant: SiteAccountant,
+    budget: float,
+    *,
+    site: str,
+    run_id: str,
+    server_round: int,
+    weights: dict[str, np.ndarray] | None,
+    message: str = "",
+) -> tuple[dict, dict[str, str]]:
+    """Sign an entry for a round this site did not train, or for the run's final model, and
+    write it to the site's ledger and audit log. Returns the entry and its signed record."""
+    entry = status_entry(
+        site=site,
+        run=run_id,
+        server_round=server_round,
+        seq=state.next_seq(),
+        status=status,
+        accountant=accountant,
+        delta=state.last_delta(),
+        model_sha256=arrays_sha256(weights),
+        budget=budget,
+    )
+    signed = key.sign(entry)
+    state.append_ledger({"time": time.time(), **entry, **signed, "message": message})
+    event = "model-committed" if status == "commit" else f"round-{status}"
+    log_site_event(
+        state.root,
+        {
+            "event": event,
+            "run": run_id,
+            "round": server_round,
+            "status": status,
+            "model_sha256": entry["model_sha256"],
+            "epsilon": entry["epsilon"],
+            "message": message,
+        },
+    )
+    return entry, signed
 
 
 def train_planned_round(
@@ -308,7 +403,7 @@ def record_trained_round(
         site=site,
         run=run_id,
         server_round=server_round,
-        seq=state.trained_rounds() + 1,
+        seq=state.next_seq(),
         plan=plan,
         steps=steps,
         accountant=accountant,

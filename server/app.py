@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from emixer_model.config import FINDINGS, EmixerConfig
 from emixer_model.networks import build_networks, get_weights, set_weights
+from emixer_model.privacy.ledger import arrays_sha256
 from emixer_model.public_pretrain import warm_start_report_decoder
 from emixer_model.records import to_array_record
 from emixer_model.text.vocabulary import VOCAB_SIZE
@@ -56,27 +57,31 @@ def serve(grid: Grid, cfg: EmixerConfig) -> None:
                 warm["last_loss"],
             )
         arrays = get_weights(nets)
-    remaining = cfg.federation.rounds - done
-    if remaining <= 0:
-        log.info("all %d rounds are already done; nothing to run", cfg.federation.rounds)
-        return
     strategy = make_strategy(cfg, checkpoint_dir, ledger, done, public_source)
     strategy.restore_state(state)
-    strategy.start(
-        grid=grid,
-        initial_arrays=to_array_record(arrays),
-        num_rounds=remaining,
-        timeout=cfg.federation.round_timeout,
-        train_config=ConfigRecord(cfg.to_run_config()),
-    )
+    if done:  # resumed: the checkpoint's model is the run's until a new round replaces it
+        strategy.final_arrays = arrays
+    remaining = cfg.federation.rounds - done
+    if remaining > 0:
+        strategy.start(
+            grid=grid,
+            initial_arrays=to_array_record(arrays),
+            num_rounds=remaining,
+            timeout=cfg.federation.round_timeout,
+            train_config=ConfigRecord(cfg.to_run_config()),
+        )
+    else:
+        log.info("all %d rounds are already done; the sites sign its model", cfg.federation.rounds)
+    strategy.commit(grid)
 
 
 def initial_model(cfg: EmixerConfig) -> tuple[dict, dict]:
     """The arrays and public source of `federation.initial_model` (a pretrained checkpoint).
 
     Refused with a ValueError naming the file when it cannot be read, has already been trained
-    on site data (a ledger: its privacy cost would go unrecorded in this run), or does not fit
-    the run's model config.
+    on site data (a ledger: its privacy cost would go unrecorded in this run), is not the model
+    its public pretraining record names (trained since, ledger stripped), or does not fit the
+    run's model config.
     """
     path = Path(cfg.federation.initial_model)
     try:
@@ -87,6 +92,12 @@ def initial_model(cfg: EmixerConfig) -> tuple[dict, dict]:
         raise ValueError(
             f"federation.initial_model {path} was trained on site data (it has a privacy "
             "ledger); start from a public checkpoint (`emixer pretrain`) or resume its own run"
+        )
+    if start.public_source.get("model_sha256") != arrays_sha256(start.arrays):
+        raise ValueError(
+            f"federation.initial_model {path} is not the model its public pretraining record "
+            "names (trained since, or made without one): a checkpoint trained on sites cannot "
+            "pass as pretrained. Make the starting model with `emixer pretrain`"
         )
     try:
         set_weights(build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS)), start.arrays)

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg, Strategy
 
@@ -70,6 +70,9 @@ class EmixerStrategy:
         self.exhausted_nodes: set[int] = set()
         self.global_arrays: dict = {}
         self.global_sha256 = ""
+        # the model the run has reached and its round: what the commit round asks sites to sign
+        self.final_round = round_offset
+        self.final_arrays: dict = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -92,8 +95,53 @@ class EmixerStrategy:
         if replies:  # a round that sent nothing (training stopped) leaves no checkpoint
             aggregated = [str(names[id(msg)]) for msg in accepted] if arrays is not None else []
             self.ledger.record_round(server_round, self.global_sha256, aggregated)
-            self._checkpoint(server_round, arrays)
+            self.final_round = server_round
+            self.final_arrays = (
+                from_array_record(arrays) if arrays is not None else self.global_arrays
+            )
+            log.info(
+                "round %d: checkpoint %s (release epsilon so far %.3f)",
+                server_round,
+                self._checkpoint(),
+                self.ledger.release_epsilon(),
+            )
         return arrays, metrics
+
+    def commit(self, grid: Grid) -> None:
+        """The commit round: every connected site signs the model the run ended with and what it
+        had spent by then, and the last checkpoint is rewritten with those entries, so the
+        release gate finds the model signed (docs/PRIVACY.md invariant 7). A site that does not
+        answer is logged; the gate then refuses that model if the site trained on it."""
+        if not self.final_arrays:
+            return
+        sha = arrays_sha256(self.final_arrays)
+        content = {
+            "arrays": to_array_record(self.final_arrays),
+            "config": ConfigRecord({**self.cfg.to_run_config(), "server-round": self.final_round}),
+        }
+        messages = [
+            Message(content=RecordDict(content), dst_node_id=node, message_type="query.commit")
+            for node in grid.get_node_ids()
+        ]
+        replies = grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
+        signed_by = 0
+        for msg in replies:
+            site, signed = msg.content.get("site"), msg.content.get("ledger")
+            name = str(site["name"]) if site is not None else str(msg.metadata.src_node_id)
+            try:
+                if msg.has_error() or signed is None:
+                    raise ValueError(msg.error.reason if msg.has_error() else "no signed entry")
+                self.ledger.record_commit(name, self.final_round, dict(signed), sha)
+                signed_by += 1
+            except (KeyError, TypeError, ValueError) as err:
+                log.warning("commit: site %s did not sign the final model (%s)", name, err)
+        log.info(
+            "commit: %d of %d sites signed the model of round %d; checkpoint %s rewritten",
+            signed_by,
+            len(messages),
+            self.final_round,
+            self._checkpoint(),
+        )
 
     def _accept(self, server_round: int, msg: Message) -> str | None:
         """Record the site's signed ledger entry; its name if its update may be aggregated."""
@@ -160,28 +208,23 @@ class EmixerStrategy:
         msg.content["metrics"] = MetricRecord({"num-examples": weight})
         return name
 
-    def _checkpoint(self, server_round: int, arrays: ArrayRecord | None) -> None:
+    def _checkpoint(self) -> Path:
+        """Write the checkpoint of `final_round` (again, after the commit round); its path."""
         state = {
             attr: dict(getattr(self, attr))
             for attr in STATE_ATTRIBUTES
             if getattr(self, attr, None)
         }
-        path = save_checkpoint(
+        return save_checkpoint(
             self.checkpoint_dir,
             Checkpoint(
-                server_round=server_round,
-                arrays=from_array_record(arrays) if arrays is not None else self.global_arrays,
+                server_round=self.final_round,
+                arrays=self.final_arrays,
                 ledger=self.ledger.to_dict(),
                 config=self._shareable_config(),
                 strategy_state=state,
                 public_source=self.public_source,
             ),
-        )
-        log.info(
-            "round %d: checkpoint %s (release epsilon so far %.3f)",
-            server_round,
-            path,
-            self.ledger.release_epsilon(),
         )
 
     def _shareable_config(self) -> dict:

@@ -69,25 +69,48 @@ def tiny_sites(tmp_path_factory) -> list[Path]:
     return write_phantom_sites(root, sites=2, per_site=24, unlabeled=6, seed=3, size=32)
 
 
-def signed_checkpoint(site: Path, root: Path, cfg: EmixerConfig, rounds: int) -> Path:
-    """A checkpoint after `rounds` private rounds at one phantom site, with its real signed
-    ledger, as the server's strategy records it."""
+def signed_checkpoint(
+    site: Path,
+    root: Path,
+    cfg: EmixerConfig,
+    rounds: int,
+    *,
+    run_id: str = "1",
+    start: Path | None = None,
+    state: Path | None = None,
+    name: str = "site_1",
+) -> Path:
+    """The last checkpoint after `rounds` private rounds at one phantom site (from `start`'s
+    model, ledger and round, as a resumed run goes on), with its real signed ledger and the
+    commit round that has the site sign the final model, as the server's strategy records them.
+    Every round's checkpoint is written to root/checkpoints; the site's state dir is `state`
+    (root/state)."""
     from emixer_model.privacy.ledger import arrays_sha256
-    from emixer_model.site_training import train_site_round
-    from server.checkpoint import Checkpoint, save_checkpoint
+    from emixer_model.site_training import commit_model, train_site_round
+    from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from server.ledger import PrivacyLedger
 
-    ledger, weights = PrivacyLedger(), None
-    for server_round in range(1, rounds + 1):
+    state = state or root / "state"
+    before = load_checkpoint(start) if start else None
+    ledger = PrivacyLedger.from_dict(before.ledger) if before else PrivacyLedger()
+    weights = before.arrays if before else None
+    first = before.server_round + 1 if before else 1
+    last = first + rounds - 1
+    for server_round in range(first, last + 1):
         result = train_site_round(
-            site, root / "state", cfg, weights, server_round, rounds, site_name="site_1"
+            site, state, cfg, weights, server_round, last, site_name=name, run_id=run_id
         )
         signed = {**result.signed, "public-key": result.public_key}
         sha = arrays_sha256(weights)
-        ledger.record("site_1", server_round, result.status, result.metrics(), signed, sha)
-        ledger.record_round(server_round, sha, ["site_1"])
+        ledger.record(name, server_round, result.status, result.metrics(), signed, sha)
+        ledger.record_round(server_round, sha, [name])
         weights = result.weights
-    ckpt = Checkpoint(rounds, weights, ledger.to_dict(), cfg.to_dict())
+        ckpt = Checkpoint(server_round, weights, ledger.to_dict(), cfg.to_dict())
+        save_checkpoint(root / "checkpoints", ckpt)
+    signed, key = commit_model(state, cfg, weights, last, site_name=name, run_id=run_id)
+    commit = {**signed, "public-key": key.public_key()}
+    ledger.record_commit(name, last, commit, arrays_sha256(weights))
+    ckpt = Checkpoint(last, weights, ledger.to_dict(), cfg.to_dict())
     return save_checkpoint(root / "checkpoints", ckpt)
 
 

@@ -38,7 +38,7 @@ from server.tools.launch import (
     start_superlink,
     write_flwr_home,
 )
-from server.tools.release import check_privacy_gate, read_public_keys
+from server.tools.release import ReleaseRefused, check_privacy_gate, read_public_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKE_CERTS = ROOT / "deploy" / "make-certs.sh"
@@ -373,7 +373,11 @@ def test_tls_superlink_authenticated_supernodes_run_one_round(tmp_path: Path, ce
         ckpt = latest_checkpoint(deployment.server.state_dir / "checkpoints")
         # each site signed with its node-auth key: the gate verifies against the enrolled keys
         enrolled = read_public_keys([certs / "sites"])
-        assert set(check_privacy_gate(ckpt, None, enrolled)["sites"]) == {"site-a", "site-b"}
+        trained = {name: enrolled[name] for name in ("site-a", "site-b")}
+        assert set(check_privacy_gate(ckpt, None, trained)["sites"]) == {"site-a", "site-b"}
+        # site-c refused the app, so it signed nothing: with its key the gate names it missing
+        with pytest.raises(ReleaseRefused, match="enrolled site site-c signed no entry"):
+            check_privacy_gate(ckpt, None, {**trained, "site-c": enrolled["site-c"]})
         for settings in sites[:2]:
             assert (settings.state_dir / "privacy" / "ledger.jsonl").is_file()
         # the gate in front of the app checked the bundle at each site (the app has no check)
@@ -425,9 +429,12 @@ def test_a_site_lost_mid_round_is_waited_for_then_rejoins_with_its_ledger(
         assert [h["round"] for h in ledger["site-a"]["history"]] == [1, 2, 3]
         b_rounds = [h["round"] for h in ledger["site-b"]["history"]]
         assert 1 not in b_rounds and 3 in b_rounds, deployment.logs(run_id)
-        local = (site_b.state_dir / "privacy" / "ledger.jsonl").read_text().splitlines()
-        assert [json.loads(line)["round"] for line in local] == b_rounds
-        assert json.loads(local[-1])["epsilon"] == pytest.approx(ledger["site-b"]["epsilon"])
+        local = [
+            json.loads(line) for line in (site_b.state_dir / "privacy" / "ledger.jsonl").open()
+        ]
+        assert [e["round"] for e in local if e["status"] == "trained"] == b_rounds
+        assert (local[-1]["status"], local[-1]["round"]) == ("commit", 3)  # the final model
+        assert local[-1]["epsilon"] == pytest.approx(ledger["site-b"]["epsilon"])
     finally:
         deployment.close()
 

@@ -55,7 +55,9 @@ def test_federated_run_accounts_cumulatively_and_resumes(tmp_path, tiny_sites, c
         on_disk = site_epsilon_on_disk(run / "state" / name, site["delta"])
         assert on_disk == pytest.approx(site["epsilon"], rel=1e-6)
         local = (run / "state" / name / "privacy" / "ledger.jsonl").read_text().splitlines()
-        assert [json.loads(line)["round"] for line in local] == [1, 2]
+        rounds = [(json.loads(line)["round"], json.loads(line)["status"]) for line in local]
+        assert rounds == [(1, "trained"), (2, "trained"), (2, "commit")]  # the commit round
+        assert json.loads(site["signed"][-1]["entry"])["status"] == "commit"
     first_epsilon = {name: s["epsilon"] for name, s in sites.items()}
     # every site signed its rounds for the very model the server sent: the gate verifies them
     assert check_privacy_gate(ckpt, None)["release_epsilon"] == max(first_epsilon.values())
@@ -107,8 +109,9 @@ def test_site_over_budget_refuses_and_the_server_stops(tmp_path, tiny_sites, cap
         assert len(site["history"]) == 1
         assert site["epsilon"] <= budget
         local = (run / "state" / name / "privacy" / "ledger.jsonl").read_text().splitlines()
-        assert json.loads(local[-1])["status"] == "budget-exhausted"
+        assert [json.loads(line)["status"] for line in local[-2:]] == ["budget-exhausted", "commit"]
     assert ckpt.server_round == 2
+    check_privacy_gate(ckpt, None)  # the sites signed the model training stopped at
     assert not (run / "checkpoints" / "round-0003.pt").exists()
     assert load_checkpoint(run / "checkpoints" / "round-0002.pt").arrays
 
@@ -120,5 +123,10 @@ def test_a_failing_site_is_left_out_and_the_round_finishes(tmp_path, tiny_sites,
     cfg = tiny_config(federation={"rounds": 1, "min_sites": 3})
     ckpt = simulate(cfg, [*tiny_sites, broken], run / "state", run / "checkpoints")
     assert ckpt.server_round == 1
-    assert set(ckpt.ledger["sites"]) == {"site_1", "site_2"}
+    assert set(ckpt.ledger["sites"]) == {"site_1", "site_2", "site_broken"}
+    # it trained nothing, and says so under its own key when it signs the final model
+    broken_site = ckpt.ledger["sites"]["site_broken"]
+    assert broken_site["history"] == [] and broken_site["epsilon"] == 0.0
+    assert [json.loads(s["entry"])["status"] for s in broken_site["signed"]] == ["commit"]
+    check_privacy_gate(ckpt, None)
     assert "site site_broken did not train: SiteDataError" in caplog.text

@@ -5,7 +5,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from emixer_model.privacy.accounting import SiteAccountant
-from emixer_model.privacy.ledger import SiteKey, arrays_sha256, verify_site_history
+from emixer_model.privacy.ledger import (
+    LedgerRefused,
+    SiteKey,
+    arrays_sha256,
+    status_entry,
+    verify_ledger,
+    verify_site_history,
+)
 from server.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -89,6 +96,53 @@ def test_ledger_keeps_signed_entries_and_release_epsilon_is_the_max():
         ledger.record("s1", 1, "trained", metrics(0), signed("s2", 1, 2), sha)
 
 
+def test_every_enrolled_site_must_sign_and_one_that_only_refused_says_so():
+    """#17 hole 6: a ledger with one enrolled site removed is refused, naming it; a site that
+    never trained appears through the refusal it signed, with what it has spent (nothing)."""
+    keys = {name: SiteKey(ec.generate_private_key(ec.SECP256R1())) for name in ("s1", "s2")}
+    model = {"w": np.zeros(2, np.float32)}
+    sha = arrays_sha256(model)
+    ledger, spent, final = PrivacyLedger(), SiteAccountant(), {"w": np.ones(2, np.float32)}
+    trained = signed_round(keys["s1"], "s1", 1, model, spent, seq=1)
+    ledger.record("s1", 1, "trained", metrics(0), trained, sha)
+    commit = status_entry(
+        site="s1",
+        run="1",
+        server_round=1,
+        seq=2,
+        status="commit",
+        accountant=spent,
+        delta=1e-3,
+        model_sha256=arrays_sha256(final),
+        budget=5.0,
+    )
+    signed_commit = {**keys["s1"].sign(commit), "public-key": keys["s1"].public_key()}
+    ledger.record_commit("s1", 1, signed_commit, arrays_sha256(final))
+    refusal = status_entry(
+        site="s2",
+        run="1",
+        server_round=1,
+        seq=1,
+        status="budget-exhausted",
+        accountant=SiteAccountant(),
+        delta=None,
+        model_sha256=sha,
+        budget=5.0,
+    )
+    signed = {**keys["s2"].sign(refusal), "public-key": keys["s2"].public_key()}
+    ledger.record("s2", 1, "budget-exhausted", metrics(0), signed, sha)
+    ledger.record_round(1, sha, ["s1"])
+    enrolled = {name: key.public_key() for name, key in keys.items()}
+    verified = verify_ledger(ledger.to_dict(), 1, None, enrolled, arrays_sha256(final))
+    assert verified["s2"]["epsilon"] == 0.0 and verified["s2"]["status"] == "budget-exhausted"
+    dropped = ledger.to_dict()
+    del dropped["sites"]["s2"]
+    with pytest.raises(LedgerRefused, match="enrolled site s2 signed no entry"):
+        verify_ledger(dropped, 1, None, enrolled, arrays_sha256(final))
+    with pytest.raises(ValueError, match="status budget-exhausted"):  # not as trained
+        ledger.record("s2", 1, "trained", metrics(0), signed, sha)
+
+
 def checkpoint(k):
     return Checkpoint(k, site_update(**{"b.bias": np.full(4, k, np.float32)}), {"sites": {}}, {})
 
@@ -128,3 +182,25 @@ def test_a_lost_reply_leaves_a_gap_in_numbers_but_never_in_the_signed_history():
     forged = signed_round(key, "s1", 4, model, shrunk, seq=4, noise_multiplier=2.0)
     with pytest.raises(ValueError, match="does not extend"):
         verify_site_history("s1", [first, third, forged], key.public_key())
+
+
+def test_a_checkpoint_trained_on_sites_cannot_start_a_run_as_pretrained(tmp_path):
+    """#17 hole 2: `initial_model` takes only the public model its pretraining record names; a
+    pretrained checkpoint trained on since (ledger stripped) no longer matches that record."""
+    from emixer_model.config import FINDINGS
+    from emixer_model.networks import build_networks, get_weights
+    from emixer_model.text.vocabulary import VOCAB_SIZE
+    from server.app import initial_model
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config()
+    arrays = get_weights(build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS)))
+    source = {"name": "public", "model_sha256": arrays_sha256(arrays)}
+    pretrained = Checkpoint(0, arrays, {"sites": {}}, cfg.to_dict(), public_source=source)
+    path = save_checkpoint(tmp_path / "public", pretrained)
+    start = tiny_config(federation={"initial_model": str(path)})
+    assert initial_model(start)[1] == source
+    trained = {name: value + 0.01 for name, value in arrays.items()}  # trained, ledger stripped
+    path = save_checkpoint(tmp_path / "trained", Checkpoint(0, trained, {}, {}, {}, source))
+    with pytest.raises(ValueError, match="cannot pass as pretrained"):
+        initial_model(tiny_config(federation={"initial_model": str(path)}))

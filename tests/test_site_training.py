@@ -111,7 +111,11 @@ def test_the_site_policy_refuses_a_run_that_asks_for_a_larger_delta_or_less_nois
 ):
     site, state = tiny_sites[0], tmp_path / "state"
     result = train_site_round(site, state, tiny_config(privacy={"delta": 0.2}), None, 1, 1)
-    assert result.status == "refused" and result.weights is None and result.signed is None
+    assert result.status == "refused" and result.weights is None
+    signed = json.loads(
+        result.signed["entry"]
+    )  # the refusal is signed: the site shows it took part
+    assert (signed["status"], signed["epsilon"], signed["history"]) == ("refused", 0.0, [])
     assert "delta 2.00e-01" in result.message and "allows at most" in result.message
     audit = [json.loads(line) for line in (state / "audit.log").open()]
     assert audit[-1]["event"] == "round-refused" and "delta" in audit[-1]["message"]

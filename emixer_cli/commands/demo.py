@@ -131,8 +131,9 @@ def cached_pretrained_model(
     steps, warm = args.pretrain_steps, args.pretrain_steps // 2
     from emixer_model.public_pretrain import PRETRAINING_VERSION
 
-    key = [public.name, cfg.model.__dict__, cfg.train.__dict__, steps, PRETRAINING_VERSION]
-    key = json.dumps(key, sort_keys=True)
+    # "model_sha256": models cached before their record named their own hash cannot start a run
+    parts = [public.name, cfg.model.__dict__, cfg.train.__dict__, steps, PRETRAINING_VERSION]
+    key = json.dumps([*parts, "model_sha256"], sort_keys=True)
     path = out / f"pretrained-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
     if not path.is_file():
         pretrain_with_progress(public, cfg, steps, warm, cfg.train.seed, path)
@@ -181,6 +182,7 @@ def ledger_table(ledger: dict) -> Table:
 
 def run(args: argparse.Namespace) -> int:
     from emixer_model.data.phantoms import write_phantom_sites
+    from emixer_model.privacy.state import simulation_public_key
     from server.tools.release import parse_conditions, release
     from server.tools.simulation import simulate
 
@@ -226,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
             conditions=parse_conditions(None),
             seed=args.seed,
             progress=update,
+            # the demo runs its sites, so it holds the public half of each site's own key
+            enrolled={
+                site.name: simulation_public_key(run_dir / "state" / site.name) for site in sites
+            },
         )
     console.print(
         f"released {summary.count} pairs, release epsilon {summary.release_epsilon:.3f} "

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from emixer_cli.common import console, progress_bar
+from emixer_cli.common import (
+    EXIT_UNVERIFIED,
+    UNVERIFIED,
+    add_site_key_arguments,
+    console,
+    progress_bar,
+    site_keys,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "combinations) and write DICOM Secondary Capture images, optional PNGs, reports.jsonl, "
         "manifest.json (model hash, config, every site's privacy history) and index.html. "
         "Refuses (exit 2, nothing written) a model whose signed privacy ledger is missing, does "
-        "not verify, leaves an aggregated round uncovered, or is over budget once recomputed.",
+        "not verify, leaves an aggregated round uncovered, or is over budget once recomputed. "
+        "Without --site-keys (or --trust-manifest-keys) it says UNVERIFIED, writes nothing and "
+        "exits 3.",
     )
     p.add_argument("--model", required=True, help="checkpoint file (checkpoints/round-NNNN.pt)")
     p.add_argument("--out", required=True, help="new folder for the release")
@@ -34,19 +43,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="refuse when any site's epsilon is above this (default: each site's own budget)",
     )
-    p.add_argument(
-        "--site-keys",
-        nargs="+",
-        help="the enrolled sites' public keys (SITE.pub files or a folder of them): every "
-        "signed ledger entry must verify against its site's enrolled key",
-    )
+    add_site_key_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.tools.release import parse_conditions, read_public_keys, release
+    from server.tools.release import parse_conditions, release
 
-    enrolled = read_public_keys([Path(p) for p in args.site_keys]) if args.site_keys else None
+    if not (args.site_keys or args.trust_manifest_keys):
+        console.print(f"{UNVERIFIED}; nothing was released")
+        return EXIT_UNVERIFIED
+    enrolled = site_keys(args)
     with progress_bar("synthesizing") as update:
         summary = release(
             Path(args.model),
@@ -59,8 +66,12 @@ def run(args: argparse.Namespace) -> int:
             progress=update,
             enrolled=enrolled,
         )
+    keys = (
+        "the enrolled keys" if enrolled else "the keys the ledger carries (--trust-manifest-keys)"
+    )
     console.print(
         f"released {summary.count} synthetic image-report pairs to {summary.out} "
-        f"(release epsilon {summary.release_epsilon:.3f}); open {summary.out / 'index.html'}"
+        f"(release epsilon {summary.release_epsilon:.3f}, signatures checked against {keys}); "
+        f"open {summary.out / 'index.html'}"
     )
     return 0

@@ -7,54 +7,62 @@ from pathlib import Path
 
 from rich.table import Table
 
-from emixer_cli.common import CommandError, console
+from emixer_cli.common import (
+    EXIT_UNVERIFIED,
+    UNVERIFIED,
+    CommandError,
+    add_site_key_arguments,
+    console,
+    site_keys,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "verify-release",
         help="check a release's privacy offline: signatures, recomputed epsilon, round coverage",
-        description="Verify every ledger entry in DIR/manifest.json against the site public keys "
-        "(the manifest's, or --site-keys), recompute each site's epsilon with Opacus from its "
-        "signed history, check that every aggregated round is covered and that the stated "
-        "figures match. Prints each site's recomputed epsilon; exit 2 on any mismatch. A site "
-        "adds --site-state to compare the release with the ledger it keeps itself: the one "
-        "check that catches a coordinator leaving out the site's last rounds.",
+        description="Verify every ledger entry in DIR/manifest.json against the sites' public "
+        "keys, recompute each site's epsilon with Opacus from its signed history, check that "
+        "every aggregated round is covered and that the stated figures match. Prints each "
+        "site's recomputed epsilon; exit 2 on any mismatch. Without --site-keys the verdict is "
+        "UNVERIFIED and the exit code 3, unless --trust-manifest-keys accepts the manifest's "
+        "own keys. A site adds --site-state to compare the release with the ledger it keeps "
+        "itself: the one check that catches a coordinator leaving out the site's last rounds.",
     )
     p.add_argument("dir", help="release folder (holds manifest.json)")
-    p.add_argument("--site-keys", nargs="+", help="SITE.pub files or a folder of them")
+    add_site_key_arguments(p)
     p.add_argument(
         "--site-state",
         metavar="STATE_DIR",
         help="a site's own state dir (site.yaml's state_dir): refuse when the release counts "
-        "less epsilon for this site than the rounds it signed in the release's run",
+        "less epsilon for this site than it had spent, in any run, for the released model or a "
+        "model the release's rounds started from",
     )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from emixer_model.privacy.state import read_site_ledger
-    from server.tools.release import check_site_ledger, read_public_keys, verify_release
+    from server.tools.release import check_site_ledger, verify_release
 
-    keys = read_public_keys([Path(p) for p in args.site_keys]) if args.site_keys else None
+    keys = site_keys(args)
     result = verify_release(Path(args.dir), keys)
     table = Table(title=f"verified release {args.dir}")
-    for column in ("site", "signed rounds", "epsilon (recomputed)", "delta", "accountant", "key"):
+    for column in ("site", "signed entries", "epsilon (recomputed)", "delta", "accountant", "key"):
         table.add_column(column)
     for name, site in sorted(result["sites"].items()):
         table.add_row(
             name,
             str(len(site["signed"])),
             f"{site['epsilon']:.4f}",
-            f"{site['delta']:.2e}",
+            "never trained" if site["delta"] is None else f"{site['delta']:.2e}",
             f"{site['accountant']} (opacus {site['opacus']})",
             "enrolled" if keys else "as in the manifest",
         )
     console.print(table)
-    console.print(
+    checked = (
         f"every signature verifies, every aggregated round is covered; release epsilon "
         f"{result['release_epsilon']:.4f}"
-        + ("" if keys else " (pass --site-keys to check the keys against the sites' own)")
     )
     if args.site_state:
         ledger = read_site_ledger(Path(args.site_state))
@@ -66,18 +74,25 @@ def run(args: argparse.Namespace) -> int:
         own = check_site_ledger(Path(args.dir), ledger, result)
         if own["site"] is None:
             console.print(
-                f"this site signed no round of run {', '.join(own['runs'])} up to round "
-                f"{own['release_round']}: the release spends none of its budget"
+                "this site never signed for the released model or any model its rounds started "
+                "from: the release spends none of its budget"
             )
         else:
-            late = (
-                f"; {len(own['uncounted'])} lost replies covered by later entries"
-                if own["uncounted"]
-                else ""
-            )
+            late = f"; left out but counted by later entries: {', '.join(own['uncounted'])}"
             console.print(
-                f"site {own['site']}: the release counts epsilon {own['epsilon_release']:.4f}, "
-                f"this site's own ledger {own['epsilon_own']:.4f} after {len(own['rounds'])} "
-                f"signed rounds{late}: nothing it signed is left out"
+                f"site {own['site']}: the release counts epsilon {own['epsilon_release']:.4f}; "
+                f"this site's own ledger, across every run, had spent at most "
+                f"{own['epsilon_own']:.4f} for the {own['models']} models of this release's "
+                f"lineage it signed for{late if own['uncounted'] else ''}: nothing it signed is "
+                "left out"
             )
-    return 0
+    if keys:
+        console.print(f"VERIFIED against the sites' enrolled keys: {checked}")
+        return 0
+    if args.trust_manifest_keys:
+        console.print(
+            f"verified against the keys taken from the manifest, not the sites' own: {checked}"
+        )
+        return 0
+    console.print(f"{UNVERIFIED}. Against those keys: {checked}")
+    return EXIT_UNVERIFIED

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from emixer_model.config import EmixerConfig
 from emixer_model.privacy.accounting import SiteAccountant
-from emixer_model.privacy.ledger import SiteKey
+from emixer_model.privacy.ledger import SiteKey, public_key_path
 from emixer_model.privacy.plan import PrivacyPlan, make_plan, plan_inputs
 from emixer_model.privacy.policy import PolicyViolation, SitePolicy
 from emixer_model.shared import write_json_atomic
@@ -32,6 +32,12 @@ def log_site_event(state_dir: Path, entry: dict) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     with (state_dir / AUDIT_LOG).open("a") as f:
         f.write(json.dumps({"time": time.time(), **entry}) + "\n")
+
+
+def simulation_public_key(state_dir: Path) -> str:
+    """The public half of the key a simulated site signs with, as `emixer keygen` writes one: the
+    demo, which runs its sites itself, enrols it (`emixer release --site-keys`)."""
+    return public_key_path(Path(state_dir) / "privacy" / SIMULATION_KEY).read_text().strip()
 
 
 def read_site_ledger(state_dir: Path) -> list[dict] | None:
@@ -92,6 +98,16 @@ class SiteState:
 
     def trained_rounds(self) -> int:
         return sum(e["status"] == "trained" for e in self.ledger())
+
+    def next_seq(self) -> int:
+        """The number of the next entry this site signs: one more than any it signed before."""
+        return max((int(e["seq"]) for e in self.ledger() if "seq" in e), default=0) + 1
+
+    def last_delta(self) -> float | None:
+        """The delta of the last round this site trained (its epsilon is stated at it); None if
+        it never trained."""
+        trained = [e for e in self.ledger() if e["status"] == "trained"]
+        return float(trained[-1]["delta"]) if trained else None
 
     def signing_key(self) -> SiteKey:
         """Simulation and `train-local`: the key in the state dir, made on first use."""

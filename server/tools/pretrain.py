@@ -14,6 +14,7 @@ from pathlib import Path
 from emixer_model.config import EmixerConfig
 from emixer_model.data.public import PublicData
 from emixer_model.networks import get_weights
+from emixer_model.privacy.ledger import arrays_sha256
 from emixer_model.public_pretrain import pretrained_networks
 from emixer_model.shared import ProgressFn
 from server.checkpoint import Checkpoint, save_checkpoint
@@ -56,8 +57,12 @@ def pretrain_checkpoint(
         warm_progress=warm_progress,
         progress=progress,
     )
+    weights = get_weights(nets)
     source = {
         **public.source(),
+        # the model itself: the sites sign the hash of the model they start from, so a release
+        # that claims this start is checked against what they signed (docs/PRIVACY.md)
+        "model_sha256": arrays_sha256(weights),
         "steps": steps,
         "report_warm_start_steps": warm_start,
         "unshown_findings": list(result["unshown"]),  # left for the sites to teach
@@ -67,7 +72,7 @@ def pretrain_checkpoint(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".pretrain-") as work:
         checkpoint = Checkpoint(
             server_round=0,
-            arrays=get_weights(nets),
+            arrays=weights,
             ledger={"sites": {}},
             config=cfg.to_dict(),
             public_source=source,

@@ -1,8 +1,9 @@
 """`emixer release`: synthetic image-report sets from a trained global model, behind a privacy gate.
 
-The gate refuses a checkpoint whose signed ledger is missing, does not verify, leaves an
-aggregated round uncovered, or whose recomputed epsilon is over budget (docs/PRIVACY.md
-invariant 7), before anything is written. The release is built in a temporary folder beside the
+The gate refuses a checkpoint whose signed ledger is missing, does not verify, leaves out an
+enrolled site or an aggregated round, names a model a site that trained did not sign as the
+model after its round, or whose recomputed epsilon is over budget (docs/PRIVACY.md invariant 7),
+before anything is written. The release is built in a temporary folder beside the
 target and renamed into place at the end, so a failure never leaves half a
 release behind.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import shutil
 import tempfile
 from contextlib import closing
@@ -23,13 +25,18 @@ import torch
 
 from emixer_model.config import FINDINGS, EmixerConfig, from_dict
 from emixer_model.networks import build_networks, set_weights
-from emixer_model.privacy.ledger import LedgerRefused, check_against_own_ledger, verify_ledger
+from emixer_model.privacy.ledger import (
+    LedgerRefused,
+    arrays_sha256,
+    check_against_own_ledger,
+    verify_ledger,
+)
 from emixer_model.shared import ProgressFn, UserError, app_hash
 from emixer_model.synthesis import synthesize_batches
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
 from server.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from server.tools.release_files import ReleaseFiles, file_names, sample_id
-from server.tools.release_page import write_index_html
+from server.tools.release_page import model_html, privacy_section_html, write_index_html
 
 # Findings that often appear together in chest X-ray reports; released besides each single finding.
 COMMON_COMBINATIONS: tuple[tuple[str, ...], ...] = (
@@ -74,33 +81,63 @@ def parse_conditions(text: str | None) -> list[tuple[str, ...]]:
 
 
 def check_privacy_gate(
-    ckpt: Checkpoint, budget: float | None, enrolled: dict[str, str] | None = None
+    ckpt: Checkpoint,
+    budget: float | None,
+    enrolled: dict[str, str] | None = None,
+    model_sha256: str | None = None,
 ) -> dict:
     """The manifest's privacy section, or ReleaseRefused saying which site breaks which rule.
 
     The checks are `emixer_model.privacy.ledger.verify_ledger`'s: signatures against the
     (enrolled) keys, epsilon recomputed from each site's signed history, every aggregated round
-    covered, no site over its budget or `budget`.
+    covered, every site that trained signed for this model (`model_sha256`, by default the hash
+    of the checkpoint's arrays) as the model after its round, no site over its budget or
+    `budget`. Every figure of the section is derived from the
+    signed entries (the round records are the coordinator's, checked for coverage), so
+    `verify_release` rebuilds it and compares field by field.
     """
     ledger = ckpt.ledger or {}
     try:
-        sites = verify_ledger(ledger, ckpt.server_round, budget, enrolled)
+        model = model_sha256 if model_sha256 is not None else arrays_sha256(ckpt.arrays)
+        sites = verify_ledger(ledger, ckpt.server_round, budget, enrolled, model)
     except LedgerRefused as err:
         raise ReleaseRefused(str(err)) from None
     return {
         "release_epsilon": max(s["epsilon"] for s in sites.values()),
-        "delta": max(s["delta"] for s in sites.values()),
-        "note": "each site's (epsilon, delta) is recomputed with Opacus from the accountant "
-        "history it signed (ECDSA P-256, SHA-256, over the canonical JSON of each entry); the "
-        "release's epsilon is the maximum over sites. `emixer verify-release DIR` re-checks "
-        "all of it offline. Training losses are site-local and never part of a release.",
+        "delta": max(s["delta"] for s in sites.values() if s["delta"] is not None),
         "rounds": ledger.get("rounds") or {},
         "sites": sites,
     }
 
 
+# What the coordinator states and no site signs; the manifest and the page say so.
+UNSIGNED = {
+    "fields": [
+        "created",
+        "code",
+        "model.checkpoint",
+        "model.sha256",
+        "config",
+        "public_pretraining",
+        "seed",
+        "counts",
+        "privacy.rounds",
+    ],
+    "note": "written by the coordinator, not signed by any site. The privacy section (except "
+    "its round records, which are checked for coverage) is rebuilt from the sites' signed "
+    "entries by `emixer verify-release`, which refuses any difference; model.arrays_sha256 and "
+    "model.round must be the model every site that trained signed for at the end of the run, "
+    "and public_pretraining's model_sha256 a model the sites signed for in round 1 (its name "
+    "and steps are unsigned). That the images were sampled from model.arrays_sha256 is the "
+    "coordinator's statement: anyone holding the checkpoint can hash its arrays. The run "
+    "config's privacy values are the run's requests, not what the sites used: those are in "
+    "privacy.sites.",
+}
+
+
 def verify_release(folder: Path, enrolled: dict[str, str] | None = None) -> dict:
-    """Re-check a release offline: its manifest's signed entries, keys and round coverage."""
+    """Re-check a release offline: its manifest's signed entries, keys and round coverage; every
+    privacy figure of the manifest and of index.html against what the signed entries give."""
     try:
         manifest = json.loads((Path(folder) / "manifest.json").read_text())
         privacy = manifest["privacy"]
@@ -114,32 +151,83 @@ def verify_release(folder: Path, enrolled: dict[str, str] | None = None) -> dict
             ledger={"sites": sites, "rounds": privacy["rounds"]},
             config={},
         )
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        model = str(manifest["model"]["arrays_sha256"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ReleaseRefused(f"{folder} holds no readable release manifest ({err})") from None
-    result = check_privacy_gate(ckpt, None, enrolled)
-    for name, site in result["sites"].items():
-        stated = privacy["sites"][name].get("epsilon")
-        if stated != site["epsilon"]:
-            raise ReleaseRefused(
-                f"site {name}: manifest says epsilon {stated}, its signed history gives "
-                f"{site['epsilon']}"
-            )
-    if privacy.get("release_epsilon") != result["release_epsilon"]:
+    result = check_privacy_gate(ckpt, None, enrolled, model)
+    difference = first_difference(result, privacy, "privacy")
+    if difference:
+        raise ReleaseRefused(f"manifest field {difference}: the manifest was edited; refused")
+    check_public_pretraining(manifest.get("public_pretraining"), result)
+    page = Path(folder) / "index.html"
+    shown = page.read_text() if page.is_file() else ""
+    if privacy_section_html(result) not in shown or model_html(manifest["model"]) not in shown:
         raise ReleaseRefused(
-            f"manifest says release epsilon {privacy.get('release_epsilon')}, the signed "
-            f"histories give {result['release_epsilon']}"
+            "index.html does not show the privacy and model the signed entries give: it was "
+            "edited after release, or written by another version (the manifest names "
+            f"{manifest['code']})"
         )
     return result
+
+
+def first_difference(expected: object, stated: object, path: str) -> str | None:
+    """Where `stated` differs from `expected` ("PATH says X, the signed entries give Y"), or
+    None; numbers agree to a relative 1e-9 (one recomputation, another machine)."""
+    if isinstance(expected, dict) and isinstance(stated, dict):
+        for key in sorted(set(expected) | set(stated), key=str):
+            if key not in stated or key not in expected:
+                where = "is missing" if key not in stated else "is not in the signed entries"
+                return f"{path}.{key} {where}"
+            found = first_difference(expected[key], stated[key], f"{path}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(expected, list) and isinstance(stated, list) and len(expected) == len(stated):
+        for number, (want, have) in enumerate(zip(expected, stated, strict=True)):
+            found = first_difference(want, have, f"{path}[{number}]")
+            if found:
+                return found
+        return None
+    numbers = (int, float)
+    if (
+        isinstance(expected, numbers)
+        and isinstance(stated, numbers)
+        and not isinstance(expected, bool)
+        and not isinstance(stated, bool)
+        and math.isclose(expected, stated, rel_tol=1e-9)
+    ):
+        return None
+    if expected == stated:
+        return None
+    return f"{path} says {stated!r}, the signed entries give {expected!r}"
+
+
+def check_public_pretraining(public: dict | None, privacy: dict) -> None:
+    """A claimed public starting model must be one the sites signed for in round 1."""
+    if not public:
+        return
+    signed = {
+        json.loads(s["entry"])["model_sha256"]
+        for site in privacy["sites"].values()
+        for s in site["signed"]
+        if json.loads(s["entry"])["round"] == 1
+    }
+    if public.get("model_sha256") not in signed:
+        raise ReleaseRefused(
+            f"manifest field public_pretraining names model {public.get('model_sha256')!r}, "
+            "but no site signed round 1 for it: the release did not start from that public model"
+        )
 
 
 def check_site_ledger(folder: Path, own: list[dict], verified: dict) -> dict:
     """A site's own check of the release in `folder` against `own`, the ledger it keeps in its
     state dir (`emixer_model.privacy.ledger.check_against_own_ledger`); `verified` is
-    `verify_release`'s result. ReleaseRefused when the release counts less than the site signed.
+    `verify_release`'s result. ReleaseRefused when the release counts less than the site had
+    spent for a model of its lineage.
     """
     manifest = json.loads((Path(folder) / "manifest.json").read_text())
     try:
-        return check_against_own_ledger(own, int(manifest["model"]["round"]), verified["sites"])
+        return check_against_own_ledger(own, manifest["model"]["arrays_sha256"], verified)
     except LedgerRefused as err:
         raise ReleaseRefused(str(err)) from None
 
@@ -209,6 +297,7 @@ def release(
             "model": {
                 "checkpoint": checkpoint.name,
                 "sha256": file_sha256(checkpoint),
+                "arrays_sha256": arrays_sha256(ckpt.arrays),
                 "round": ckpt.server_round,
             },
             "config": ckpt.config,
@@ -221,6 +310,7 @@ def release(
                 "per_finding": per_finding,
             },
             "privacy": privacy,
+            "unsigned": UNSIGNED,
         }
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2))
         write_index_html(work)
