@@ -124,7 +124,7 @@ def read_budget(state_dir: Path, public_key: str | None = None) -> BudgetReport:
     if plan is not None and budget is not None:
         report.plan = _outlook(plan, history, kind, budget)
     key = public_key or _site_public_key(root, node)
-    report.checks, more = _verify(trained, accountant, key)
+    report.checks, more = _verify(ledger, accountant, key)
     report.problems = problems + more
     report.ledger_verifies = not report.problems
     return report
@@ -258,10 +258,12 @@ def _site_public_key(root: Path, node: dict) -> str | None:
 
 
 def _verify(
-    trained: list[dict], accountant: SiteAccountant | None, public_key: str | None
+    ledger: list[dict], accountant: SiteAccountant | None, public_key: str | None
 ) -> tuple[list[str], list[str]]:
     """(what verified, what did not) of the site's own ledger: signatures and history chain,
-    numbering without gaps, the plain copy equal to what was signed, the accountant's count."""
+    numbering without gaps, the plain copy equal to what was signed, the accountant's count.
+    Every signed entry counts (trained rounds, refusals and commits are numbered together)."""
+    trained = [e for e in ledger if e.get("status") == "trained"]
     if not trained:
         return ["no trained round in the ledger: nothing spent, nothing to verify"], []
     checks: list[str] = []
@@ -273,22 +275,22 @@ def _verify(
         )
     else:
         try:
-            verify_site_history(site, [_signed(e) for e in trained], public_key)
+            verify_site_history(site, [_signed(e) for e in ledger], public_key)
             checks.append(
-                f"{len(trained)} signatures verify, each history extends the previous one and "
+                f"{len(ledger)} signatures verify, each history extends the previous one and "
                 "each stated epsilon is what Opacus computes from it"
             )
         except (ValueError, KeyError, TypeError) as err:
             problems.append(f"the signed entries do not verify: {err}")
-    numbers = [e.get("seq") for e in trained]
-    if numbers == list(range(1, len(trained) + 1)):
-        checks.append(f"entries numbered 1..{len(trained)} without a gap")
+    numbers = [e.get("seq") for e in ledger]
+    if numbers == list(range(1, len(ledger) + 1)):
+        checks.append(f"entries numbered 1..{len(ledger)} without a gap")
     else:
         problems.append(
-            f"entry numbers {numbers} are not 1..{len(trained)}: entries were removed from or "
+            f"entry numbers {numbers} are not 1..{len(ledger)}: entries were removed from or "
             "added to ledger.jsonl"
         )
-    edited = [e.get("seq") for e in trained if not _plain_matches_signed(e)]
+    edited = [e.get("seq") for e in ledger if not _plain_matches_signed(e)]
     if edited:
         problems.append(f"entries {edited}: the plain fields differ from what was signed")
     if accountant is None:
