@@ -100,6 +100,16 @@ RECIPES: dict[str, dict] = {
         "lr_text": 2e-3,
         "lr_g": 5e-4,
     },
+    # the same with 5x the local epochs: 200 private steps per site over the 5 rounds, the
+    # least that taught the site-only finding without noise (diagnosis in bench/README.md)
+    "learn": {
+        "dp_trainable": "all",
+        "clip_per_network": True,
+        "g_steps": 4,
+        "lr_text": 2e-3,
+        "lr_g": 5e-4,
+        "epochs": 20,
+    },
 }
 
 
@@ -207,9 +217,25 @@ def main() -> None:
         help="one public model for every seed (default: each seed pretrains its own)",
     )
     parser.add_argument("--control", help="a row every row is also compared with, paired")
+    parser.add_argument(
+        "--save", help="also write the figures to this file (rows run in separate processes)"
+    )
+    parser.add_argument(
+        "--summarise",
+        nargs="+",
+        metavar="FILE",
+        help="only merge the figures --save wrote (the same --split) and print the tables",
+    )
     parser.add_argument("--cache", default="bench-cache/site_knowledge")
     parser.add_argument("--smoothing", type=float, default=0.0)
     args = parser.parse_args()
+    if args.summarise:
+        merged: dict[str, dict[int, dict[str, Figure]]] = {}
+        for path in args.summarise:
+            for spec, by_seed in torch.load(path, weights_only=False).items():
+                merged.setdefault(spec, {}).update(by_seed)
+        summarise(merged, args.control)
+        return
     setup: Setup = SMOKE if args.smoke else QUICK if args.quick else Setup(per_site=160, size=64)
     model = ModelConfig(**DEMO_MODEL)
     base = EmixerConfig(
@@ -267,6 +293,8 @@ def main() -> None:
                 + "; ".join(f"{k} {cell(v)}" for k, v in figures.items())
                 + f"; eps {eps:.2f}; {took:.0f} s"
             )
+    if args.save:
+        torch.save(results, args.save)
     summarise(results, args.control)
     console.print(machine())
 
