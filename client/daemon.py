@@ -22,6 +22,11 @@ import tomli_w
 
 from client.app_gate import GATE_COMMAND, installed_app_problem
 from emixer_model.config import ConfigError, config_key, load_yaml_as
+from emixer_model.daemon_guard import (
+    die_with_parent,
+    hold_state_dir,
+    process_marker,
+)
 from emixer_model.privacy.policy import SitePolicy
 from emixer_model.privacy.state import log_site_event
 from emixer_model.shared import app_hash, sigterm_as_interrupt, stop_process_group
@@ -205,22 +210,31 @@ def supernode_command(settings: SiteSettings, node_config: Path) -> list[str]:
 def prepare_supernode(settings: SiteSettings) -> tuple[list[str], dict[str, str]]:
     """The SuperNode's command and environment, after writing its node config and the app gate:
     Flower keeps installed app bundles in FLWR_HOME (kept in the state dir), and finds the
-    ClientApp process on PATH, whose first folder is the gate."""
+    ClientApp process on PATH, whose first folder is the gate. Every process it starts carries
+    the state dir's marker, so none can outlive the daemon unnoticed (daemon_guard)."""
     command = supernode_command(settings, write_node_config(settings))
     gate = write_app_gate(settings)
     env = {
         **os.environ,
         "FLWR_HOME": str(settings.state_dir / "flwr-home"),
         "PATH": os.pathsep.join([str(gate), os.environ.get("PATH", os.defpath)]),
+        **process_marker(settings.state_dir),
     }
     return command, env
 
 
 def run_site(settings: SiteSettings) -> int:
-    """Run the SuperNode until it exits or we are stopped; returns its exit code."""
+    """Run the SuperNode until it exits or we are stopped; returns its exit code. Only one daemon
+    runs per state dir, and nothing it started outlives it (daemon_guard)."""
     problem = installed_app_problem(settings.approved_app_hash)
     if problem is not None:
         raise ConfigError(problem)
+    with hold_state_dir(settings.state_dir, "site", log.warning):
+        return serve_site(settings)
+
+
+def serve_site(settings: SiteSettings) -> int:
+    """The SuperNode's run, logged at start and stop in the site's audit log."""
     command, env = prepare_supernode(settings)
     entry = {
         "site": settings.site_name,
@@ -229,7 +243,7 @@ def run_site(settings: SiteSettings) -> int:
         "approved": settings.approved_app_hash,
     }
     log_site_event(settings.state_dir, {"event": "daemon-start", **entry})
-    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)
     code = 130
     try:
         with sigterm_as_interrupt():

@@ -28,6 +28,11 @@ from typing import Any
 import tomli_w
 
 from emixer_model.config import ConfigError, EmixerConfig, config_key, load_yaml_as
+from emixer_model.daemon_guard import (
+    die_with_parent,
+    hold_state_dir,
+    process_marker,
+)
 from emixer_model.shared import (
     APP_PACKAGES,
     UserError,
@@ -257,10 +262,15 @@ def wait_until_listening(proc: subprocess.Popen, address: str, log_path: Path) -
 
 
 class FlwrCli:
-    """The flwr CLI bound to our private FLWR_HOME."""
+    """The flwr CLI bound to our private FLWR_HOME (below the state dir, whose marker its
+    processes carry: a log stream cannot outlive the server)."""
 
     def __init__(self, flwr_home: Path) -> None:
-        self.env = {**os.environ, "FLWR_HOME": str(flwr_home)}
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(flwr_home),
+            **process_marker(flwr_home.parent),
+        }
 
     def json(self, *args: str) -> dict[str, Any]:
         """Run `flwr ARGS --format json` and return its JSON answer."""
@@ -323,7 +333,8 @@ def start_superlink(settings: ServerSettings) -> subprocess.Popen:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "FLWR_HOME": str(state / "flwr-home")},
+            preexec_fn=die_with_parent,
+            env={**os.environ, "FLWR_HOME": str(state / "flwr-home"), **process_marker(state)},
         )
     try:
         wait_until_listening(proc, settings.control_address, log_path)
@@ -335,9 +346,14 @@ def start_superlink(settings: ServerSettings) -> subprocess.Popen:
 
 def run_server(settings: ServerSettings, echo: Callable[[str], None] = print) -> bool:
     """Start the SuperLink, enrol the sites, run EMIXER to the end, stop. True when the run
-    completed."""
+    completed. Only one server runs per state dir, and nothing it started outlives it."""
+    with hold_state_dir(settings.state_dir, "server", echo):
+        return serve_run(settings, echo)
+
+
+def serve_run(settings: ServerSettings, echo: Callable[[str], None]) -> bool:
+    """The run itself, with the state dir held."""
     cfg = run_config(settings)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
     app_dir = stage_app(settings.state_dir / "app", cfg)
     write_flwr_home(settings.state_dir / "flwr-home", settings)
     cli = FlwrCli(settings.state_dir / "flwr-home")
