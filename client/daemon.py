@@ -25,6 +25,7 @@ from emixer_model.config import ConfigError, config_key, load_yaml_as
 from emixer_model.daemon_guard import (
     die_with_parent,
     hold_state_dir,
+    port_problem,
     process_marker,
 )
 from emixer_model.privacy.policy import SitePolicy
@@ -230,6 +231,9 @@ def run_site(settings: SiteSettings) -> int:
     if problem is not None:
         raise ConfigError(problem)
     with hold_state_dir(settings.state_dir, "site", log.warning):
+        problem = port_problem("127.0.0.1", settings.runtime_port, "the SuperNode's runtime API")
+        if problem is not None:
+            raise ConfigError(f"{problem} (site.yaml runtime_port)")
         return serve_site(settings)
 
 

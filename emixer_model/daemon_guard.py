@@ -23,6 +23,7 @@ import ctypes
 import fcntl
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -144,6 +145,48 @@ def hold_state_dir(state_dir: Path, role: str, echo: Callable[[str], None]) -> I
                 echo(f"could not stop: {describe(survivors)}")
         finally:
             os.close(fd)  # releases the lock
+
+
+def port_holders(port: int) -> dict[int, str]:
+    """pid -> command line of every process listening on TCP `port` (Linux /proc; {} elsewhere)."""
+    inodes: set[str] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir() if inodes else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                found[int(entry.name)] = command.strip()
+        except OSError:
+            continue
+    return found
+
+
+def port_problem(host: str, port: int, what: str) -> str | None:
+    """Why `what` cannot listen on host:port (naming who holds it), or None when it is free."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no holder
+        try:
+            probe.bind((host, port))
+            return None
+        except OSError as err:
+            reason = err.strerror or str(err)
+    holders = port_holders(port)
+    who = f"it is held by {describe(holders)}" if holders else f"the system says: {reason}"
+    return (
+        f"{what} cannot listen on port {port}: {who}. If that is an earlier SuperLink or "
+        "SuperNode of this deployment, stop it; otherwise choose another port"
+    )
 
 
 def die_with_parent() -> None:

@@ -29,8 +29,11 @@ import tomli_w
 
 from emixer_model.config import ConfigError, EmixerConfig, config_key, load_yaml_as
 from emixer_model.daemon_guard import (
+    describe,
     die_with_parent,
     hold_state_dir,
+    port_holders,
+    port_problem,
     process_marker,
 )
 from emixer_model.shared import (
@@ -244,7 +247,9 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 def wait_until_listening(proc: subprocess.Popen, address: str, log_path: Path) -> None:
-    """Poll the SuperLink's port; fail early (with its log) if it exits first."""
+    """Poll the SuperLink's port until the SuperLink we started listens on it; fail early (with
+    its log) if it exits first. Someone else answering on the port is an error, never a start:
+    an orphan SuperLink would take the run (issue 18)."""
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
@@ -255,9 +260,18 @@ def wait_until_listening(proc: subprocess.Popen, address: str, log_path: Path) -
             )
         try:
             with socket.create_connection((host, int(port)), timeout=1.0):
-                return
+                pass
         except OSError:
             time.sleep(0.3)
+            continue
+        holders = port_holders(int(port))
+        if proc.poll() is None and (not holders or proc.pid in holders):
+            return  # without /proc (not Linux) the port check before the start has to do
+        raise LaunchError(
+            f"port {port} answers, but not the flower-superlink this server started (pid "
+            f"{proc.pid}): {describe(holders) or 'it exited'}. Stop that process and start again."
+            f"\n{log_tail(log_path)}"
+        )
     raise LaunchError(f"flower-superlink did not listen on {address} within {READY_TIMEOUT:.0f} s")
 
 
@@ -322,9 +336,13 @@ class FlwrCli:
 
 
 def start_superlink(settings: ServerSettings) -> subprocess.Popen:
-    """Start flower-superlink in its own process group and wait until it listens."""
+    """Start flower-superlink in its own process group and wait until it listens; refused when
+    another process holds its port (named in the error)."""
     state = settings.state_dir
     state.mkdir(parents=True, exist_ok=True)
+    problem = port_problem(settings.host, settings.port, "flower-superlink")
+    if problem is not None:
+        raise LaunchError(problem)
     log_path = state / "superlink.log"
     with log_path.open("a") as log_file:
         proc = subprocess.Popen(
