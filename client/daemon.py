@@ -10,16 +10,20 @@ written to the site's append-only audit log next to every served round.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import tomli_w
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
@@ -48,6 +52,7 @@ REFUSED_ACTIVATION = "Failed to activate SuperNode"
 ACTIVATION_GRACE = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
 ACTIVATION_WAIT = ACTIVATION_GRACE + 30.0  # seconds a refused activation is retried
 RETRY_EVERY = 10.0
+RELAY_DRAIN = 5.0  # seconds the SuperNode's last output may take to arrive after it exits
 FLOWER_EXIT_CODE = re.compile(r"Exit Code: (\d+)")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -253,7 +258,8 @@ def run_site(settings: SiteSettings) -> int:
 
 def run_supernode(command: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
     """One flower-supernode process: its output goes on to ours (the journal), its last lines are
-    kept to read Flower's exit code from; (130, ...) when we are stopped."""
+    kept to read Flower's exit code from; (130, ...) when we are stopped. Whatever it leaves in
+    its process group (its flower-superexec) is stopped with it."""
     proc = subprocess.Popen(
         command,
         env=env,
@@ -265,16 +271,28 @@ def run_supernode(command: list[str], env: dict[str, str]) -> tuple[int, list[st
         errors="replace",
     )
     tail: deque[str] = deque(maxlen=60)
+    # a thread relays the output: the main thread must reap the SuperNode at once, because its
+    # flower-superexec (which shares the pipe) waits for its parent's pid to disappear
+    relay = threading.Thread(target=relay_lines, args=(proc.stdout, tail), daemon=True)
+    relay.start()
     try:
         with sigterm_as_interrupt():
-            for line in proc.stdout or ():
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                tail.append(ANSI_ESCAPE.sub("", line))
-            return proc.wait(), list(tail)
+            code = proc.wait()
     except KeyboardInterrupt:
         stop_process_group(proc)
-        return 130, list(tail)
+        code = 130
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    relay.join(timeout=RELAY_DRAIN)
+    return code, list(tail)
+
+
+def relay_lines(stream: IO[str] | None, tail: deque[str]) -> None:
+    """Copy the SuperNode's output to ours and keep its last lines (escape codes removed)."""
+    for line in stream or ():
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        tail.append(ANSI_ESCAPE.sub("", line))
 
 
 def flower_exit(lines: list[str]) -> tuple[int, str] | None:

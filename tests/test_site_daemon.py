@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -99,9 +100,14 @@ def test_any_other_flower_exit_is_reported_by_its_code_without_retrying(
     site, caplog: pytest.LogCaptureFixture
 ) -> None:
     bin_dir, settings = site
-    fake_supernode(bin_dir, 'echo "Exit Code: 606"; echo "Runtime version incompatible."; exit 1')
+    # like flower-superexec: a child sharing the SuperNode's output that waits for its pid to go
+    superexec = "( while kill -0 $$ 2>/dev/null; do sleep 0.2; done ) &"
+    exit_606 = 'echo "Exit Code: 606"; echo "Runtime version incompatible."; exit 1'
+    fake_supernode(bin_dir, f"{superexec}\n{exit_606}")
+    begun = time.monotonic()
     with caplog.at_level(logging.WARNING, "emixer.site"):
         assert run_site(settings) == 1
+    assert time.monotonic() - begun < 10, "the daemon waited for the SuperNode's child"
     assert starts(bin_dir) == 1
     assert caplog.records[-1].getMessage() == (
         "flower-supernode stopped with Flower exit code 606: Runtime version incompatible."
