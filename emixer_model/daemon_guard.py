@@ -189,11 +189,18 @@ def port_problem(host: str, port: int, what: str) -> str | None:
     )
 
 
+def _prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+PRCTL = _prctl()  # looked up in the daemon, so the forked child only makes the call
+
+
 def die_with_parent() -> None:
     """`preexec_fn` for a daemon's child: the kernel sends it SIGTERM when the daemon dies, even
     by SIGKILL (Linux prctl; a no-op elsewhere)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    if PRCTL is not None:
+        PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
