@@ -196,6 +196,8 @@ def test_a_tls_deployment_survives_a_site_kill_and_a_coordinator_kill(tmp_path: 
 
     ckpt = latest_checkpoint(checkpoints)
     assert ckpt.server_round == ROUNDS
+    # min_sites is a floor: a round is aggregated from both sites or from none
+    assert {len(r["sites"]) for r in ckpt.ledger["rounds"].values()} <= {0, 2}, ckpt.ledger
     released = tmp_path / "release"
     assert main(["release", "--model", str(ckpt.path), "--out", str(released), "--per-label",
                  "1", "--labels", "Cardiomegaly", "--format", "dicom", "--site-keys",

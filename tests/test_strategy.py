@@ -174,3 +174,13 @@ def test_a_round_with_fewer_usable_updates_than_min_sites_leaves_the_model_as_it
     assert set(ckpt.ledger["sites"]) == {"a", "b"}  # both trained: both spends are recorded
     both = strategy_for(tmp_path / "both", min_sites=2)
     assert both.aggregate_train(1, [reply(1, "c", good), reply(2, "d", good)])[0] is not None
+
+
+def test_a_round_whose_replies_all_missed_the_timeout_is_still_on_record(tmp_path):
+    """Found by the fault test: after the coordinator's restart both sites came back too late for
+    resumed round 4, which left no record, and the release gate refused the run."""
+    strategy = strategy_for(tmp_path, min_sites=2)
+    arrays, _ = strategy.aggregate_train(1, [])
+    assert arrays is None
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt.server_round == 1 and ckpt.ledger["rounds"]["1"]["sites"] == []
