@@ -10,18 +10,33 @@ written to the site's append-only audit log next to every served round.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import tomli_w
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+from flwr.supercore.exit import ExitCode
 
 from client.app_gate import GATE_COMMAND, installed_app_problem
 from emixer_model.config import ConfigError, config_key, load_yaml_as
+from emixer_model.daemon_guard import (
+    die_with_parent,
+    hold_state_dir,
+    port_problem,
+    process_marker,
+)
 from emixer_model.privacy.policy import SitePolicy
 from emixer_model.privacy.state import log_site_event
 from emixer_model.shared import app_hash, sigterm_as_interrupt, stop_process_group
@@ -29,7 +44,17 @@ from emixer_model.shared import app_hash, sigterm_as_interrupt, stop_process_gro
 log = logging.getLogger("emixer.site")
 
 DEFAULT_RUNTIME_PORT = 9094
-NOT_ENROLLED = 305  # flower-supernode's exit code when the SuperLink refuses the node's key
+# The public message of Flower's FLEET_NODE_ACTIVATION_FAILED (flwr/supercore/error/catalog.py):
+# the SuperLink sends it, and nothing more, both for a key it has not enrolled and for a node it
+# still counts as online (flwr/superlink/servicer/fleet/fleet_handlers.py `activate_node`).
+REFUSED_ACTIVATION = "Failed to activate SuperNode"
+# A node that never signed off stays online for HEARTBEAT_PATIENCE x its heartbeat interval.
+ACTIVATION_GRACE = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
+ACTIVATION_WAIT = ACTIVATION_GRACE + 30.0  # seconds a refused activation is retried
+RETRY_EVERY = 10.0
+RELAY_DRAIN = 5.0  # seconds the SuperNode's last output may take to arrive after it exits
+FLOWER_EXIT_CODE = re.compile(r"Exit Code: (\d+)")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
@@ -205,22 +230,112 @@ def supernode_command(settings: SiteSettings, node_config: Path) -> list[str]:
 def prepare_supernode(settings: SiteSettings) -> tuple[list[str], dict[str, str]]:
     """The SuperNode's command and environment, after writing its node config and the app gate:
     Flower keeps installed app bundles in FLWR_HOME (kept in the state dir), and finds the
-    ClientApp process on PATH, whose first folder is the gate."""
+    ClientApp process on PATH, whose first folder is the gate. Every process it starts carries
+    the state dir's marker, so none can outlive the daemon unnoticed (daemon_guard)."""
     command = supernode_command(settings, write_node_config(settings))
     gate = write_app_gate(settings)
     env = {
         **os.environ,
         "FLWR_HOME": str(settings.state_dir / "flwr-home"),
         "PATH": os.pathsep.join([str(gate), os.environ.get("PATH", os.defpath)]),
+        **process_marker(settings.state_dir),
     }
     return command, env
 
 
 def run_site(settings: SiteSettings) -> int:
-    """Run the SuperNode until it exits or we are stopped; returns its exit code."""
+    """Run the SuperNode until it exits or we are stopped; returns its exit code. Only one daemon
+    runs per state dir, and nothing it started outlives it (daemon_guard)."""
     problem = installed_app_problem(settings.approved_app_hash)
     if problem is not None:
         raise ConfigError(problem)
+    with hold_state_dir(settings.state_dir, "site", log.warning):
+        problem = port_problem("127.0.0.1", settings.runtime_port, "the SuperNode's runtime API")
+        if problem is not None:
+            raise ConfigError(f"{problem} (site.yaml runtime_port)")
+        return serve_site(settings)
+
+
+def run_supernode(command: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
+    """One flower-supernode process: its output goes on to ours (the journal), its last lines are
+    kept to read Flower's exit code from; (130, ...) when we are stopped. Whatever it leaves in
+    its process group (its flower-superexec) is stopped with it."""
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
+    tail: deque[str] = deque(maxlen=60)
+    # a thread relays the output: the main thread must reap the SuperNode at once, because its
+    # flower-superexec (which shares the pipe) waits for its parent's pid to disappear
+    relay = threading.Thread(target=relay_lines, args=(proc.stdout, tail), daemon=True)
+    relay.start()
+    try:
+        with sigterm_as_interrupt():
+            code = proc.wait()
+    except KeyboardInterrupt:
+        stop_process_group(proc)
+        code = 130
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    relay.join(timeout=RELAY_DRAIN)
+    return code, list(tail)
+
+
+def relay_lines(stream: IO[str] | None, tail: deque[str]) -> None:
+    """Copy the SuperNode's output to ours and keep its last lines (escape codes removed)."""
+    for line in stream or ():
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        tail.append(ANSI_ESCAPE.sub("", line))
+
+
+def flower_exit(lines: list[str]) -> tuple[int, str] | None:
+    """Flower's exit code and its message, read from the SuperNode's log: `flwr_exit` logs
+    "Exit Code: N" but ends the process with status 1 for every error code
+    (flwr/supercore/exit/exit.py), so the status alone cannot tell a refusal from a crash."""
+    text = "".join(lines)
+    found = list(FLOWER_EXIT_CODE.finditer(text))
+    if not found:
+        return None
+    message = text[found[-1].end() :].split("For more information")[0]
+    return int(found[-1].group(1)), " ".join(message.split())
+
+
+def is_refused_activation(flower: tuple[int, str] | None) -> bool:
+    """The SuperLink answered, but would not activate this node (see `REFUSED_ACTIVATION`)."""
+    return (
+        flower is not None
+        and flower[0] == ExitCode.SUPERNODE_CONNECTION_ERROR
+        and REFUSED_ACTIVATION in flower[1]
+    )
+
+
+def explain_exit(settings: SiteSettings, code: int, flower: tuple[int, str] | None) -> str:
+    """What the site engineer should know about a SuperNode that stopped with status `code`."""
+    if is_refused_activation(flower):
+        return (
+            "the SuperLink refused to activate this site's SuperNode (Flower exit code 305; "
+            f"retried for {ACTIVATION_WAIT:.0f} s). Flower gives the same answer for two causes: "
+            "the coordinator has not enrolled this site's public key (send them the .pub of "
+            f"{settings.private_key} for server.yaml `sites`), or the SuperLink still counts this "
+            "site's previous SuperNode as online because it stopped without signing off (crash, "
+            "SIGKILL, lost network) and has not freed it yet"
+        )
+    if flower is not None:
+        return f"flower-supernode stopped with Flower exit code {flower[0]}: {flower[1]}"
+    return f"flower-supernode exited with status {code}; its last lines are above"
+
+
+def serve_site(settings: SiteSettings) -> int:
+    """Run the SuperNode, logged at start and stop in the site's audit log. A refused activation
+    is retried for `ACTIVATION_WAIT` seconds: after a crash the SuperLink holds the dead node
+    "online" until its heartbeat lapses, and a daemon restarted by systemd lands in that window."""
     command, env = prepare_supernode(settings)
     entry = {
         "site": settings.site_name,
@@ -229,19 +344,29 @@ def run_site(settings: SiteSettings) -> int:
         "approved": settings.approved_app_hash,
     }
     log_site_event(settings.state_dir, {"event": "daemon-start", **entry})
-    proc = subprocess.Popen(command, env=env, start_new_session=True)
-    code = 130
+    code, flower, deadline = 130, None, None
     try:
-        with sigterm_as_interrupt():
-            code = proc.wait()
+        while True:
+            code, output = run_supernode(command, env)
+            flower = flower_exit(output)
+            if code == 130 or not is_refused_activation(flower):
+                break
+            deadline = deadline or time.monotonic() + ACTIVATION_WAIT
+            if time.monotonic() > deadline:
+                break
+            log.warning(
+                "the SuperLink refused to activate this site's SuperNode; if its previous "
+                "SuperNode stopped without signing off, the SuperLink frees it within %.0f s "
+                "of its last heartbeat. Retrying in %.0f s",
+                ACTIVATION_GRACE,
+                RETRY_EVERY,
+            )
+            with sigterm_as_interrupt():
+                time.sleep(RETRY_EVERY)
     except KeyboardInterrupt:
-        stop_process_group(proc)
+        code = 130
     finally:
         log_site_event(settings.state_dir, {"event": "daemon-stop", "exit": code, **entry})
-    if code == NOT_ENROLLED:
-        log.error(
-            "the SuperLink refused this site's key; ask the coordinator to enrol the public key "
-            "that belongs to %s",
-            settings.private_key,
-        )
+    if code not in (0, 130):
+        log.error(explain_exit(settings, code, flower))
     return code

@@ -158,7 +158,7 @@ class FederationConfig:
 
     rounds: int = 3  # planned rounds: the privacy horizon is rounds x local steps
     strategy: str = "fedavg"  # one of STRATEGIES
-    min_sites: int = 2  # fewest sites a round needs
+    min_sites: int = 2  # fewest usable updates that change the model (fewer: round skipped)
     on_budget_exhausted: str = "continue"  # "continue" without the site, or "stop" training
     max_update_norm: float = 1000.0  # L2 norm bound of (site arrays - global arrays)
     round_timeout: float = 3600.0  # seconds to wait for the sites of one round

@@ -91,8 +91,20 @@ class EmixerStrategy:
         replies = list(replies)
         names = {id(msg): self._accept(server_round, msg) for msg in replies}
         accepted = [msg for msg in replies if names[id(msg)]]
-        arrays, metrics = super().aggregate_train(server_round, accepted)
-        if replies:  # a round that sent nothing (training stopped) leaves no checkpoint
+        arrays, metrics = None, None
+        if len(accepted) >= self.cfg.federation.min_sites:
+            arrays, metrics = super().aggregate_train(server_round, accepted)
+        elif replies or not self.stopped:
+            log.warning(
+                "round %d: %d usable update(s), fewer than min_sites=%d; the global model stays "
+                "as it was (the sites' privacy spend is recorded) and the next round tries again",
+                server_round,
+                len(accepted),
+                self.cfg.federation.min_sites,
+            )
+        # every round up to a checkpoint has its record (the release gate checks coverage), also
+        # one whose replies all missed the round timeout; only a stopped run's rounds leave none
+        if replies or not self.stopped:
             aggregated = [str(names[id(msg)]) for msg in accepted] if arrays is not None else []
             self.ledger.record_round(server_round, self.global_sha256, aggregated)
             self.final_round = server_round

@@ -56,7 +56,8 @@ def reply(node, name, arrays=None, status="trained", epsilon=1.0, server_round=1
 
 
 def strategy_for(tmp_path, **federation):
-    cfg = EmixerConfig(federation=FederationConfig(max_update_norm=5.0, **federation))
+    federation = {"max_update_norm": 5.0, "min_sites": 1, **federation}
+    cfg = EmixerConfig(federation=FederationConfig(**federation))
     strategy = make_strategy(cfg, tmp_path, PrivacyLedger())
     strategy.global_arrays = GLOBAL
     strategy.global_sha256 = arrays_sha256(GLOBAL)
@@ -153,3 +154,33 @@ def test_float16_updates_are_widened_before_aggregation_and_other_dtypes_dropped
     arrays, _ = strategy.aggregate_train(1, [small, reply(2, "site_b", arrays=wrong)])
     assert arrays["w"].numpy().dtype == np.float32
     np.testing.assert_allclose(arrays["w"].numpy(), 0.5)
+
+
+def test_a_round_with_fewer_usable_updates_than_min_sites_leaves_the_model_as_it_was(
+    tmp_path, caplog
+):
+    """Issue 18: a dead node still counted as available, so rounds were aggregated from one site
+    with min_sites 2. Such a round changes nothing; the site's spend is still on record."""
+    strategy = strategy_for(tmp_path, min_sites=2)
+    good = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
+    nan = {"w": np.full((2, 3), np.nan, np.float32), "b": np.zeros(3, np.float32)}
+    with caplog.at_level(logging.WARNING, logger="emixer.server"):
+        arrays, _ = strategy.aggregate_train(1, [reply(1, "a", good), reply(2, "b", nan)])
+    assert arrays is None  # Flower's Strategy.start keeps the previous global model
+    assert "fewer than min_sites=2; the global model stays as it was" in caplog.text
+    ckpt = latest_checkpoint(tmp_path)
+    np.testing.assert_array_equal(ckpt.arrays["w"], GLOBAL["w"])
+    assert ckpt.ledger["rounds"]["1"]["sites"] == []  # no site's update is in the model
+    assert set(ckpt.ledger["sites"]) == {"a", "b"}  # both trained: both spends are recorded
+    both = strategy_for(tmp_path / "both", min_sites=2)
+    assert both.aggregate_train(1, [reply(1, "c", good), reply(2, "d", good)])[0] is not None
+
+
+def test_a_round_whose_replies_all_missed_the_timeout_is_still_on_record(tmp_path):
+    """Found by the fault test: after the coordinator's restart both sites came back too late for
+    resumed round 4, which left no record, and the release gate refused the run."""
+    strategy = strategy_for(tmp_path, min_sites=2)
+    arrays, _ = strategy.aggregate_train(1, [])
+    assert arrays is None
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt.server_round == 1 and ckpt.ledger["rounds"]["1"]["sites"] == []

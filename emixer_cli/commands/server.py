@@ -15,8 +15,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Start Flower's SuperLink with TLS and SuperNode authentication (runtime "
         "dependency installation off), enrol the public key of every site in server.yaml, "
         "submit the EMIXER run with the config's `run` section, stream its logs, and stop the "
-        "SuperLink when the run ends or on Ctrl-C. Exit 0 when the run completed, 1 when it "
-        "failed, 2 for a config or launch problem. See deploy/server.yaml.",
+        "SuperLink when the run ends or on Ctrl-C. One server per state dir: a second one exits "
+        "2 naming the first; processes a crashed predecessor left running (SuperLink, "
+        "ServerApp) are stopped and named first; a listen.port held by any other process is "
+        "refused, naming it. A round with fewer usable updates than run.federation.min_sites "
+        "leaves the model as it was. Exit 0 when the run completed, 1 when it failed, 2 for a "
+        "config or launch problem. See deploy/server.yaml.",
     )
     p.add_argument("--config", required=True, help="server.yaml (see deploy/server.yaml)")
     p.add_argument(

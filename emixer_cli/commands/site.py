@@ -20,7 +20,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "dependency installation stays off. approved_app_hash (what `emixer app-hash` prints "
         "on the install you reviewed) is required: every app bundle the coordinator sends is "
         "checked against it before any of its code runs, and a different one is refused. "
-        "Start, stop and refusals go to the site's audit log. See deploy/site.yaml.",
+        "Start, stop and refusals go to the site's audit log. One daemon per state dir: a "
+        "second one exits 2 naming the first, and processes a crashed predecessor left running "
+        "are stopped (and named) before the SuperNode starts. When the SuperLink refuses to "
+        "activate the node (Flower's exit code 305: key not enrolled, or a crashed "
+        "predecessor's session not yet freed) it is retried for 90 s. Exit 0 when the "
+        "SuperNode ends normally, 1 when it fails (the reason is logged), 2 for a config "
+        "problem or a state dir or runtime_port in use, 130 when stopped. See deploy/site.yaml.",
     )
     p.add_argument("--config", required=True, help="site.yaml (see deploy/site.yaml)")
     p.add_argument(

@@ -28,6 +28,14 @@ from typing import Any
 import tomli_w
 
 from emixer_model.config import ConfigError, EmixerConfig, config_key, load_yaml_as
+from emixer_model.daemon_guard import (
+    describe,
+    die_with_parent,
+    hold_state_dir,
+    port_holders,
+    port_problem,
+    process_marker,
+)
 from emixer_model.shared import (
     APP_PACKAGES,
     UserError,
@@ -239,7 +247,9 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 def wait_until_listening(proc: subprocess.Popen, address: str, log_path: Path) -> None:
-    """Poll the SuperLink's port; fail early (with its log) if it exits first."""
+    """Poll the SuperLink's port until the SuperLink we started listens on it; fail early (with
+    its log) if it exits first. Someone else answering on the port is an error, never a start:
+    an orphan SuperLink would take the run (issue 18)."""
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
@@ -250,17 +260,31 @@ def wait_until_listening(proc: subprocess.Popen, address: str, log_path: Path) -
             )
         try:
             with socket.create_connection((host, int(port)), timeout=1.0):
-                return
+                pass
         except OSError:
             time.sleep(0.3)
+            continue
+        holders = port_holders(int(port))
+        if proc.poll() is None and (not holders or proc.pid in holders):
+            return  # without /proc (not Linux) the port check before the start has to do
+        raise LaunchError(
+            f"port {port} answers, but not the flower-superlink this server started (pid "
+            f"{proc.pid}): {describe(holders) or 'it exited'}. Stop that process and start again."
+            f"\n{log_tail(log_path)}"
+        )
     raise LaunchError(f"flower-superlink did not listen on {address} within {READY_TIMEOUT:.0f} s")
 
 
 class FlwrCli:
-    """The flwr CLI bound to our private FLWR_HOME."""
+    """The flwr CLI bound to our private FLWR_HOME (below the state dir, whose marker its
+    processes carry: a log stream cannot outlive the server)."""
 
     def __init__(self, flwr_home: Path) -> None:
-        self.env = {**os.environ, "FLWR_HOME": str(flwr_home)}
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(flwr_home),
+            **process_marker(flwr_home.parent),
+        }
 
     def json(self, *args: str) -> dict[str, Any]:
         """Run `flwr ARGS --format json` and return its JSON answer."""
@@ -312,9 +336,13 @@ class FlwrCli:
 
 
 def start_superlink(settings: ServerSettings) -> subprocess.Popen:
-    """Start flower-superlink in its own process group and wait until it listens."""
+    """Start flower-superlink in its own process group and wait until it listens; refused when
+    another process holds its port (named in the error)."""
     state = settings.state_dir
     state.mkdir(parents=True, exist_ok=True)
+    problem = port_problem(settings.host, settings.port, "flower-superlink")
+    if problem is not None:
+        raise LaunchError(problem)
     log_path = state / "superlink.log"
     with log_path.open("a") as log_file:
         proc = subprocess.Popen(
@@ -323,7 +351,8 @@ def start_superlink(settings: ServerSettings) -> subprocess.Popen:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "FLWR_HOME": str(state / "flwr-home")},
+            preexec_fn=die_with_parent,
+            env={**os.environ, "FLWR_HOME": str(state / "flwr-home"), **process_marker(state)},
         )
     try:
         wait_until_listening(proc, settings.control_address, log_path)
@@ -335,9 +364,14 @@ def start_superlink(settings: ServerSettings) -> subprocess.Popen:
 
 def run_server(settings: ServerSettings, echo: Callable[[str], None] = print) -> bool:
     """Start the SuperLink, enrol the sites, run EMIXER to the end, stop. True when the run
-    completed."""
+    completed. Only one server runs per state dir, and nothing it started outlives it."""
+    with hold_state_dir(settings.state_dir, "server", echo):
+        return serve_run(settings, echo)
+
+
+def serve_run(settings: ServerSettings, echo: Callable[[str], None]) -> bool:
+    """The run itself, with the state dir held."""
     cfg = run_config(settings)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
     app_dir = stage_app(settings.state_dir / "app", cfg)
     write_flwr_home(settings.state_dir / "flwr-home", settings)
     cli = FlwrCli(settings.state_dir / "flwr-home")
