@@ -32,6 +32,9 @@ BASES: dict[str, type[FedAvg]] = {
 STATE_ATTRIBUTES = ("m_t", "v_t")
 # Machine-local paths of the coordinator: never stored in checkpoints (they reach releases).
 LOCAL_PATH_KEYS = ("site_dirs", "state_root", "checkpoint_dir", "initial_model")
+# the commit round only signs (no training): a site that has not answered by then is logged
+# and asked again by `emixer server --resume`, instead of holding the run for a round_timeout
+COMMIT_TIMEOUT = 300.0
 
 
 class EmixerStrategy:
@@ -73,6 +76,8 @@ class EmixerStrategy:
         # the model the run has reached and its round: what the commit round asks sites to sign
         self.final_round = round_offset
         self.final_arrays: dict = {}
+        # nodes that sent this process a signed entry: the sites the commit round asks
+        self.signing_nodes: set[int] = set()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -131,11 +136,16 @@ class EmixerStrategy:
             "arrays": to_array_record(self.final_arrays),
             "config": ConfigRecord({**self.cfg.to_run_config(), "server-round": self.final_round}),
         }
+        # Only sites that signed in this run: a site whose own gate refused the app never runs it
+        # and would never answer. A run resumed with no rounds left asks every connected site.
+        asked = self.signing_nodes
+        nodes = [n for n in grid.get_node_ids() if not asked or n in asked]
         messages = [
             Message(content=RecordDict(content), dst_node_id=node, message_type="query.commit")
-            for node in grid.get_node_ids()
+            for node in nodes
         ]
-        replies = grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
+        timeout = min(self.cfg.federation.round_timeout, COMMIT_TIMEOUT)
+        replies = grid.send_and_receive(messages, timeout=timeout)
         signed_by = 0
         for msg in replies:
             site, signed = msg.content.get("site"), msg.content.get("ledger")
@@ -181,6 +191,8 @@ class EmixerStrategy:
                 dict(signed) if signed is not None else None,
                 self.global_sha256,
             )
+            if signed is not None:
+                self.signing_nodes.add(node)
         except (KeyError, TypeError, ValueError) as err:
             log.warning(
                 "round %d: site %s sent a malformed or unverifiable ledger entry (%s); "
