@@ -76,8 +76,9 @@ class EmixerStrategy:
         # the model the run has reached and its round: what the commit round asks sites to sign
         self.final_round = round_offset
         self.final_arrays: dict = {}
-        # nodes that sent this process a signed entry: the sites the commit round asks
-        self.signing_nodes: set[int] = set()
+        # nodes whose ClientApp answered this process (no Flower error): the commit round asks
+        # them, also a site that could not train (it signs that it trained nothing)
+        self.answering_nodes: set[int] = set()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -136,9 +137,9 @@ class EmixerStrategy:
             "arrays": to_array_record(self.final_arrays),
             "config": ConfigRecord({**self.cfg.to_run_config(), "server-round": self.final_round}),
         }
-        # Only sites that signed in this run: a site whose own gate refused the app never runs it
-        # and would never answer. A run resumed with no rounds left asks every connected site.
-        asked = self.signing_nodes
+        # Only sites whose app answered in this run: a site whose own gate refused the app never
+        # runs it and would never answer. A run resumed with no rounds left asks every site.
+        asked = self.answering_nodes
         nodes = [n for n in grid.get_node_ids() if not asked or n in asked]
         messages = [
             Message(content=RecordDict(content), dst_node_id=node, message_type="query.commit")
@@ -171,6 +172,7 @@ class EmixerStrategy:
         if msg.has_error():
             log.warning("round %d: site node %d failed: %s", server_round, node, msg.error.reason)
             return None
+        self.answering_nodes.add(node)
         site = msg.content.get("site")
         metrics = msg.content.get("metrics")
         if site is None or metrics is None:
@@ -191,8 +193,6 @@ class EmixerStrategy:
                 dict(signed) if signed is not None else None,
                 self.global_sha256,
             )
-            if signed is not None:
-                self.signing_nodes.add(node)
         except (KeyError, TypeError, ValueError) as err:
             log.warning(
                 "round %d: site %s sent a malformed or unverifiable ledger entry (%s); "
