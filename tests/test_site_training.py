@@ -158,6 +158,7 @@ def test_budget_shows_the_spend_per_run_and_catches_an_edited_ledger(tmp_path, t
     train_site_round(site, state, tiny_config(privacy={"delta": 0.5}), None, 1, 1, run_id="8")
     last = train_site_round(site, state, cfg, first.weights, 1, 1, run_id="9")
     files = {p: p.stat().st_mtime_ns for p in state.rglob("*")}
+    capsys.readouterr()  # training's log lines (on stdout once an earlier test ran main())
 
     assert main(["budget", str(state), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
