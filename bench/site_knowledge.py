@@ -58,6 +58,7 @@ PHRASED = "Cardiomegaly"
 JUDGE_STEPS = 800
 SYNTHETIC_PAIRS = 600  # the TSTR and augmentation set (the prior asks for the finding in 10%)
 SCARCE_POSITIVES = 6  # labeled positives of the site-only finding at the scarce-data site
+BASE_STUDIES = 160  # labeled studies per site at the default expected batch (32 rows)
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,13 @@ def main() -> None:
         metavar="FILE",
         help="only merge the figures --save wrote (the same --split) and print the tables",
     )
+    parser.add_argument(
+        "--per-site",
+        type=int,
+        default=BASE_STUDIES,
+        help=f"labeled studies per site ({BASE_STUDIES}); the expected batch grows with it, so "
+        "q, sigma and the steps stay those of the base size (the site-size table)",
+    )
     parser.add_argument("--cache", default="bench-cache/site_knowledge")
     parser.add_argument("--smoothing", type=float, default=0.0)
     args = parser.parse_args()
@@ -237,11 +245,13 @@ def main() -> None:
         summarise(merged, args.control)
         return
     setup: Setup = SMOKE if args.smoke else QUICK if args.quick else Setup(per_site=160, size=64)
+    setup = replace(setup, per_site=args.per_site) if args.per_site != BASE_STUDIES else setup
     model = ModelConfig(**DEMO_MODEL)
-    base = EmixerConfig(
-        model=model,
-        train=TrainConfig(report_label_smoothing=args.smoothing, epochs=setup.epochs),
+    batch = round(TrainConfig().batch_size * args.per_site / BASE_STUDIES)
+    train = TrainConfig(
+        report_label_smoothing=args.smoothing, epochs=setup.epochs, batch_size=batch
     )
+    base = EmixerConfig(model=model, train=train)
     cache = Path(args.cache)
     console.print(machine())
     sites, public = prepare(setup, cache, model)
