@@ -19,6 +19,7 @@ never overrides the site's policy.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -62,30 +63,63 @@ def site_paths(context: Context, cfg: EmixerConfig) -> tuple[str, Path, Path]:
 SITE_FAILURES = (ConfigError, SiteDataError, ValueError, OSError)
 
 
+@dataclass(frozen=True)
+class SiteRequest:
+    """What a train or commit message asks of this site, read with the site's own settings."""
+
+    cfg: EmixerConfig
+    name: str
+    data_dir: Path
+    state_dir: Path
+    policy: SitePolicy
+    key: SiteKey | None
+    weights: dict
+    run_id: str
+
+
+def round_and_node_name(msg: Message, context: Context) -> tuple[dict, int, str]:
+    """(the run config, the server round, the node's site name): what a failure is logged with
+    before the config is read."""
+    flat = dict(msg.content["config"])
+    server_round = int(flat.pop("server-round"))
+    return flat, server_round, str(context.node_config.get("site-name", f"node-{context.node_id}"))
+
+
+def site_request(flat: dict, msg: Message, context: Context) -> SiteRequest:
+    """Read the run config, the site's paths, policy and signing key, and the model sent."""
+    cfg = EmixerConfig.from_run_config(flat)
+    name, data_dir, state_dir = site_paths(context, cfg)
+    key_path = context.node_config.get("signing-key")
+    return SiteRequest(
+        cfg=cfg,
+        name=name,
+        data_dir=data_dir,
+        state_dir=state_dir,
+        policy=SitePolicy.from_node_config(context.node_config),
+        key=SiteKey.load(Path(str(key_path))) if key_path else None,
+        weights=from_array_record(msg.content["arrays"]),
+        run_id=str(context.run_id),
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One federated round at this site."""
-    flat = dict(msg.content["config"])
-    server_round = int(flat.pop("server-round"))
-    name = str(context.node_config.get("site-name", f"node-{context.node_id}"))
+    flat, server_round, name = round_and_node_name(msg, context)
     try:
-        cfg = EmixerConfig.from_run_config(flat)
-        name, data_dir, state_dir = site_paths(context, cfg)
-        policy = SitePolicy.from_node_config(context.node_config)
-        key_path = context.node_config.get("signing-key")
-        key = SiteKey.load(Path(str(key_path))) if key_path else None
-        global_weights = from_array_record(msg.content["arrays"])
+        request = site_request(flat, msg, context)
+        name = request.name
         result = train_site_round(
-            data_dir,
-            state_dir,
-            cfg,
-            global_weights,
+            request.data_dir,
+            request.state_dir,
+            request.cfg,
+            request.weights,
             server_round,
-            cfg.federation.rounds,
-            policy=policy,
-            key=key,
+            request.cfg.federation.rounds,
+            policy=request.policy,
+            key=request.key,
             site_name=name,
-            run_id=str(context.run_id),
+            run_id=request.run_id,
         )
     except SITE_FAILURES as err:
         log.error("site %s round %d: not trained: %s", name, server_round, err)
@@ -100,7 +134,7 @@ def train(msg: Message, context: Context) -> Message:
             content=RecordDict({"metrics": MetricRecord({"num-examples": 0.0}), "site": status}),
             reply_to=msg,
         )
-    log_served_round(state_dir, context, server_round, result.status, result.epsilon)
+    log_served_round(request.state_dir, context, server_round, result.status, result.epsilon)
     if result.status == "trained":
         log.info("site %s round %d: trained, epsilon %.3f", name, server_round, result.epsilon)
     else:
@@ -114,7 +148,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     if result.weights is not None:
-        content["arrays"] = to_array_record(result.weights, cfg.federation.update_dtype)
+        content["arrays"] = to_array_record(result.weights, request.cfg.federation.update_dtype)
     if result.signed is not None:
         content["ledger"] = ConfigRecord({**result.signed, "public-key": result.public_key})
     return Message(content=content, reply_to=msg)
@@ -124,22 +158,19 @@ def train(msg: Message, context: Context) -> Message:
 def commit(msg: Message, context: Context) -> Message:
     """The run's commit round: sign the model it ended with (`commit_model`), so a release of it
     is one this site signed for, with what it had spent (docs/PRIVACY.md invariant 7)."""
-    flat = dict(msg.content["config"])
-    server_round = int(flat.pop("server-round"))
-    name = str(context.node_config.get("site-name", f"node-{context.node_id}"))
+    flat, server_round, name = round_and_node_name(msg, context)
     try:
-        cfg = EmixerConfig.from_run_config(flat)
-        name, _, state_dir = site_paths(context, cfg)
-        key_path = context.node_config.get("signing-key")
+        request = site_request(flat, msg, context)
+        name = request.name
         signed, signer = commit_model(
-            state_dir,
-            cfg,
-            from_array_record(msg.content["arrays"]),
+            request.state_dir,
+            request.cfg,
+            request.weights,
             server_round,
-            policy=SitePolicy.from_node_config(context.node_config),
-            key=SiteKey.load(Path(str(key_path))) if key_path else None,
+            policy=request.policy,
+            key=request.key,
             site_name=name,
-            run_id=str(context.run_id),
+            run_id=request.run_id,
         )
     except SITE_FAILURES as err:
         log.error("site %s: the final model of round %d not signed: %s", name, server_round, err)
