@@ -14,7 +14,6 @@ train_planned_round, record_trained_round.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -117,49 +116,58 @@ def train_site_round(
     state_dir = Path(state_dir)
     data, population = load_round_data(site_dir, state_dir, cfg, policy, load_progress)
     state = SiteState(state_dir)
-    accountant = state.load_accountant(cfg.privacy.accountant)
-    state.check_accountant(accountant)
-    budget = policy.budget_for(cfg.privacy.epsilon_budget)
-    rounds_left = max(1, planned_rounds - server_round + 1)
-    try:
-        plan = plan_within_budget(
-            state, cfg, policy, data, population, accountant, budget, rounds_left
+    with state.one_round_at_a_time():
+        accountant = state.load_accountant(cfg.privacy.accountant)
+        state.check_accountant(accountant)
+        budget = policy.budget_for(cfg.privacy.epsilon_budget)
+        rounds_left = max(1, planned_rounds - server_round + 1)
+        try:
+            plan = plan_within_budget(
+                state, cfg, policy, data, population, accountant, budget, rounds_left
+            )
+        except RoundRefused as refusal:
+            signer = key or state.signing_key()
+            site = site_name or Path(site_dir).name
+            return record_refusal(
+                state,
+                accountant,
+                budget,
+                refusal,
+                signer,
+                site,
+                run_id,
+                server_round,
+                global_weights,
+            )
+        nets, summary = train_planned_round(
+            data, cfg, global_weights, plan, accountant, server_round, progress
         )
-    except RoundRefused as refusal:
-        signer = key or state.signing_key()
-        site = site_name or Path(site_dir).name
-        return record_refusal(
-            state, accountant, budget, refusal, signer, site, run_id, server_round, global_weights
+        signed, signer = record_trained_round(
+            state,
+            key,
+            accountant,
+            plan,
+            int(summary["steps"]),
+            global_weights,
+            budget,
+            site=site_name or Path(site_dir).name,
+            run_id=run_id,
+            server_round=server_round,
         )
-    nets, summary = train_planned_round(
-        data, cfg, global_weights, plan, accountant, server_round, progress
-    )
-    signed, signer = record_trained_round(
-        state,
-        key,
-        accountant,
-        plan,
-        int(summary["steps"]),
-        global_weights,
-        budget,
-        site=site_name or Path(site_dir).name,
-        run_id=run_id,
-        server_round=server_round,
-    )
-    return SiteRoundResult(
-        status="trained",
-        epsilon=accountant.epsilon(plan.delta),
-        delta=plan.delta,
-        budget=budget,
-        plan=plan,
-        num_examples=plan.n_units,
-        steps=int(summary["steps"]),
-        losses=summary["losses"],
-        weights=get_weights(nets),
-        signed=signed,
-        public_key=signer.public_key(),
-        share_losses=policy.share_losses,
-    )
+        return SiteRoundResult(
+            status="trained",
+            epsilon=accountant.epsilon(plan.delta),
+            delta=plan.delta,
+            budget=budget,
+            plan=plan,
+            num_examples=plan.n_units,
+            steps=int(summary["steps"]),
+            losses=summary["losses"],
+            weights=get_weights(nets),
+            signed=signed,
+            public_key=signer.public_key(),
+            share_losses=policy.share_losses,
+        )
 
 
 def with_site_secure_mode(cfg: EmixerConfig, policy: SitePolicy) -> EmixerConfig:
@@ -296,20 +304,21 @@ def commit_model(
     site's own ledger can then find that model by its hash in any later check. Returns the
     signed entry and the key that signed it."""
     state = SiteState(state_dir)
-    accountant = state.load_accountant(cfg.privacy.accountant)
-    state.check_accountant(accountant)
-    signer = key or state.signing_key()
-    _, signed = record_status(
-        state,
-        signer,
-        "commit",
-        accountant,
-        (policy or SitePolicy()).budget_for(cfg.privacy.epsilon_budget),
-        site=site_name,
-        run_id=run_id,
-        server_round=server_round,
-        weights=weights,
-    )
+    with state.one_round_at_a_time():
+        accountant = state.load_accountant(cfg.privacy.accountant)
+        state.check_accountant(accountant)
+        signer = key or state.signing_key()
+        _, signed = record_status(
+            state,
+            signer,
+            "commit",
+            accountant,
+            (policy or SitePolicy()).budget_for(cfg.privacy.epsilon_budget),
+            site=site_name,
+            run_id=run_id,
+            server_round=server_round,
+            weights=weights,
+        )
     return signed, signer
 
 
@@ -339,8 +348,7 @@ def record_status(
         model_sha256=arrays_sha256(weights),
         budget=budget,
     )
-    signed = key.sign(entry)
-    state.append_ledger({"time": time.time(), **entry, **signed, "message": message})
+    signed = state.sign_and_append(key, entry, message=message)
     event = "model-committed" if status == "commit" else f"round-{status}"
     log_site_event(
         state.root,
@@ -411,6 +419,4 @@ def record_trained_round(
         budget=budget,
     )
     signer = key or state.signing_key()
-    signed = signer.sign(entry)
-    state.append_ledger({"time": time.time(), "status": "trained", **entry, **signed})
-    return signed, signer
+    return state.sign_and_append(signer, entry), signer

@@ -4,6 +4,7 @@ the site's disk, a rolled-back accountant refused, audit holdout units kept out 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -104,6 +105,26 @@ def test_train_local_twice_on_one_state_dir_refuses_the_second_run(tmp_path, tin
     assert first.status == "trained" and first.epsilon <= 2.0
     assert again.status == "budget-exhausted" and again.weights is None
     assert "past the budget" in again.message
+
+
+def test_two_runs_training_at_once_on_one_state_dir_count_every_step(tmp_path, tiny_sites):
+    """Two coordinators' runs served at once through one SuperNode: the second round waits for
+    the first (the state dir's round lock), so the accountant counts both rounds' steps and the
+    ledger numbers them 1, 2. Without the lock both load an empty accountant and one save wins."""
+    site, state = tiny_sites[0], tmp_path / "state"
+    cfg = tiny_config(privacy={"epsilon_budget": 100.0})
+    with ThreadPoolExecutor(2) as pool:
+        runs = [
+            pool.submit(train_site_round, site, state, cfg, None, 1, 1, run_id=run)
+            for run in ("a", "b")
+        ]
+        results = [run.result() for run in runs]
+    assert [r.status for r in results] == ["trained", "trained"]
+    accountant = SiteAccountant.load(state / "privacy" / "accountant.json", "rdp")
+    assert sum(steps for _, _, steps in accountant.history) == sum(r.steps for r in results)
+    ledger = [json.loads(line) for line in (state / "privacy" / "ledger.jsonl").open()]
+    assert sorted(e["seq"] for e in ledger) == [1, 2]
+    assert max(r.epsilon for r in results) == pytest.approx(accountant.epsilon(results[0].delta))
 
 
 def test_the_site_policy_refuses_a_run_that_asks_for_a_larger_delta_or_less_noise(

@@ -6,9 +6,12 @@ never imports this module (an import-linter contract in pyproject.toml keeps it 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +27,7 @@ log = logging.getLogger("emixer.site")
 AUDIT_LOG = "audit.log"
 SIMULATION_KEY = "signing.key"  # in <state_dir>/privacy/ when the site has no node-auth key
 LEDGER_FILE = Path("privacy") / "ledger.jsonl"  # in a site's state dir
+ROUND_LOCK = "round.lock"  # in the state dir's privacy/: held by the round that is training
 
 
 def log_site_event(state_dir: Path, entry: dict) -> None:
@@ -72,6 +76,23 @@ class SiteState:
     def save_plan(self, plan: PrivacyPlan) -> None:
         write_json_atomic(self.plan_path, asdict(plan), fsync=True)
 
+    @contextmanager
+    def one_round_at_a_time(self) -> Iterator[None]:
+        """Hold the site's round lock while a round loads, spends, saves and signs. Two runs
+        served at once (one SuperNode, two coordinators' runs; or two processes on one state
+        dir) would otherwise both load the accountant, train and save: one round's steps lost
+        from epsilon, two entries with one number. A second round waits for the first."""
+        with (self.dir / ROUND_LOCK).open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("another round is training on %s; this one waits for it", self.root)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def load_accountant(self, kind: str) -> SiteAccountant:
         if self.accountant_path.is_file() or self.accountant_path.with_suffix(".prev").is_file():
             return SiteAccountant.load(self.accountant_path, kind)
@@ -89,9 +110,13 @@ class SiteState:
                 "back. Restore accountant.json from a backup before training again"
             )
 
-    def append_ledger(self, entry: dict) -> None:
+    def sign_and_append(self, key: SiteKey, entry: dict, **unsigned: str) -> dict[str, str]:
+        """Sign `entry` and append it to the ledger with the time and any `unsigned` notes (a
+        refusal's message), before anything leaves the site. Returns the signed record."""
+        signed = key.sign(entry)
         with self.ledger_path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write(json.dumps({"time": time.time(), **entry, **signed, **unsigned}) + "\n")
+        return signed
 
     def ledger(self) -> list[dict]:
         return read_site_ledger(self.root) or []
