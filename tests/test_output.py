@@ -120,6 +120,15 @@ def test_demo_piped_shows_stages_once_and_logs_libraries_to_the_run_folder(
     assert not repeated, f"printed more than once: {repeated}"
     for stage in ("1/5", "2/5", "3/5", "4/5", "5/5", "privacy ledger", "index.html"):
         assert stage in screen
+    # what the sites know, the public-only model beside the release on the same held-out patients
+    assert "public-only model" in screen and "what only the sites know (Pneumoperitoneum" in screen
+    (evaluation,) = (tmp_path / "out" / "runs").glob("*/evaluation/evaluation.json")
+    compared = json.loads(evaluation.read_text())["compared"]["models"]
+    assert list(compared) == ["public-only model", "release"]
+    assert (
+        compared["public-only model"]["label_fidelity"].keys()
+        == compared["release"]["label_fidelity"].keys()
+    )
 
     (log,) = (tmp_path / "out" / "runs").glob("*/emixer.log")
     logged = log.read_text()

@@ -151,6 +151,15 @@ def site_phrasing(report: str, finding: str) -> bool:
 LOSS_COLUMNS = ("report", "d_real", "d_fake", "g")  # the losses a person watches
 
 
+def site_knowledge_findings() -> tuple[str, ...]:
+    """What the phantom sites know that the public collection does not (docs/PHANTOM_WORLD.md):
+    the site-only finding, the findings a site words its own way, the one a site draws its own."""
+    from emixer_model.data.phantoms import SITE_APPEARANCE_FINDING
+    from emixer_model.text.grammar import SITE_ONLY_FINDING, SITE_PHRASING
+
+    return (SITE_ONLY_FINDING, *SITE_PHRASING, SITE_APPEARANCE_FINDING)
+
+
 def ledger_table(ledger: dict) -> Table:
     """Each site's cumulative privacy spend, and its last round's mean losses where the site's
     policy let them leave (by default none do, and the loss columns are left out)."""
@@ -182,8 +191,10 @@ def ledger_table(ledger: dict) -> Table:
 
 def run(args: argparse.Namespace) -> int:
     from emixer_model.data.phantoms import write_phantom_sites
+    from emixer_model.evaluation.tables import compared_table
+    from emixer_model.evaluation.utility import SyntheticSet
     from emixer_model.privacy.state import simulation_public_key
-    from server.tools.release import parse_conditions, release
+    from server.tools.release import draw_as_released, parse_conditions, release
     from server.tools.simulation import simulate
 
     cfg = demo_config(args)
@@ -245,7 +256,13 @@ def run(args: argparse.Namespace) -> int:
             "[yellow]the --config file holds no patients out (train.holdout_fraction 0): every "
             "figure below is scored on patients the generator trained on[/yellow]"
         )
-    evaluate_and_print(
+    compare = {}
+    if public is not None:  # the public model's pairs for the same conditions and latents
+        images, labels, reports = draw_as_released(
+            pretrained, parse_conditions(None), args.per_label_release, seed=args.seed
+        )
+        compare["public-only model"] = SyntheticSet(images, labels, reports)
+    result = evaluate_and_print(
         release_dir,
         sites,
         [run_dir / "state" / site.name for site in sites],
@@ -254,7 +271,17 @@ def run(args: argparse.Namespace) -> int:
         public_dir=public,
         phrasing=site_phrasing,
         allow_training_patients=not held_out,
+        compare=compare,
     )
+    findings = site_knowledge_findings()
+    site_knowledge = compared_table(result, findings)
+    if site_knowledge is not None:
+        console.print(site_knowledge)
+        console.print(
+            f"what only the sites know ({', '.join(findings)}; "
+            "docs/PHANTOM_WORLD.md): the public-only model has never seen it, so any gain of the "
+            "release over it there came through the federation"
+        )
     console.print(
         f"open {(release_dir / 'index.html').resolve()} in a browser (the release); its "
         f"evaluation, which stays at the sites, is {evaluation_dir / PAGE_NAME}"

@@ -18,7 +18,7 @@ release: these are statistics of real data (docs/PRIVACY.md invariant 4).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -347,6 +347,14 @@ def _judge_figures(scores: Scores, prefix: str) -> dict:
     }
 
 
+COMPARED = ("label_fidelity", "linear_label_fidelity", "report_label_f1", "phrasing_share")
+
+
+def compared_figures(scores: Scores) -> dict[str, dict]:
+    """The per-finding figures two models are compared by (those the scores have)."""
+    return {key: _figures(scores.per_label[key]) for key in COMPARED if key in scores.per_label}
+
+
 def score_sections(scores: Scores) -> dict:
     """The evaluation.json sections of the library's figures, each with its method in words."""
     fig, per_label = scores.figures, scores.per_label
@@ -465,12 +473,16 @@ def evaluate_release(
     findings: Sequence[str] = FINDINGS,
     public_dir: Path | None = None,
     phrasing: Phrasing | None = None,
+    compare: Mapping[str, SyntheticSet] | None = None,
 ) -> dict:
     """Run every evaluation and write out_dir/evaluation.json, figures/ and evaluation.html (the
     per-finding rows for `findings`); return the result. Nothing is written to the release.
     With `public_dir` (a public collection, the format `emixer pretrain` reads), a classifier
     trained on it alone is the train-on-public baseline beside train-on-real and TSTR. With
     `phrasing` (report, finding) -> bool, per finding the share of synthetic reports that use it.
+    `compare` names other models' pairs drawn for the release's conditions (the public model's,
+    say): the same judge scores them, and "compared" holds their per-finding figures beside the
+    release's, so what the sites added is read on the same held-out patients.
 
     The judge trains on the sites' training-side patients and is tested on their recorded
     evaluation patients, which no generator trained on: the synthetic images are scored by a
@@ -544,6 +556,21 @@ def evaluate_release(
         },
     }
     result |= score_sections(scores)
+    if compare:
+        log(f"scoring {', '.join(compare)} with the same judge")
+        result["compared"] = {
+            "method": "per finding, each model's pairs for the release's conditions, scored by "
+            "the same judges on the same held-out patients; 'release' is this release",
+            "models": {
+                **{
+                    name: compared_figures(
+                        judge.score(pairs, train_on_synthetic=False, phrasing=phrasing)
+                    )
+                    for name, pairs in compare.items()
+                },
+                "release": compared_figures(scores),
+            },
+        }
     if phrasing is not None:
         result["phrasing"] = {
             "method": f"per finding, the share of synthetic reports conditioned on it for which "

@@ -58,6 +58,13 @@ FINDING_COLUMNS: tuple[tuple[str, Path], ...] = (
     ("phrasing share", ("phrasing", "per_label")),
 )
 FIGURE_COLUMNS = ("value", "95% interval", "n", "verdict")
+# the measures of evaluation.json's "compared" section, as its rows name them
+COMPARED_MEASURES = (
+    ("fidelity (judge's AUROC)", "label_fidelity"),
+    ("fidelity, linear judge", "linear_label_fidelity"),
+    ("report F1", "report_label_f1"),
+    ("phrasing share", "phrasing_share"),
+)
 
 
 def lookup(result: dict, path: Path) -> dict | None:
@@ -148,3 +155,26 @@ def rich_tables(result: dict, findings: Sequence[str]) -> list[Table]:
             table.add_row(finding, *(cell(e) for e in entries))
         tables.append(table)
     return tables
+
+
+def compared_table(result: dict, findings: Sequence[str]) -> Table | None:
+    """Each compared model beside the release, per finding and measure (evaluation.json's
+    "compared"); None when nothing was compared."""
+    models = lookup(result, ("compared", "models"))
+    if not models:
+        return None
+    table = Table(
+        title="per finding: other models beside this release, same judges, same held-out "
+        "patients (value [95% interval])",
+        caption="95% bootstrap intervals over the pairs; the judges of the tables above",
+    )
+    table.add_column("finding")
+    table.add_column("measure")
+    for name in models:
+        table.add_column(name, justify="right")
+    for finding in findings:
+        for label, key in COMPARED_MEASURES:
+            entries = [figures.get(key, {}).get(finding) for figures in models.values()]
+            if any(entry is not None for entry in entries):
+                table.add_row(finding, label, *(cell(entry) for entry in entries))
+    return table

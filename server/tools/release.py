@@ -269,11 +269,7 @@ def release(
         raise ReleaseRefused(f"{out} already holds files; a release is never overwritten")
     ckpt = load_checkpoint(checkpoint)
     privacy = check_privacy_gate(ckpt, budget, enrolled)
-    cfg = from_dict(EmixerConfig, ckpt.config)
-    nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
-    set_weights(nets, ckpt.arrays)
-    # oneDNN runs the conv stacks of G and E about twice as fast in channels-last layout on CPU
-    nets.eval().to(memory_format=torch.channels_last)
+    cfg, nets = sampling_networks(ckpt)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -323,6 +319,46 @@ def release(
     return ReleaseSummary(out, len(rows), privacy["release_epsilon"], per_condition)
 
 
+def sampling_networks(ckpt: Checkpoint) -> tuple[EmixerConfig, torch.nn.Module]:
+    """The checkpoint's config and networks, ready to sample."""
+    cfg = from_dict(EmixerConfig, ckpt.config)
+    nets = build_networks(cfg.model, VOCAB_SIZE, len(FINDINGS))
+    set_weights(nets, ckpt.arrays)
+    # oneDNN runs the conv stacks of G and E about twice as fast in channels-last layout on CPU
+    return cfg, nets.eval().to(memory_format=torch.channels_last)
+
+
+def condition_batches(
+    conditions: list[tuple[str, ...]], per_label: int, batch_size: int
+) -> tuple[list[list[tuple[str, ...]]], list[torch.Tensor]]:
+    """A release's rows in batches: each condition `per_label` times, and the label vectors."""
+    wanted = [c for c in conditions for _ in range(per_label)]
+    batches = [wanted[start : start + batch_size] for start in range(0, len(wanted), batch_size)]
+    return batches, [torch.from_numpy(np.stack([label_vector(c) for c in b])) for b in batches]
+
+
+@torch.no_grad()
+def draw_as_released(
+    checkpoint: Path,
+    conditions: list[tuple[str, ...]],
+    per_label: int,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(images in [-1, 1], labels, reports): the pairs `release` draws from `checkpoint` with
+    these arguments (the same latents), kept in memory and clipped as the release's files are.
+    No privacy gate and nothing written: this is for comparing another model (the public one)
+    with a release at the site, never for publishing."""
+    cfg, nets = sampling_networks(load_checkpoint(checkpoint))
+    _, labels = condition_batches(conditions, per_label, batch_size)
+    images, reports = [], []
+    with closing(synthesize_batches(nets, cfg.model, labels, seed)) as generated:
+        for batch_images, token_ids in generated:
+            images.append(batch_images.clamp(-1.0, 1.0))
+            reports += [decode_report(ids) for ids in token_ids.numpy()]
+    return torch.cat(images), torch.cat(labels), reports
+
+
 @torch.no_grad()
 def _generate(
     nets: torch.nn.Module,
@@ -336,9 +372,8 @@ def _generate(
     progress: ProgressFn | None,
 ) -> list[dict]:
     """The release's rows; writer threads write each batch's files while the next is generated."""
-    wanted = [c for c in conditions for _ in range(per_label)]
-    batches = [wanted[start : start + batch_size] for start in range(0, len(wanted), batch_size)]
-    labels = [torch.from_numpy(np.stack([label_vector(c) for c in batch])) for batch in batches]
+    batches, labels = condition_batches(conditions, per_label, batch_size)
+    wanted = sum(len(batch) for batch in batches)
     rows: list[dict] = []
     shape = (cfg.model.resolution, cfg.model.resolution)
     generated = synthesize_batches(nets, cfg.model, labels, seed)
@@ -360,5 +395,5 @@ def _generate(
                     }
                 )
             if progress:
-                progress(len(rows), len(wanted))
+                progress(len(rows), wanted)
     return rows
