@@ -112,6 +112,9 @@ RECIPES: dict[str, dict] = {
         "epochs": 20,
     },
 }
+# the same with only the top layers and norms private (training.TOP_LAYERS): far fewer noised
+# coordinates for the same clip norm, each row's clipped gradient spread over fewer of them
+RECIPES["learn-top"] = RECIPES["learn"] | {"dp_trainable": "top"}
 
 
 def with_finding(labels: torch.Tensor, finding: str) -> torch.Tensor:
