@@ -115,6 +115,10 @@ RECIPES: dict[str, dict] = {
 # the same with only the top layers and norms private (training.TOP_LAYERS): far fewer noised
 # coordinates for the same clip norm, each row's clipped gradient spread over fewer of them
 RECIPES["learn-top"] = RECIPES["learn"] | {"dp_trainable": "top"}
+# the same with 4x the private learning rates: under DP noise Adam's second moment is the noise's
+# variance, so a coordinate moves by lr x signal / noise per step instead of lr (DP-AdamBC,
+# Tang et al. 2024); this tests whether the lost learning is that slow-down
+RECIPES["learn-lr4"] = RECIPES["learn"] | {"lr_text": 8e-3, "lr_d": 8e-4}
 
 
 def with_finding(labels: torch.Tensor, finding: str) -> torch.Tensor:
