@@ -279,8 +279,9 @@ def run(args: argparse.Namespace) -> int:
         console.print(site_knowledge)
         console.print(
             f"what only the sites know ({', '.join(findings)}; "
-            "docs/PHANTOM_WORLD.md): the public-only model has never seen it, so any gain of the "
-            "release over it there came through the federation"
+            "docs/PHANTOM_WORLD.md: the finding, the wording, the drawing): no public image or "
+            "report shows it, so a gain of the release over the public-only model in these rows "
+            "came through the federation; overlapping intervals mean no gain"
         )
     console.print(
         f"open {(release_dir / 'index.html').resolve()} in a browser (the release); its "
