@@ -112,9 +112,13 @@ RECIPES: dict[str, dict] = {
         "epochs": 20,
     },
 }
-# the same with only the top layers and norms private (training.TOP_LAYERS): far fewer noised
+# the same with only the top layers and norms private (training.PRIVATE_LAYERS): far fewer noised
 # coordinates for the same clip norm, each row's clipped gradient spread over fewer of them
 RECIPES["learn-top"] = RECIPES["learn"] | {"dp_trainable": "top"}
+# only the layers tying labels to images and reports private (training.PRIVATE_LAYERS["labels"],
+# about a tenth of all coordinates at the demo's size): the clipped gradient of a new label falls
+# on the few coordinates that can carry it, and the noise no longer random-walks the bodies
+RECIPES["learn-labels"] = RECIPES["learn"] | {"dp_trainable": "labels"}
 # the same with 4x the private learning rates: under DP noise Adam's second moment is the noise's
 # variance, so a coordinate moves by lr x signal / noise per step instead of lr (DP-AdamBC,
 # Tang et al. 2024); this tests whether the lost learning is that slow-down

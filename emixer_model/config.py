@@ -123,8 +123,9 @@ class TrainConfig:
     #   own words can still be learned from a pretrained model
     ema_decay: float = 0.99  # EMA of G's weights, which releases sample from; 0: EMA = G
     private_optimizer: str = "adam"  # "adam" or "sgd" (momentum beta1) for D, E, R
-    dp_trainable: str = "all"  # private parameters that move: "all", or "top" (norm affines,
-    #   label projections and the output layers of D, E, R: less noise for a pretrained model)
+    dp_trainable: str = "all"  # private parameters that move: "all"; "top" (norm affines,
+    #   label projections and the output layers of D, E, R: less noise for a pretrained model);
+    #   "labels" (only the layers tying labels to images and reports; E frozen)
     text_gradient_to_g: bool = False  # G also learns through differentiable (Gumbel) reports;
     #   off: D scores sampled reports and G learns through the image, at a fraction of the cost
 
@@ -145,8 +146,8 @@ class TrainConfig:
             raise ConfigError("train.ema_decay must be in [0, 1)")
         if self.private_optimizer not in ("adam", "sgd"):
             raise ConfigError("train.private_optimizer must be 'adam' or 'sgd'")
-        if self.dp_trainable not in ("all", "top"):
-            raise ConfigError("train.dp_trainable must be 'all' or 'top'")
+        if self.dp_trainable not in ("all", "top", "labels"):
+            raise ConfigError("train.dp_trainable must be 'all', 'top' or 'labels'")
 
 
 STRATEGIES = ("fedavg", "fedadam", "fedmedian", "fedtrimmedavg")

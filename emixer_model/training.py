@@ -113,22 +113,36 @@ def _backward(loss: torch.Tensor) -> None:
         loss.backward()
 
 
-# The private parameters that move under train.dp_trainable = "top": every norm affine plus
-# these layers (label projections and output layers); the conv and attention bodies stay as
-# pretrained. Fewer noised coordinates: the same noise multiplier hurts far less.
-TOP_LAYERS = {
-    "d": ("image_fc", "joint", "score", "label", "rotation", "classify", "text_fc"),
-    "e": ("fc",),
-    "r": ("embed_in", "label_in", "topic", "stop", "head"),
+# The private parameters that move under train.dp_trainable = "top" (these layers and every norm
+# affine) or "labels" (these layers alone); the rest stays as pretrained. Fewer noised
+# coordinates: the same clipped gradient falls on fewer of them, so the same noise multiplier
+# hurts far less.
+# "top": label projections and output layers. "labels": only what ties a label to an image or a
+# report (D's projection term, finding head and score; R's label input, topics, stop and word
+# output), the least a finding the public model never saw needs (bench/README.md, issue 16).
+PRIVATE_LAYERS = {
+    "top": {
+        "d": ("image_fc", "joint", "score", "label", "rotation", "classify", "text_fc"),
+        "e": ("fc",),
+        "r": ("embed_in", "label_in", "topic", "stop", "head"),
+    },
+    "labels": {
+        "d": ("score", "label", "classify"),
+        "e": (),
+        "r": ("label_in", "topic", "stop", "head"),
+    },
 }
 
 
-def _freeze_below_top(private: nn.ModuleDict) -> None:
-    """Freeze (before Opacus wraps them) every private parameter outside TOP_LAYERS and norms."""
+def _freeze_outside(private: nn.ModuleDict, mode: str) -> None:
+    """Freeze (before Opacus wraps them) every private parameter outside PRIVATE_LAYERS[mode]
+    (and, under "top", outside the norms)."""
+    layers, norms = PRIVATE_LAYERS[mode], mode == "top"
     for net_name, net in private.items():
         net.requires_grad_(False)
         for name, module in net.named_modules():
-            if name in TOP_LAYERS[net_name] or isinstance(module, nn.GroupNorm | nn.LayerNorm):
+            is_norm = isinstance(module, nn.GroupNorm | nn.LayerNorm)
+            if name in layers[net_name] or (norms and is_norm):
                 module.requires_grad_(True)
 
 
@@ -300,8 +314,8 @@ class PrivateTrainer:
         noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
 
         private = nn.ModuleDict({"d": nets.d, "e": nets.e, "r": nets.r})
-        if cfg.train.dp_trainable == "top":
-            _freeze_below_top(private)
+        if cfg.train.dp_trainable != "all":
+            _freeze_outside(private, cfg.train.dp_trainable)
         errors = ModuleValidator.validate(private, strict=False)
         if errors:
             raise ValueError(f"the private networks are not Opacus-compatible: {errors}")

@@ -254,6 +254,27 @@ def test_dp_trainable_top_moves_only_the_top_layers_and_norms() -> None:
     assert sum(p.numel() for p in trainer.optimizer.params) < all_params / 2
 
 
+def test_dp_trainable_labels_moves_only_the_label_layers() -> None:
+    data = make_data()
+    trainer, accountant = make_trainer(data, dp_trainable="labels")
+    nets = trainer.nets
+    moving = {id(p) for p in trainer.optimizer.params}
+    for layer in (nets.d.label, nets.d.classify, nets.r.label_in, nets.r.head):
+        assert id(layer.weight) in moving
+    frozen = [*nets.e.parameters(), *nets.d.convs.parameters(), *nets.r.word_ln.parameters()]
+    assert not any(id(p) in moving for p in frozen)
+    before = [p.detach().clone() for p in frozen]
+    head = nets.r.head.weight.detach().clone()
+    trainer.private_step(data, [(True, 0), (False, 1)], torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen, strict=True))
+    assert not torch.equal(head, nets.r.head.weight)
+    assert sum(steps for _, _, steps in accountant.history) == 1
+    top, _ = make_trainer(data, dp_trainable="top")
+    assert sum(p.numel() for p in trainer.optimizer.params) < sum(
+        p.numel() for p in top.optimizer.params
+    )
+
+
 @pytest.mark.parametrize("decay", [0.0, 0.5])
 def test_ema_of_g_follows_g(decay: float) -> None:
     data = make_data()
