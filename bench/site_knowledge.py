@@ -119,6 +119,15 @@ RECIPES["learn-top"] = RECIPES["learn"] | {"dp_trainable": "top"}
 # about a tenth of all coordinates at the demo's size): the clipped gradient of a new label falls
 # on the few coordinates that can carry it, and the noise no longer random-walks the bodies
 RECIPES["learn-labels"] = RECIPES["learn"] | {"dp_trainable": "labels"}
+# the same with heavy-ball SGD (momentum 0.9) instead of Adam for the private networks: Adam
+# scales every coordinate's step to about lr, so under DP the noise coordinates walk as fast as
+# the signal ones; SGD moves each by its noisy mean gradient, and the noise averages out. lr 0.1
+# chosen by an R-only sweep at site 1 (0.03 / 0.1 / 0.2 / 0.5 / 1; bench/README.md)
+RECIPES["learn-labels-sgd"] = RECIPES["learn-labels"] | {
+    "private_optimizer": "sgd",
+    "lr_text": 0.1,
+    "lr_d": 0.1,
+}
 # the same with 4x the private learning rates: under DP noise Adam's second moment is the noise's
 # variance, so a coordinate moves by lr x signal / noise per step instead of lr (DP-AdamBC,
 # Tang et al. 2024); this tests whether the lost learning is that slow-down

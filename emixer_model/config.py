@@ -122,7 +122,10 @@ class TrainConfig:
     #   and sites): bounds how far words no public report uses are pushed down, so a site's
     #   own words can still be learned from a pretrained model
     ema_decay: float = 0.99  # EMA of G's weights, which releases sample from; 0: EMA = G
-    private_optimizer: str = "adam"  # "adam" or "sgd" (momentum beta1) for D, E, R
+    private_optimizer: str = "adam"  # "adam" or "sgd" (momentum sgd_momentum) for D, E, R
+    sgd_momentum: float = 0.9  # heavy-ball momentum of the private SGD: under DP noise Adam
+    #   scales every coordinate to a step of about lr, so noise coordinates random-walk as fast
+    #   as signal ones; SGD moves each in proportion to its (noisy) mean gradient
     dp_trainable: str = "all"  # private parameters that move: "all"; "top" (norm affines,
     #   label projections and the output layers of D, E, R: less noise for a pretrained model);
     #   "labels" (only the layers tying labels to images and reports; E frozen)
@@ -146,6 +149,8 @@ class TrainConfig:
             raise ConfigError("train.ema_decay must be in [0, 1)")
         if self.private_optimizer not in ("adam", "sgd"):
             raise ConfigError("train.private_optimizer must be 'adam' or 'sgd'")
+        if not 0.0 <= self.sgd_momentum < 1.0:
+            raise ConfigError("train.sgd_momentum must be in [0, 1)")
         if self.dp_trainable not in ("all", "top", "labels"):
             raise ConfigError("train.dp_trainable must be 'all', 'top' or 'labels'")
 

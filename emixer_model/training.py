@@ -334,7 +334,7 @@ class PrivateTrainer:
         if t.private_optimizer == "adam":
             inner: torch.optim.Optimizer = torch.optim.Adam(groups, betas=(t.beta1, t.beta2))
         else:
-            inner = torch.optim.SGD(groups, momentum=t.beta1)
+            inner = torch.optim.SGD(groups, momentum=t.sgd_momentum)
         dp_settings = {
             "noise_multiplier": plan.noise_multiplier,
             "max_grad_norm": plan.max_grad_norm,

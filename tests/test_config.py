@@ -33,6 +33,8 @@ def test_yaml_sections_override_defaults(tmp_path):
         ("model: [1, 2\n", "not valid YAML"),
         ("- 1\n- 2\n", "mapping"),
         ("privacy:\n  epsilon_budget: -1\n", "positive"),
+        ("train:\n  dp_trainable: heads\n", "'all', 'top' or 'labels'"),
+        ("train:\n  sgd_momentum: 1.0\n", "train.sgd_momentum must be in [0, 1)"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path, text, needle):
