@@ -1,0 +1,136 @@
+"""Which private optimizer lets the report decoder learn a site-only finding under DP? (issue 16)
+
+A fast, narrow probe behind bench.site_knowledge's recipe choice: only R trains, at site 1 of
+the phantom world (it shows the site-only finding), from the public model, on its real reports,
+with the clip (max_grad_norm / sqrt(2), R's share under `clip_per_network`), sample rate and
+noise multiplier of a site's epsilon-10 plan, for a fixed number of steps. It then samples R's
+reports for site 1's own images with the site-only label off and on and counts the share the
+labeler reads as stating it. No G, no D, no federation: about 30 s per setting, so optimizers,
+learning rates and trainable layers can be swept where the full bench takes half an hour a row.
+Settings are OPTIMIZER:LR:SIGMA:LAYERS:SEED (LAYERS: `labels` = training.PRIVATE_LAYERS, or
+`all`).
+
+    python -m bench.private_optimizer adam:2e-3:3.8:labels:0 sgd:0.1:3.8:labels:0
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from bench.common import console, machine
+from bench.site_knowledge import BASE_STUDIES, with_a_finding, with_finding
+from bench.utility import Setup, prepare
+from emixer_cli.commands.demo import DEMO_MODEL
+from emixer_model.config import FINDINGS, ModelConfig
+from emixer_model.networks import EmixerNets, build_networks, set_weights
+from emixer_model.text.grammar import SITE_ONLY_FINDING
+from emixer_model.text.labeler import label_report
+from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
+from emixer_model.training import PRIVATE_LAYERS
+
+CLIP = 1.0 / 2**0.5  # R's share of a row's norm 1 under clip_per_network
+
+
+def train_r(
+    start: dict, data, model: ModelConfig, setting: str, steps: int, q: float, momentum: float
+) -> EmixerNets:
+    """R alone under DP-SGD/Adam from `start` on the site's labeled rows; one row per unit."""
+    optimizer, lr, sigma, layers, seed = setting.split(":")
+    nets = build_networks(model, VOCAB_SIZE, len(FINDINGS))
+    set_weights(nets, start)
+    with torch.no_grad():
+        embedding = nets.e(data.images)
+    r = nets.r.requires_grad_(layers == "all")
+    for name in PRIVATE_LAYERS["labels"]["r"] if layers == "labels" else ():
+        getattr(r, name).requires_grad_(True)
+    GradSampleModule(r, loss_reduction="sum")
+    moving = [p for p in r.parameters() if p.requires_grad]
+    inner = (
+        torch.optim.Adam(moving, lr=float(lr), betas=(0.5, 0.999))
+        if optimizer == "adam"
+        else torch.optim.SGD(moving, lr=float(lr), momentum=momentum)
+    )
+    batch = round(q * len(data.units))
+    dp = DPOptimizer(
+        inner,
+        # the noise is sigma x the row's whole norm 1, as in the trainer; Opacus multiplies
+        # its noise_multiplier by max_grad_norm
+        noise_multiplier=float(sigma) / CLIP,
+        max_grad_norm=CLIP,
+        expected_batch_size=batch,
+        loss_reduction="mean",
+    )
+    g = torch.Generator().manual_seed(int(seed))
+    for _ in range(steps):
+        rows = [
+            labeled[int(torch.randint(len(labeled), (1,), generator=g))]
+            for unit in (torch.rand(len(data.units), generator=g) < q).nonzero().flatten()
+            if (labeled := data.units[int(unit)][0])
+        ]
+        idx = torch.tensor(rows, dtype=torch.long)
+        dp.zero_grad(set_to_none=True)
+        loss = r.teacher_forced_loss(embedding[idx], data.labels[idx], data.tokens[idx], 0.0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.sum().backward()
+        dp.step()
+    return nets
+
+
+def stating(nets: EmixerNets, data, model: ModelConfig, n: int = 200) -> tuple[float, float]:
+    """Share of R's reports for n of the site's images that state the finding: label off, on."""
+    off = with_a_finding(n)
+    shares = []
+    with torch.no_grad():
+        embedding = nets.e(data.images[:n])
+        for labels in (off, with_finding(off, SITE_ONLY_FINDING)):
+            ids = nets.r.sample_ids(
+                embedding, labels, model.report_temperature, torch.Generator().manual_seed(5)
+            )
+            said = [label_report(decode_report(t)).get(SITE_ONLY_FINDING) == 1 for t in ids]
+            shares.append(float(np.mean(said)))
+    return shares[0], shares[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("settings", nargs="+", help="OPTIMIZER:LR:SIGMA:LAYERS:SEED")
+    parser.add_argument("--per-site", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--q", type=float, default=0.58, help="sample rate (a 500-study plan)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
+    parser.add_argument("--cache", default="bench-cache/site_knowledge")
+    parser.add_argument("--pretrained", default="pretrained-v2-s0.0-600-seed0.pt")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    console.print(machine())
+    model = ModelConfig(**DEMO_MODEL)
+    cache = Path(args.cache)
+    setup = replace(Setup(per_site=BASE_STUDIES, size=64), per_site=args.per_site)
+    data = prepare(setup, cache, model)[0][0].train
+    start = torch.load(cache / args.pretrained, weights_only=False)
+    new = FINDINGS.index(SITE_ONLY_FINDING)
+    console.print(
+        f"site 1: {len(data.images)} training studies, {len(data.units)} units, "
+        f"{int(data.labels[:, new].sum())} show {SITE_ONLY_FINDING}"
+    )
+    for setting in args.settings:
+        began = time.perf_counter()
+        nets = train_r(start, data, model, setting, args.steps, args.q, args.momentum)
+        off, on = stating(nets, data, model)
+        took = time.perf_counter() - began
+        console.print(f"{setting}: off {off:.3f}, on {on:.3f}, gap {on - off:+.3f}; {took:.0f} s")
+    console.print(machine())
+
+
+if __name__ == "__main__":
+    main()
