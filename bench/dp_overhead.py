@@ -247,9 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--dp-trainable",
-        choices=("all", "top"),
+        choices=("all", *training.PRIVATE_LAYERS),
         default="all",
-        help="train.dp_trainable: every private parameter (all) or the demo's top layers",
+        help="train.dp_trainable: every private parameter (all), the demo's top layers (top) or "
+        "only the label layers (labels)",
     )
     parser.add_argument("--memory-of", choices=MODES, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)
