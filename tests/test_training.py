@@ -275,6 +275,19 @@ def test_dp_trainable_labels_moves_only_the_label_layers() -> None:
     )
 
 
+def test_private_sgd_steps_with_its_own_momentum_and_g_keeps_adam() -> None:
+    """train.sgd_momentum, not G's Adam beta1, is the private SGD's momentum (bench/README.md:
+    under DP noise Adam's per-coordinate scaling moves noise coordinates as fast as signal)."""
+    data = make_data()
+    trainer, _ = make_trainer(data, private_optimizer="sgd", sgd_momentum=0.7, beta1=0.5)
+    inner = trainer.optimizer.original_optimizer
+    assert isinstance(inner, torch.optim.SGD)
+    assert [group["momentum"] for group in inner.param_groups] == [0.7, 0.7]
+    assert isinstance(trainer.g_optimizer, torch.optim.Adam)
+    trainer.private_step(data, [(True, 0), (False, 1)], torch.Generator().manual_seed(0))
+    assert any("momentum_buffer" in inner.state[p] for p in trainer.optimizer.params)
+
+
 @pytest.mark.parametrize("decay", [0.0, 0.5])
 def test_ema_of_g_follows_g(decay: float) -> None:
     data = make_data()
