@@ -10,7 +10,12 @@ learning rates and trainable layers can be swept where the full bench takes half
 Settings are OPTIMIZER:LR:SIGMA:LAYERS:SEED (LAYERS: `labels` = training.PRIVATE_LAYERS, or
 `all`).
 
+`--federate SITES` instead runs a bench.site_knowledge recipe (the whole PrivateTrainer: D, E,
+R and G) federated over those sites only (1-based), and scores R the same way at site 1: which
+part of the federation loses what R alone learns.
+
     python -m bench.private_optimizer adam:2e-3:3.8:labels:0 sgd:0.1:3.8:labels:0
+    python -m bench.private_optimizer --federate 1,2 --recipe learn-labels-sgd
 """
 
 from __future__ import annotations
@@ -27,10 +32,10 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from bench.common import console, machine
-from bench.site_knowledge import BASE_STUDIES, with_a_finding, with_finding
-from bench.utility import Setup, prepare
+from bench.site_knowledge import BASE_STUDIES, RECIPES, with_a_finding, with_finding
+from bench.utility import Setup, federate, prepare
 from emixer_cli.commands.demo import DEMO_MODEL
-from emixer_model.config import FINDINGS, ModelConfig
+from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, TrainConfig
 from emixer_model.networks import EmixerNets, build_networks, set_weights
 from emixer_model.text.grammar import SITE_ONLY_FINDING
 from emixer_model.text.labeler import label_report
@@ -87,7 +92,9 @@ def train_r(
 
 
 def stating(nets: EmixerNets, data, model: ModelConfig, n: int = 200) -> tuple[float, float]:
-    """Share of R's reports for n of the site's images that state the finding: label off, on."""
+    """Share of R's reports for n of the site's images (all, if it has fewer) that state the
+    finding: label off, on."""
+    n = min(n, len(data.images))
     off = with_a_finding(n)
     shares = []
     with torch.no_grad():
@@ -103,7 +110,10 @@ def stating(nets: EmixerNets, data, model: ModelConfig, n: int = 200) -> tuple[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("settings", nargs="+", help="OPTIMIZER:LR:SIGMA:LAYERS:SEED")
+    parser.add_argument("settings", nargs="*", help="OPTIMIZER:LR:SIGMA:LAYERS:SEED")
+    parser.add_argument("--federate", metavar="SITES", help="e.g. 1,2: a recipe over these sites")
+    parser.add_argument("--recipe", default="learn-labels-sgd", choices=RECIPES)
+    parser.add_argument("--epsilon", type=float, default=10.0, help="per site, with --federate")
     parser.add_argument("--per-site", type=int, default=500)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--q", type=float, default=0.58, help="sample rate (a 500-study plan)")
@@ -123,6 +133,23 @@ def main() -> None:
         f"site 1: {len(data.images)} training studies, {len(data.units)} units, "
         f"{int(data.labels[:, new].sum())} show {SITE_ONLY_FINDING}"
     )
+    if args.federate:
+        began = time.perf_counter()
+        sites = prepare(setup, cache, model)[0]
+        chosen = [sites[int(k) - 1].train for k in args.federate.split(",")]
+        batch = round(TrainConfig().batch_size * args.per_site / BASE_STUDIES)
+        train = replace(TrainConfig(epochs=setup.epochs, batch_size=batch), **RECIPES[args.recipe])
+        cfg = EmixerConfig(model=model, train=train)
+        weights, eps, _ = federate(cfg, chosen, start, setup.rounds, args.epsilon, seed=0)
+        nets = build_networks(model, VOCAB_SIZE, len(FINDINGS))
+        set_weights(nets, weights)
+        nets.eval()
+        off, on = stating(nets, data, model)
+        took = time.perf_counter() - began
+        console.print(
+            f"{args.recipe} over sites {args.federate}, epsilon {eps:.2f}: off {off:.3f}, "
+            f"on {on:.3f}, gap {on - off:+.3f}; {took:.0f} s"
+        )
     for setting in args.settings:
         began = time.perf_counter()
         nets = train_r(start, data, model, setting, args.steps, args.q, args.momentum)
