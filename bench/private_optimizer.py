@@ -32,15 +32,22 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from bench.common import console, machine
-from bench.site_knowledge import BASE_STUDIES, RECIPES, with_a_finding, with_finding
+from bench.site_knowledge import (
+    BASE_STUDIES,
+    RECIPES,
+    base_config,
+    with_a_finding,
+    with_finding,
+    with_recipe,
+)
 from bench.utility import Setup, federate, prepare
 from emixer_cli.commands.demo import DEMO_MODEL
-from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, TrainConfig
+from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.networks import EmixerNets, build_networks, set_weights
 from emixer_model.text.grammar import SITE_ONLY_FINDING
 from emixer_model.text.labeler import label_report
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
-from emixer_model.training import PRIVATE_LAYERS
+from emixer_model.training import PRIVATE_LAYERS, poisson_units
 
 CLIP = 1.0 / 2**0.5  # R's share of a row's norm 1 under clip_per_network
 
@@ -78,8 +85,8 @@ def train_r(
     for _ in range(steps):
         rows = [
             labeled[int(torch.randint(len(labeled), (1,), generator=g))]
-            for unit in (torch.rand(len(data.units), generator=g) < q).nonzero().flatten()
-            if (labeled := data.units[int(unit)][0])
+            for unit in poisson_units(len(data.units), q, g).tolist()
+            if (labeled := data.units[unit][0])
         ]
         idx = torch.tensor(rows, dtype=torch.long)
         dp.zero_grad(set_to_none=True)
@@ -126,7 +133,8 @@ def main() -> None:
     model = ModelConfig(**DEMO_MODEL)
     cache = Path(args.cache)
     setup = replace(Setup(per_site=BASE_STUDIES, size=64), per_site=args.per_site)
-    data = prepare(setup, cache, model)[0][0].train
+    sites = prepare(setup, cache, model)[0]
+    data = sites[0].train
     start = torch.load(cache / args.pretrained, weights_only=False)
     new = FINDINGS.index(SITE_ONLY_FINDING)
     console.print(
@@ -135,11 +143,8 @@ def main() -> None:
     )
     if args.federate:
         began = time.perf_counter()
-        sites = prepare(setup, cache, model)[0]
         chosen = [sites[int(k) - 1].train for k in args.federate.split(",")]
-        batch = round(TrainConfig().batch_size * args.per_site / BASE_STUDIES)
-        train = replace(TrainConfig(epochs=setup.epochs, batch_size=batch), **RECIPES[args.recipe])
-        cfg = EmixerConfig(model=model, train=train)
+        cfg = with_recipe(base_config(model, setup.epochs, args.per_site), args.recipe)
         weights, eps, _ = federate(cfg, chosen, start, setup.rounds, args.epsilon, seed=0)
         nets = build_networks(model, VOCAB_SIZE, len(FINDINGS))
         set_weights(nets, weights)

@@ -134,6 +134,21 @@ RECIPES["learn-labels-sgd"] = RECIPES["learn-labels"] | {
 RECIPES["learn-lr4"] = RECIPES["learn"] | {"lr_text": 8e-3, "lr_d": 8e-4}
 
 
+def base_config(
+    model: ModelConfig, epochs: int, per_site: int, smoothing: float = 0.0
+) -> EmixerConfig:
+    """The bench's config at `per_site` labeled studies per site: the expected batch grows with
+    the site (32 x per_site / 160), so q, sigma and the steps stay those of the base size."""
+    batch = round(TrainConfig().batch_size * per_site / BASE_STUDIES)
+    train = TrainConfig(report_label_smoothing=smoothing, epochs=epochs, batch_size=batch)
+    return EmixerConfig(model=model, train=train)
+
+
+def with_recipe(base: EmixerConfig, name: str) -> EmixerConfig:
+    """`base` with the training choices of RECIPES[name]."""
+    return replace(base, train=replace(base.train, **RECIPES[name]))
+
+
 def with_finding(labels: torch.Tensor, finding: str) -> torch.Tensor:
     """The same label vectors with `finding` on (and "No Finding" off)."""
     out = labels.clone()
@@ -267,11 +282,7 @@ def main() -> None:
     setup: Setup = SMOKE if args.smoke else QUICK if args.quick else Setup(per_site=160, size=64)
     setup = replace(setup, per_site=args.per_site) if args.per_site != BASE_STUDIES else setup
     model = ModelConfig(**DEMO_MODEL)
-    batch = round(TrainConfig().batch_size * args.per_site / BASE_STUDIES)
-    train = TrainConfig(
-        report_label_smoothing=args.smoothing, epochs=setup.epochs, batch_size=batch
-    )
-    base = EmixerConfig(model=model, train=train)
+    base = base_config(model, setup.epochs, args.per_site, args.smoothing)
     cache = Path(args.cache)
     console.print(machine())
     sites, public = prepare(setup, cache, model)
@@ -307,7 +318,7 @@ def main() -> None:
             weights, eps = start, 0.0
             if spec != "public":
                 name, epsilon, *control = spec.split(":")
-                cfg = replace(base, train=replace(base.train, **RECIPES[name]))
+                cfg = with_recipe(base, name)
                 budget = None if epsilon == "none" else float(epsilon)
                 if control and control != ["control"]:
                     parser.error(f"row {spec!r}: the third part can only be 'control'")
