@@ -212,6 +212,11 @@ class ReportDecoder(nn.Module):
         self.word_blocks = nn.Sequential(*(Block(d, cfg.heads) for _ in range(cfg.word_layers)))
         self.word_ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab_size)
+        # each label's own bias on the words (zero at the start): only rows showing a label move
+        # its column, so a site that never shows a finding cannot unlearn that finding's words
+        # through it, as it does through the shared head (bench/README.md, issue 16)
+        self.label_words = nn.Linear(n_labels, vocab_size, bias=False)
+        nn.init.zeros_(self.label_words.weight)
 
     def sentences(
         self, embedding: torch.Tensor, labels: torch.Tensor
@@ -223,12 +228,15 @@ class ReportDecoder(nn.Module):
         h = self.sentence_ln(self.sentence_blocks(x))[:, 1:]
         return self.topic(h), self.stop(h).squeeze(-1)
 
-    def words(self, tokens: torch.Tensor, topics: torch.Tensor) -> torch.Tensor:
+    def words(
+        self, tokens: torch.Tensor, topics: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         """Next-word logits [B,S,T,V] from input token vectors [B,S,T,V] (T <= W)."""
         b, s, t, _ = tokens.shape
         pos = self.pos(_identity(self.W, topics, (b, s)))[:, :, :t]
         x = self.tok(tokens) + pos + topics[:, :, None]
-        return self.head(self.word_ln(self.word_blocks(x)))
+        bias = self.label_words(labels)[:, None, None]
+        return self.head(self.word_ln(self.word_blocks(x))) + bias
 
     def teacher_forced_loss(
         self,
@@ -245,7 +253,7 @@ class ReportDecoder(nn.Module):
         topics, stop_logits = self.sentences(embedding, labels)
         bos = torch.full_like(tokens[..., :1], BOS)
         inputs = F.one_hot(torch.cat([bos, tokens[..., :-1]], dim=-1), self.V).to(topics.dtype)
-        logits = self.words(inputs, topics)
+        logits = self.words(inputs, topics, labels)
         ce = F.cross_entropy(
             logits.flatten(0, 2), tokens.flatten(), reduction="none", label_smoothing=smoothing
         )
@@ -277,7 +285,7 @@ class ReportDecoder(nn.Module):
         alive = torch.ones(b, self.S, 1, device=topics.device, dtype=topics.dtype)
         out = []
         for t in range(self.W):
-            token = pick(self.words(inputs, topics)[:, :, -1] + forbidden)
+            token = pick(self.words(inputs, topics, labels)[:, :, -1] + forbidden)
             out.append(alive * token + (1 - alive) * pad)
             alive = alive * (1 - token[..., EOS : EOS + 1])
             if t + 1 < self.W:
@@ -330,6 +338,7 @@ class ReportDecoder(nn.Module):
         tok, pos = self.tok.weight.T.contiguous(), self.pos.weight.T  # [V,d], [W,d]
         forbidden = torch.zeros(self.V, device=device, dtype=topics.dtype)
         forbidden[[PAD, BOS]] = float("-inf")
+        forbidden = forbidden + self.label_words(labels)[:, None]  # [B,1,V]
         caches: list[KVCache] = [{} for _ in self.word_blocks]
         token = torch.full((b, self.S), BOS, device=device)
         alive = torch.ones(b, self.S, device=device, dtype=torch.bool)
@@ -440,13 +449,20 @@ def build_networks(model_cfg: ModelConfig, vocab_size: int, n_labels: int) -> Em
 
 @torch.no_grad()
 def silence_labels(nets: EmixerNets, columns: list[int]) -> None:
-    """Zero the label columns `columns` in every label projection (G, its EMA, R, D's term).
+    """Zero the label columns `columns` in every label projection (G, its EMA, R's input and
+    word bias, D's term).
 
     A label no training data has shown keeps its random initial column otherwise, so switching
     it on shifts the image and the report by chance: an effect nothing taught. Zeroed, the label
     changes nothing until data teach it (the gradient of a zero column is not zero).
     """
-    for layer in (nets.g.label, nets.g_ema.label, nets.r.label_in, nets.d.label):
+    for layer in (
+        nets.g.label,
+        nets.g_ema.label,
+        nets.r.label_in,
+        nets.r.label_words,
+        nets.d.label,
+    ):
         layer.weight[:, columns] = 0.0
 
 

@@ -48,8 +48,9 @@ from emixer_model.training import (
 # ...") are part of the report language too, so a fixed share of positives is written hedged.
 UNCERTAIN_PROBABILITY = 0.15
 # Bumped whenever public pretraining learns differently, so a cached public model is never
-# reused across such a change (2: findings the collection never shows are silenced).
-PRETRAINING_VERSION = 2
+# reused across such a change (2: findings the collection never shows are silenced; 3: R has a
+# per-label word bias).
+PRETRAINING_VERSION = 3
 LAST_LOSS_WINDOW = 20  # last_loss averages this many final steps: one batch is noisy
 # Findings the public grammar never names (the site-only finding): no public text states them.
 PUBLIC_UNNAMED: tuple[str, ...] = tuple(

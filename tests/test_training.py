@@ -363,6 +363,7 @@ def test_report_label_smoothing_keeps_a_floor_under_unused_words() -> None:
         with torch.no_grad():
             topics, _ = r.sentences(e(data.images[:1]), data.labels[:1])
             bos = torch.nn.functional.one_hot(torch.tensor([[[1]]]), V).float()
-            probs = torch.softmax(r.words(bos.expand(1, r.S, 1, V), topics)[0, 0, 0], dim=-1)
+            logits = r.words(bos.expand(1, r.S, 1, V), topics, data.labels[:1])
+            probs = torch.softmax(logits[0, 0, 0], dim=-1)
         floors[smoothing] = probs[10:].min().item()  # words 10+ never appear in the reports
     assert floors[0.2] > 10 * floors[0.0]
