@@ -90,6 +90,9 @@ class PrivacyConfig:
             raise ConfigError("privacy.noise_multiplier must be positive")
 
 
+DP_TRAINABLE = ("all", "top", "labels", "label-words")  # "all" and training.PRIVATE_LAYERS
+
+
 @dataclass
 class TrainConfig:
     """Local training schedule of one site."""
@@ -128,7 +131,8 @@ class TrainConfig:
     #   as signal ones; SGD moves each in proportion to its (noisy) mean gradient
     dp_trainable: str = "all"  # private parameters that move: "all"; "top" (norm affines,
     #   label projections and the output layers of D, E, R: less noise for a pretrained model);
-    #   "labels" (only the layers tying labels to images and reports; E frozen)
+    #   "labels" (only the layers tying labels to images and reports; E frozen); "label-words"
+    #   (D's label layers and R's per-label word bias: what a site-only finding's reports need)
     text_gradient_to_g: bool = False  # G also learns through differentiable (Gumbel) reports;
     #   off: D scores sampled reports and G learns through the image, at a fraction of the cost
 
@@ -151,8 +155,8 @@ class TrainConfig:
             raise ConfigError("train.private_optimizer must be 'adam' or 'sgd'")
         if not 0.0 <= self.sgd_momentum < 1.0:
             raise ConfigError("train.sgd_momentum must be in [0, 1)")
-        if self.dp_trainable not in ("all", "top", "labels"):
-            raise ConfigError("train.dp_trainable must be 'all', 'top' or 'labels'")
+        if self.dp_trainable not in DP_TRAINABLE:
+            raise ConfigError(f"train.dp_trainable must be one of {', '.join(DP_TRAINABLE)}")
 
 
 STRATEGIES = ("fedavg", "fedadam", "fedmedian", "fedtrimmedavg")

@@ -118,19 +118,24 @@ def _backward(loss: torch.Tensor) -> None:
 # coordinates: the same clipped gradient falls on fewer of them, so the same noise multiplier
 # hurts far less.
 # "top": label projections and output layers. "labels": only what ties a label to an image or a
-# report (D's projection term, finding head and score; R's label input, topics, stop and word
-# output), the least a finding the public model never saw needs (bench/README.md, issue 16).
+# report (D's projection term, finding head and score; R's label input, topics, stop, word output
+# and per-label word bias), the least a finding the public model never saw needs. "label-words":
+# D's as "labels", R's per-label word bias alone, which only rows showing a label move: a site
+# that never shows a finding adds noise to its column but cannot unlearn its words through the
+# shared head (bench/README.md, issue 16).
+LABEL_LAYERS_D = ("score", "label", "classify")
 PRIVATE_LAYERS = {
     "top": {
         "d": ("image_fc", "joint", "score", "label", "rotation", "classify", "text_fc"),
         "e": ("fc",),
-        "r": ("embed_in", "label_in", "topic", "stop", "head"),
+        "r": ("embed_in", "label_in", "topic", "stop", "head", "label_words"),
     },
     "labels": {
-        "d": ("score", "label", "classify"),
+        "d": LABEL_LAYERS_D,
         "e": (),
-        "r": ("label_in", "topic", "stop", "head"),
+        "r": ("label_in", "topic", "stop", "head", "label_words"),
     },
+    "label-words": {"d": LABEL_LAYERS_D, "e": (), "r": ("label_words",)},
 }
 
 

@@ -33,7 +33,7 @@ def test_yaml_sections_override_defaults(tmp_path):
         ("model: [1, 2\n", "not valid YAML"),
         ("- 1\n- 2\n", "mapping"),
         ("privacy:\n  epsilon_budget: -1\n", "positive"),
-        ("train:\n  dp_trainable: heads\n", "'all', 'top' or 'labels'"),
+        ("train:\n  dp_trainable: heads\n", "all, top, labels, label-words"),
         ("train:\n  sgd_momentum: 1.0\n", "train.sgd_momentum must be in [0, 1)"),
     ],
 )

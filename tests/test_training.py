@@ -275,6 +275,31 @@ def test_dp_trainable_labels_moves_only_the_label_layers() -> None:
     )
 
 
+def test_label_words_moves_only_the_columns_of_labels_a_site_shows() -> None:
+    """dp_trainable "label-words": in R only the per-label word bias moves, and a label no row
+    shows keeps its column (only the DP noise reaches it): a site that never sees a finding
+    cannot unlearn that finding's words, as it could through the shared head (issue 16). SGD,
+    as the recipe: Adam would step every noise coordinate by about lr."""
+    data = make_data()
+    never = 2
+    data.labels[:, never] = 0.0
+    trainer, _ = make_trainer(
+        data, sigma=1e-6, lr=0.5, dp_trainable="label-words", private_optimizer="sgd"
+    )
+    nets = trainer.nets
+    moving = {id(p) for p in trainer.optimizer.params}
+    assert [p for p in nets.r.parameters() if id(p) in moving] == [nets.r.label_words.weight]
+    assert id(nets.d.classify.weight) in moving
+    head = nets.r.head.weight.detach().clone()
+    before = nets.r.label_words.weight.detach().clone()
+    trainer.train_steps(data, 10, sampler_seed=0)
+    moved = (nets.r.label_words.weight - before).abs().amax(dim=0)
+    assert torch.equal(head, nets.r.head.weight)
+    assert moved[never] < 1e-4
+    shown = data.labels.sum(dim=0) > 0
+    assert (moved[shown] > 1e-3).all()
+
+
 def test_private_sgd_steps_with_its_own_momentum_and_g_keeps_adam() -> None:
     """train.sgd_momentum, not G's Adam beta1, is the private SGD's momentum (bench/README.md:
     under DP noise Adam's per-coordinate scaling moves noise coordinates as fast as signal)."""
