@@ -7,14 +7,16 @@ noise multiplier of a site's epsilon-10 plan, for a fixed number of steps. It th
 reports for site 1's own images with the site-only label off and on and counts the share the
 labeler reads as stating it. No G, no D, no federation: about 30 s per setting, so optimizers,
 learning rates and trainable layers can be swept where the full bench takes half an hour a row.
-Settings are OPTIMIZER:LR:SIGMA:LAYERS:SEED (LAYERS: `labels` = training.PRIVATE_LAYERS, or
-`all`).
+Settings are OPTIMIZER:LR:SIGMA:LAYERS:SEED (LAYERS: a training.PRIVATE_LAYERS mode, e.g.
+`labels` or `label-words`, or `all`). With `--r-sites 1,2,3` the same R alone is federated
+(FedAvg, `--rounds` rounds, weighted by units) over those sites and still scored at site 1.
 
 `--federate SITES` instead runs a bench.site_knowledge recipe (the whole PrivateTrainer: D, E,
 R and G) federated over those sites only (1-based), and scores R the same way at site 1: which
 part of the federation loses what R alone learns.
 
     python -m bench.private_optimizer adam:2e-3:3.8:labels:0 sgd:0.1:3.8:labels:0
+    python -m bench.private_optimizer sgd:1:3.8:label-words:0 --r-sites 1,2,3
     python -m bench.private_optimizer --federate 1,2 --recipe learn-labels-sgd
 """
 
@@ -43,7 +45,7 @@ from bench.site_knowledge import (
 from bench.utility import Setup, federate, prepare
 from emixer_cli.commands.demo import DEMO_MODEL
 from emixer_model.config import FINDINGS, ModelConfig
-from emixer_model.networks import EmixerNets, build_networks, set_weights
+from emixer_model.networks import EmixerNets, build_networks, get_weights, set_weights
 from emixer_model.text.grammar import SITE_ONLY_FINDING
 from emixer_model.text.labeler import label_report
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
@@ -62,7 +64,7 @@ def train_r(
     with torch.no_grad():
         embedding = nets.e(data.images)
     r = nets.r.requires_grad_(layers == "all")
-    for name in PRIVATE_LAYERS["labels"]["r"] if layers == "labels" else ():
+    for name in PRIVATE_LAYERS[layers]["r"] if layers != "all" else ():
         getattr(r, name).requires_grad_(True)
     GradSampleModule(r, loss_reduction="sum")
     moving = [p for p in r.parameters() if p.requires_grad]
@@ -98,6 +100,27 @@ def train_r(
     return nets
 
 
+def federate_r(
+    start: dict, sites: list, model: ModelConfig, setting: str, steps: int, rounds: int, args
+) -> EmixerNets:
+    """R alone, FedAvg over `sites` (each training steps / rounds per round from the global R,
+    its momentum restarting, as a site's does), weighted by units like the server."""
+    optimizer, lr, sigma, layers, seed = setting.split(":")
+    weights = start
+    for round_number in range(rounds):
+        updates = []
+        for k, data in enumerate(sites):
+            local_seed = str(int(seed) * 1000 + round_number * 10 + k)
+            local = ":".join([optimizer, lr, sigma, layers, local_seed])
+            nets = train_r(weights, data, model, local, steps // rounds, args.q, args.momentum)
+            updates.append((len(data.units), get_weights(nets)))
+        total = sum(n for n, _ in updates)
+        weights = {key: sum(n * w[key] for n, w in updates) / total for key in weights}
+    nets = build_networks(model, VOCAB_SIZE, len(FINDINGS))
+    set_weights(nets, weights)
+    return nets
+
+
 def stating(nets: EmixerNets, data, model: ModelConfig, n: int = 200) -> tuple[float, float]:
     """Share of R's reports for n of the site's images (all, if it has fewer) that state the
     finding: label off, on."""
@@ -124,9 +147,13 @@ def main() -> None:
     parser.add_argument("--per-site", type=int, default=500)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--q", type=float, default=0.58, help="sample rate (a 500-study plan)")
+    parser.add_argument(
+        "--r-sites", default="1", metavar="SITES", help="R-only settings: FedAvg over these"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="R-only FedAvg rounds")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
     parser.add_argument("--cache", default="bench-cache/site_knowledge")
-    parser.add_argument("--pretrained", default="pretrained-v2-s0.0-600-seed0.pt")
+    parser.add_argument("--pretrained", default="pretrained-v3-s0.0-600-seed0.pt")
     args = parser.parse_args()
     torch.set_num_threads(1)
     console.print(machine())
@@ -152,15 +179,22 @@ def main() -> None:
         off, on = stating(nets, data, model)
         took = time.perf_counter() - began
         console.print(
-            f"{args.recipe} over sites {args.federate}, epsilon {eps:.2f}: off {off:.3f}, "
-            f"on {on:.3f}, gap {on - off:+.3f}; {took:.0f} s"
+            f"{args.recipe} over sites {args.federate}, epsilon {eps:.2f}: "
+            f"off {off:.3f}, on {on:.3f}, gap {on - off:+.3f}; {took:.0f} s"
         )
     for setting in args.settings:
         began = time.perf_counter()
-        nets = train_r(start, data, model, setting, args.steps, args.q, args.momentum)
+        if args.r_sites == "1":
+            nets = train_r(start, data, model, setting, args.steps, args.q, args.momentum)
+        else:
+            chosen = [sites[int(k) - 1].train for k in args.r_sites.split(",")]
+            nets = federate_r(start, chosen, model, setting, args.steps, args.rounds, args)
         off, on = stating(nets, data, model)
         took = time.perf_counter() - began
-        console.print(f"{setting}: off {off:.3f}, on {on:.3f}, gap {on - off:+.3f}; {took:.0f} s")
+        console.print(
+            f"{setting} over sites {args.r_sites}: off {off:.3f}, on {on:.3f}, "
+            f"gap {on - off:+.3f}; {took:.0f} s"
+        )
     console.print(machine())
 
 

@@ -128,6 +128,14 @@ RECIPES["learn-labels-sgd"] = RECIPES["learn-labels"] | {
     "lr_text": 0.1,
     "lr_d": 0.1,
 }
+# D as learn-labels-sgd; in R only the per-label word bias (dp_trainable "label-words"), at lr 1:
+# a site that never shows the finding no longer erases its words (the R-only probe federated
+# over the three sites: 0.00 / 0.01 with learn-labels-sgd's R layers, 0.00 / 0.45 and 0.02 /
+# 0.31 with the bias alone; lr 3 and 10 0.10 and 0.06; bench/README.md)
+RECIPES["learn-label-words"] = RECIPES["learn-labels-sgd"] | {
+    "dp_trainable": "label-words",
+    "lr_text": 1.0,
+}
 # the same with 4x the private learning rates: under DP noise Adam's second moment is the noise's
 # variance, so a coordinate moves by lr x signal / noise per step instead of lr (DP-AdamBC,
 # Tang et al. 2024); this tests whether the lost learning is that slow-down
