@@ -42,7 +42,7 @@ from bench.site_knowledge import (
     with_finding,
     with_recipe,
 )
-from bench.utility import Setup, federate, prepare
+from bench.utility import Setup, federate, prepare, unit_weighted_mean
 from emixer_cli.commands.demo import DEMO_MODEL
 from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.networks import EmixerNets, build_networks, get_weights, set_weights
@@ -114,8 +114,7 @@ def federate_r(
             local = ":".join([optimizer, lr, sigma, layers, local_seed])
             nets = train_r(weights, data, model, local, steps // rounds, args.q, args.momentum)
             updates.append((len(data.units), get_weights(nets)))
-        total = sum(n for n, _ in updates)
-        weights = {key: sum(n * w[key] for n, w in updates) / total for key in weights}
+        weights = unit_weighted_mean(updates)
     nets = build_networks(model, VOCAB_SIZE, len(FINDINGS))
     set_weights(nets, weights)
     return nets

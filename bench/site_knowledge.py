@@ -130,8 +130,8 @@ RECIPES["learn-labels-sgd"] = RECIPES["learn-labels"] | {
 }
 # D as learn-labels-sgd; in R only the per-label word bias (dp_trainable "label-words"), at lr 1:
 # a site that never shows the finding no longer erases its words (the R-only probe federated
-# over the three sites: 0.00 / 0.01 with learn-labels-sgd's R layers, 0.00 / 0.45 and 0.02 /
-# 0.31 with the bias alone; lr 3 and 10 0.10 and 0.06; bench/README.md)
+# over the three sites, label on: 0.00 with learn-labels-sgd's R layers, 0.18-0.34 in 4 seeds
+# with the bias alone; lr 0.3 0.06, lr 3 0.12; bench/README.md)
 RECIPES["learn-label-words"] = RECIPES["learn-labels-sgd"] | {
     "dp_trainable": "label-words",
     "lr_text": 1.0,

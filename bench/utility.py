@@ -192,6 +192,12 @@ def without_unlabeled(data: SiteData) -> SiteData:
     return replace(data, unlabeled=data.unlabeled[:0], units=units)
 
 
+def unit_weighted_mean(updates: list[tuple[int, dict]]) -> dict:
+    """FedAvg's average of (units, weights) pairs, weighted by units as the server weighs them."""
+    total = sum(n for n, _ in updates)
+    return {k: sum(n * w[k] for n, w in updates) / total for k in updates[0][1]}
+
+
 def federate(
     cfg: EmixerConfig,
     sites: list[SiteData],
@@ -221,8 +227,7 @@ def federate(
             trainer = PrivateTrainer(nets, cfg, accountant, torch.device("cpu"), plan=plan)
             trainer.train_steps(data, plan.steps_per_round, sampler_seed=1000 * seed + round_number)
             updates.append((plan.n_units, get_weights(nets)))
-        total = sum(n for n, _ in updates)
-        weights = {k: sum(n * w[k] for n, w in updates) / total for k in weights}
+        weights = unit_weighted_mean(updates)
     spent = 0.0
     if epsilon is not None:
         spent = max(accountant.epsilon(plan.delta) for plan, accountant in plans)

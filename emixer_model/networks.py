@@ -338,7 +338,7 @@ class ReportDecoder(nn.Module):
         tok, pos = self.tok.weight.T.contiguous(), self.pos.weight.T  # [V,d], [W,d]
         forbidden = torch.zeros(self.V, device=device, dtype=topics.dtype)
         forbidden[[PAD, BOS]] = float("-inf")
-        forbidden = forbidden + self.label_words(labels)[:, None]  # [B,1,V]
+        offset = forbidden + self.label_words(labels)[:, None]  # [B,1,V]: + the label word bias
         caches: list[KVCache] = [{} for _ in self.word_blocks]
         token = torch.full((b, self.S), BOS, device=device)
         alive = torch.ones(b, self.S, device=device, dtype=torch.bool)
@@ -347,7 +347,7 @@ class ReportDecoder(nn.Module):
             x = (tok[token] + pos[t] + topics)[:, :, None]  # [B,S,1,d]
             for block, cache in zip(self.word_blocks, caches, strict=True):
                 x = block(x, cache)
-            logits = self.head(self.word_ln(x))[:, :, 0] + forbidden
+            logits = self.head(self.word_ln(x))[:, :, 0] + offset
             if temperature > 0:
                 probs = F.softmax(logits.flatten(0, 1).float() / temperature, dim=-1)
                 token = _draw(probs, generator).view(b, self.S).to(device)
