@@ -485,7 +485,9 @@ def set_weights(nets: nn.Module, weights: dict[str, np.ndarray]) -> None:
         what = "is missing from the weights" if missing else "is not a weight of these networks"
         raise ValueError(
             f"weight {key!r} {what} ({len(missing)} missing, {len(extra)} unexpected); "
-            "were the weights made with the same model config?"
+            "were the weights made with the same model config and EMIXER-FL version? A "
+            "checkpoint from before a change of the networks (e.g. R's label_words) must be made "
+            "again, e.g. with `emixer pretrain`"
         )
     new_state = {}
     for key, name in names.items():

@@ -213,6 +213,10 @@ def test_set_weights_names_the_bad_key(nets) -> None:
     del missing["e.fc.bias"]
     with pytest.raises(ValueError, match="e.fc.bias"):
         set_weights(nets, missing)
+    older = dict(weights)  # a checkpoint from before R had its per-label word bias
+    del older["r.label_words.weight"]
+    with pytest.raises(ValueError, match="label_words.*made again.*emixer pretrain"):
+        set_weights(nets, older)
     wrong = dict(weights)
     wrong["g.out.weight"] = np.zeros((2, 2), np.float32)
     with pytest.raises(ValueError, match="g.out.weight.*shape"):
