@@ -101,7 +101,14 @@ def train_r(
 
 
 def federate_r(
-    start: dict, sites: list, model: ModelConfig, setting: str, steps: int, rounds: int, args
+    start: dict,
+    sites: list,
+    model: ModelConfig,
+    setting: str,
+    steps: int,
+    rounds: int,
+    q: float,
+    momentum: float,
 ) -> EmixerNets:
     """R alone, FedAvg over `sites` (each training steps / rounds per round from the global R,
     its momentum restarting, as a site's does), weighted by units like the server."""
@@ -112,7 +119,7 @@ def federate_r(
         for k, data in enumerate(sites):
             local_seed = str(int(seed) * 1000 + round_number * 10 + k)
             local = ":".join([optimizer, lr, sigma, layers, local_seed])
-            nets = train_r(weights, data, model, local, steps // rounds, args.q, args.momentum)
+            nets = train_r(weights, data, model, local, steps // rounds, q, momentum)
             updates.append((len(data.units), get_weights(nets)))
         weights = unit_weighted_mean(updates)
     nets = build_networks(model, VOCAB_SIZE, len(FINDINGS))
@@ -187,7 +194,9 @@ def main() -> None:
             nets = train_r(start, data, model, setting, args.steps, args.q, args.momentum)
         else:
             chosen = [sites[int(k) - 1].train for k in args.r_sites.split(",")]
-            nets = federate_r(start, chosen, model, setting, args.steps, args.rounds, args)
+            nets = federate_r(
+                start, chosen, model, setting, args.steps, args.rounds, args.q, args.momentum
+            )
         off, on = stating(nets, data, model)
         took = time.perf_counter() - began
         console.print(
