@@ -262,7 +262,9 @@ def main() -> None:
     )
     parser.add_argument("--control", help="a row every row is also compared with, paired")
     parser.add_argument(
-        "--save", help="also write the figures to this file (rows run in separate processes)"
+        "--save",
+        help="also write the figures to this file, after every row (to merge rows that ran in "
+        "separate processes)",
     )
     parser.add_argument(
         "--summarise",
@@ -336,14 +338,14 @@ def main() -> None:
                 weights, eps, _ = federate(cfg, train, start, setup.rounds, budget, seed)
             figures = measure(base, weights, real, seed=0)
             results.setdefault(spec, {})[seed] = figures
+            if args.save:  # after every row: a stopped run keeps the rows it finished
+                torch.save(results, args.save)
             took = time.perf_counter() - began
             console.print(
                 f"{spec} seed {seed}: "
                 + "; ".join(f"{k} {cell(v)}" for k, v in figures.items())
                 + f"; eps {eps:.2f}; {took:.0f} s"
             )
-    if args.save:
-        torch.save(results, args.save)
     summarise(results, args.control)
     console.print(machine())
 
