@@ -2,7 +2,7 @@
 
 A fast, narrow probe behind bench.site_knowledge's recipe choice: only R trains, at site 1 of
 the phantom world (it shows the site-only finding), from the public model, on its real reports,
-with the clip (max_grad_norm / sqrt(2), R's share under `clip_per_network`), sample rate and
+with the clip (R's share of max_grad_norm under `clip_per_network`), sample rate and
 noise multiplier of a site's epsilon-10 plan, for a fixed number of steps. It then samples R's
 reports for site 1's own images with the site-only label off and on and counts the share the
 labeler reads as stating it. No G, no D, no federation: about 30 s per setting, so optimizers,
@@ -49,9 +49,9 @@ from emixer_model.networks import EmixerNets, build_networks, get_weights, set_w
 from emixer_model.text.grammar import SITE_ONLY_FINDING
 from emixer_model.text.labeler import label_report
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
-from emixer_model.training import PRIVATE_LAYERS, poisson_units
+from emixer_model.training import PRIOR_CLIP_SHARE, PRIVATE_LAYERS, poisson_units
 
-CLIP = 1.0 / 2**0.5  # R's share of a row's norm 1 under clip_per_network
+CLIP = ((1 - PRIOR_CLIP_SHARE**2) / 2) ** 0.5  # R's share of a row's norm 1, clip_per_network
 
 
 def train_r(

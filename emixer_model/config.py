@@ -34,6 +34,34 @@ FINDINGS: tuple[str, ...] = (
     "Pneumoperitoneum",
 )
 
+# Which labels G is asked for before any data taught it a site's own mix: a FIXED public prior
+# (roughly chest X-ray practice), never a site statistic. A finding is drawn with its
+# FINDING_PROBABILITY in the studies that are not "No Finding" (NO_FINDING_PROBABILITY, or none
+# drawn). D's learned prior (`Discriminator.prior`) starts from it, as marginals.
+NO_FINDING_PROBABILITY = 0.3
+FINDING_PROBABILITY = {
+    "Cardiomegaly": 0.2,
+    "Pleural Effusion": 0.25,
+    "Consolidation": 0.15,
+    "Pneumothorax": 0.1,
+    "Lung Lesion": 0.1,
+    "Edema": 0.15,
+    "Support Devices": 0.3,
+    "Pneumoperitoneum": 0.1,
+}
+
+
+def public_prior() -> list[float]:
+    """The fixed prior as each label's marginal share, in FINDINGS order."""
+    finding_share = 1.0 - NO_FINDING_PROBABILITY
+    return [
+        NO_FINDING_PROBABILITY
+        if name == "No Finding"
+        else finding_share * FINDING_PROBABILITY.get(name, 0.0)
+        for name in FINDINGS
+    ]
+
+
 # Epochs of the judge (the finding classifier `emixer evaluate` and bench/utility.py train on a
 # site's real judge-train studies). 3 phantom sites x 160 at 64 px, 386 judge-train / 94 held-out
 # studies, load 8 on 2 cores: 60 epochs (780 steps) 11 s, held-out AUROC 0.80; 100 epochs 27 s,
@@ -102,6 +130,9 @@ class TrainConfig:
     lr_d: float = 2e-4  # discriminator (private)
     lr_text: float = 5e-4  # image encoder + report decoder (private)
     lr_g: float = 2e-4  # generator (trained on generated samples only)
+    lr_prior: float = 0.5  # D's learned label prior (private, as D): the site's label mix,
+    #   which G is asked for. Each round starts from the federation's average, so a site's
+    #   own shares must be reached within its first steps (from 0.001: about 15 Adam steps)
     beta1: float = 0.5  # Adam betas of all three optimizers (0.5 is the usual GAN choice)
     beta2: float = 0.999
     rotation_weight: float = 1.0  # weight of the self-supervised rotation loss
@@ -119,7 +150,8 @@ class TrainConfig:
     g_steps: int = 1  # generator steps after each group of d_steps private steps: G learns
     #   from generated data only, so its extra steps cost compute, never privacy
     clip_per_network: bool = False  # clip D's and E+R's per-sample gradients separately, each
-    #   to max_grad_norm / sqrt(2) (the whole row's norm, the sensitivity, stays max_grad_norm);
+    #   to half (in squares) of what D's label prior leaves of max_grad_norm (the whole row's
+    #   norm, the sensitivity, stays max_grad_norm);
     #   off: one clip over D, E and R, where D's large gradient leaves R little of the norm
     report_label_smoothing: float = 0.0  # label smoothing of R's word loss (public pretraining
     #   and sites): bounds how far words no public report uses are pushed down, so a site's

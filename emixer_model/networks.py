@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emixer_model.config import ModelConfig
+from emixer_model.config import ModelConfig, public_prior
 from emixer_model.text.vocabulary import BOS, EOS, PAD
 
 
@@ -382,6 +382,25 @@ class Discriminator(nn.Module):
         # auxiliary classifier (AC-GAN): which findings the image shows, trained on real labeled
         # images; G is rewarded when it recognises G's image as showing its conditioning labels
         self.classify = nn.Linear(d, n_labels)
+        # the labels' shares where D trains, as logits (a Linear of a constant input: Opacus
+        # clips and noises its per-row gradient like any layer's); G is asked for labels drawn
+        # from it, so at each site for the label mix that site's D has seen. Starts at the
+        # fixed public prior; public pretraining sets it to the collection's own shares.
+        self.prior = nn.Linear(1, n_labels, bias=False)
+        self.set_prior(torch.tensor(public_prior()))
+
+    @torch.no_grad()
+    def set_prior(self, shares: torch.Tensor) -> None:
+        """The prior's logits from label shares [L] (kept within [0.001, 0.999])."""
+        self.prior.weight[:, 0] = torch.logit(shares.clamp(1e-3, 1 - 1e-3))
+
+    def prior_logits(self, b: int) -> torch.Tensor:
+        """The prior's logits [b, L], once per row, so each row's loss has its own gradient."""
+        return self.prior(self.prior.weight.new_ones(b, 1))
+
+    def label_prior(self) -> torch.Tensor:
+        """Each label's share [L] under the prior, without gradient: what G is asked for."""
+        return torch.sigmoid(self.prior.weight[:, 0]).detach()
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(self.image_fc(self.convs(x)), 0.2)

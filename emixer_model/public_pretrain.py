@@ -14,7 +14,7 @@ report grammar shipped with the package (emixer_model.text.grammar) is public an
 site's privacy budget, the standard DP practice of pretraining on public data.
 
 R is trained as a conditional language model of grammar reports: labels from the fixed public
-prior of emixer_model.training (never a site statistic), reports `write_report` writes for them
+prior of emixer_model.config (never a site statistic), reports `write_report` writes for them
 in the public grammar, and a constant zero image embedding, so R learns how labels become report
 sentences and the private rounds only have to teach it how the image changes the report. Only
 R's parameters move in the warm start; G, E and D are not touched (not even run).
@@ -49,8 +49,8 @@ from emixer_model.training import (
 UNCERTAIN_PROBABILITY = 0.15
 # Bumped whenever public pretraining learns differently, so a cached public model is never
 # reused across such a change (2: findings the collection never shows are silenced; 3: R has a
-# per-label word bias).
-PRETRAINING_VERSION = 3
+# per-label word bias; 4: D learns the label prior G is asked for, set from the collection).
+PRETRAINING_VERSION = 4
 LAST_LOSS_WINDOW = 20  # last_loss averages this many final steps: one batch is noisy
 # Findings the public grammar never names (the site-only finding): no public text states them.
 PUBLIC_UNNAMED: tuple[str, ...] = tuple(
@@ -217,6 +217,7 @@ def pretrain_public(
         raise ValueError("the public collection has no usable labeled image")
     unshown = unshown_findings(labels)
     silence_labels(nets, [FINDINGS.index(f) for f in unshown])
+    nets.d.set_prior(labels.float().clamp(0, 1).mean(dim=0))  # public shares: no privacy cost
     t = cfg.train
     generator = torch.Generator().manual_seed(seed)
     d_optimizer = torch.optim.Adam(

@@ -19,7 +19,8 @@ One step:
 4. One backward, one DPOptimizer step (an empty batch still steps: noise only), one accountant
    step. After every `train.d_steps` private steps G steps `train.g_steps` times with the
    private module's hooks disabled, and the EMA copy of G follows it. With
-   `train.clip_per_network` the clip is per network (D | E and R), same total norm.
+   `train.clip_per_network` the clip is per network (D | E and R), same total norm. D's label
+   prior (the label mix G is asked for) always has a share of the clip of its own.
 
 Randomness that touches real data (which units are sampled, which of a unit's rows, the DP noise)
 comes from a secret generator seeded from the OS: the sampler seed travels in the run config, and
@@ -45,7 +46,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from emixer_model.config import FINDINGS, EmixerConfig
+from emixer_model.config import FINDINGS, EmixerConfig, public_prior
 from emixer_model.data.site import SiteData
 from emixer_model.networks import EmixerNets
 from emixer_model.privacy.accounting import SiteAccountant
@@ -55,39 +56,43 @@ from emixer_model.text.vocabulary import PAD
 if TYPE_CHECKING:  # the plan only as a type: the server imports this module's objective
     from emixer_model.privacy.plan import PrivacyPlan
 
-LOSS_NAMES = ("d_real", "d_fake", "findings", "rotation", "report", "g")
+LOSS_NAMES = ("d_real", "d_fake", "findings", "prior", "rotation", "report", "g")
 
-# Labels of generated rows that are not paired with a labeled real row: a FIXED public prior
-# (roughly chest X-ray practice), never a site statistic. "No Finding" excludes the others.
-# Public pretraining draws from it with the findings its collection never shows kept off
-# (`never`): G is never asked there for what no public image can teach it.
-NO_FINDING_PROBABILITY = 0.3
-FINDING_PROBABILITY = {
-    "Cardiomegaly": 0.2,
-    "Pleural Effusion": 0.25,
-    "Consolidation": 0.15,
-    "Pneumothorax": 0.1,
-    "Lung Lesion": 0.1,
-    "Edema": 0.15,
-    "Support Devices": 0.3,
-    "Pneumoperitoneum": 0.1,
-}
+# The share of a row's clip norm kept for D's label prior (the networks share the rest): its
+# gradient, a label vector's worth, is tiny beside theirs and would be clipped to nothing in a
+# shared clip, so the prior would never learn a site's mix under noise.
+PRIOR_CLIP_SHARE = 0.3
 
 Row = tuple[bool, int]  # (labeled, index into data.images if labeled else into data.unlabeled)
 
 
-def sample_prior(n: int, generator: torch.Generator, never: Collection[str] = ()) -> torch.Tensor:
-    """n multi-hot label vectors [n, L] from the fixed public prior, the findings in `never`
-    always off ("No Finding" where nothing is left). The same draws whatever `never` holds."""
-    probs = torch.tensor(
-        [0.0 if name in never else FINDING_PROBABILITY.get(name, 0.0) for name in FINDINGS]
-    )
+def sample_prior(
+    n: int,
+    generator: torch.Generator,
+    never: Collection[str] = (),
+    marginals: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """n multi-hot label vectors [n, L] drawn from `marginals` [L] (each label's share: D's
+    learned prior, `Discriminator.label_prior`) or, without them, from the fixed public prior;
+    the findings in `never` always off ("No Finding" where nothing is left). The same draws
+    whatever `never` holds, and the fixed prior's marginals draw what the fixed prior does.
+
+    "No Finding" is drawn with its share, the findings in the other studies with their share
+    among those (their marginal / (1 - the "No Finding" share), at most 1).
+    """
+    if marginals is None:
+        marginals = torch.tensor(public_prior())
+    marginals = marginals.detach().float().cpu()
+    nf = FINDINGS.index("No Finding")
+    p_nf = float(marginals[nf])
+    probs = (marginals / max(1.0 - p_nf, 1e-6)).clamp(max=1.0)
+    probs[nf] = 0.0
+    probs[[FINDINGS.index(name) for name in never]] = 0.0
     y = (torch.rand(n, len(FINDINGS), generator=generator) < probs).float()
-    no_finding = torch.rand(n, generator=generator) < NO_FINDING_PROBABILITY
+    no_finding = torch.rand(n, generator=generator) < p_nf
     no_finding |= y.sum(dim=1) == 0
-    if "No Finding" in FINDINGS:
-        y[no_finding] = 0.0
-        y[no_finding, FINDINGS.index("No Finding")] = 1.0
+    y[no_finding] = 0.0
+    y[no_finding, nf] = 1.0
     return y
 
 
@@ -118,15 +123,15 @@ def _backward(loss: torch.Tensor) -> None:
 # coordinates: the same clipped gradient falls on fewer of them, so the same noise multiplier
 # hurts far less.
 # "top": label projections and output layers. "labels": only what ties a label to an image or a
-# report (D's projection term, finding head and score; R's label input, topics, stop, word output
-# and per-label word bias), the least a finding the public model never saw needs. "label-words":
-# D's as "labels", R's per-label word bias alone, which only rows showing a label move: a site
-# that never shows a finding adds noise to its column but cannot unlearn its words through the
-# shared head (bench/README.md, issue 16).
-LABEL_LAYERS_D = ("score", "label", "classify")
+# report (D's projection term, finding head, score and label prior; R's label input, topics,
+# stop, word output and per-label word bias), the least a finding the public model never saw
+# needs. "label-words": D's as "labels", R's per-label word bias alone, which only rows showing a
+# label move: a site that never shows a finding adds noise to its column but cannot unlearn its
+# words through the shared head (bench/README.md, issue 16).
+LABEL_LAYERS_D = ("score", "label", "classify", "prior")
 PRIVATE_LAYERS = {
     "top": {
-        "d": ("image_fc", "joint", "score", "label", "rotation", "classify", "text_fc"),
+        "d": ("image_fc", "joint", "score", "label", "rotation", "classify", "prior", "text_fc"),
         "e": ("fc",),
         "r": ("embed_in", "label_in", "topic", "stop", "head", "label_words"),
     },
@@ -187,7 +192,7 @@ def real_row_losses(
     pretraining both call it, so both train the same objective."""
     m, b = cfg.model, len(x)
     dev = next(nets.parameters()).device
-    y_fake = torch.where(labeled[:, None], y, sample_prior(b, generator))
+    y_fake = torch.where(labeled[:, None], y, sample_prior(b, generator, (), nets.d.label_prior()))
     z = torch.randn(b, m.latent_dim, generator=generator)
     k = torch.randint(4, (b,), generator=generator)
     x, y, tokens, y_fake, z, k, mask = (
@@ -202,9 +207,11 @@ def real_row_losses(
     report = nets.r.teacher_forced_loss(nets.e(x), y, tokens, cfg.train.report_label_smoothing)
     bce = F.binary_cross_entropy_with_logits
     findings = bce(real_findings, y, reduction="none").mean(dim=1)
+    prior = bce(nets.d.prior_logits(b), y, reduction="none").sum(dim=1)
     return {
         "d_real": mask * bce(real_score, torch.ones_like(real_score), reduction="none"),
         "findings": mask * cfg.train.label_weight * findings,
+        "prior": mask * prior,
         "report": mask * report,
         "rotation": rotation,
         "d_fake": bce(fake_score, torch.zeros_like(fake_score), reduction="none"),
@@ -214,7 +221,8 @@ def real_row_losses(
 def row_objective(losses: dict[str, torch.Tensor], cfg: EmixerConfig) -> torch.Tensor:
     """Per-row objective [B] of D, E and R: the terms of `real_row_losses` with their weights."""
     rotation = cfg.train.rotation_weight * losses["rotation"]
-    return losses["d_real"] + losses["findings"] + losses["report"] + rotation + losses["d_fake"]
+    labels = losses["findings"] + losses["prior"]
+    return losses["d_real"] + labels + losses["report"] + rotation + losses["d_fake"]
 
 
 def generator_loss(
@@ -224,10 +232,11 @@ def generator_loss(
     generator: torch.Generator,
     never: Collection[str] = (),
 ) -> torch.Tensor:
-    """G's non-saturating loss on n generated pairs from the public prior (fixed-size draws),
-    never asking for the findings in `never`."""
+    """G's non-saturating loss on n generated pairs (fixed-size draws) of labels from D's
+    learned prior, never asking for the findings in `never`. At a site the prior is what its
+    private steps made of the site's label mix, so G is asked for what the site's D has seen."""
     dev = next(nets.parameters()).device
-    y = sample_prior(n, generator, never).to(dev)
+    y = sample_prior(n, generator, never, nets.d.label_prior()).to(dev)
     z = torch.randn(n, cfg.model.latent_dim, generator=generator).to(dev)
     fake = nets.g(z, y)
     score, findings = nets.d.score_and_labels(fake, fake_reports(nets, cfg, fake, y, generator), y)
@@ -245,35 +254,44 @@ def update_ema(nets: EmixerNets, decay: float) -> None:
 
 
 class NetworkClippedDPOptimizer(DPOptimizer):
-    """DP-SGD that clips each group of parameters' per-sample gradient to its own norm.
+    """DP-SGD that clips each group of parameters' per-sample gradient to its own share.
 
-    With one clip over D, E and R together, D's gradient takes almost all of a row's norm and
-    the report decoder's share is scaled to nearly nothing before the noise is added. Here
-    group k is clipped to max_grad_norm / sqrt(K), so every group keeps a fixed share, while a
-    row's whole clipped gradient still has norm <= max_grad_norm: the sensitivity, the noise
-    (std noise_multiplier x max_grad_norm on every coordinate) and the accounting are those of
-    plain DP-SGD.
+    Group k's per-sample gradient is clipped to shares[k] x max_grad_norm, with the squared
+    shares summing to at most 1, so a row's whole clipped gradient still has norm <=
+    max_grad_norm: the sensitivity, the noise (std noise_multiplier x max_grad_norm on every
+    coordinate) and the accounting are those of plain DP-SGD. With one clip over D, E and R
+    together, D's gradient takes almost all of a row's norm and the report decoder's share is
+    scaled to nearly nothing before the noise is added (`train.clip_per_network`); D's label
+    prior, whose gradient is tiny beside the networks', gets a share of its own.
     """
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, *, groups: list[list[nn.Parameter]], **kwargs
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        groups: list[list[nn.Parameter]],
+        shares: list[float],
+        **kwargs,
     ) -> None:
         super().__init__(optimizer, **kwargs)
+        if len(shares) != len(groups) or sum(s * s for s in shares) > 1 + 1e-9:
+            raise ValueError(f"need one share per group, squares summing to <= 1, not {shares}")
         index = {id(p): k for k, group in enumerate(groups) for p in group}
         missing = [p for p in self.params if id(p) not in index]
         if missing:
             raise ValueError(f"{len(missing)} private parameters belong to no clipping group")
         self._group_of = [index[id(p)] for p in self.params]
-        self._groups = len(groups)
+        self._shares = torch.tensor(shares)
 
     def clip_and_accumulate(self) -> None:
         """Per-sample clip factors per group, then the clipped sum, as Opacus' own method."""
         rows = len(self.grad_samples[0])
-        share = self.max_grad_norm / self._groups**0.5
-        squares = torch.zeros(self._groups, rows, device=self.grad_samples[0].device)
+        device = self.grad_samples[0].device
+        squares = torch.zeros(len(self._shares), rows, device=device)
         for k, g in zip(self._group_of, self.grad_samples, strict=True):
-            squares[k] += g.reshape(rows, -1).pow(2).sum(dim=1).to(squares.device)
-        factors = (share / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+            squares[k] += g.flatten(1).pow(2).sum(dim=1).to(device)
+        bound = self.max_grad_norm * self._shares.to(device)[:, None]
+        factors = (bound / (squares.sqrt() + 1e-6)).clamp(max=1.0)
         for k, p in zip(self._group_of, self.params, strict=True):
             _check_processed_flag(p.grad_sample)
             grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
@@ -332,9 +350,12 @@ class PrivateTrainer:
         def moving(module: nn.Module) -> list[nn.Parameter]:
             return [p for p in module.parameters() if p.requires_grad]
 
+        prior = moving(nets.d.prior)
+        d_body = [p for p in moving(nets.d) if all(p is not q for q in prior)]
         groups = [
-            {"params": moving(nets.d), "lr": t.lr_d},
+            {"params": d_body, "lr": t.lr_d},
             {"params": [*moving(nets.e), *moving(nets.r)], "lr": t.lr_text},
+            {"params": prior, "lr": t.lr_prior},
         ]
         if t.private_optimizer == "adam":
             inner: torch.optim.Optimizer = torch.optim.Adam(groups, betas=(t.beta1, t.beta2))
@@ -348,11 +369,15 @@ class PrivateTrainer:
             "generator": noise_generator,
             "secure_mode": cfg.privacy.secure_mode,
         }
-        if t.clip_per_network:
-            clip_groups = [group["params"] for group in groups]
-            self.optimizer = NetworkClippedDPOptimizer(inner, groups=clip_groups, **dp_settings)
-        else:
-            self.optimizer = DPOptimizer(inner, **dp_settings)
+        text = groups[1]["params"]
+        networks = [d_body, text] if t.clip_per_network else [d_body + text]
+        share = ((1 - PRIOR_CLIP_SHARE**2) / len(networks)) ** 0.5
+        self.optimizer = NetworkClippedDPOptimizer(
+            inner,
+            groups=[*networks, prior],
+            shares=[share] * len(networks) + [PRIOR_CLIP_SHARE],
+            **dp_settings,
+        )
         self.g_optimizer = torch.optim.Adam(
             nets.g.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2)
         )
@@ -389,7 +414,7 @@ class PrivateTrainer:
         }
         n_labeled = sum(is_labeled for is_labeled, _ in rows)
         if n_labeled:  # a batch of unlabeled scans says nothing about the labeled losses
-            for name in ("d_real", "findings", "report"):
+            for name in ("d_real", "findings", "prior", "report"):
                 means[name] = losses[name].sum().item() / n_labeled
         return means
 

@@ -10,7 +10,7 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from emixer_model.config import ModelConfig
+from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.networks import (
     CausalSelfAttention,
     _draw,
@@ -22,7 +22,7 @@ from emixer_model.networks import (
 from emixer_model.text.vocabulary import EOS, PAD
 from tests.conftest import TINY_MODEL
 
-V, L, B = 30, 8, 5
+V, L, B = 30, len(FINDINGS), 5
 S, W = TINY_MODEL.max_sentences, TINY_MODEL.max_words
 
 

@@ -7,14 +7,21 @@ import dataclasses
 import pytest
 import torch
 
-from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, PrivacyConfig, TrainConfig
+from emixer_model.config import (
+    FINDINGS,
+    EmixerConfig,
+    ModelConfig,
+    PrivacyConfig,
+    TrainConfig,
+    public_prior,
+)
 from emixer_model.data.site import SiteData
 from emixer_model.networks import build_networks
 from emixer_model.privacy.accounting import SiteAccountant
 from emixer_model.privacy.plan import PrivacyPlan, make_plan, plan_inputs
 from emixer_model.privacy.policy import SitePolicy
 from emixer_model.text.vocabulary import EOS, PAD
-from emixer_model.training import PrivateTrainer, poisson_units, sample_prior
+from emixer_model.training import PRIOR_CLIP_SHARE, PrivateTrainer, poisson_units, sample_prior
 from tests.conftest import TINY_MODEL
 
 V, L = 24, len(FINDINGS)
@@ -205,7 +212,15 @@ def test_train_steps_counts_steps_and_lowers_the_report_loss() -> None:
         after = r.teacher_forced_loss(e(data.images), data.labels, data.tokens).mean()
     assert summary["steps"] == 30 == accountant.history[0][2]
     assert calls[-1] == (30, 30) and len(calls) == 30
-    assert set(summary["losses"]) == {"d_real", "d_fake", "findings", "rotation", "report", "g"}
+    assert set(summary["losses"]) == {
+        "d_real",
+        "d_fake",
+        "findings",
+        "prior",
+        "rotation",
+        "report",
+        "g",
+    }
     assert after < 0.5 * before
 
 
@@ -300,6 +315,43 @@ def test_label_words_moves_only_the_columns_of_labels_a_site_shows() -> None:
     assert (moved[shown] > 1e-3).all()
 
 
+def test_label_prior_learns_the_sites_mix_only_through_the_private_step() -> None:
+    """D's label prior (what G is asked for) is a private parameter: the DP optimizer steps it,
+    from each row's clipped and noised gradient, toward the site's label shares; G's step and
+    its draws never move it (invariant: every update that depends on a real sample passes the
+    one Opacus step). A finding the site never shows falls, one it shows rises from 0.001."""
+    data = make_data(n=40)
+    shown, never = FINDINGS.index("Pneumoperitoneum"), FINDINGS.index("Edema")
+    data.labels[:, never] = 0.0
+    data.labels[:, shown] = (torch.arange(40) % 2).float()  # half the studies show it
+    trainer, _ = make_trainer(data, sigma=1e-6, batch_size=16)
+    d = trainer.nets.d
+    assert id(d.prior.weight) in {id(p) for p in trainer.optimizer.params}
+    start = torch.full((L,), 0.2)
+    start[shown] = 0.001
+    d.set_prior(start)
+    before = d.label_prior()
+    trainer.generator_step(torch.Generator().manual_seed(0))
+    assert torch.equal(d.label_prior(), before)
+    trainer.train_steps(data, 30, sampler_seed=0)
+    after = d.label_prior()
+    assert after[shown] > 0.2 and after[never] < 0.05
+
+
+def test_g_is_asked_for_labels_from_the_prior() -> None:
+    """sample_prior: the fixed prior's marginals draw exactly what the fixed prior draws; a
+    label with share 0 is never drawn, one with share 0.5 in half the studies."""
+    fixed = sample_prior(500, torch.Generator().manual_seed(3))
+    marginals = torch.tensor(public_prior())
+    assert torch.equal(sample_prior(500, torch.Generator().manual_seed(3), (), marginals), fixed)
+    k = FINDINGS.index("Pneumoperitoneum")
+    marginals[k] = 0.0
+    assert sample_prior(500, torch.Generator().manual_seed(3), (), marginals)[:, k].sum() == 0
+    marginals[k] = 0.5
+    share = sample_prior(2000, torch.Generator().manual_seed(3), (), marginals)[:, k].mean()
+    assert 0.45 < share < 0.55
+
+
 def test_private_sgd_steps_with_its_own_momentum_and_g_keeps_adam() -> None:
     """train.sgd_momentum, not G's Adam beta1, is the private SGD's momentum (bench/README.md:
     under DP noise Adam's per-coordinate scaling moves noise coordinates as fast as signal)."""
@@ -307,7 +359,7 @@ def test_private_sgd_steps_with_its_own_momentum_and_g_keeps_adam() -> None:
     trainer, _ = make_trainer(data, private_optimizer="sgd", sgd_momentum=0.7, beta1=0.5)
     inner = trainer.optimizer.original_optimizer
     assert isinstance(inner, torch.optim.SGD)
-    assert [group["momentum"] for group in inner.param_groups] == [0.7, 0.7]
+    assert [group["momentum"] for group in inner.param_groups] == [0.7] * 3
     assert isinstance(trainer.g_optimizer, torch.optim.Adam)
     trainer.private_step(data, [(True, 0), (False, 1)], torch.Generator().manual_seed(0))
     assert any("momentum_buffer" in inner.state[p] for p in trainer.optimizer.params)
@@ -360,19 +412,27 @@ def _clipped_norms(trainer: PrivateTrainer, data: SiteData) -> dict[str, torch.T
         squares = [seen[id(p)] ** 2 for m in modules for p in m.parameters() if id(p) in seen]
         return torch.stack(squares).sum().sqrt()
 
-    return {"d": norm(nets.d), "text": norm(nets.e, nets.r), "row": norm(nets.d, nets.e, nets.r)}
+    return {
+        "d": norm(*(m for name, m in nets.d.named_children() if name != "prior")),
+        "prior": norm(nets.d.prior),
+        "text": norm(nets.e, nets.r),
+        "row": norm(nets.d, nets.e, nets.r),
+    }
 
 
 def test_per_network_clipping_keeps_the_row_norm_and_gives_each_network_its_share() -> None:
-    """Sensitivity stays C (the row's clipped norm), each network gets at most C / sqrt(2), and
-    the report side keeps a real share, where one joint clip leaves it only what D leaves."""
+    """Sensitivity stays C (the row's clipped norm, D's label prior included), each network
+    gets at most its share of what the prior leaves, and the report side keeps a real share,
+    where one joint clip leaves it only what D leaves."""
     data, clip = make_data(), 1e-4
     joint = _clipped_norms(make_trainer(data, sigma=1e-6, clip=clip)[0], data)
     split_trainer = make_trainer(data, sigma=1e-6, clip=clip, clip_per_network=True)[0]
     split = _clipped_norms(split_trainer, data)
+    share = clip * ((1 - PRIOR_CLIP_SHARE**2) / 2) ** 0.5
     assert joint["row"] <= clip * 1.001 and split["row"] <= clip * 1.001
-    assert split["d"] <= clip / 2**0.5 * 1.001 and split["text"] <= clip / 2**0.5 * 1.001
-    assert split["text"] == pytest.approx(clip / 2**0.5, rel=1e-2)  # the share binds
+    assert joint["prior"] == pytest.approx(clip * PRIOR_CLIP_SHARE, rel=1e-2)  # its own share
+    assert split["d"] <= share * 1.001 and split["text"] <= share * 1.001
+    assert split["text"] == pytest.approx(share, rel=1e-2)  # the share binds
     assert split["text"] > joint["text"]
 
 
