@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ from bench.utility import Setup, federate, prepare, unit_weighted_mean
 from emixer_cli.commands.demo import DEMO_MODEL
 from emixer_model.config import FINDINGS, ModelConfig
 from emixer_model.networks import EmixerNets, build_networks, get_weights, set_weights
+from emixer_model.public_pretrain import PRETRAINING_VERSION
 from emixer_model.text.grammar import SITE_ONLY_FINDING
 from emixer_model.text.labeler import label_report
 from emixer_model.text.vocabulary import VOCAB_SIZE, decode_report
@@ -54,11 +55,27 @@ from emixer_model.training import PRIOR_CLIP_SHARE, PRIVATE_LAYERS, poisson_unit
 CLIP = ((1 - PRIOR_CLIP_SHARE**2) / 2) ** 0.5  # R's share of a row's norm 1, clip_per_network
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One probe setting, OPTIMIZER:LR:SIGMA:LAYERS:SEED on the command line."""
+
+    optimizer: str
+    lr: float
+    sigma: float
+    layers: str
+    seed: int
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        optimizer, lr, sigma, layers, seed = text.split(":")
+        return cls(optimizer, float(lr), float(sigma), layers, int(seed))
+
+
 def train_r(
-    start: dict, data, model: ModelConfig, setting: str, steps: int, q: float, momentum: float
+    start: dict, data, model: ModelConfig, setting: Setting, steps: int, q: float, momentum: float
 ) -> EmixerNets:
     """R alone under DP-SGD/Adam from `start` on the site's labeled rows; one row per unit."""
-    optimizer, lr, sigma, layers, seed = setting.split(":")
+    optimizer, lr, sigma, layers, seed = astuple(setting)
     nets = build_networks(model, VOCAB_SIZE, len(FINDINGS))
     set_weights(nets, start)
     with torch.no_grad():
@@ -69,21 +86,21 @@ def train_r(
     GradSampleModule(r, loss_reduction="sum")
     moving = [p for p in r.parameters() if p.requires_grad]
     inner = (
-        torch.optim.Adam(moving, lr=float(lr), betas=(0.5, 0.999))
+        torch.optim.Adam(moving, lr=lr, betas=(0.5, 0.999))
         if optimizer == "adam"
-        else torch.optim.SGD(moving, lr=float(lr), momentum=momentum)
+        else torch.optim.SGD(moving, lr=lr, momentum=momentum)
     )
     batch = round(q * len(data.units))
     dp = DPOptimizer(
         inner,
         # the noise is sigma x the row's whole norm 1, as in the trainer; Opacus multiplies
         # its noise_multiplier by max_grad_norm
-        noise_multiplier=float(sigma) / CLIP,
+        noise_multiplier=sigma / CLIP,
         max_grad_norm=CLIP,
         expected_batch_size=batch,
         loss_reduction="mean",
     )
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         rows = [
             labeled[int(torch.randint(len(labeled), (1,), generator=g))]
@@ -104,7 +121,7 @@ def federate_r(
     start: dict,
     sites: list,
     model: ModelConfig,
-    setting: str,
+    setting: Setting,
     steps: int,
     rounds: int,
     q: float,
@@ -112,13 +129,11 @@ def federate_r(
 ) -> EmixerNets:
     """R alone, FedAvg over `sites` (each training steps / rounds per round from the global R,
     its momentum restarting, as a site's does), weighted by units like the server."""
-    optimizer, lr, sigma, layers, seed = setting.split(":")
     weights = start
     for round_number in range(rounds):
         updates = []
         for k, data in enumerate(sites):
-            local_seed = str(int(seed) * 1000 + round_number * 10 + k)
-            local = ":".join([optimizer, lr, sigma, layers, local_seed])
+            local = replace(setting, seed=setting.seed * 1000 + round_number * 10 + k)
             nets = train_r(weights, data, model, local, steps // rounds, q, momentum)
             updates.append((len(data.units), get_weights(nets)))
         weights = unit_weighted_mean(updates)
@@ -159,7 +174,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="R-only FedAvg rounds")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
     parser.add_argument("--cache", default="bench-cache/site_knowledge")
-    parser.add_argument("--pretrained", default="pretrained-v3-s0.0-600-seed0.pt")
+    parser.add_argument(
+        "--pretrained", default=f"pretrained-v{PRETRAINING_VERSION}-s0.0-600-seed0.pt"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     console.print(machine())
@@ -188,7 +205,8 @@ def main() -> None:
             f"{args.recipe} over sites {args.federate}, epsilon {eps:.2f}: "
             f"off {off:.3f}, on {on:.3f}, gap {on - off:+.3f}; {took:.0f} s"
         )
-    for setting in args.settings:
+    for text in args.settings:
+        setting = Setting.parse(text)
         began = time.perf_counter()
         if args.r_sites == "1":
             nets = train_r(start, data, model, setting, args.steps, args.q, args.momentum)
@@ -200,7 +218,7 @@ def main() -> None:
         off, on = stating(nets, data, model)
         took = time.perf_counter() - began
         console.print(
-            f"{setting} over sites {args.r_sites}: off {off:.3f}, on {on:.3f}, "
+            f"{text} over sites {args.r_sites}: off {off:.3f}, on {on:.3f}, "
             f"gap {on - off:+.3f}; {took:.0f} s"
         )
     console.print(machine())
