@@ -469,7 +469,7 @@ def build_networks(model_cfg: ModelConfig, vocab_size: int, n_labels: int) -> Em
 @torch.no_grad()
 def silence_labels(nets: EmixerNets, columns: list[int]) -> None:
     """Zero the label columns `columns` in every label projection (G, its EMA, R's input and
-    word bias, D's term).
+    word bias, D's term) and their outputs of D's finding head.
 
     A label no training data has shown keeps its random initial column otherwise, so switching
     it on shifts the image and the report by chance: an effect nothing taught. Zeroed, the label
@@ -483,6 +483,8 @@ def silence_labels(nets: EmixerNets, columns: list[int]) -> None:
         nets.d.label,
     ):
         layer.weight[:, columns] = 0.0
+    nets.d.classify.weight[columns] = 0.0  # D's finding head: one output per label
+    nets.d.classify.bias[columns] = 0.0
 
 
 def get_weights(nets: nn.Module) -> dict[str, np.ndarray]:

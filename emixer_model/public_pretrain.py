@@ -49,7 +49,8 @@ from emixer_model.training import (
 UNCERTAIN_PROBABILITY = 0.15
 # Bumped whenever public pretraining learns differently, so a cached public model is never
 # reused across such a change (2: findings the collection never shows are silenced; 3: R has a
-# per-label word bias; 4: D learns the label prior G is asked for, set from the collection).
+# per-label word bias; 4: D learns the label prior G is asked for, set from the collection, and
+# D's finding head is neither trained nor kept for a finding the collection never shows).
 PRETRAINING_VERSION = 4
 LAST_LOSS_WINDOW = 20  # last_loss averages this many final steps: one batch is noisy
 # Findings the public grammar never names (the site-only finding): no public text states them.
@@ -207,8 +208,9 @@ def pretrain_public(
     The same objective as a site's private step (`real_row_losses`, `generator_loss`), on plain
     Adam, batches of train.batch_size drawn uniformly: public data needs no clipping, no noise
     and no accountant. A finding the collection never shows (`unshown_findings`) is never asked
-    of G and its label columns are zeroed (`silence_labels`): the public model draws the same
-    pair with it on or off, so whatever it means in a release, the sites taught it.
+    of G, its label columns and D's finding head for it are zeroed (`silence_labels`) and that
+    head is not trained on it: the public model draws the same pair with it on or off and has
+    no opinion of what it looks like, so whatever it means in a release, the sites taught it.
     Returns {"steps", "seconds", "unshown": those findings, "losses": means of the last steps}.
     """
     if steps < 0:
@@ -216,7 +218,10 @@ def pretrain_public(
     if len(images) == 0:
         raise ValueError("the public collection has no usable labeled image")
     unshown = unshown_findings(labels)
-    silence_labels(nets, [FINDINGS.index(f) for f in unshown])
+    silenced = [FINDINGS.index(f) for f in unshown]
+    silence_labels(nets, silenced)
+    taught = torch.ones(len(FINDINGS))
+    taught[silenced] = 0.0
     nets.d.set_prior(labels.float().clamp(0, 1).mean(dim=0))  # public shares: no privacy cost
     t = cfg.train
     generator = torch.Generator().manual_seed(seed)
@@ -235,7 +240,7 @@ def pretrain_public(
         rows = torch.randint(len(images), (t.batch_size,), generator=generator)
         labeled = torch.ones(len(rows), dtype=torch.bool)
         losses = real_row_losses(
-            nets, cfg, images[rows], labels[rows], tokens[rows], labeled, generator
+            nets, cfg, images[rows], labels[rows], tokens[rows], labeled, generator, taught
         )
         d_optimizer.zero_grad(set_to_none=True)
         row_objective(losses, cfg).mean().backward()

@@ -186,10 +186,16 @@ def real_row_losses(
     tokens: torch.Tensor,
     labeled: torch.Tensor,
     generator: torch.Generator,
+    taught: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-row losses [B] of D, E, R on real rows x (labels y, reports `tokens` where `labeled`),
     each row paired with one generated row at the same index. The private step and public
-    pretraining both call it, so both train the same objective."""
+    pretraining both call it, so both train the same objective.
+
+    `taught` [L] (1/0): the findings D's finding head learns (None: all). Public pretraining
+    leaves out those its collection never shows: trained on "always absent" their columns
+    would point away from the typical image, and G, rewarded for making the head say
+    "present", would learn to draw the finding as whatever looks least typical."""
     m, b = cfg.model, len(x)
     dev = next(nets.parameters()).device
     y_fake = torch.where(labeled[:, None], y, sample_prior(b, generator, (), nets.d.label_prior()))
@@ -206,7 +212,8 @@ def real_row_losses(
     rotation = F.cross_entropy(nets.d.rotation_logits(_rotate(x, k)), k, reduction="none")
     report = nets.r.teacher_forced_loss(nets.e(x), y, tokens, cfg.train.report_label_smoothing)
     bce = F.binary_cross_entropy_with_logits
-    findings = bce(real_findings, y, reduction="none").mean(dim=1)
+    findings = bce(real_findings, y, reduction="none")
+    findings = (findings if taught is None else findings * taught.to(dev)).mean(dim=1)
     prior = bce(nets.d.prior_logits(b), y, reduction="none").sum(dim=1)
     return {
         "d_real": mask * bce(real_score, torch.ones_like(real_score), reduction="none"),

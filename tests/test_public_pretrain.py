@@ -162,9 +162,10 @@ def test_pretrain_public_trains_all_four_networks_without_leftover_gradients():
 
 
 def test_a_finding_the_public_collection_never_shows_changes_nothing_in_the_public_model():
-    """G is never asked for it in pretraining and its label columns are zero: the public model
-    draws the same image and report with it on or off, so whatever it means after the rounds,
-    the sites taught it (the site-knowledge bench's public-only row rests on this)."""
+    """G is never asked for it in pretraining and its label columns and D's finding head for it
+    are zero: the public model draws the same image and report with it on or off and holds no
+    opinion of how it looks, so whatever it means after the rounds, the sites taught it (the
+    site-knowledge bench's public-only row rests on this)."""
     nets = fresh()
     images, labels, tokens = tiny_public(200)  # every public finding shows up at least once
     column = FINDINGS.index(SITE_ONLY_FINDING)
@@ -188,6 +189,12 @@ def test_a_finding_the_public_collection_never_shows_changes_nothing_in_the_publ
         tokens_off = nets.r.sample_ids(embedding, off)
         x = nets.g_ema(z, off)
         assert torch.equal(nets.d(x, tokens_off, on), nets.d(x, tokens_off, off))
+        # D's finding head has no opinion of it (not trained on "always absent"), where it has
+        # learned the findings the collection shows; D's label prior says it is (almost) never
+        _, findings = nets.d.score_and_labels(x, tokens_off, off)
+        assert torch.equal(findings[:, column], torch.zeros(16))
+        assert findings[:, column - 1].abs().min() > 0
+        assert nets.d.label_prior()[column] < 0.002
 
 
 def test_pretrain_public_refuses_an_empty_collection():
