@@ -28,6 +28,11 @@ from torch import nn
 from emixer_model.config import ModelConfig, public_prior
 from emixer_model.text.vocabulary import BOS, EOS, PAD
 
+# The least share a label's probability is given (D's label prior, D's finding head for a label
+# nothing has shown yet): small enough to mean "absent", large enough to be learned away from.
+RAREST_SHARE = 1e-3
+UNSEEN_LOGIT = math.log(RAREST_SHARE / (1 - RAREST_SHARE))
+
 
 def _check_config(cfg: ModelConfig) -> None:
     r = cfg.resolution
@@ -392,7 +397,7 @@ class Discriminator(nn.Module):
     @torch.no_grad()
     def set_prior(self, shares: torch.Tensor) -> None:
         """The prior's logits from label shares [L] (kept within [0.001, 0.999])."""
-        self.prior.weight[:, 0] = torch.logit(shares.clamp(1e-3, 1 - 1e-3))
+        self.prior.weight[:, 0] = torch.logit(shares.clamp(RAREST_SHARE, 1 - RAREST_SHARE))
 
     def prior_logits(self, b: int) -> torch.Tensor:
         """The prior's logits [b, L], once per row, so each row's loss has its own gradient."""
@@ -483,8 +488,10 @@ def silence_labels(nets: EmixerNets, columns: list[int]) -> None:
         nets.d.label,
     ):
         layer.weight[:, columns] = 0.0
-    nets.d.classify.weight[columns] = 0.0  # D's finding head: one output per label
-    nets.d.classify.bias[columns] = 0.0
+    # D's finding head, one output per label: "absent" until data teach it, so sites where the
+    # finding never occurs barely move it and the rows that show it teach its look
+    nets.d.classify.weight[columns] = 0.0
+    nets.d.classify.bias[columns] = UNSEEN_LOGIT
 
 
 def get_weights(nets: nn.Module) -> dict[str, np.ndarray]:
