@@ -198,7 +198,8 @@ def real_row_losses(
     "present", would learn to draw the finding as whatever looks least typical."""
     m, b = cfg.model, len(x)
     dev = next(nets.parameters()).device
-    y_fake = torch.where(labeled[:, None], y, sample_prior(b, generator, (), nets.d.label_prior()))
+    drawn = sample_prior(b, generator, marginals=nets.d.label_prior())
+    y_fake = torch.where(labeled[:, None], y, drawn)
     z = torch.randn(b, m.latent_dim, generator=generator)
     k = torch.randint(4, (b,), generator=generator)
     x, y, tokens, y_fake, z, k, mask = (
