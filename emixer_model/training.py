@@ -360,9 +360,10 @@ class PrivateTrainer:
 
         prior = moving(nets.d.prior)
         d_body = [p for p in moving(nets.d) if all(p is not q for q in prior)]
+        text = [*moving(nets.e), *moving(nets.r)]
         groups = [
             {"params": d_body, "lr": t.lr_d},
-            {"params": [*moving(nets.e), *moving(nets.r)], "lr": t.lr_text},
+            {"params": text, "lr": t.lr_text},
             {"params": prior, "lr": t.lr_prior},
         ]
         if t.private_optimizer == "adam":
@@ -377,7 +378,6 @@ class PrivateTrainer:
             "generator": noise_generator,
             "secure_mode": cfg.privacy.secure_mode,
         }
-        text = groups[1]["params"]
         networks = [d_body, text] if t.clip_per_network else [d_body + text]
         share = ((1 - PRIOR_CLIP_SHARE**2) / len(networks)) ** 0.5
         self.optimizer = NetworkClippedDPOptimizer(
