@@ -17,7 +17,11 @@ label:
   site-only finding on the held-out real patients;
 - augmentation: a site that has labeled only SCARCE_POSITIVES patients with the site-only
   finding trains a classifier on its real studies alone, and on them plus the synthetic pairs;
-  the AUROC gain on the held-out patients.
+  the AUROC gain on the held-out patients;
+- D's finding head, where the image side is won or lost: its AUROC for the site-only finding on
+  the held-out real patients (does D know the finding?) and on the paired draws (does G satisfy
+  D?). High on both with a low image AUROC: G pleases D's head with something the judge does
+  not read as the finding.
 
 Rows are `public`, RECIPE:EPSILON (EPSILON `none` for no noise), or RECIPE:EPSILON:control,
 the same run on the public-style pseudo-sites (docs/PHANTOM_WORLD.md): what more training steps
@@ -45,7 +49,7 @@ from emixer_model.evaluation.bootstrap import DEFAULT_RESAMPLES, Resampler, boot
 from emixer_model.evaluation.classifier import Classifier, score_images, train_classifier
 from emixer_model.evaluation.image_metrics import auroc
 from emixer_model.evaluation.utility import Figure, figure, over_seeds, paired_difference
-from emixer_model.networks import build_networks, set_weights
+from emixer_model.networks import EmixerNets, build_networks, set_weights
 from emixer_model.public_pretrain import PRETRAINING_VERSION
 from emixer_model.synthesis import synthesize
 from emixer_model.text.grammar import SITE_ONLY_FINDING, uses_site_phrasing
@@ -172,8 +176,11 @@ def with_a_finding(n: int) -> torch.Tensor:
     return labels[labels[:, FINDINGS.index("No Finding")] == 0][:n]
 
 
-FIGURES = ("image AUROC", "report: on - off", "report: on", "site phrasing", "TSTR", "augment")
+PAIR_FIGURES = ("image AUROC", "report: on - off", "report: on", "site phrasing", "D: draws")
+HELDOUT_FIGURES = ("TSTR", "augment", "D: real")
+FIGURES = PAIR_FIGURES + HELDOUT_FIGURES
 CHANCE = {"image AUROC": 0.5, "TSTR": 0.5, "report: on - off": 0.0, "augment": 0.0}
+CHANCE |= {"D: real": 0.5, "D: draws": 0.5}
 
 
 def measure(
@@ -192,6 +199,7 @@ def measure(
         images, ids = synthesize(nets, cfg.model, labels, torch.Generator().manual_seed(5))
         drawn[name] = images, [decode_report(t) for t in ids]
     probs = [score_images(real.judge, drawn[k][0])[0][:, NEW] for k in ("off", "on")]
+    heads = [finding_head(nets, drawn[k][0]) for k in ("off", "on")]
     stated = {
         k: np.array([label_report(r).get(SITE_ONLY_FINDING) == 1 for r in drawn[k][1]], float)
         for k in ("off", "on")
@@ -199,10 +207,11 @@ def measure(
     phrased = np.array([uses_site_phrasing(r, PHRASED) for r in drawn["phrased"][1]], float)
 
     def pair_figures(i: np.ndarray) -> np.ndarray:
-        scores, targets = np.r_[probs[0][i], probs[1][i]], np.r_[np.zeros(len(i)), np.ones(len(i))]
-        image = auroc(scores, targets)
+        targets = np.r_[np.zeros(len(i)), np.ones(len(i))]
+        image, head = (auroc(np.r_[p[0][i], p[1][i]], targets) for p in (probs, heads))
         on, gap = stated["on"][i].mean(), stated["on"][i].mean() - stated["off"][i].mean()
-        return np.array([np.nan if image is None else image, gap, on, phrased[i].mean()])
+        image, head = (np.nan if v is None else v for v in (image, head))
+        return np.array([image, gap, on, phrased[i].mean(), head])
 
     labels = sample_prior(SYNTHETIC_PAIRS, torch.Generator().manual_seed(13))
     images, _ = synthesize(nets, cfg.model, labels, torch.Generator().manual_seed(17))
@@ -215,18 +224,19 @@ def measure(
     )
     both = new_label_probs(both, real.scored)
     truth = real.scored.labels[:, NEW].numpy()
+    head = finding_head(nets, real.scored.images)
 
     def heldout_figures(i: np.ndarray) -> np.ndarray:
-        values = [auroc(p[i], truth[i]) for p in (tstr, both, real.scarce_probs)]
-        tstr_auc, both_auc, alone = (np.nan if v is None else v for v in values)
-        return np.array([tstr_auc, both_auc - alone])
+        values = [auroc(p[i], truth[i]) for p in (tstr, both, real.scarce_probs, head)]
+        tstr_auc, both_auc, alone, head_auc = (np.nan if v is None else v for v in values)
+        return np.array([tstr_auc, both_auc - alone, head_auc])
 
     pairs = Resampler(np.arange(n), "pairs")
     heldout = Resampler(np.asarray(real.scored.units), "heldout")
     out = {}
     for names, statistic, sampler, what in (
-        (FIGURES[:4], pair_figures, pairs, f"{n} paired synthetic draws"),
-        (FIGURES[4:], heldout_figures, heldout, f"{heldout.units} held-out patients"),
+        (PAIR_FIGURES, pair_figures, pairs, f"{n} paired synthetic draws"),
+        (HELDOUT_FIGURES, heldout_figures, heldout, f"{heldout.units} held-out patients"),
     ):
         point, draws = bootstrap(statistic, [sampler], DEFAULT_RESAMPLES, seed)
         for k, name in enumerate(names):
@@ -234,8 +244,16 @@ def measure(
     return out
 
 
-def cell(f: Figure) -> str:
+@torch.no_grad()
+def finding_head(nets: EmixerNets, images: torch.Tensor) -> np.ndarray:
+    """D's finding head's logit for the site-only finding on `images`: what G is rewarded by."""
+    return nets.d.classify(nets.d.image_features(images))[:, NEW].numpy()
+
+
+def cell(f: Figure | None) -> str:
     """A figure as 'value [low, high]'."""
+    if f is None:
+        return "-"
     if f.value is None:
         return "undefined"
     if f.low is None or f.high is None:
@@ -280,6 +298,11 @@ def main() -> None:
         "q, sigma and the steps stay those of the base size (the site-size table)",
     )
     parser.add_argument("--cache", default="bench-cache/site_knowledge")
+    parser.add_argument(
+        "--keep-weights",
+        metavar="DIR",
+        help="also write each row's final weights there (ROW-seedN.pt), to diagnose them later",
+    )
     parser.add_argument("--smoothing", type=float, default=0.0)
     args = parser.parse_args()
     if args.summarise:
@@ -336,6 +359,9 @@ def main() -> None:
                     pseudo = prepare(setup, cache, model, pseudo=True)[0]
                 train = [s.train for s in (pseudo if control else sites)]
                 weights, eps, _ = federate(cfg, train, start, setup.rounds, budget, seed)
+            if args.keep_weights:
+                Path(args.keep_weights).mkdir(parents=True, exist_ok=True)
+                torch.save(weights, Path(args.keep_weights) / f"{spec}-seed{seed}.pt")
             figures = measure(base, weights, real, seed=0)
             results.setdefault(spec, {})[seed] = figures
             if args.save:  # after every row: a stopped run keeps the rows it finished
@@ -350,13 +376,19 @@ def main() -> None:
     console.print(machine())
 
 
+def pooled_figure(runs: list[Figure | None]) -> Figure | None:
+    """over_seeds of the runs that have the figure (files saved before it existed do not)."""
+    present = [r for r in runs if r is not None]
+    return over_seeds(present) if present else None
+
+
 def summarise(results: dict[str, dict[int, dict[str, Figure]]], control: str | None) -> None:
     """One table over seeds (mean, interval covering seeds and sampling), then each row minus
     `public` and minus the control row, paired seed by seed."""
     table = []
     for spec, by_seed in results.items():
         runs = list(by_seed.values())
-        pooled = {k: over_seeds([r[k] for r in runs]) for k in FIGURES}
+        pooled = {k: pooled_figure([r.get(k) for r in runs]) for k in FIGURES}
         table.append((spec, ",".join(map(str, by_seed)), *(cell(pooled[k]) for k in FIGURES)))
     print_table("site knowledge (mean over seeds, 95% interval)", ("row", "seeds", *FIGURES), table)
     for base in ("public", control):
@@ -368,8 +400,13 @@ def summarise(results: dict[str, dict[int, dict[str, Figure]]], control: str | N
             if spec == base or not seeds:
                 continue
             pooled = {
-                k: over_seeds(
-                    [paired_difference(by_seed[s][k], results[base][s][k]) for s in seeds]
+                k: pooled_figure(
+                    [
+                        paired_difference(by_seed[s][k], results[base][s][k])
+                        if k in by_seed[s] and k in results[base][s]
+                        else None
+                        for s in seeds
+                    ]
                 )
                 for k in FIGURES
             }
