@@ -247,7 +247,7 @@ def measure(
 @torch.no_grad()
 def finding_head(nets: EmixerNets, images: torch.Tensor) -> np.ndarray:
     """D's finding head's logit for the site-only finding on `images`: what G is rewarded by."""
-    return nets.d.classify(nets.d.image_features(images))[:, NEW].numpy()
+    return nets.d.finding_logits(nets.d.image_features(images))[:, NEW].numpy()
 
 
 def cell(f: Figure | None) -> str:
