@@ -36,7 +36,7 @@ from emixer_model.networks import (
     EmixerNets,
     build_networks,
     silence_labels,
-    standardize_finding_head,
+    whiten_finding_head,
 )
 from emixer_model.shared import ProgressFn
 from emixer_model.text.grammar import PUBLIC_GRAMMAR, write_report
@@ -56,8 +56,8 @@ UNCERTAIN_PROBABILITY = 0.15
 # reused across such a change (2: findings the collection never shows are silenced; 3: R has a
 # per-label word bias; 4: D learns the label prior G is asked for, set from the collection, and
 # D's finding head is neither trained nor kept for a finding the collection never shows; 5: D's
-# finding head reads features standardized by the collection's statistics).
-PRETRAINING_VERSION = 5
+# finding head reads features standardized by the collection's statistics; 6: whitened).
+PRETRAINING_VERSION = 6
 LAST_LOSS_WINDOW = 20  # last_loss averages this many final steps: one batch is noisy
 # Findings the public grammar never names (the site-only finding): no public text states them.
 PUBLIC_UNNAMED: tuple[str, ...] = tuple(
@@ -217,8 +217,8 @@ def pretrain_public(
     of G, its label columns are zeroed and D's finding head says "absent" for it
     (`silence_labels`) and is not trained on it: the public model draws the same pair with it
     on or off and has no opinion of what it looks like, so whatever it means in a release, the
-    sites taught it. At the end D's finding head is refolded to read features standardized by
-    the collection's statistics (`standardize_finding_head`), the geometry a site's clipped
+    sites taught it. At the end D's finding head is refolded to read features whitened by
+    the collection's statistics (`whiten_finding_head`), the geometry a site's clipped
     steps need to learn a finding's look.
     Returns {"steps", "seconds", "unshown": those findings, "losses": means of the last steps}.
     """
@@ -266,7 +266,7 @@ def pretrain_public(
     # nothing of the public optimizers may follow the networks into a site's DP optimizer
     d_optimizer.zero_grad(set_to_none=True)
     g_optimizer.zero_grad(set_to_none=True)
-    standardize_finding_head(nets, images)
+    whiten_finding_head(nets, images)
     window = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
     seconds = time.perf_counter() - started
     return {"steps": steps, "seconds": seconds, "unshown": unshown, "losses": window}

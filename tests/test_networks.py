@@ -18,7 +18,7 @@ from emixer_model.networks import (
     get_weights,
     pick_device,
     set_weights,
-    standardize_finding_head,
+    whiten_finding_head,
 )
 from emixer_model.text.vocabulary import EOS, PAD
 from tests.conftest import TINY_MODEL
@@ -140,26 +140,25 @@ def test_generate_soft_is_one_hot_and_differentiable(nets) -> None:
     assert nets.e.fc.weight.grad.abs().sum() > 0  # the report path reaches the encoder
 
 
-def test_standardizing_the_finding_head_changes_no_output_only_what_it_reads(nets) -> None:
+def test_whitening_the_finding_head_changes_no_output_only_what_it_reads(nets) -> None:
     """Refolded twice (a public model refolded again reads the same), D's finding logits stay
-    those of the raw head; the head's input is standardized on the images it was given."""
-    x = torch.randn(40, 1, 16, 16) * 0.5 + 0.2
-    ids, y = torch.randint(3, V, (40, S, W)), torch.rand(40, L)
+    those of the raw head; the head's input is whitened on the images it was given: mean 0,
+    covariance the identity (up to the ridge)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 1, 16, 16, generator=g) * 0.5 + 0.2
+    ids, y = torch.randint(3, V, (400, S, W), generator=g), torch.rand(400, L, generator=g)
     with torch.no_grad():
         nets.d.classify.bias.uniform_(-3, 3)
         raw = nets.d.score_and_labels(x, ids, y)[1]
-        standardize_finding_head(nets, x[:30])
-        torch.testing.assert_close(nets.d.score_and_labels(x, ids, y)[1], raw)
-        standardize_finding_head(nets, x[10:])
-        torch.testing.assert_close(nets.d.score_and_labels(x, ids, y)[1], raw)
-        features = nets.d.image_features(x[10:])
-    standard = (features - nets.d.feature_mean) / nets.d.feature_scale
-    torch.testing.assert_close(
-        standard.mean(dim=0), torch.zeros(features.shape[1]), atol=1e-5, rtol=0
-    )
-    torch.testing.assert_close(
-        standard.std(dim=0), torch.ones(features.shape[1]), atol=1e-4, rtol=0
-    )
+        whiten_finding_head(nets, x[:300])
+        torch.testing.assert_close(nets.d.score_and_labels(x, ids, y)[1], raw, atol=1e-4, rtol=1e-4)
+        whiten_finding_head(nets, x[100:])
+        torch.testing.assert_close(nets.d.score_and_labels(x, ids, y)[1], raw, atol=1e-4, rtol=1e-4)
+        features = nets.d.image_features(x[100:])
+    white = (features - nets.d.feature_mean) @ nets.d.feature_whitening
+    d = features.shape[1]
+    torch.testing.assert_close(white.mean(dim=0), torch.zeros(d), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cov(white.T), torch.eye(d), atol=0.02, rtol=0)
 
 
 def test_discriminator_reads_ids_and_soft_tokens_through_one_path(nets) -> None:

@@ -159,12 +159,14 @@ def test_pretrain_public_trains_all_four_networks_without_leftover_gradients():
         ), f"{prefix} did not move"
     assert result["steps"] == 3 and set(result["losses"]) >= {"d_real", "report", "g"}
     assert all(p.grad is None for p in nets.parameters())
-    # a site's private steps learn D's finding head on features standardized by the public
+    # a site's private steps learn D's finding head on features whitened by the public
     # collection (the public model carries its statistics, learned from nothing private)
     with torch.no_grad():
         features = nets.d.image_features(images)
     torch.testing.assert_close(nets.d.feature_mean, features.mean(dim=0))
-    torch.testing.assert_close(nets.d.feature_scale, features.std(dim=0).clamp(min=1e-3))
+    whitening = nets.d.feature_whitening
+    torch.testing.assert_close(whitening, whitening.T)
+    assert not torch.allclose(whitening, torch.eye(len(whitening)))
 
 
 def test_a_finding_the_public_collection_never_shows_changes_nothing_in_the_public_model():
