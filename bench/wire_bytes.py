@@ -1,8 +1,9 @@
 """Bytes on the wire per site-round, and what sending fp16 instead of fp32 arrays would cost.
 
-Sizes are those of the real Flower messages (the same RecordDicts client/app.py and server/app.py
-build) serialized two ways: flwr.common.serde.message_to_proto (one protobuf) and the sum of the
-deflated inflatable objects flwr 1.42's gRPC transport actually pushes (message + records + array
+Sizes are those of the real Flower messages (the RecordDicts client/app.py and server/strategy.py
+build, the model packed as one array by `to_wire_record`) serialized two ways:
+flwr.common.serde.message_to_proto (one protobuf) and the sum of the deflated inflatable objects
+flwr 1.42's transport actually pushes, one request each (message + records + array
 chunks). The fp16 effect is measured by training one phantom site for a few rounds twice from the
 same seed, once with the round's weights passed on as they are and once round-tripped through
 float16 (what the site and the server would see if both sent fp16).
@@ -30,7 +31,7 @@ import emixer_model.site_training as site_training
 from bench.common import machine, print_table, ratio, write_phantoms
 from emixer_model.config import FINDINGS, EmixerConfig
 from emixer_model.networks import build_networks, get_weights
-from emixer_model.records import to_array_record
+from emixer_model.records import to_array_record, to_wire_record
 from emixer_model.text.vocabulary import VOCAB_SIZE
 
 
@@ -48,27 +49,29 @@ def _metadata(message_type: str, src: int, dst: int) -> Metadata:
     )
 
 
-def message_bytes(message: Message) -> tuple[int, int]:
-    """(protobuf bytes via flwr serde, bytes of all deflated objects the gRPC transport pushes)."""
+def message_bytes(message: Message) -> tuple[int, int, int]:
+    """(protobuf bytes via flwr serde, bytes of all deflated objects the transport pushes, and
+    how many objects: one request each)."""
     proto = len(message_to_proto(message).SerializeToString())
-    objects = sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
-    return proto, objects
+    nested = get_all_nested_objects(message).values()
+    return proto, sum(len(obj.deflate()) for obj in nested), len(nested)
 
 
 def round_messages(
     cfg: EmixerConfig, weights: dict[str, np.ndarray], metrics: dict[str, float]
 ) -> tuple[Message, Message]:
-    """The server's train message and the site's reply, as server/app.py and client/app.py build."""
+    """The server's train message and the site's reply, as server/strategy.py and client/app.py
+    build them."""
     config = ConfigRecord({**cfg.to_run_config(), "server-round": 1})
     down = make_message(
         _metadata("train", 1, 2),
-        RecordDict({"arrays": to_array_record(weights), "config": config}),
+        RecordDict({"arrays": to_wire_record(weights), "config": config}),
     )
     up = make_message(
         _metadata("train", 2, 1),
         RecordDict(
             {
-                "arrays": to_array_record(weights),
+                "arrays": to_wire_record(weights),
                 "metrics": MetricRecord(metrics),
                 "site": ConfigRecord({"name": "site_1", "status": "trained", "message": ""}),
             }
@@ -142,16 +145,26 @@ def main(argv: list[str] | None = None) -> None:
     for name, arrays in (("fp32", weights), ("fp16", half)):
         down, up = round_messages(cfg, arrays, metrics)
         for direction, message in (("server->site", down), ("site->server", up)):
-            proto, objects = message_bytes(message)
+            proto, objects, count = message_bytes(message)
             rows.append(
-                [f"{name} {direction}", proto, ratio(proto, raw32), objects, ratio(objects, raw32)]
+                [
+                    f"{name} {direction}",
+                    proto,
+                    ratio(proto, raw32),
+                    objects,
+                    ratio(objects, raw32),
+                    count,
+                ]
             )
+    per_name = make_message(
+        _metadata("train", 2, 1), RecordDict({"arrays": to_array_record(weights)})
+    )
     error = max(float(np.abs(v - fp16_roundtrip({k: v})[k]).max()) for k, v in weights.items())
     finite = all(np.isfinite(v).all() for v in half.values())
     print_table(
         f"wire_bytes: one site-round, default ModelConfig ({raw32 / 1e6:.2f} MB of fp32 arrays, "
         f"{len(weights)} arrays)",
-        ["message", "serde bytes", "/ fp32 model", "transport bytes", "/ fp32 model"],
+        ["message", "serde bytes", "/ fp32 model", "transport bytes", "/ fp32 model", "objects"],
         rows,
         [
             f"report loss per round, fp32 weights: {', '.join(f'{v:.4f}' for v in loss32)}",
@@ -159,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
             f"(last-round difference {loss16[-1] - loss32[-1]:+.4f})",
             f"largest fp16 round-trip error of a weight: {error:.2e}; all finite in fp16: {finite}",
             "transport bytes = message + records + array chunks as flwr 1.42 pushes them "
-            "(gRPC framing and TLS not included)",
+            "(HTTP framing and TLS not included); objects = requests, one per object",
+            f"the same model one array per weight (before packing): "
+            f"{message_bytes(per_name)[2]} objects",
             f"{args.rounds} rounds, {args.studies} studies, noise {args.noise}; {machine()}",
         ],
     )

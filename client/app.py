@@ -30,7 +30,7 @@ from emixer_model.config import ConfigError, EmixerConfig
 from emixer_model.data.site import SiteDataError
 from emixer_model.privacy.ledger import SiteKey
 from emixer_model.privacy.policy import SitePolicy
-from emixer_model.records import from_array_record, to_array_record
+from emixer_model.records import from_array_record, to_wire_record
 from emixer_model.site_training import commit_model, train_site_round
 
 log = logging.getLogger("emixer.site")
@@ -148,7 +148,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     if result.weights is not None:
-        content["arrays"] = to_array_record(result.weights, request.cfg.federation.update_dtype)
+        content["arrays"] = to_wire_record(result.weights, request.cfg.federation.update_dtype)
     if result.signed is not None:
         content["ledger"] = ConfigRecord({**result.signed, "public-key": result.public_key})
     return Message(content=content, reply_to=msg)

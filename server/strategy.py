@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg, S
 
 from emixer_model.config import EmixerConfig
 from emixer_model.privacy.ledger import arrays_sha256
-from emixer_model.records import from_array_record, to_array_record
+from emixer_model.records import from_array_record, to_array_record, to_wire_record
 from server.checkpoint import Checkpoint, save_checkpoint
 from server.ledger import PrivacyLedger
 from server.validation import update_problem
@@ -88,7 +88,11 @@ class EmixerStrategy:
         self.global_arrays = from_array_record(arrays)
         self.global_sha256 = arrays_sha256(self.global_arrays)
         messages = super().configure_train(server_round + self.round_offset, arrays, config, grid)
-        return [m for m in messages if m.metadata.dst_node_id not in self.exhausted_nodes]
+        packed = to_wire_record(self.global_arrays)
+        sent = [m for m in messages if m.metadata.dst_node_id not in self.exhausted_nodes]
+        for message in sent:
+            message.content["arrays"] = packed
+        return sent
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -134,7 +138,7 @@ class EmixerStrategy:
             return
         sha = arrays_sha256(self.final_arrays)
         content = {
-            "arrays": to_array_record(self.final_arrays),
+            "arrays": to_wire_record(self.final_arrays),
             "config": ConfigRecord({**self.cfg.to_run_config(), "server-round": self.final_round}),
         }
         # Only sites whose app answered in this run: a site whose own gate refused the app never
@@ -222,7 +226,11 @@ class EmixerStrategy:
                 "round %d: site %s sent no model arrays; update dropped", server_round, name
             )
             return None
-        update = from_array_record(msg.content["arrays"])
+        try:
+            update = from_array_record(msg.content["arrays"])
+        except ValueError as err:
+            log.warning("round %d: update from site %s dropped: %s", server_round, name, err)
+            return None
         problem = update_problem(self.global_arrays, update, self.cfg.federation.max_update_norm)
         if problem:
             log.warning("round %d: update from site %s dropped: %s", server_round, name, problem)

@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from emixer_model.config import EmixerConfig, FederationConfig
 from emixer_model.privacy.accounting import SiteAccountant
 from emixer_model.privacy.ledger import SiteKey, arrays_sha256
-from emixer_model.records import to_array_record
+from emixer_model.records import LAYOUT, from_array_record, to_array_record, to_wire_record
 from server.checkpoint import latest_checkpoint
 from server.ledger import PrivacyLedger
 from server.strategy import make_strategy
@@ -51,7 +51,7 @@ def reply(node, name, arrays=None, status="trained", epsilon=1.0, server_round=1
         signed = signed_round(key, name, server_round, model, SiteAccountant(), seq=1)
         content["ledger"] = ConfigRecord(signed)
     if arrays is not None:
-        content["arrays"] = to_array_record(arrays)
+        content["arrays"] = to_wire_record(arrays)  # as client/app.py sends it
     return Message(content=content, reply_to=request)
 
 
@@ -149,8 +149,8 @@ def test_float16_updates_are_widened_before_aggregation_and_other_dtypes_dropped
     half = {"w": np.full((2, 3), 0.5, np.float32), "b": np.full(3, 0.5, np.float32)}
     wrong = {"w": np.ones((2, 3), np.float64), "b": np.ones(3, np.float64)}
     small = reply(1, "site_a")
-    small.content["arrays"] = to_array_record(half, "float16")
-    assert small.content["arrays"]["w"].numpy().dtype == np.float16
+    small.content["arrays"] = to_wire_record(half, "float16")
+    assert small.content["arrays"]["packed"].numpy().dtype == np.float16
     arrays, _ = strategy.aggregate_train(1, [small, reply(2, "site_b", arrays=wrong)])
     assert arrays["w"].numpy().dtype == np.float32
     np.testing.assert_allclose(arrays["w"].numpy(), 0.5)
@@ -184,3 +184,42 @@ def test_a_round_whose_replies_all_missed_the_timeout_is_still_on_record(tmp_pat
     assert arrays is None
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt.server_round == 1 and ckpt.ledger["rounds"]["1"]["sites"] == []
+
+
+def test_a_packed_update_whose_layout_does_not_fit_its_data_is_dropped_with_the_reason(
+    tmp_path, caplog
+):
+    strategy = strategy_for(tmp_path)
+    good = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
+    short = reply(2, "short", arrays=good)
+    short.content["arrays"] = to_wire_record({"w": good["w"], "b": np.ones(2, np.float32)})
+    short.content["arrays"][LAYOUT] = to_wire_record(good)[LAYOUT]  # claims 9 values, holds 8
+    garbled = reply(3, "garbled", arrays=good)
+    garbled.content["arrays"][LAYOUT] = to_array_record({"x": np.ones(4, np.uint8)})["x"]
+    with caplog.at_level(logging.WARNING, logger="emixer.server"):
+        arrays, _ = strategy.aggregate_train(1, [reply(1, "good", good), short, garbled])
+    np.testing.assert_array_equal(arrays["w"].numpy(), good["w"])
+    assert "update from site short dropped: the packed model's layout (2 arrays, 9 values) " \
+        "does not fit its data (8 values)" in caplog.text  # fmt: skip
+    assert (
+        "update from site garbled dropped: the packed model's layout is unreadable" in caplog.text
+    )
+
+
+def test_the_server_sends_each_site_the_global_model_packed_as_one_array(tmp_path):
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+        def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+            return Message(content=content, dst_node_id=dst_node_id, message_type=message_type)
+
+    strategy = strategy_for(tmp_path)
+    weights = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+    sent = list(strategy.configure_train(1, to_array_record(weights), ConfigRecord(), Grid()))
+    assert sorted(m.metadata.dst_node_id for m in sent) == [1, 2]
+    for message in sent:
+        assert set(message.content["arrays"]) == {"packed", LAYOUT}
+        received = from_array_record(message.content["arrays"])
+        assert list(received) == ["w", "b"]
+        np.testing.assert_array_equal(received["w"], weights["w"])
