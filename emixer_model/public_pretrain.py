@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig
+from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, TrainConfig
 from emixer_model.networks import (
     EmixerNets,
     build_networks,
@@ -58,6 +58,10 @@ UNCERTAIN_PROBABILITY = 0.15
 # D's finding head is neither trained nor kept for a finding the collection never shows; 5: D's
 # finding head reads features standardized by the collection's statistics; 6: whitened).
 PRETRAINING_VERSION = 6
+# Public pretraining's Adam rates and betas: TrainConfig's defaults, whatever the run's train
+# section says. train.lr_* are the sites' private recipe (the demo's SGD at lr 0.1 for D and 1
+# for R's word bias), at which plain Adam on every weight diverges.
+PUBLIC_RATES = TrainConfig()
 LAST_LOSS_WINDOW = 20  # last_loss averages this many final steps: one batch is noisy
 # Findings the public grammar never names (the site-only finding): no public text states them.
 PUBLIC_UNNAMED: tuple[str, ...] = tuple(
@@ -212,7 +216,8 @@ def pretrain_public(
     """Train all four networks WITHOUT privacy on a public labeled collection (no site data).
 
     The same objective as a site's private step (`real_row_losses`, `generator_loss`), on plain
-    Adam, batches of train.batch_size drawn uniformly: public data needs no clipping, no noise
+    Adam at `PUBLIC_RATES` (never the sites' train.lr_*), batches of train.batch_size drawn
+    uniformly: public data needs no clipping, no noise
     and no accountant. A finding the collection never shows (`unshown_findings`) is never asked
     of G, its label columns are zeroed and D's finding head says "absent" for it
     (`silence_labels`) and is not trained on it: the public model draws the same pair with it
@@ -232,16 +237,17 @@ def pretrain_public(
     taught = torch.ones(len(FINDINGS))
     taught[silenced] = 0.0
     nets.d.set_prior(labels.float().clamp(0, 1).mean(dim=0))  # public shares: no privacy cost
-    t = cfg.train
+    t, rates = cfg.train, PUBLIC_RATES
     generator = torch.Generator().manual_seed(seed)
+    betas = (rates.beta1, rates.beta2)
     d_optimizer = torch.optim.Adam(
         [
-            {"params": list(nets.d.parameters()), "lr": t.lr_d},
-            {"params": [*nets.e.parameters(), *nets.r.parameters()], "lr": t.lr_text},
+            {"params": list(nets.d.parameters()), "lr": rates.lr_d},
+            {"params": [*nets.e.parameters(), *nets.r.parameters()], "lr": rates.lr_text},
         ],
-        betas=(t.beta1, t.beta2),
+        betas=betas,
     )
-    g_optimizer = torch.optim.Adam(nets.g.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2))
+    g_optimizer = torch.optim.Adam(nets.g.parameters(), lr=rates.lr_g, betas=betas)
     nets.train()
     started = time.perf_counter()
     recent: list[dict[str, float]] = []

@@ -169,6 +169,24 @@ def test_pretrain_public_trains_all_four_networks_without_leftover_gradients():
     assert not torch.allclose(whitening, torch.eye(len(whitening)))
 
 
+def test_public_pretraining_ignores_the_sites_private_learning_rates():
+    """train.lr_* are the sites' private recipe (the demo's SGD at lr 0.1 for D, 1 for R's word
+    bias); public pretraining on plain Adam at those rates diverged (d_real 0, g loss in the
+    thousands), so it runs at its own rates and makes the same public model under any recipe."""
+    images, labels, tokens = tiny_public()
+    models = []
+    for train in (
+        TrainConfig(batch_size=8),
+        TrainConfig(batch_size=8, lr_d=0.1, lr_text=1.0, lr_g=5e-4, private_optimizer="sgd"),
+    ):
+        torch.manual_seed(0)
+        nets = fresh()
+        pretrain_public(nets, EmixerConfig(model=CFG, train=train), images, labels, tokens, 3, 0)
+        models.append(get_weights(nets))
+    for name, value in models[0].items():
+        np.testing.assert_array_equal(value, models[1][name], err_msg=name)
+
+
 def test_a_finding_the_public_collection_never_shows_changes_nothing_in_the_public_model():
     """G is never asked for it in pretraining and its label columns and D's finding head for it
     are zero: the public model draws the same image and report with it on or off and holds no
