@@ -217,14 +217,13 @@ def pretrain_public(
 
     The same objective as a site's private step (`real_row_losses`, `generator_loss`), on plain
     Adam at `PUBLIC_RATES` (never the sites' train.lr_*), batches of train.batch_size drawn
-    uniformly: public data needs no clipping, no noise
-    and no accountant. A finding the collection never shows (`unshown_findings`) is never asked
-    of G, its label columns are zeroed and D's finding head says "absent" for it
-    (`silence_labels`) and is not trained on it: the public model draws the same pair with it
-    on or off and has no opinion of what it looks like, so whatever it means in a release, the
-    sites taught it. At the end D's finding head is refolded to read features whitened by
-    the collection's statistics (`whiten_finding_head`), the geometry a site's clipped
-    steps need to learn a finding's look.
+    uniformly: public data needs no clipping, no noise and no accountant. A finding the
+    collection never shows (`unshown_findings`) is never asked of G, its label columns are
+    zeroed and D's finding head says "absent" for it (`silence_labels`) and is not trained on
+    it: the public model draws the same pair with it on or off and has no opinion of what it
+    looks like, so whatever it means in a release, the sites taught it. At the end D's finding
+    head is refolded to read features whitened by the collection's statistics
+    (`whiten_finding_head`), the geometry a site's clipped steps need to learn a finding's look.
     Returns {"steps", "seconds", "unshown": those findings, "losses": means of the last steps}.
     """
     if steps < 0:

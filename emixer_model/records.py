@@ -1,8 +1,8 @@
 """Conversions between our weight dicts and Flower records, shared by ClientApp and ServerApp.
 
 On the wire a model travels packed (`to_wire_record`): one flat array and its layout. Flower 1.42
-sends every Array of a record as objects of their own, one HTTP request each (signed, over TLS), so
-the networks' 100-150 arrays cost seconds per message; packed, a message is a handful of objects.
+sends every Array of a record as objects of their own, one HTTP request each (over TLS), so the
+networks' 100-150 arrays cost seconds per message; packed, a message is a handful of objects.
 The strategy aggregates the per-name records of `to_array_record`, so Flower's strategies and their
 state (FedAdam's moments) see every array by name.
 """
@@ -34,7 +34,7 @@ def to_array_record(weights: dict[str, np.ndarray], wire_dtype: str = "float32")
 
 
 def to_wire_record(weights: dict[str, np.ndarray], wire_dtype: str = "float32") -> ArrayRecord:
-    """The weights as one flat array and its layout (names, shapes, dtypes, as JSON bytes): what a
+    """The weights as one flat array and its layout (names and shapes, as JSON bytes): what a
     message carries between server and site. Every array shares the flat one's dtype."""
     values = [np.asarray(_cast(v, wire_dtype)) for v in weights.values()]
     dtypes = {v.dtype.str for v in values}
@@ -62,7 +62,8 @@ def _unpack(record: ArrayRecord) -> dict[str, np.ndarray]:
     except (ValueError, TypeError) as err:
         raise ValueError(f"the packed model's layout is unreadable: {err}") from None
     sizes = [int(np.prod(shape)) for shape in shapes]
-    if flat.ndim != 1 or sum(sizes) != flat.size or len(set(names)) != len(names):
+    negative = any(n < 0 for shape in shapes for n in shape)
+    if negative or flat.ndim != 1 or sum(sizes) != flat.size or len(set(names)) != len(names):
         raise ValueError(
             f"the packed model's layout ({len(names)} arrays, {sum(sizes)} values) does not fit "
             f"its data ({flat.size} values)"
