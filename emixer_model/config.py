@@ -165,6 +165,12 @@ class TrainConfig:
     #   label projections and the output layers of D, E, R: less noise for a pretrained model);
     #   "labels" (only the layers tying labels to images and reports; E frozen); "label-words"
     #   (D's label layers and R's per-label word bias: what a site-only finding's reports need)
+    site_findings: str = ""  # under dp_trainable "label-words": the findings (comma-separated)
+    #   whose parts of the per-label parameters the sites train (R's word bias, D's projection
+    #   and finding head); the other findings keep the starting model's, which the noise on
+    #   their coordinates would otherwise wear away. "": the server fills in the findings its
+    #   starting model's public pretraining never showed (`with_site_findings`); a site that
+    #   still gets "" trains every finding's
     text_gradient_to_g: bool = False  # G also learns through differentiable (Gumbel) reports;
     #   off: D scores sampled reports and G learns through the image, at a fraction of the cost
 
@@ -189,6 +195,16 @@ class TrainConfig:
             raise ConfigError("train.sgd_momentum must be in [0, 1)")
         if self.dp_trainable not in DP_TRAINABLE:
             raise ConfigError(f"train.dp_trainable must be one of {', '.join(DP_TRAINABLE)}")
+        unknown = [f for f in self.site_finding_list() if f not in FINDINGS]
+        if unknown:
+            raise ConfigError(
+                f"train.site_findings: {unknown[0]!r} is not a finding; the findings are: "
+                + ", ".join(FINDINGS)
+            )
+
+    def site_finding_list(self) -> list[str]:
+        """site_findings as a list of finding names ([]: every finding)."""
+        return [f.strip() for f in self.site_findings.split(",") if f.strip()]
 
 
 STRATEGIES = ("fedavg", "fedadam", "fedmedian", "fedtrimmedavg")

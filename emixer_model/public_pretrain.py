@@ -27,6 +27,8 @@ for the site-only finding and none of a site's own phrasing.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -201,6 +203,19 @@ def unshown_findings(labels: torch.Tensor) -> tuple[str, ...]:
     """The findings no row of a labeled collection [N, L] has positive ("No Finding" aside)."""
     shown = (labels > 0).any(dim=0).tolist()
     return tuple(f for f, s in zip(FINDINGS, shown, strict=True) if f != "No Finding" and not s)
+
+
+def with_site_findings(cfg: EmixerConfig, unshown: Sequence[str]) -> EmixerConfig:
+    """`cfg` with the sites' per-label training (dp_trainable "label-words") kept to the findings
+    the starting model's public collection never showed (`unshown`), unless the config names its
+    own. The public model already draws and writes the others; every finding the sites train
+    gets DP noise on all its coordinates (in R's word bias sd ~2.5 over 649 words against 3-6
+    for a finding's own words at 500 studies per site), which took a third to two thirds of the
+    shared findings' report fidelity (bench/README.md). The list is public: no privacy cost."""
+    t = cfg.train
+    if t.dp_trainable != "label-words" or t.site_findings or not unshown:
+        return cfg
+    return replace(cfg, train=replace(t, site_findings=",".join(unshown)))
 
 
 def pretrain_public(

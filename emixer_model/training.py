@@ -156,6 +156,24 @@ def _freeze_outside(private: nn.ModuleDict, mode: str) -> None:
                 module.requires_grad_(True)
 
 
+def site_finding_masks(nets: EmixerNets, cfg: EmixerConfig) -> dict[nn.Parameter, torch.Tensor]:
+    """Under dp_trainable "label-words" with train.site_findings named: masks that let only
+    those findings' parts of the per-label parameters move (R's word-bias columns, D's projection
+    columns, D's finding-head rows); the other findings keep the starting model's, which noise
+    on their coordinates would otherwise wear away (empty: nothing frozen)."""
+    taught = cfg.train.site_finding_list()
+    if cfg.train.dp_trainable != "label-words" or not taught:
+        return {}
+    keep = torch.zeros(len(FINDINGS))
+    keep[[FINDINGS.index(f) for f in taught]] = 1.0
+    return {
+        nets.r.label_words.weight: keep.expand_as(nets.r.label_words.weight).clone(),  # [V, L]
+        nets.d.label.weight: keep.expand_as(nets.d.label.weight).clone(),  # [d, L]
+        nets.d.classify.weight: keep[:, None].expand_as(nets.d.classify.weight).clone(),  # [L, d]
+        nets.d.classify.bias: keep.clone(),
+    }
+
+
 def _streams(seed: int) -> Iterator[torch.Generator]:
     """Independent generators from one seed: one per consumer, so no stream's use shifts another."""
     for child in np.random.SeedSequence(seed).spawn(2):
@@ -271,6 +289,11 @@ class NetworkClippedDPOptimizer(DPOptimizer):
     together, D's gradient takes almost all of a row's norm and the report decoder's share is
     scaled to nearly nothing before the noise is added (`train.clip_per_network`); D's label
     prior, whose gradient is tiny beside the networks', gets a share of its own.
+
+    `masks` (parameter -> 0/1 tensor of its shape) freeze coordinates of a parameter: their
+    per-sample gradients are zeroed before the clip (the row's norm goes to the coordinates that
+    move) and their noise after it, so they keep their value. Which coordinates move is fixed
+    before the step from public facts, never from the data, so the guarantee is unchanged.
     """
 
     def __init__(
@@ -279,9 +302,11 @@ class NetworkClippedDPOptimizer(DPOptimizer):
         *,
         groups: list[list[nn.Parameter]],
         shares: list[float],
+        masks: dict[nn.Parameter, torch.Tensor] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(optimizer, **kwargs)
+        self._masks = [(masks or {}).get(p) for p in self.params]
         if len(shares) != len(groups) or sum(s * s for s in shares) > 1 + 1e-9:
             raise ValueError(f"need one share per group, squares summing to <= 1, not {shares}")
         index = {id(p): k for k, group in enumerate(groups) for p in group}
@@ -295,17 +320,28 @@ class NetworkClippedDPOptimizer(DPOptimizer):
         """Per-sample clip factors per group, then the clipped sum, as Opacus' own method."""
         rows = len(self.grad_samples[0])
         device = self.grad_samples[0].device
+        samples = [
+            g if mask is None else g * mask.to(g.device)
+            for g, mask in zip(self.grad_samples, self._masks, strict=True)
+        ]
         squares = torch.zeros(len(self._shares), rows, device=device)
-        for k, g in zip(self._group_of, self.grad_samples, strict=True):
+        for k, g in zip(self._group_of, samples, strict=True):
             squares[k] += g.flatten(1).pow(2).sum(dim=1).to(device)
         bound = self.max_grad_norm * self._shares.to(device)[:, None]
         factors = (bound / (squares.sqrt() + 1e-6)).clamp(max=1.0)
-        for k, p in zip(self._group_of, self.params, strict=True):
+        for k, p, g in zip(self._group_of, self.params, samples, strict=True):
             _check_processed_flag(p.grad_sample)
-            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            grad_sample = g.to(p.dtype)
             grad = torch.einsum("i,i...", factors[k].to(grad_sample.device, p.dtype), grad_sample)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
+
+    def add_noise(self) -> None:
+        """Opacus' noise, then the frozen coordinates' noise taken off again."""
+        super().add_noise()
+        for p, mask in zip(self.params, self._masks, strict=True):
+            if mask is not None:
+                p.grad.mul_(mask.to(p.grad.device))
 
 
 class PrivateTrainer:
@@ -384,6 +420,7 @@ class PrivateTrainer:
             inner,
             groups=[*networks, prior],
             shares=[share] * len(networks) + [PRIOR_CLIP_SHARE],
+            masks=site_finding_masks(nets, cfg),
             **dp_settings,
         )
         self.g_optimizer = torch.optim.Adam(

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from emixer_model.config import FINDINGS, EmixerConfig
 from emixer_model.networks import build_networks, get_weights, set_weights
 from emixer_model.privacy.ledger import arrays_sha256
-from emixer_model.public_pretrain import warm_start_report_decoder
+from emixer_model.public_pretrain import warm_start_report_decoder, with_site_findings
 from emixer_model.records import to_array_record
 from emixer_model.text.vocabulary import VOCAB_SIZE
 from server.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -57,6 +57,12 @@ def serve(grid: Grid, cfg: EmixerConfig) -> None:
                 warm["last_loss"],
             )
         arrays = get_weights(nets)
+    cfg = with_site_findings(cfg, public_source.get("unshown_findings", ()))
+    if cfg.train.dp_trainable == "label-words":
+        log.info(
+            "the sites train the label layers of: %s",
+            cfg.train.site_findings or "every finding (no public pretraining record)",
+        )
     strategy = make_strategy(cfg, checkpoint_dir, ledger, done, public_source)
     strategy.restore_state(state)
     if done:  # resumed: the checkpoint's model is the run's until a new round replaces it

@@ -204,3 +204,53 @@ def test_a_checkpoint_trained_on_sites_cannot_start_a_run_as_pretrained(tmp_path
     path = save_checkpoint(tmp_path / "trained", Checkpoint(0, trained, {}, {}, {}, source))
     with pytest.raises(ValueError, match="cannot pass as pretrained"):
         initial_model(tiny_config(federation={"initial_model": str(path)}))
+
+
+def test_sites_train_only_the_word_bias_of_findings_the_public_model_never_saw(
+    tmp_path, monkeypatch
+):
+    """#16: under dp_trainable "label-words" the server sends the sites, as
+    train.site_findings, the findings its starting model's public pretraining never showed;
+    a list the config names itself is kept, and other modes are left alone."""
+    import server.app
+    from emixer_model.config import FINDINGS, EmixerConfig
+    from emixer_model.networks import build_networks, get_weights
+    from emixer_model.text.vocabulary import VOCAB_SIZE
+    from tests.conftest import tiny_config
+
+    arrays = get_weights(build_networks(tiny_config().model, VOCAB_SIZE, len(FINDINGS)))
+    source = {
+        "model_sha256": arrays_sha256(arrays),
+        "unshown_findings": ["Pneumoperitoneum", "Edema"],
+    }
+    path = save_checkpoint(
+        tmp_path / "public", Checkpoint(0, arrays, {"sites": {}}, {}, {}, source)
+    )
+    sent = []
+
+    class Recording:
+        """Stands in for the strategy: keeps the run config the sites would get."""
+
+        def __init__(self, *args) -> None:
+            pass
+
+        def restore_state(self, state) -> None:
+            pass
+
+        def start(self, train_config, **kwargs) -> None:
+            sent.append(EmixerConfig.from_run_config(dict(train_config)).train)
+
+        def commit(self, grid) -> None:
+            pass
+
+    monkeypatch.setattr(server.app, "make_strategy", Recording)
+    federation = {"initial_model": str(path), "checkpoint_dir": str(tmp_path / "ckpt")}
+    for train in ({"dp_trainable": "label-words"}, {"dp_trainable": "labels"}):
+        server.app.serve(None, tiny_config(federation=federation, train=train))
+    named = {"dp_trainable": "label-words", "site_findings": "Cardiomegaly"}
+    server.app.serve(None, tiny_config(federation=federation, train=named))
+    assert [t.site_findings for t in sent] == [
+        "Pneumoperitoneum,Edema",
+        "",
+        "Cardiomegaly",
+    ]

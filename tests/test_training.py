@@ -9,6 +9,7 @@ import torch
 
 from emixer_model.config import (
     FINDINGS,
+    ConfigError,
     EmixerConfig,
     ModelConfig,
     PrivacyConfig,
@@ -313,6 +314,56 @@ def test_label_words_moves_only_the_columns_of_labels_a_site_shows() -> None:
     assert moved[never] < 1e-4
     shown = data.labels.sum(dim=0) > 0
     assert (moved[shown] > 1e-3).all()
+
+
+def test_site_findings_freeze_every_other_findings_label_parameters_noise_included() -> None:
+    """train.site_findings: only the named findings' parts of R's word bias, D's projection and
+    D's finding head move, even under large noise (the frozen ones get none of it), while a
+    row's clipped gradient still has norm <= C (privacy invariant: sensitivity) and goes to the
+    coordinates that move."""
+    data = make_data()
+    data.labels[:, :] = 1.0  # every row shows every label: each column has a gradient
+    taught = FINDINGS[3]
+    clip = 1e-3
+    trainer, _ = make_trainer(
+        data,
+        sigma=5.0,
+        clip=clip,
+        lr=0.5,
+        dp_trainable="label-words",
+        private_optimizer="sgd",
+        clip_per_network=True,
+        site_findings=taught,
+        lr_d=0.5,
+    )
+    nets = trainer.nets
+    k = FINDINGS.index(taught)
+    others = torch.arange(L) != k
+    # each parameter seen with its finding axis first
+    per_finding = {
+        "R word bias": lambda: nets.r.label_words.weight.T,
+        "D projection": lambda: nets.d.label.weight.T,
+        "D finding head": lambda: nets.d.classify.weight,
+        "D finding bias": lambda: nets.d.classify.bias[:, None],
+    }
+    before = {name: get().detach().clone() for name, get in per_finding.items()}
+    seen = {}
+    trainer.optimizer.attach_step_hook(
+        lambda opt: seen.update(bias=nets.r.label_words.weight.summed_grad.detach().clone())
+    )
+    trainer.private_step(data, [(True, 0)], torch.Generator().manual_seed(0))
+    for name, get in per_finding.items():
+        moved = (get() - before[name]).abs().amax(dim=1)
+        assert moved[k] > 1e-4, name  # the noise alone moves it by ~6e-4 per coordinate
+        assert torch.equal(moved[others], torch.zeros(L - 1)), name
+    clipped = seen["bias"]
+    assert clipped.norm() <= clip * 1.001
+    assert clipped[:, k].norm() == pytest.approx(clipped.norm())
+
+
+def test_site_findings_must_name_findings() -> None:
+    with pytest.raises(ConfigError, match="'Pneumonitis' is not a finding"):
+        TrainConfig(site_findings="Cardiomegaly,Pneumonitis")
 
 
 def test_label_prior_learns_the_sites_mix_only_through_the_private_step() -> None:
