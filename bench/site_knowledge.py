@@ -18,6 +18,9 @@ label:
 - augmentation: a site that has labeled only SCARCE_POSITIVES patients with the site-only
   finding trains a classifier on its real studies alone, and on them plus the synthetic pairs;
   the AUROC gain on the held-out patients;
+- shared findings (all but the site-only one, which the public model already draws): the
+  judge's AUROC and the reports' on - off for each, label off vs on with the same latents,
+  averaged over them; what fine-tuning costs what the public model knew;
 - D's finding head, where the image side is won or lost: its AUROC for the site-only finding on
   the held-out real patients (does D know the finding?) and on the paired draws (does G satisfy
   D?). High on both with a low image AUROC: G pleases D's head with something the judge does
@@ -44,13 +47,14 @@ from bench.common import console, machine, print_table
 from bench.utility import QUICK, SMOKE, Setup, federate, prepare, pretrained_weights, scored_split
 from emixer_cli.commands.demo import DEMO_MODEL, DEMO_TRAIN
 from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, TrainConfig
+from emixer_model.data.public import load_public
 from emixer_model.data.splits import LabeledSet
 from emixer_model.evaluation.bootstrap import DEFAULT_RESAMPLES, Resampler, bootstrap
 from emixer_model.evaluation.classifier import Classifier, score_images, train_classifier
 from emixer_model.evaluation.image_metrics import auroc
 from emixer_model.evaluation.utility import Figure, figure, over_seeds, paired_difference
 from emixer_model.networks import EmixerNets, build_networks, set_weights
-from emixer_model.public_pretrain import PRETRAINING_VERSION
+from emixer_model.public_pretrain import PRETRAINING_VERSION, unshown_findings, with_site_findings
 from emixer_model.synthesis import synthesize
 from emixer_model.text.grammar import SITE_ONLY_FINDING, uses_site_phrasing
 from emixer_model.text.labeler import label_report
@@ -169,6 +173,13 @@ def with_finding(labels: torch.Tensor, finding: str) -> torch.Tensor:
     return out
 
 
+def without_finding(labels: torch.Tensor, finding: str) -> torch.Tensor:
+    """The same label vectors with `finding` off."""
+    out = labels.clone()
+    out[:, FINDINGS.index(finding)] = 0.0
+    return out
+
+
 def with_a_finding(n: int) -> torch.Tensor:
     """n label vectors of the fixed prior that state some finding but not the site-only one:
     switching it on then changes that one label only ("No Finding" is never on to flip)."""
@@ -176,11 +187,14 @@ def with_a_finding(n: int) -> torch.Tensor:
     return labels[labels[:, FINDINGS.index("No Finding")] == 0][:n]
 
 
+# the findings the public collection also shows: what fine-tuning must not cost them
+SHARED = [f for f in FINDINGS if f not in ("No Finding", SITE_ONLY_FINDING)]
 PAIR_FIGURES = ("image AUROC", "report: on - off", "report: on", "site phrasing", "D: draws")
+PAIR_FIGURES += ("shared: images", "shared: reports")
 HELDOUT_FIGURES = ("TSTR", "augment", "D: real")
 FIGURES = PAIR_FIGURES + HELDOUT_FIGURES
 CHANCE = {"image AUROC": 0.5, "TSTR": 0.5, "report: on - off": 0.0, "augment": 0.0}
-CHANCE |= {"D: real": 0.5, "D: draws": 0.5}
+CHANCE |= {"D: real": 0.5, "D: draws": 0.5, "shared: images": 0.5, "shared: reports": 0.0}
 
 
 def measure(
@@ -194,24 +208,45 @@ def measure(
     nets.eval()
     conditions = {"off": (off := with_a_finding(n)), "on": with_finding(off, SITE_ONLY_FINDING)}
     conditions["phrased"] = with_finding(off, PHRASED)
+    for f in SHARED:  # each shared finding off and on, the rest of the vector kept
+        conditions[f"{f} off"] = without_finding(off, f)
+        conditions[f"{f} on"] = with_finding(off, f)
     drawn = {}  # one seed for every condition: the same latents, so the draws are paired
     for name, labels in conditions.items():
         images, ids = synthesize(nets, cfg.model, labels, torch.Generator().manual_seed(5))
         drawn[name] = images, [decode_report(t) for t in ids]
-    probs = [score_images(real.judge, drawn[k][0])[0][:, NEW] for k in ("off", "on")]
-    heads = [finding_head(nets, drawn[k][0]) for k in ("off", "on")]
-    stated = {
-        k: np.array([label_report(r).get(SITE_ONLY_FINDING) == 1 for r in drawn[k][1]], float)
-        for k in ("off", "on")
+    pairs_of = {SITE_ONLY_FINDING: ("off", "on")} | {f: (f"{f} off", f"{f} on") for f in SHARED}
+    probs = {
+        f: [score_images(real.judge, drawn[k][0])[0][:, FINDINGS.index(f)] for k in keys]
+        for f, keys in pairs_of.items()
     }
+    stated = {
+        f: [np.array([label_report(r).get(f) == 1 for r in drawn[k][1]], float) for k in keys]
+        for f, keys in pairs_of.items()
+    }
+    heads = [finding_head(nets, drawn[k][0]) for k in ("off", "on")]
     phrased = np.array([uses_site_phrasing(r, PHRASED) for r in drawn["phrased"][1]], float)
 
+    def pair_auroc(p: list[np.ndarray], i: np.ndarray) -> float:
+        value = auroc(np.r_[p[0][i], p[1][i]], np.r_[np.zeros(len(i)), np.ones(len(i))])
+        return np.nan if value is None else value
+
     def pair_figures(i: np.ndarray) -> np.ndarray:
-        targets = np.r_[np.zeros(len(i)), np.ones(len(i))]
-        image, head = (auroc(np.r_[p[0][i], p[1][i]], targets) for p in (probs, heads))
-        on, gap = stated["on"][i].mean(), stated["on"][i].mean() - stated["off"][i].mean()
-        image, head = (np.nan if v is None else v for v in (image, head))
-        return np.array([image, gap, on, phrased[i].mean(), head])
+        image, head = pair_auroc(probs[SITE_ONLY_FINDING], i), pair_auroc(heads, i)
+        off_said, on_said = (said[i].mean() for said in stated[SITE_ONLY_FINDING])
+        shared_images = np.mean([pair_auroc(probs[f], i) for f in SHARED])
+        shared_reports = np.mean([stated[f][1][i].mean() - stated[f][0][i].mean() for f in SHARED])
+        return np.array(
+            [
+                image,
+                on_said - off_said,
+                on_said,
+                phrased[i].mean(),
+                head,
+                shared_images,
+                shared_reports,
+            ]
+        )
 
     labels = sample_prior(SYNTHETIC_PAIRS, torch.Generator().manual_seed(13))
     images, _ = synthesize(nets, cfg.model, labels, torch.Generator().manual_seed(17))
@@ -319,6 +354,7 @@ def main() -> None:
     cache = Path(args.cache)
     console.print(machine())
     sites, public = prepare(setup, cache, model)
+    unshown = unshown_findings(load_public(public, model).labels)  # as `emixer server` reads it
     judge_train = LabeledSet.concat([s.judge_train for s in sites])
     scored = LabeledSet.concat([scored_split(s.heldout, args.split) for s in sites])
     steps = 20 if args.smoke else JUDGE_STEPS
@@ -351,7 +387,7 @@ def main() -> None:
             weights, eps = start, 0.0
             if spec != "public":
                 name, epsilon, *control = spec.split(":")
-                cfg = with_recipe(base, name)
+                cfg = with_site_findings(with_recipe(base, name), unshown)
                 budget = None if epsilon == "none" else float(epsilon)
                 if control and control != ["control"]:
                     parser.error(f"row {spec!r}: the third part can only be 'control'")
