@@ -144,6 +144,10 @@ RECIPES["learn-label-words"] = RECIPES["learn-labels-sgd"] | {
     "dp_trainable": "label-words",
     "lr_text": 1.0,
 }
+# the same, with only the findings the public model never saw training (train.site_findings
+# "unshown", filled in as `emixer server` does): the shared findings keep the public model's
+# words and finding head (bench/README.md, "Only the findings the public model never saw train")
+RECIPES["learn-unshown"] = RECIPES["learn-label-words"] | {"site_findings": "unshown"}
 # the same with 4x the private learning rates: under DP noise Adam's second moment is the noise's
 # variance, so a coordinate moves by lr x signal / noise per step instead of lr (DP-AdamBC,
 # Tang et al. 2024); this tests whether the lost learning is that slow-down
@@ -354,7 +358,7 @@ def main() -> None:
     cache = Path(args.cache)
     console.print(machine())
     sites, public = prepare(setup, cache, model)
-    unshown = unshown_findings(load_public(public, model).labels)  # as `emixer server` reads it
+    unshown = unshown_findings(load_public(public, model).labels)  # what `emixer pretrain` records
     judge_train = LabeledSet.concat([s.judge_train for s in sites])
     scored = LabeledSet.concat([scored_split(s.heldout, args.split) for s in sites])
     steps = 20 if args.smoke else JUDGE_STEPS

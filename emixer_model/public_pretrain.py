@@ -33,7 +33,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from emixer_model.config import FINDINGS, EmixerConfig, ModelConfig, TrainConfig
+from emixer_model.config import (
+    FINDINGS,
+    UNSHOWN,
+    ConfigError,
+    EmixerConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from emixer_model.networks import (
     EmixerNets,
     build_networks,
@@ -206,15 +213,18 @@ def unshown_findings(labels: torch.Tensor) -> tuple[str, ...]:
 
 
 def with_site_findings(cfg: EmixerConfig, unshown: Sequence[str]) -> EmixerConfig:
-    """`cfg` with the sites' per-label training (dp_trainable "label-words") kept to the findings
-    the starting model's public collection never showed (`unshown`), unless the config names its
-    own. The public model already draws and writes the others; every finding the sites train
-    gets DP noise on all its coordinates (in R's word bias sd ~2.5 over 649 words against 3-6
-    for a finding's own words at 500 studies per site), which took a third to two thirds of the
-    shared findings' report fidelity (bench/README.md). The list is public: no privacy cost."""
+    """`cfg` with train.site_findings "unshown" replaced by the findings the starting model's
+    public collection never showed (`unshown`, from its pretraining record: public, so the
+    choice costs no privacy). Refuses when there is no such record to read them from."""
     t = cfg.train
-    if t.dp_trainable != "label-words" or t.site_findings or not unshown:
+    if t.site_findings != UNSHOWN:
         return cfg
+    if not unshown:
+        raise ConfigError(
+            f"train.site_findings: {UNSHOWN!r} needs a starting model whose public pretraining "
+            "left findings unshown (federation.initial_model from `emixer pretrain`); name the "
+            "findings instead, or leave it empty to train every finding"
+        )
     return replace(cfg, train=replace(t, site_findings=",".join(unshown)))
 
 

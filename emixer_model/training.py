@@ -46,7 +46,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from emixer_model.config import FINDINGS, EmixerConfig, public_prior
+from emixer_model.config import FINDINGS, UNSHOWN, EmixerConfig, public_prior
 from emixer_model.data.site import SiteData
 from emixer_model.networks import EmixerNets
 from emixer_model.privacy.accounting import SiteAccountant
@@ -164,6 +164,11 @@ def site_finding_masks(nets: EmixerNets, cfg: EmixerConfig) -> dict[nn.Parameter
     taught = cfg.train.site_finding_list()
     if cfg.train.dp_trainable != "label-words" or not taught:
         return {}
+    if taught == [UNSHOWN]:
+        raise ValueError(
+            f"train.site_findings {UNSHOWN!r} reached the site unresolved: the server fills in "
+            "the findings from its starting model's public pretraining record"
+        )
     keep = torch.zeros(len(FINDINGS))
     keep[[FINDINGS.index(f) for f in taught]] = 1.0
     return {

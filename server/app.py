@@ -59,10 +59,7 @@ def serve(grid: Grid, cfg: EmixerConfig) -> None:
         arrays = get_weights(nets)
     cfg = with_site_findings(cfg, public_source.get("unshown_findings", ()))
     if cfg.train.dp_trainable == "label-words":
-        log.info(
-            "the sites train the label layers of: %s",
-            cfg.train.site_findings or "every finding (no public pretraining record)",
-        )
+        log.info("the sites train the label layers of: %s", cfg.train.site_findings or "all")
     strategy = make_strategy(cfg, checkpoint_dir, ledger, done, public_source)
     strategy.restore_state(state)
     if done:  # resumed: the checkpoint's model is the run's until a new round replaces it

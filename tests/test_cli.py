@@ -98,6 +98,9 @@ def test_pretrain_writes_a_public_checkpoint_that_a_run_can_start_from(tmp_path)
     args = ["pretrain", "--public", str(public), "--out", str(out), "--config", str(config)]
     done = emixer(*args, "--steps", "2", "--warm-start", "2")
     assert done.returncode == 0, done.stderr
+    said = " ".join(done.stdout.split())  # rich wraps at 80 columns
+    left = said.partition("left for the sites to teach:")[2].partition("(")[0]
+    assert "Pneumoperitoneum" in left  # the public collection never shows it
     ckpt = load_checkpoint(out)
     assert ckpt.server_round == 0 and not ckpt.ledger["sites"]
     assert ckpt.public_source["studies"] == 12 and len(ckpt.public_source["content_hash"]) == 64

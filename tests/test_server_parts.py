@@ -206,15 +206,16 @@ def test_a_checkpoint_trained_on_sites_cannot_start_a_run_as_pretrained(tmp_path
         initial_model(tiny_config(federation={"initial_model": str(path)}))
 
 
-def test_sites_train_only_the_word_bias_of_findings_the_public_model_never_saw(
+def test_site_findings_unshown_sends_the_sites_what_the_public_model_never_saw(
     tmp_path, monkeypatch
 ):
-    """#16: under dp_trainable "label-words" the server sends the sites, as
-    train.site_findings, the findings its starting model's public pretraining never showed;
-    a list the config names itself is kept, and other modes are left alone."""
+    """#16: with train.site_findings "unshown" the server sends the sites, in its place, the
+    findings its starting model's public pretraining never showed; a list the config names and
+    "" (every finding) reach the sites as written; "unshown" without such a record is refused."""
     import server.app
-    from emixer_model.config import FINDINGS, EmixerConfig
+    from emixer_model.config import FINDINGS, ConfigError, EmixerConfig
     from emixer_model.networks import build_networks, get_weights
+    from emixer_model.public_pretrain import with_site_findings
     from emixer_model.text.vocabulary import VOCAB_SIZE
     from tests.conftest import tiny_config
 
@@ -238,19 +239,16 @@ def test_sites_train_only_the_word_bias_of_findings_the_public_model_never_saw(
             pass
 
         def start(self, train_config, **kwargs) -> None:
-            sent.append(EmixerConfig.from_run_config(dict(train_config)).train)
+            sent.append(EmixerConfig.from_run_config(dict(train_config)).train.site_findings)
 
         def commit(self, grid) -> None:
             pass
 
     monkeypatch.setattr(server.app, "make_strategy", Recording)
     federation = {"initial_model": str(path), "checkpoint_dir": str(tmp_path / "ckpt")}
-    for train in ({"dp_trainable": "label-words"}, {"dp_trainable": "labels"}):
+    for named in ("unshown", "", "Cardiomegaly"):
+        train = {"dp_trainable": "label-words", "site_findings": named}
         server.app.serve(None, tiny_config(federation=federation, train=train))
-    named = {"dp_trainable": "label-words", "site_findings": "Cardiomegaly"}
-    server.app.serve(None, tiny_config(federation=federation, train=named))
-    assert [t.site_findings for t in sent] == [
-        "Pneumoperitoneum,Edema",
-        "",
-        "Cardiomegaly",
-    ]
+    assert sent == ["Pneumoperitoneum,Edema", "", "Cardiomegaly"]
+    with pytest.raises(ConfigError, match="needs a starting model"):
+        with_site_findings(tiny_config(train={"site_findings": "unshown"}), [])

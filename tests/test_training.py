@@ -361,9 +361,12 @@ def test_site_findings_freeze_every_other_findings_label_parameters_noise_includ
     assert clipped[:, k].norm() == pytest.approx(clipped.norm())
 
 
-def test_site_findings_must_name_findings() -> None:
+def test_site_findings_must_name_findings_and_unshown_must_be_resolved() -> None:
     with pytest.raises(ConfigError, match="'Pneumonitis' is not a finding"):
         TrainConfig(site_findings="Cardiomegaly,Pneumonitis")
+    # "unshown" is the server's to fill in; a site that gets it as such refuses to guess
+    with pytest.raises(ValueError, match="reached the site unresolved"):
+        make_trainer(make_data(), dp_trainable="label-words", site_findings="unshown")
 
 
 def test_label_prior_learns_the_sites_mix_only_through_the_private_step() -> None:

@@ -59,4 +59,10 @@ def pretrain_with_progress(
         f"pretrained on {model.collection} ({model.studies} studies, {model.steps} steps, "
         f"{model.seconds:.0f} s); skipped {model.skipped} files"
     )
+    if model.unshown:
+        console.print(
+            f"never shown in the collection, left for the sites to teach: "
+            f"{', '.join(model.unshown)} (train.site_findings: unshown trains only these under "
+            "train.dp_trainable: label-words)"
+        )
     return model.path

@@ -30,6 +30,7 @@ class PretrainedModel:
     skipped: int
     steps: int
     seconds: float
+    unshown: tuple[str, ...]  # findings the collection never shows: the sites' to teach
 
 
 def pretrain_checkpoint(
@@ -79,5 +80,11 @@ def pretrain_checkpoint(
         )
         save_checkpoint(Path(work), checkpoint).replace(out)
     return PretrainedModel(
-        out, public.name, len(public.images), len(public.skipped), steps, result["seconds"]
+        out,
+        public.name,
+        len(public.images),
+        len(public.skipped),
+        steps,
+        result["seconds"],
+        tuple(result["unshown"]),
     )
