@@ -197,6 +197,11 @@ class TrainConfig:
             raise ConfigError("train.sgd_momentum must be in [0, 1)")
         if self.dp_trainable not in DP_TRAINABLE:
             raise ConfigError(f"train.dp_trainable must be one of {', '.join(DP_TRAINABLE)}")
+        if self.site_findings and self.dp_trainable != "label-words":
+            raise ConfigError(
+                "train.site_findings applies only under train.dp_trainable: label-words; "
+                f"with {self.dp_trainable!r} every finding trains, so leave it empty"
+            )
         named = [] if self.site_findings == UNSHOWN else self.site_finding_list()
         unknown = [f for f in named if f not in FINDINGS]
         if unknown:

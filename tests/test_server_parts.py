@@ -251,4 +251,5 @@ def test_site_findings_unshown_sends_the_sites_what_the_public_model_never_saw(
         server.app.serve(None, tiny_config(federation=federation, train=train))
     assert sent == ["Pneumoperitoneum,Edema", "", "Cardiomegaly"]
     with pytest.raises(ConfigError, match="needs a starting model"):
-        with_site_findings(tiny_config(train={"site_findings": "unshown"}), [])
+        unshown = {"dp_trainable": "label-words", "site_findings": "unshown"}
+        with_site_findings(tiny_config(train=unshown), [])

@@ -363,7 +363,9 @@ def test_site_findings_freeze_every_other_findings_label_parameters_noise_includ
 
 def test_site_findings_must_name_findings_and_unshown_must_be_resolved() -> None:
     with pytest.raises(ConfigError, match="'Pneumonitis' is not a finding"):
-        TrainConfig(site_findings="Cardiomegaly,Pneumonitis")
+        TrainConfig(dp_trainable="label-words", site_findings="Cardiomegaly,Pneumonitis")
+    with pytest.raises(ConfigError, match="applies only under train.dp_trainable: label-words"):
+        TrainConfig(dp_trainable="top", site_findings="Cardiomegaly")
     # "unshown" is the server's to fill in; a site that gets it as such refuses to guess
     with pytest.raises(ValueError, match="reached the site unresolved"):
         make_trainer(make_data(), dp_trainable="label-words", site_findings="unshown")
