@@ -149,7 +149,8 @@ RECIPES["learn-label-words"] = RECIPES["learn-labels-sgd"] | {
 # words and finding head (bench/README.md, "Only the findings the public model never saw train")
 RECIPES["learn-unshown"] = RECIPES["learn-label-words"] | {"site_findings": "unshown"}
 # the same with D's finding head and G's reward for it weighted twice as much (train.label_weight
-# 16): does a larger share of D's clipped row for the head carry the new finding's look further?
+# 16): a larger share of D's clipped row for the head carried the new finding's look back to
+# where learn-label-words had it, shared findings kept (validation, 3 seeds; bench/README.md)
 RECIPES["learn-unshown-lw16"] = RECIPES["learn-unshown"] | {"label_weight": 16.0}
 # the same with 4x the private learning rates: under DP noise Adam's second moment is the noise's
 # variance, so a coordinate moves by lr x signal / noise per step instead of lr (DP-AdamBC,
