@@ -68,7 +68,7 @@ UNCERTAIN_PROBABILITY = 0.15
 # finding head reads features standardized by the collection's statistics; 6: whitened).
 PRETRAINING_VERSION = 6
 # Public pretraining's Adam rates and betas: TrainConfig's defaults, whatever the run's train
-# section says. train.lr_* are the sites' private recipe (the demo's SGD at lr 0.1 for D and 1
+# section says. train.lr_* are the sites' private recipe (learn-label-words: SGD at lr 0.1 for D, 1
 # for R's word bias), at which plain Adam on every weight diverges.
 PUBLIC_RATES = TrainConfig()
 LAST_LOSS_WINDOW = 20  # last_loss averages this many final steps: one batch is noisy

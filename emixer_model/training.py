@@ -161,8 +161,8 @@ def site_finding_masks(nets: EmixerNets, cfg: EmixerConfig) -> dict[nn.Parameter
     those findings' parts of the per-label parameters move (R's word-bias columns, D's projection
     columns, D's finding-head rows); the other findings keep the starting model's, which noise
     on their coordinates would otherwise wear away (empty: nothing frozen)."""
-    taught = cfg.train.site_finding_list()
-    if cfg.train.dp_trainable != "label-words" or not taught:
+    taught = cfg.train.site_finding_list()  # the config refuses it outside "label-words"
+    if not taught:
         return {}
     if taught == [UNSHOWN]:
         raise ValueError(

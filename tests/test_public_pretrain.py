@@ -170,9 +170,10 @@ def test_pretrain_public_trains_all_four_networks_without_leftover_gradients():
 
 
 def test_public_pretraining_ignores_the_sites_private_learning_rates():
-    """train.lr_* are the sites' private recipe (the demo's SGD at lr 0.1 for D, 1 for R's word
-    bias); public pretraining on plain Adam at those rates diverged (d_real 0, g loss in the
-    thousands), so it runs at its own rates and makes the same public model under any recipe."""
+    """train.lr_* are the sites' private recipe (learn-label-words: SGD at lr 0.1 for D, 1 for
+    R's word bias); public pretraining on plain Adam at those rates diverged (d_real 0, g loss in
+    the thousands), so it runs at its own rates and makes the same public model under any
+    recipe."""
     images, labels, tokens = tiny_public()
     models = []
     for train in (
