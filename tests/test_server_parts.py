@@ -1,5 +1,7 @@
 """Server building blocks: update validation, the privacy ledger and checkpoints."""
 
+from unittest.mock import MagicMock
+
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -227,29 +229,17 @@ def test_site_findings_unshown_sends_the_sites_what_the_public_model_never_saw(
     path = save_checkpoint(
         tmp_path / "public", Checkpoint(0, arrays, {"sites": {}}, {}, {}, source)
     )
-    sent = []
-
-    class Recording:
-        """Stands in for the strategy: keeps the run config the sites would get."""
-
-        def __init__(self, *args) -> None:
-            pass
-
-        def restore_state(self, state) -> None:
-            pass
-
-        def start(self, train_config, **kwargs) -> None:
-            sent.append(EmixerConfig.from_run_config(dict(train_config)).train.site_findings)
-
-        def commit(self, grid) -> None:
-            pass
-
-    monkeypatch.setattr(server.app, "make_strategy", Recording)
+    strategy = MagicMock()  # stands in for the strategy: keeps the run config the sites get
+    monkeypatch.setattr(server.app, "make_strategy", lambda *args: strategy)
     federation = {"initial_model": str(path), "checkpoint_dir": str(tmp_path / "ckpt")}
     for named in ("unshown", "", "Cardiomegaly"):
         train = {"dp_trainable": "label-words", "site_findings": named}
         server.app.serve(None, tiny_config(federation=federation, train=train))
+    sent = [
+        EmixerConfig.from_run_config(dict(call.kwargs["train_config"])).train.site_findings
+        for call in strategy.start.call_args_list
+    ]
     assert sent == ["Pneumoperitoneum,Edema", "", "Cardiomegaly"]
+    unshown = tiny_config(train={"dp_trainable": "label-words", "site_findings": "unshown"})
     with pytest.raises(ConfigError, match="needs a starting model"):
-        unshown = {"dp_trainable": "label-words", "site_findings": "unshown"}
-        with_site_findings(tiny_config(train=unshown), [])
+        with_site_findings(unshown, [])
