@@ -21,15 +21,17 @@ from pathlib import Path
 
 import pytest
 
+from bench.site_knowledge import RECIPES
 from client.daemon import SiteSettings, load_site_settings, prepare_supernode
 from emixer_cli.commands.site import check_site
 from emixer_cli.main import main
-from emixer_model.config import ConfigError, EmixerConfig, ModelConfig, TrainConfig
+from emixer_model.config import ConfigError, EmixerConfig, ModelConfig, TrainConfig, load_yaml_as
 from emixer_model.privacy.ledger import SiteKey
 from emixer_model.shared import app_hash, stop_process_group
 from server.checkpoint import latest_checkpoint
 from server.tools.launch import (
     FlwrCli,
+    ServerFile,
     ServerSettings,
     SiteEntry,
     load_server_settings,
@@ -452,3 +454,12 @@ def test_compose_keeps_each_site_key_in_that_site_volume_only() -> None:
         holders = {n for n, s in services.items() if any(volume in v for v in s["volumes"])}
         assert holders == {f"hospital-{site}", f"hospital-{site}-keygen"}
     assert "site-keys:/site-keys:ro" in services["superlink"]["volumes"]
+
+
+def test_the_shipped_server_yaml_runs_the_site_knowledge_recipe_the_bench_measured() -> None:
+    """deploy/server.yaml is what a coordinator copies: its training keys must be the recipe whose
+    test-split figures bench/README.md publishes, or a change to either goes unmeasured."""
+    shipped = load_yaml_as(ServerFile, ROOT / "deploy" / "server.yaml").run
+    recipe = RECIPES["learn-unshown-lw16"]
+    assert {key: getattr(shipped.train, key) for key in recipe} == recipe
+    assert shipped.federation.initial_model, "label-words and unshown need a public start"
