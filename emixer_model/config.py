@@ -120,6 +120,24 @@ class PrivacyConfig:
 
 DP_TRAINABLE = ("all", "top", "labels", "label-words")  # "all" and training.PRIVATE_LAYERS
 UNSHOWN = "unshown"  # train.site_findings: what the public model never saw (the server fills it)
+# The training keys that teach the release what only the sites' patients show while keeping what
+# the public model knew, for a federation that starts from `emixer pretrain`'s model: only D's
+# label layers and R's per-label word bias train privately, and of them only the findings the
+# public model never saw, on SGD, D's finding head weighted twice (bench/README.md,
+# "learn-unshown-lw16 on the test split"). The demo and deploy/server.yaml run it; TrainConfig's
+# own defaults serve a start from random weights, which "label-words" could not learn from.
+SITE_KNOWLEDGE_TRAIN: dict[str, object] = {
+    "dp_trainable": "label-words",
+    "site_findings": UNSHOWN,
+    "label_weight": 16.0,
+    "private_optimizer": "sgd",
+    "lr_d": 0.1,
+    "lr_text": 1.0,
+    "lr_g": 5e-4,
+    "g_steps": 4,
+    "clip_per_network": True,
+    "epochs": 20,
+}
 
 
 @dataclass

@@ -67,9 +67,11 @@ UNCERTAIN_PROBABILITY = 0.15
 # D's finding head is neither trained nor kept for a finding the collection never shows; 5: D's
 # finding head reads features standardized by the collection's statistics; 6: whitened).
 PRETRAINING_VERSION = 6
-# Public pretraining's Adam rates and betas: TrainConfig's defaults, whatever the run's train
-# section says. train.lr_* are the sites' private recipe (learn-label-words: SGD at lr 0.1 for D, 1
-# for R's word bias), at which plain Adam on every weight diverges.
+# Public pretraining's Adam rates, betas and finding-head weight: TrainConfig's defaults, whatever
+# the run's train section says. train.lr_* and train.label_weight are the sites' private recipe
+# (config.SITE_KNOWLEDGE_TRAIN: SGD at lr 0.1 for D, 1 for R's word bias, the head weighted 16 for
+# its share of a clipped row), at which plain Adam on every weight diverges; the public model
+# v6 the recipe was measured from was pretrained at the defaults.
 PUBLIC_RATES = TrainConfig()
 LAST_LOSS_WINDOW = 20  # last_loss averages this many final steps: one batch is noisy
 # Findings the public grammar never names (the site-only finding): no public text states them.
@@ -241,13 +243,13 @@ def pretrain_public(
     """Train all four networks WITHOUT privacy on a public labeled collection (no site data).
 
     The same objective as a site's private step (`real_row_losses`, `generator_loss`), on plain
-    Adam at `PUBLIC_RATES` (never the sites' train.lr_*), batches of train.batch_size drawn
-    uniformly: public data needs no clipping, no noise and no accountant. A finding the
-    collection never shows (`unshown_findings`) is never asked of G, its label columns are
-    zeroed and D's finding head says "absent" for it (`silence_labels`) and is not trained on
-    it: the public model draws the same pair with it on or off and has no opinion of what it
-    looks like, so whatever it means in a release, the sites taught it. At the end D's finding
-    head is refolded to read features whitened by the collection's statistics
+    Adam at `PUBLIC_RATES` (never the sites' train.lr_* or label_weight), batches of
+    train.batch_size drawn uniformly: public data needs no clipping, no noise and no accountant.
+    A finding the collection never shows (`unshown_findings`) is never asked of G, its label
+    columns are zeroed and D's finding head says "absent" for it (`silence_labels`) and is not
+    trained on it: the public model draws the same pair with it on or off and has no opinion of
+    what it looks like, so whatever it means in a release, the sites taught it. At the end D's
+    finding head is refolded to read features whitened by the collection's statistics
     (`whiten_finding_head`), the geometry a site's clipped steps need to learn a finding's look.
     Returns {"steps", "seconds", "unshown": those findings, "losses": means of the last steps}.
     """
@@ -261,7 +263,9 @@ def pretrain_public(
     taught = torch.ones(len(FINDINGS))
     taught[silenced] = 0.0
     nets.d.set_prior(labels.float().clamp(0, 1).mean(dim=0))  # public shares: no privacy cost
-    t, rates = cfg.train, PUBLIC_RATES
+    rates = PUBLIC_RATES
+    cfg = replace(cfg, train=replace(cfg.train, label_weight=rates.label_weight))
+    t = cfg.train
     generator = torch.Generator().manual_seed(seed)
     betas = (rates.beta1, rates.beta2)
     d_optimizer = torch.optim.Adam(

@@ -25,7 +25,14 @@ from bench.site_knowledge import RECIPES
 from client.daemon import SiteSettings, load_site_settings, prepare_supernode
 from emixer_cli.commands.site import check_site
 from emixer_cli.main import main
-from emixer_model.config import ConfigError, EmixerConfig, ModelConfig, TrainConfig, load_yaml_as
+from emixer_model.config import (
+    SITE_KNOWLEDGE_TRAIN,
+    ConfigError,
+    EmixerConfig,
+    ModelConfig,
+    TrainConfig,
+    load_yaml_as,
+)
 from emixer_model.privacy.ledger import SiteKey
 from emixer_model.shared import app_hash, stop_process_group
 from server.checkpoint import latest_checkpoint
@@ -457,9 +464,11 @@ def test_compose_keeps_each_site_key_in_that_site_volume_only() -> None:
 
 
 def test_the_shipped_server_yaml_runs_the_site_knowledge_recipe_the_bench_measured() -> None:
-    """deploy/server.yaml is what a coordinator copies: its training keys must be the recipe whose
-    test-split figures bench/README.md publishes, or a change to either goes unmeasured."""
+    """deploy/server.yaml is what a coordinator copies, and the demo runs SITE_KNOWLEDGE_TRAIN:
+    both must be the recipe whose test-split figures bench/README.md publishes, or a change to
+    either goes unmeasured."""
     shipped = load_yaml_as(ServerFile, ROOT / "deploy" / "server.yaml").run
-    recipe = RECIPES["learn-unshown-lw16"]
-    assert {key: getattr(shipped.train, key) for key in recipe} == recipe
+    assert SITE_KNOWLEDGE_TRAIN == RECIPES["learn-unshown-lw16"]
+    recipe = {key: getattr(shipped.train, key) for key in SITE_KNOWLEDGE_TRAIN}
+    assert recipe == SITE_KNOWLEDGE_TRAIN
     assert shipped.federation.initial_model, "label-words and unshown need a public start"
