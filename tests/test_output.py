@@ -22,6 +22,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 from emixer_cli.common import PIPED_WIDTH
 from emixer_model.data.dicom import write_dicom
 from emixer_model.evaluation.tables import FIGURE_TABLES
+from emixer_model.text.grammar import SITE_ONLY_FINDING
 from tests.test_codecs import _phantom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,16 +99,12 @@ def _content_lines(text: str) -> list[str]:
     ]
 
 
-def test_demo_piped_shows_stages_once_and_logs_libraries_to_the_run_folder(
+def test_demo_piped_shows_stages_once_logs_libraries_and_trains_what_the_public_model_never_saw(
     tmp_path: Path,
 ) -> None:
-    # The smallest demo that runs every stage: a tiny model, a tiny public pretraining, one round.
-    (tmp_path / "tiny.yaml").write_text(
-        "model: {resolution: 16, latent_dim: 8, width: 8, embed_dim: 32, heads: 2, groups: 4,\n"
-        "        sentence_layers: 1, word_layers: 1}\n"
-        "train: {batch_size: 8}\n"
-    )
-    args = ["demo", "--config", "tiny.yaml", "--sites", "2", "--rounds", "1", "--epochs", "1"]
+    """The smallest demo that runs every stage, with the demo's own model and recipe (no
+    --config): tiny data, a tiny public pretraining, one round of one epoch."""
+    args = ["demo", "--sites", "2", "--rounds", "1", "--epochs", "1"]
     args += ["--per-site", "24", "--unlabeled", "4", "--size", "32", "--per-label-release", "1"]
     args += ["--public-studies", "16", "--pretrain-steps", "2"]
     done = emixer(*args, "--out", "out", cwd=tmp_path)
@@ -135,6 +132,11 @@ def test_demo_piped_shows_stages_once_and_logs_libraries_to_the_run_folder(
     assert "DEPRECATED FEATURE" in logged and "run_simulation" in logged  # Flower's banner
     assert "Starting EmixerFedAvg strategy" in logged  # Flower's own INFO lines, once each
     assert logged.count("[ROUND 1/1]") == 1
+    # SITE_KNOWLEDGE_TRAIN: only the label layers of the findings the demo's public model never
+    # saw train, which the server read from that model's pretraining record
+    (trained,) = re.findall(r"the sites train the label layers of: (.*)", logged)
+    assert SITE_ONLY_FINDING in trained.split(",")
+    assert "Pleural Effusion" not in trained.split(",")  # 6 of the 16 public studies show it
 
 
 def test_app_processes_print_each_flower_line_once(tmp_path: Path) -> None:

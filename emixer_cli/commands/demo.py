@@ -19,17 +19,18 @@ from emixer_cli.commands.evaluate import evaluate_and_print
 from emixer_cli.commands.pretrain import pretrain_with_progress
 from emixer_cli.common import CONFIG_HELP, command_config, console, progress_bar
 from emixer_cli.logs import LOG_FILE, log_to_file
-from emixer_model.config import EmixerConfig
+from emixer_model.config import SITE_KNOWLEDGE_TRAIN, EmixerConfig
 from emixer_model.evaluation.page import PAGE_NAME
 
 # The demo's own settings (a --config file replaces all of them): sized so the whole demo, public
 # pretraining included, finishes in about 10 minutes on 2 CPU cores; the values come from
 # bench/utility.py (see bench/README.md).
-DEMO_ROUNDS, DEMO_EPOCHS = 5, 4
+DEMO_ROUNDS = 5
 DEMO_MODEL = {"resolution": 32, "latent_dim": 32, "width": 16, "embed_dim": 64}
-# from the public model: top layers + norms under DP; a fifth of each site's patients held out
-# before round 1 (recorded in its state dir) so the evaluation scores patients no model saw
-DEMO_TRAIN = {"dp_trainable": "top", "holdout_fraction": 0.2}
+# from the public model, the site-knowledge recipe (its local epochs included); a fifth of each
+# site's patients held out before round 1 (recorded in its state dir) so the evaluation scores
+# patients no model saw
+DEMO_TRAIN = SITE_KNOWLEDGE_TRAIN | {"holdout_fraction": 0.2}
 DEMO_PUBLIC_STUDIES, DEMO_PRETRAIN_STEPS = 600, 600
 
 
@@ -48,7 +49,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sites", type=int, default=3, help="simulated hospital sites (3)")
     p.add_argument("--rounds", type=int, default=None, help=f"federated rounds ({DEMO_ROUNDS})")
     p.add_argument(
-        "--epochs", type=int, default=None, help=f"local epochs per round ({DEMO_EPOCHS})"
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"local epochs per round ({DEMO_TRAIN['epochs']}, or the --config file's)",
     )
     p.add_argument("--per-site", type=int, default=160, help="labeled studies per site (160)")
     p.add_argument("--unlabeled", type=int, default=40, help="unlabeled scans per site (40)")
@@ -86,7 +90,7 @@ def demo_config(args: argparse.Namespace) -> EmixerConfig:
             train=replace(cfg.train, **DEMO_TRAIN),
         )
     rounds = args.rounds or (cfg.federation.rounds if args.config else DEMO_ROUNDS)
-    epochs = args.epochs or (cfg.train.epochs if args.config else DEMO_EPOCHS)
+    epochs = args.epochs or cfg.train.epochs
     return replace(
         cfg,
         federation=replace(cfg.federation, rounds=rounds),
