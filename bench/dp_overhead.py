@@ -83,13 +83,21 @@ class _FastClippingTrainer(training.PrivateTrainer):
         return losses
 
 
+def _one_clip_fast_optimizer(
+    optimizer: torch.optim.Optimizer, groups: Any, shares: Any, masks: Any, **settings: Any
+) -> DPOptimizerFastGradientClipping:
+    """Opacus' fast-clipping optimizer in the trainer's place: one clip over the whole row (it
+    has no per-network shares or masks), so the gradient check shows the split clip's difference."""
+    return DPOptimizerFastGradientClipping(optimizer, **settings)
+
+
 def _swaps(mode: str, cfg: EmixerConfig) -> tuple[type, dict[str, Any]]:
     """(trainer class, names in emixer_model.training to replace) for one grad-sample mode."""
     clip = cfg.privacy.max_grad_norm
     if mode == "plain":
         return training.PrivateTrainer, {
             "GradSampleModule": _NoPrivacy,
-            "DPOptimizer": lambda optimizer, **_: optimizer,
+            "NetworkClippedDPOptimizer": lambda optimizer, **_: optimizer,
         }
     if mode == "hooks":
         return training.PrivateTrainer, {}
@@ -107,7 +115,7 @@ def _swaps(mode: str, cfg: EmixerConfig) -> tuple[type, dict[str, Any]]:
         )
         return _FastClippingTrainer, {
             "GradSampleModule": gsm,
-            "DPOptimizer": DPOptimizerFastGradientClipping,
+            "NetworkClippedDPOptimizer": _one_clip_fast_optimizer,
         }
     raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
 
@@ -249,8 +257,9 @@ def main(argv: list[str] | None = None) -> None:
         "--dp-trainable",
         choices=("all", *training.PRIVATE_LAYERS),
         default="all",
-        help="train.dp_trainable: every private parameter (all), the demo's top layers (top) or "
-        "only the label layers (labels)",
+        help="train.dp_trainable: every private parameter (all), the top layers (top), the label "
+        "layers (labels), or D's label layers and R's per-label word bias (label-words, the "
+        "site-knowledge recipe's)",
     )
     parser.add_argument("--memory-of", choices=MODES, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)
