@@ -23,7 +23,7 @@ from emixer_model.config import SITE_KNOWLEDGE_TRAIN, EmixerConfig
 from emixer_model.evaluation.page import PAGE_NAME
 
 # The demo's own settings (a --config file replaces all of them): sized so the whole demo, public
-# pretraining included, finishes in about 10 minutes on 2 CPU cores; the values come from
+# pretraining included, finishes in about 8 minutes on 2 CPU cores; the values come from
 # bench/utility.py (see bench/README.md).
 DEMO_ROUNDS = 5
 DEMO_MODEL = {"resolution": 32, "latent_dim": 32, "width": 16, "embed_dim": 64}
@@ -44,7 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "print each site's privacy ledger, release synthetic image-report pairs behind the "
         "privacy gate and evaluate them against the phantom sites' real data. Re-running reuses "
         "the phantom data and writes a new run folder; nothing earlier is overwritten. Finishes "
-        "in about 10 minutes on 2 CPU cores.",
+        "in about 8 minutes on 2 CPU cores the first time, 6 once the phantoms and the public "
+        "model are cached.",
     )
     p.add_argument("--sites", type=int, default=3, help="simulated hospital sites (3)")
     p.add_argument("--rounds", type=int, default=None, help=f"federated rounds ({DEMO_ROUNDS})")
