@@ -23,8 +23,8 @@ from emixer_model.config import SITE_KNOWLEDGE_TRAIN, EmixerConfig
 from emixer_model.evaluation.page import PAGE_NAME
 
 # The demo's own settings (a --config file replaces all of them): sized so the whole demo, public
-# pretraining included, finishes in about 8 minutes on 2 CPU cores; the values come from
-# bench/utility.py (see bench/README.md).
+# pretraining included, finishes in about 8 minutes on 2 CPU cores; the model's size comes from
+# bench/utility.py, the training recipe from bench/site_knowledge.py (see bench/README.md).
 DEMO_ROUNDS = 5
 DEMO_MODEL = {"resolution": 32, "latent_dim": 32, "width": 16, "embed_dim": 64}
 # from the public model, the site-knowledge recipe (its local epochs included); a fifth of each
