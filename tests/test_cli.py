@@ -155,3 +155,20 @@ def test_demo_caches_are_named_by_the_phantom_version(tmp_path, monkeypatch):
     assert len(before | after) == 4
     args.unlabeled += 1  # every setting the sites depend on names their folder
     assert phantom_folder(tmp_path, args) not in after
+
+
+def test_the_demo_fine_tunes_its_public_model_with_the_site_knowledge_recipe_only():
+    """From the public model the demo runs SITE_KNOWLEDGE_TRAIN; with --pretrain-steps 0 there is
+    no public model, whose record "unshown" needs (the server would refuse the run), so every
+    weight trains from random weights. A fifth of the patients is held out either way."""
+    from emixer_cli.commands.demo import demo_config
+    from emixer_cli.main import build_parser
+    from emixer_model.config import SITE_KNOWLEDGE_TRAIN
+    from emixer_model.public_pretrain import with_site_findings
+
+    pretrained = demo_config(build_parser().parse_args(["demo"])).train
+    assert {key: getattr(pretrained, key) for key in SITE_KNOWLEDGE_TRAIN} == SITE_KNOWLEDGE_TRAIN
+    scratch = demo_config(build_parser().parse_args(["demo", "--pretrain-steps", "0"]))
+    assert (scratch.train.dp_trainable, scratch.train.site_findings) == ("all", "")
+    assert with_site_findings(scratch, unshown=()) == scratch  # what the server does, no record
+    assert pretrained.holdout_fraction == scratch.train.holdout_fraction == 0.2

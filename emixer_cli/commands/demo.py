@@ -27,10 +27,13 @@ from emixer_model.evaluation.page import PAGE_NAME
 # bench/utility.py, the training recipe from bench/site_knowledge.py (see bench/README.md).
 DEMO_ROUNDS = 5
 DEMO_MODEL = {"resolution": 32, "latent_dim": 32, "width": 16, "embed_dim": 64}
-# from the public model, the site-knowledge recipe (its local epochs included); a fifth of each
-# site's patients held out before round 1 (recorded in its state dir) so the evaluation scores
-# patients no model saw
-DEMO_TRAIN = SITE_KNOWLEDGE_TRAIN | {"holdout_fraction": 0.2}
+# a fifth of each site's patients held out before round 1 (recorded in its state dir) so the
+# evaluation scores patients no model saw; from the public model, the site-knowledge recipe (its
+# local epochs included); with --pretrain-steps 0 it has nothing to fine-tune, so every weight
+# trains, 4 local epochs a round
+DEMO_HOLDOUT = {"holdout_fraction": 0.2}
+DEMO_TRAIN = SITE_KNOWLEDGE_TRAIN | DEMO_HOLDOUT
+DEMO_SCRATCH_TRAIN = {"epochs": 4} | DEMO_HOLDOUT
 DEMO_PUBLIC_STUDIES, DEMO_PRETRAIN_STEPS = 600, 600
 
 
@@ -53,7 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--epochs",
         type=int,
         default=None,
-        help=f"local epochs per round ({DEMO_TRAIN['epochs']}, or the --config file's)",
+        help=f"local epochs per round ({DEMO_TRAIN['epochs']} from the public model, "
+        f"{DEMO_SCRATCH_TRAIN['epochs']} with --pretrain-steps 0, or the --config file's)",
     )
     p.add_argument("--per-site", type=int, default=160, help="labeled studies per site (160)")
     p.add_argument("--unlabeled", type=int, default=40, help="unlabeled scans per site (40)")
@@ -74,7 +78,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=DEMO_PRETRAIN_STEPS,
         help=f"public pretraining steps, plus half as many report warm-start steps "
-        f"({DEMO_PRETRAIN_STEPS}; 0: no pretraining, sites start from random weights)",
+        f"({DEMO_PRETRAIN_STEPS}; 0: no pretraining, sites train every weight from random weights)",
     )
     p.add_argument("--config", help=CONFIG_HELP)
     p.set_defaults(func=run)
@@ -85,10 +89,11 @@ def demo_config(args: argparse.Namespace) -> EmixerConfig:
     rounds) with --rounds and --epochs applied on top."""
     cfg = command_config(args)
     if not args.config:
+        train = DEMO_TRAIN if args.pretrain_steps > 0 else DEMO_SCRATCH_TRAIN
         cfg = replace(
             cfg,
             model=replace(cfg.model, **DEMO_MODEL),
-            train=replace(cfg.train, **DEMO_TRAIN),
+            train=replace(cfg.train, **train),
         )
     rounds = args.rounds or (cfg.federation.rounds if args.config else DEMO_ROUNDS)
     epochs = args.epochs or cfg.train.epochs
