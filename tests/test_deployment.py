@@ -448,6 +448,34 @@ def test_a_site_lost_mid_round_is_waited_for_then_rejoins_with_its_ledger(
         deployment.close()
 
 
+def test_server_yaml_refuses_a_fresh_run_without_the_public_model_its_recipe_needs(
+    tmp_path: Path, certs: Path
+) -> None:
+    """The ServerApp reads the starting model at round 1; a missing one, or the site-knowledge
+    recipe without one, is refused when server.yaml is read: before the SuperLink starts, with
+    what to do. A relative path is taken from the file's folder, as every other path."""
+    train = "{dp_trainable: label-words, site_findings: unshown}"
+    recipe = f"run: {{federation: {{rounds: 2}}, train: {train}}}"
+    text = write_server_yaml(tmp_path / "base.yaml", certs).read_text()
+    without = tmp_path / "without.yaml"
+    without.write_text(re.sub(r"run: .*", recipe, text))
+    with pytest.raises(ConfigError, match="needs a starting model whose public pretraining"):
+        load_server_settings(without)
+    resumed = tmp_path / "resumed.yaml"
+    resumed.write_text(without.read_text() + "resume: true\n")
+    # a resumed run starts from its own checkpoint, not the public model
+    assert load_server_settings(resumed).run.train.site_findings == "unshown"
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(
+        without.read_text().replace("rounds: 2}", "rounds: 2, initial_model: public.pt}")
+    )
+    with pytest.raises(ConfigError, match=r"public.pt does not exist; make .*`emixer pretrain"):
+        load_server_settings(missing)
+    (tmp_path / "public.pt").write_bytes(b"")  # the ServerApp checks what it holds
+    start = load_server_settings(missing).run.federation.initial_model
+    assert start == str(tmp_path / "public.pt")
+
+
 def test_compose_keeps_each_site_key_in_that_site_volume_only() -> None:
     import yaml
 

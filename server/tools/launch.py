@@ -36,6 +36,7 @@ from emixer_model.daemon_guard import (
     port_problem,
     process_marker,
 )
+from emixer_model.public_pretrain import with_site_findings
 from emixer_model.shared import (
     APP_PACKAGES,
     UserError,
@@ -147,6 +148,12 @@ def load_server_settings(path: str | Path) -> ServerSettings:
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise ConfigError(f"site names must be unique: {', '.join(names)}")
+    run = raw.run
+    if run.federation.initial_model:
+        start = (base / Path(run.federation.initial_model).expanduser()).resolve()
+        run = replace(run, federation=replace(run.federation, initial_model=str(start)))
+    if not (raw.resume or run.federation.resume):  # what the ServerApp reads at round 1, checked
+        check_starting_model(run)  # here, before the SuperLink starts or a site joins
     return ServerSettings(
         host=raw.listen.host,
         port=raw.listen.port,
@@ -156,8 +163,21 @@ def load_server_settings(path: str | Path) -> ServerSettings:
         sites=sites,
         state_dir=(base / Path(raw.state_dir).expanduser()).resolve(),
         resume=raw.resume,
-        run=raw.run,
+        run=run,
     )
+
+
+def check_starting_model(run: EmixerConfig) -> None:
+    """Refuse a fresh run whose public starting model is missing, or that asks the sites to train
+    what the public model never saw (train.site_findings: unshown) without one."""
+    start = run.federation.initial_model
+    if start and not Path(start).is_file():
+        raise ConfigError(
+            f"run.federation.initial_model: {start} does not exist; make the public starting "
+            f"model with `emixer pretrain --public DIR --out {start}`"
+        )
+    if not start:
+        with_site_findings(run, unshown=())
 
 
 def run_config(settings: ServerSettings) -> EmixerConfig:
