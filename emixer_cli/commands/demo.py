@@ -47,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "print each site's privacy ledger, release synthetic image-report pairs behind the "
         "privacy gate and evaluate them against the phantom sites' real data. Re-running reuses "
         "the phantom data and writes a new run folder; nothing earlier is overwritten. Finishes "
-        "in about 8 minutes on 2 CPU cores the first time, 6 once the phantoms and the public "
+        "in about 8 minutes on 2 CPU cores the first time, 6 to 7 once the phantoms and the public "
         "model are cached.",
     )
     p.add_argument("--sites", type=int, default=3, help="simulated hospital sites (3)")
