@@ -131,8 +131,11 @@ def load_server_settings(path: str | Path) -> ServerSettings:
     raw = load_yaml_as(ServerFile, path)
     base = path.resolve().parent
 
+    def resolved(value: str) -> Path:
+        return (base / Path(value).expanduser()).resolve()
+
     def existing(value: str, where: str) -> Path:
-        found = (base / Path(value).expanduser()).resolve()
+        found = resolved(value)
         if not found.exists():
             raise ConfigError(f"{where}: {found} does not exist")
         return found
@@ -150,8 +153,8 @@ def load_server_settings(path: str | Path) -> ServerSettings:
         raise ConfigError(f"site names must be unique: {', '.join(names)}")
     run = raw.run
     if run.federation.initial_model:
-        start = (base / Path(run.federation.initial_model).expanduser()).resolve()
-        run = replace(run, federation=replace(run.federation, initial_model=str(start)))
+        start = str(resolved(run.federation.initial_model))
+        run = replace(run, federation=replace(run.federation, initial_model=start))
     if not (raw.resume or run.federation.resume):  # what the ServerApp reads at round 1, checked
         check_starting_model(run)  # here, before the SuperLink starts or a site joins
     return ServerSettings(
@@ -161,7 +164,7 @@ def load_server_settings(path: str | Path) -> ServerSettings:
         cert=existing(raw.certificates.cert, "certificates.cert"),
         key=existing(raw.certificates.key, "certificates.key"),
         sites=sites,
-        state_dir=(base / Path(raw.state_dir).expanduser()).resolve(),
+        state_dir=resolved(raw.state_dir),
         resume=raw.resume,
         run=run,
     )
